@@ -1,0 +1,71 @@
+"""Column names, table names and reject reasons: the data contract of DESIGN.md in one place.
+
+Input column names are configurable (:class:`InputColumns`); output column names are fixed by the
+contract so that downstream SQL never has to guess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """Names of the catalog's columns.
+
+    Attributes:
+        item_id: unique item key, STRING or BIGINT.
+        embedding: ARRAY<FLOAT|DOUBLE> of fixed length D.
+        category: optional ARRAY<STRING>, root-to-leaf taxonomy path ("" = not used).
+    """
+
+    item_id: str = "item_id"
+    embedding: str = "embedding"
+    category: str = ""
+
+
+# Output contract (semantic-ID table).
+ITEM_ID = "item_id"
+CODES = "codes"
+SUFFIX = "suffix"
+SEMANTIC_ID = "semantic_id"
+QUANTIZATION_ERROR = "quantization_error"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
+MLFLOW_RUN_ID = "mlflow_run_id"
+TOKENIZED_AT = "tokenized_at"
+PREFIX_PREFIX = "prefix_"  # prefix_1 .. prefix_L: "35", "35_7", "35_7_120"
+
+SEMANTIC_ID_COLUMNS = (
+    ITEM_ID, CODES, SUFFIX, SEMANTIC_ID, QUANTIZATION_ERROR,
+    MODEL_NAME, MODEL_VERSION, MLFLOW_RUN_ID, TOKENIZED_AT,
+)
+
+# Rejects table.
+REASON = "reason"
+REJECTED_AT = "rejected_at"
+
+
+class RejectReason:
+    """The reasons a catalog row is quarantined instead of tokenized (one per row, first match)."""
+
+    NULL_ID = "null_item_id"
+    DUPLICATE_ID = "duplicate_item_id"
+    NULL_EMBEDDING = "null_embedding"
+    WRONG_LENGTH = "wrong_embedding_length"
+    NULL_ELEMENT = "null_in_embedding"
+    NON_FINITE = "nan_or_inf_in_embedding"
+    ZERO_VECTOR = "zero_vector"
+
+    ALL = (NULL_ID, DUPLICATE_ID, NULL_EMBEDDING, WRONG_LENGTH, NULL_ELEMENT, NON_FINITE, ZERO_VECTOR)
+
+
+# Tables written beside each other under one output location (path or catalog schema).
+SEMANTIC_IDS_TABLE = "semantic_ids"
+REJECTS_TABLE = "rejects"
+PREFIX_STATS_TABLE = "prefix_stats"
+LEVEL_STATS_TABLE = "level_stats"
+
+
+def prefix_column(level: int) -> str:
+    """Name of the SQL-friendly prefix column for ``level`` (1-based): ``prefix_1``, ``prefix_2``..."""
+    return f"{PREFIX_PREFIX}{level}"

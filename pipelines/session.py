@@ -1,0 +1,167 @@
+"""Session factory: the one place that builds Spark sessions.
+
+Three engines, one DataFrame API (DESIGN.md "Engines"):
+
+* ``local``  (default): an in-process Sail Spark Connect server (PyPI ``pysail``) and a pyspark
+  Connect client. Native Delta, no JVM.
+* ``spark``: the active classic session (spark-submit, Databricks, EMR...), or a new local one.
+* ``remote``: a Spark Connect server at ``sc://host:port`` (Spark 4 connect server, Databricks
+  Connect).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "spark", "remote")
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+
+
+class DeltaNotAvailableError(RuntimeError):
+    """Delta output was asked for on a session that cannot write Delta."""
+
+
+@dataclass
+class EngineSession:
+    """A Spark session plus what is needed to shut its engine down.
+
+    Attributes:
+        spark: the session stages run on.
+        engine: "local", "spark" or "remote".
+        supports_delta: whether Delta reads/writes are known to work on this session.
+    """
+
+    spark: SparkSession
+    engine: str
+    supports_delta: bool
+    _server: Any = field(default=None, repr=False)
+    _owns_session: bool = field(default=True, repr=False)
+
+    def stop(self) -> None:
+        """Stop the session if this object created it, and the embedded server if any."""
+        if self._owns_session:
+            self.spark.stop()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> EngineSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_session(
+    engine: str = "local",
+    remote: str | None = None,
+    *,
+    want_delta: bool = True,
+    app_name: str = "catalog-semantic-ids",
+    shuffle_partitions: int | None = None,
+) -> EngineSession:
+    """Start (or attach to) a session for ``engine``.
+
+    Args:
+        engine: "local" (embedded Sail), "spark" (classic) or "remote" (needs ``remote``).
+        remote: Spark Connect URL such as ``sc://host:15002``; implies ``engine="remote"``.
+        want_delta: Delta output will be written; a session without Delta support fails here,
+            at start, with a message naming the fix.
+        app_name: application name for classic sessions.
+        shuffle_partitions: ``spark.sql.shuffle.partitions``; ``None`` keeps the engine default.
+    """
+    if remote:
+        engine = "remote"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "local":
+        es = _start_sail()
+    elif engine == "remote":
+        if not remote:
+            raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
+        es = EngineSession(SparkSession.builder.remote(remote).getOrCreate(), "remote", True)
+    else:
+        es = _start_classic(app_name, want_delta)
+    if shuffle_partitions is not None:
+        es.spark.conf.set("spark.sql.shuffle.partitions", str(shuffle_partitions))
+    if want_delta and not es.supports_delta:
+        es.stop()
+        raise DeltaNotAvailableError(
+            f"this {engine!r} Spark session has no Delta Lake support, so Delta output cannot be "
+            f"written. Fix: start Spark with Delta (--packages {delta_maven_coordinate()} plus "
+            f"--conf spark.sql.extensions={DELTA_EXTENSION} --conf spark.sql.catalog.spark_catalog="
+            "org.apache.spark.sql.delta.catalog.DeltaCatalog), run on Databricks, "
+            "or write Parquet with --format parquet."
+        )
+    return es
+
+
+def delta_maven_coordinate() -> str:
+    """Maven coordinate of the Delta jars matching the installed delta-spark Python package."""
+    try:
+        from importlib.metadata import version
+
+        return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+    except Exception:  # noqa: BLE001 - delta-spark not installed: name the family
+        return "io.delta:delta-spark_2.13:<version>"
+
+
+def _start_sail() -> EngineSession:
+    """Start an in-process Sail Spark Connect server on a free loopback port and connect to it."""
+    try:
+        from pysail.spark import SparkConnectServer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "the embedded engine needs pysail: pip install 'catalog-semantic-ids[spark]' "
+            "(or use --engine spark / --remote sc://...)"
+        ) from e
+    server = SparkConnectServer(ip="127.0.0.1", port=0)
+    server.start(background=True)
+    host, port = server.listening_address
+    spark = SparkSession.builder.remote(f"sc://{host}:{port}").getOrCreate()
+    return EngineSession(spark, "local", True, _server=server)
+
+
+def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
+    """Attach to the active classic session, or build a local one.
+
+    Under spark-submit (``PYSPARK_GATEWAY_PORT`` set) or on Databricks the session's jars are
+    already decided, so the session is taken as it is. A session built here from plain ``python``
+    gets delta-spark's ``configure_spark_with_delta_pip`` when Delta is wanted (needs Maven).
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return EngineSession(active, "spark", classic_has_delta(active), _owns_session=False)
+    builder = SparkSession.builder.appName(app_name)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        builder = builder.master(os.environ.get("SPARK_MASTER", "local[*]"))
+        if want_delta:
+            from delta import configure_spark_with_delta_pip
+
+            builder = configure_spark_with_delta_pip(
+                builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
+                    "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+                )
+            )
+    spark = builder.getOrCreate()
+    return EngineSession(spark, "spark", classic_has_delta(spark))
+
+
+def classic_has_delta(spark: SparkSession) -> bool:
+    """Whether a classic session can read/write Delta (Databricks, or the Delta extension loaded)."""
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return True
+    extensions = spark.conf.get("spark.sql.extensions", "") or ""
+    if DELTA_EXTENSION not in extensions:
+        return False
+    try:  # the extension is configured; are its classes on the driver's classpath too?
+        jvm = spark.sparkContext._jvm  # classic only; never reached on Spark Connect
+        return bool(jvm.org.apache.spark.util.Utils.classIsLoadable("io.delta.tables.DeltaTable"))
+    except Exception:  # noqa: BLE001 - any failure means "no usable Delta"
+        return False
