@@ -1,0 +1,142 @@
+"""Frozen configuration dataclasses for the RQ-VAE model and its training.
+
+Both round-trip through plain dicts (``asdict`` / ``from_dict``) so a checkpoint or an MLflow run
+can carry them and rebuild the exact model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ESTIMATORS = ("ste", "rotation")
+RECON_LOSSES = ("mse", "cosine")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build ``cls`` from a dict, turning lists back into tuples and rejecting unknown keys."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of an RQ-VAE.
+
+    Attributes:
+        input_dim: D, length of the item embeddings.
+        hidden_dims: widths of the encoder's hidden layers; the decoder mirrors them.
+        latent_dim: width of the quantized latent (the codewords' dimension).
+        num_levels: L, residual quantization levels (length of the semantic-ID code tuple).
+        codebook_size: K, codes per level.
+        shared_codebook: one codebook for all levels instead of one per level.
+        estimator: gradient estimator through the quantizer: "ste" (straight-through) or
+            "rotation" (rotation trick, Fifty et al. 2024).
+        normalize_inputs: L2-normalise embeddings before encoding (cosine geometry).
+        dropout: dropout probability in the encoder/decoder hidden layers.
+    """
+
+    input_dim: int
+    hidden_dims: tuple[int, ...] = (512, 256, 128)
+    latent_dim: int = 32
+    num_levels: int = 3
+    codebook_size: int = 256
+    shared_codebook: bool = False
+    estimator: str = "ste"
+    normalize_inputs: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if min(self.input_dim, self.latent_dim, self.num_levels, self.codebook_size) < 1:
+            raise ValueError("input_dim, latent_dim, num_levels and codebook_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How ``rqvae.fit`` trains.
+
+    Attributes:
+        epochs: maximum passes over the training split.
+        batch_size: items per optimisation step.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of all steps with linear warm-up from 0 to ``lr``.
+        min_lr_ratio: cosine decay floor as a fraction of ``lr``.
+        beta: weight of the commitment loss (encoder pulled towards its codewords).
+        codebook_weight: weight of the codebook loss (codewords pulled towards the residuals).
+        reconstruction_loss: "mse" or "cosine" (1 - cos) between input and reconstruction.
+        holdout_fraction: share of the items held out for early stopping and evaluation.
+        patience: epochs without held-out improvement before stopping (0 = never stop early).
+        seed: seeds torch/numpy generators; the same seed gives the same model and codes.
+        kmeans_init_size: items used for the k-means initialisation of the codebooks.
+        kmeans_iters: Lloyd iterations per level for that initialisation.
+        dead_code_window: steps a code may go unused before it is re-seeded (0 = never).
+        taxonomy_weight: lambda of the catalog-tree contrastive regularizer (0 = off; it is
+            also off when no categories are given).
+        taxonomy_temperature: softmax temperature of that contrastive loss.
+        hierarchical_fraction: share of each batch drawn from one parent category's children
+            when the regularizer is on.
+        device: "auto" (cuda > mps > cpu), or a torch device string.
+        bf16: bfloat16 autocast for the forward pass on CUDA.
+        compile: wrap the model in ``torch.compile`` for training.
+        eval_every: epochs between held-out evaluations.
+        ae_warmup_epochs: epochs of plain autoencoder training (no quantizer) before the codebooks
+            are initialised by k-means on the trained latents. A random encoder moves fast once
+            reconstruction gradients arrive; codebooks fitted before that are left behind and
+            collapse onto a few codes.
+        codebook_lr_scale: learning-rate multiplier for the codebooks (they must keep up with
+            the moving latents).
+    """
+
+    epochs: int = 100
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.05
+    beta: float = 0.25
+    codebook_weight: float = 1.0
+    reconstruction_loss: str = "mse"
+    holdout_fraction: float = 0.05
+    patience: int = 10
+    seed: int = 0
+    kmeans_init_size: int = 20000
+    kmeans_iters: int = 25
+    dead_code_window: int = 100
+    taxonomy_weight: float = 0.0
+    taxonomy_temperature: float = 0.1
+    hierarchical_fraction: float = 0.5
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
+    eval_every: int = 1
+    ae_warmup_epochs: int = 5
+    codebook_lr_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.reconstruction_loss not in RECON_LOSSES:
+            raise ValueError(f"reconstruction_loss must be one of {RECON_LOSSES}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError("holdout_fraction must be in [0, 1)")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)

@@ -1,0 +1,77 @@
+"""Batch encoding of NumPy arrays in bounded-memory chunks."""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from rqvae.model import Quantized
+
+
+class Tokenizer(Protocol):
+    """What encoding needs from a model: RQVAE and RQKMeans both provide it."""
+
+    num_levels: int
+    codebook_size: int
+
+    def quantize(self, x: torch.Tensor) -> Quantized: ...
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self):  # type: ignore[no-untyped-def]  # noqa: ANN201 - torch's own signature
+        ...
+
+
+class EncodeResult(NamedTuple):
+    """codes: int32 (N, L); quantization_error: float32 (N,)."""
+
+    codes: np.ndarray
+    quantization_error: np.ndarray
+
+
+def model_device(model: Tokenizer) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a parameter-less model)."""
+    for tensor in list(model.parameters()) + list(getattr(model, "buffers", list)()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array (N, D) of embeddings, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 65536) -> EncodeResult:
+    """Codes and quantization errors for x (N, D), ``batch_size`` rows at a time.
+
+    Memory beyond the output is bounded by one batch whatever N is. Runs on the model's device.
+    """
+    x = _as_float32(x)
+    device = model_device(model)
+    codes = np.empty((len(x), model.num_levels), dtype=np.int32)
+    errors = np.empty(len(x), dtype=np.float32)
+    was_training = getattr(model, "training", False)
+    model.eval()  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[start:start + batch_size]).to(device, non_blocking=True)
+            q = model.quantize(batch)
+            codes[start:start + len(batch)] = q.codes.to(torch.int32).cpu().numpy()
+            errors[start:start + len(batch)] = q.error.float().cpu().numpy()
+    model.train(was_training)  # type: ignore[attr-defined]
+    return EncodeResult(codes, errors)
+
+
+def reconstruct_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
+    """Decoder output (N, D) float32 for x (N, D): x -> codes -> reconstruction."""
+    x = _as_float32(x)
+    device = model_device(model)
+    out = np.empty_like(x)
+    model.eval()  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[start:start + batch_size]).to(device)
+            out[start:start + len(batch)] = model.decode_codes(model.quantize(batch).codes).float().cpu().numpy()
+    return out

@@ -1,0 +1,66 @@
+"""k-means in torch (k-means++ seeding + Lloyd), used to initialise codebooks and by RQ-KMeans."""
+from __future__ import annotations
+
+import torch
+
+
+def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances. x: (N, d), centers: (K, d) -> (N, K)."""
+    d = x.pow(2).sum(1, keepdim=True) - 2.0 * x @ centers.T + centers.pow(2).sum(1)
+    return d.clamp_min_(0.0)
+
+
+def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index (N,) int64 and squared distance (N,) of each row's nearest center, in chunks."""
+    idx, dist = [], []
+    for part in x.split(chunk):
+        d = squared_distances(part, centers)
+        best, arg = d.min(dim=1)
+        idx.append(arg)
+        dist.append(best)
+    return torch.cat(idx), torch.cat(dist)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007). x: (N, d) -> centers (k, d)."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+    centers = [x[first]]
+    closest = squared_distances(x, x[first : first + 1]).squeeze(1)
+    for _ in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: pick uniformly among the rest
+            j = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+        else:
+            probs = (closest / total).double().cpu()
+            j = int(torch.multinomial(probs, 1, generator=generator))
+        centers.append(x[j])
+        closest = torch.minimum(closest, squared_distances(x, x[j : j + 1]).squeeze(1))
+    return torch.stack(centers)
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded from the worst-fit points.
+
+    Args:
+        x: (N, d) float tensor, N >= 1.
+        k: number of centers.
+        iters: Lloyd iterations.
+        seed: seeds the k-means++ draws.
+
+    Returns:
+        (k, d) centers on x's device and dtype.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = x.detach()
+    centers = kmeans_plus_plus(x, k, generator)
+    for _ in range(iters):
+        assign, dist = nearest(x, centers)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        empty = counts == 0
+        centers = sums / counts.clamp_min(1.0).unsqueeze(1)
+        if empty.any():  # move empty centers onto the points that are worst served now
+            worst = dist.topk(int(empty.sum())).indices
+            centers[empty] = x[worst]
+    return centers

@@ -1,0 +1,90 @@
+"""RQ-VAE: MLP encoder -> residual quantizer -> mirrored MLP decoder (Rajput et al. 2023, TIGER)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rqvae.config import ModelConfig
+from rqvae.quantizer import QuantizerOutput, ResidualQuantizer
+
+
+class Quantized(NamedTuple):
+    """Codes of a batch: codes (B, L) int64; error (B,) float32 = |latent - sum of its codewords|."""
+
+    codes: torch.Tensor
+    error: torch.Tensor
+
+
+class RQVAEOutput(NamedTuple):
+    """Training-time forward pass: reconstruction (B, D), latent (B, d) and the quantizer's output."""
+
+    reconstruction: torch.Tensor
+    latent: torch.Tensor
+    quant: QuantizerOutput
+
+
+def mlp(widths: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of the given widths with SiLU (and optional dropout) between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.SiLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class RQVAE(nn.Module):
+    """Residual-quantized autoencoder that maps an item embedding to L codes of K each.
+
+    Input x: (B, D) float32. ``quantize`` gives codes (B, L); ``decode_codes`` maps codes back to
+    (B, D) reconstructions; ``forward`` is the training pass.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.input_dim, *config.hidden_dims, config.latent_dim]
+        self.encoder = mlp(widths, config.dropout)
+        self.decoder = mlp(widths[::-1], config.dropout)
+        self.quantizer = ResidualQuantizer(
+            dim=config.latent_dim, num_levels=config.num_levels, codebook_size=config.codebook_size,
+            shared=config.shared_codebook, estimator=config.estimator,
+        )
+
+    @property
+    def num_levels(self) -> int:
+        return self.config.num_levels
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space input: x (B, D), L2-normalised when the config says so."""
+        return F.normalize(x, dim=-1) if self.config.normalize_inputs else x
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output z (B, d) for raw embeddings x (B, D)."""
+        return self.encoder(self.prepare(x))
+
+    def forward(self, x: torch.Tensor) -> RQVAEOutput:
+        z = self.encode_latent(x)
+        quant = self.quantizer(z.float())
+        return RQVAEOutput(self.decoder(quant.quantized), z, quant)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        """Codes (B, L) and quantization error (B,) for raw embeddings x (B, D)."""
+        z = self.encode_latent(x).float()
+        codes, _, residual = self.quantizer.assign(z)
+        return Quantized(codes, residual.norm(dim=-1))
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (B, D) of items from their codes (B, L)."""
+        return self.decoder(self.quantizer.codes_to_latent(codes))

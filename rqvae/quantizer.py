@@ -1,0 +1,156 @@
+"""Residual vector quantizer: L levels of K codes, each level quantizing what the previous left.
+
+Residual quantization as in Zeghidour et al. 2021 (SoundStream) and Lee et al. 2022 (RQ-VAE); the
+rotation-trick estimator follows Fifty et al. 2024, "Restructuring Vector Quantization with the
+Rotation Trick" (arXiv:2410.06424).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rqvae.kmeans import kmeans, nearest, squared_distances
+
+
+class QuantizerOutput(NamedTuple):
+    """Result of a training-time forward pass.
+
+    quantized: (B, d) the sum of the selected codewords in the forward pass, carrying the
+        gradient estimator's backward path to the input latent.
+    codes: (B, L) int64 selected code per level.
+    level_inputs: (L, B, d) the residual each level quantized (level 0: the latent itself).
+    codebook_loss: scalar, sum over levels of mean ||sg(r_l) - c_l||^2.
+    commitment_loss: scalar, sum over levels of mean ||r_l - sg(c_l)||^2.
+    """
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    level_inputs: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+def rotate_onto(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Rotation trick: return ``q`` in the forward pass, a rotated + rescaled ``e`` in the backward.
+
+    With u = e/|e|, v = q/|q| and w = (u+v)/|u+v| (all detached), R = I - 2ww^T + 2vu^T rotates u
+    onto v; the output is sg(|q|/|e|) * R e, so the gradient w.r.t. e is that fixed rotation and
+    scale applied to the upstream gradient. e, q: (B, d) -> (B, d).
+    """
+    e_norm = e.norm(dim=-1, keepdim=True).clamp_min(eps)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(eps)
+    u = (e / e_norm).detach()
+    v = (q / q_norm).detach()
+    w = F.normalize(u + v, dim=-1, eps=eps)
+    rotated = e - 2.0 * (e * w).sum(-1, keepdim=True) * w + 2.0 * (e * u).sum(-1, keepdim=True) * v
+    return (q_norm / e_norm).detach() * rotated
+
+
+class ResidualQuantizer(nn.Module):
+    """L-level residual quantizer with independent or shared codebooks of K codewords of size d."""
+
+    steps_unused: torch.Tensor  # (books, K) int64 buffer: training steps since each code was last used
+
+    def __init__(
+        self, *, dim: int, num_levels: int, codebook_size: int, shared: bool = False, estimator: str = "ste",
+        commitment: str = "levels",
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_levels, self.codebook_size = dim, num_levels, codebook_size
+        self.shared, self.estimator, self.commitment = shared, estimator, commitment
+        n_books = 1 if shared else num_levels
+        self.codebooks = nn.Parameter(torch.randn(n_books, codebook_size, dim) * 0.01)  # (books, K, d)
+        self.register_buffer("steps_unused", torch.zeros(n_books, codebook_size, dtype=torch.long))
+
+    def codebook(self, level: int) -> torch.Tensor:
+        """(K, d) codewords used at ``level`` (0-based)."""
+        return self.codebooks[0 if self.shared else level]
+
+    def assign(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy residual assignment without gradients.
+
+        z: (B, d) -> codes (B, L) int64, level inputs (L, B, d), final residual (B, d).
+        """
+        residual = z.detach().float()
+        codes, inputs = [], []
+        for level in range(self.num_levels):
+            book = self.codebook(level).detach().float()
+            idx, _ = nearest(residual, book)
+            inputs.append(residual)
+            codes.append(idx)
+            residual = residual - book[idx]
+        return torch.stack(codes, dim=1), torch.stack(inputs), residual
+
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the codewords named by ``codes`` (B, L) -> (B, d)."""
+        return sum((self.codebook(lv)[codes[:, lv]] for lv in range(self.num_levels)),
+                   torch.zeros(codes.shape[0], self.dim, device=codes.device))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize latents z (B, d) with the configured gradient estimator."""
+        codes, level_inputs, _ = self.assign(z)
+        # Residuals that carry gradient to z: r_l = z - sum_{j<l} sg(c_j).
+        offsets = torch.zeros_like(z)
+        codebook_loss = commitment_loss = z.new_zeros(())
+        for level in range(self.num_levels):
+            selected = self.codebook(level)[codes[:, level]]  # (B, d), grad to the codebook
+            r = z - offsets
+            codebook_loss = codebook_loss + F.mse_loss(selected, r.detach())
+            if self.commitment == "levels":
+                commitment_loss = commitment_loss + F.mse_loss(r, selected.detach())
+            offsets = offsets + selected.detach()
+        if self.commitment == "final":
+            commitment_loss = F.mse_loss(z, offsets)
+        if self.training:
+            self._track_usage(codes)
+        quantized = rotate_onto(z, offsets) if self.estimator == "rotation" else z + (offsets - z).detach()
+        return QuantizerOutput(quantized, codes, level_inputs, codebook_loss, commitment_loss)
+
+    @torch.no_grad()
+    def _track_usage(self, codes: torch.Tensor) -> None:
+        self.steps_unused += 1
+        for level in range(self.num_levels):
+            self.steps_unused[0 if self.shared else level, codes[:, level]] = 0
+
+    @torch.no_grad()
+    def init_kmeans(self, z: torch.Tensor, *, iters: int = 25, seed: int = 0) -> None:
+        """Initialise codebooks by k-means on z (N, d), level by level on the residuals.
+
+        With a shared codebook the first level's k-means seeds it (later residuals are smaller
+        and would otherwise pull every codeword towards zero).
+        """
+        residual = z.detach().float()
+        for level in range(1 if self.shared else self.num_levels):
+            centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
+            self.codebooks.data[level] = centers.to(self.codebooks.dtype)
+            idx, _ = nearest(residual, centers)
+            residual = residual - centers[idx]
+        self.steps_unused.zero_()
+
+    @torch.no_grad()
+    def reset_dead_codes(self, level_inputs: torch.Tensor, codes: torch.Tensor, window: int,
+                         generator: torch.Generator | None = None) -> int:
+        """Re-seed codes unused for ``window`` steps from the worst-quantized residuals.
+
+        level_inputs: (L, B, d) residuals each level saw in a recent batch; codes: (B, L).
+        Returns the number of codes re-seeded.
+        """
+        total = 0
+        for book in range(self.codebooks.shape[0]):
+            dead = (self.steps_unused[book] >= window).nonzero().squeeze(1)
+            if dead.numel() == 0:
+                continue
+            level = book  # shared book: draw from level 0's residuals
+            r = level_inputs[level]
+            err = squared_distances(r, self.codebook(level).float()).gather(1, codes[:, level:level + 1])
+            order = err.squeeze(1).argsort(descending=True)
+            pick = order[torch.arange(dead.numel(), device=r.device) % order.numel()]
+            noise = torch.randn(dead.numel(), self.dim, generator=generator, device="cpu").to(r.device)
+            self.codebooks.data[book, dead] = (r[pick] + 1e-3 * r[pick].norm(dim=1, keepdim=True) * noise
+                                               ).to(self.codebooks.dtype)
+            self.steps_unused[book, dead] = 0
+            total += int(dead.numel())
+        return total

@@ -1,0 +1,265 @@
+"""Training loop ``fit``: AdamW, warm-up + cosine decay, k-means init, dead-code reset, early stop."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rqvae.callbacks import call
+from rqvae.config import ModelConfig, TrainConfig
+from rqvae.losses import reconstruction_loss, taxonomy_loss
+from rqvae.model import RQVAE
+from rqvae.sampler import HierarchicalSampler, shuffled_batches
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the best model (eval mode, on ``device``) and its history."""
+
+    model: RQVAE
+    history: list[dict[str, float]]
+    best_epoch: int
+    device: str
+    train_items: int
+    holdout_items: int
+    holdout_index: np.ndarray = field(repr=False)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """"auto" picks cuda > mps > cpu; anything else is passed to ``torch.device``."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a CPU generator for the loop's own draws."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of range(n) into sorted (train, holdout) index arrays."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = int(n * fraction) if n * fraction >= 1 else 0
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Loop:
+    """State shared by the training steps of one ``fit`` call."""
+
+    model: RQVAE
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    device: torch.device
+    categories: torch.Tensor | None
+    step: int = 0
+    quantize: bool = True
+
+    def loss(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms for a batch x (B, D); ``idx`` selects category rows for the regularizer."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.cfg.bf16 and self.device.type == "cuda"):
+            if not self.quantize:  # autoencoder warm-up: no quantizer in the loop
+                x_hat = self.model.decoder(self.model.encode_latent(x)).float()
+                recon = reconstruction_loss(self.model.prepare(x), x_hat, self.cfg.reconstruction_loss)
+                return {"recon": recon, "loss": recon}
+            out = self.model(x)
+        recon = reconstruction_loss(self.model.prepare(x), out.reconstruction.float(), self.cfg.reconstruction_loss)
+        q = out.quant
+        total = recon + self.cfg.codebook_weight * q.codebook_loss + self.cfg.beta * q.commitment_loss
+        terms = {"recon": recon, "codebook": q.codebook_loss, "commitment": q.commitment_loss}
+        if self.categories is not None and idx is not None and self.cfg.taxonomy_weight > 0:
+            tax = taxonomy_loss(self._prefixes(out.latent.float(), q.codes), self.categories[idx],
+                                self.cfg.taxonomy_temperature)
+            total = total + self.cfg.taxonomy_weight * tax
+            terms["taxonomy"] = tax
+        terms["loss"] = total
+        return terms
+
+    def _prefixes(self, z: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Per level, the cumulative codeword sum up to that level with a straight-through path to z."""
+        quantizer = self.model.quantizer
+        cumulative, out = torch.zeros_like(z), []
+        for level in range(quantizer.num_levels):
+            cumulative = cumulative + quantizer.codebook(level)[codes[:, level]].detach()
+            out.append(z + (cumulative - z).detach())
+        return out
+
+    def train_step(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.model.train()
+        terms = self.loss(x, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        window = self.cfg.dead_code_window
+        if self.quantize and window > 0 and self.step % max(1, window // 10) == 0:
+            with torch.no_grad():
+                codes, inputs, _ = self.model.quantizer.assign(self.model.encode_latent(x))
+                self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator)
+        return {k: v.detach() for k, v in terms.items()}
+
+
+def _batches(loop: _Loop, train_idx: torch.Tensor,
+             sampler: HierarchicalSampler | None) -> Iterator[torch.Tensor]:
+    """Index batches (into the full array) for one epoch."""
+    if sampler is not None:
+        yield from (train_idx[b] for b in sampler.batches(loop.generator, loop.device))
+    else:
+        yield from (train_idx[b] for b in shuffled_batches(len(train_idx), loop.cfg.batch_size,
+                                                            loop.generator, loop.device))
+
+
+@torch.no_grad()
+def _evaluate(loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
+    """Held-out loss terms plus per-level code usage, one host sync."""
+    loop.model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    used = torch.zeros(loop.model.num_levels, loop.model.codebook_size, device=loop.device)
+    for part in idx.split(8192):
+        terms = loop.loss(x[part])
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v * len(part)
+        codes = loop.model.quantize(x[part]).codes
+        used.scatter_(1, codes.T, 1.0)
+    out = {f"val_{k}": float(v) / len(idx) for k, v in sums.items()}
+    for level, u in enumerate(used.sum(1).tolist()):
+        out[f"val_l{level + 1}_utilization"] = u / loop.model.codebook_size
+    return out
+
+
+def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
+                    generator: torch.Generator) -> None:
+    """k-means on the encoder outputs of up to ``kmeans_init_size`` training items, level by level."""
+    pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
+    with torch.no_grad():
+        model.eval()
+        z = torch.cat([model.encode_latent(x[train_idx[p]]) for p in pick.split(8192)])
+    model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed)
+
+
+def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator: torch.Generator,
+                device: torch.device, categories: torch.Tensor | None) -> _Loop:
+    books = [model.quantizer.codebooks]
+    others = [p for name, p in model.named_parameters() if not name.startswith("quantizer.")]
+    groups: list[dict[str, Any]] = [{"params": others}, {"params": books, "lr": cfg.lr * cfg.codebook_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, int(total * cfg.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))  # same factor for both groups
+    return _Loop(model, cfg, optimizer, scheduler, generator, device, categories)
+
+
+def fit(
+    x: np.ndarray,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    *,
+    category_ids: np.ndarray | None = None,
+    callbacks: Sequence[Any] = (),
+) -> FitResult:
+    """Train an RQ-VAE on embeddings x (N, D) float32 and return the best model by held-out loss.
+
+    Args:
+        x: (N, D) item embeddings.
+        model_config: model shape; default ``ModelConfig(input_dim=D)``.
+        train_config: training settings; default ``TrainConfig()``.
+        category_ids: optional (N, T) int path-prefix ids per taxonomy depth (-1 = unknown);
+            enables the contrastive regularizer and hierarchical batches when
+            ``train_config.taxonomy_weight > 0``.
+        callbacks: objects with ``on_train_begin/on_epoch_end/on_train_end`` (see callbacks.py).
+    """
+    cfg = train_config or TrainConfig()
+    mcfg = model_config or ModelConfig(input_dim=int(x.shape[1]))
+    if x.ndim != 2 or x.shape[1] != mcfg.input_dim:
+        raise ValueError(f"x must have shape (N, {mcfg.input_dim}), got {x.shape}")
+    generator = seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    train_np, hold_np = split_holdout(len(x), cfg.holdout_fraction, cfg.seed)
+    if len(train_np) < 2:
+        raise ValueError(f"need at least 2 training items, got {len(train_np)}")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    train_idx, hold_idx = torch.from_numpy(train_np).to(device), torch.from_numpy(hold_np).to(device)
+    model = RQVAE(mcfg).to(device)
+    use_tax = category_ids is not None and cfg.taxonomy_weight > 0
+    cats = torch.from_numpy(np.asarray(category_ids, dtype=np.int64)).to(device) if use_tax else None
+    sampler = (HierarchicalSampler(cats[train_idx, 0], min(cfg.batch_size, len(train_np)),
+                                   cfg.hierarchical_fraction) if cats is not None else None)
+    steps = max(1, len(train_np) // cfg.batch_size)
+    loop = _build_loop(model, cfg, steps, generator, device, cats)
+    _warm_up_autoencoder(loop, xt, train_idx, steps)
+    _init_codebooks(model, xt, train_idx, cfg, generator)
+    return _run_epochs(loop, xt, train_idx, hold_idx, sampler, list(callbacks))
+
+
+def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, steps: int) -> None:
+    """``ae_warmup_epochs`` of reconstruction-only training with its own short AdamW."""
+    if loop.cfg.ae_warmup_epochs <= 0:
+        return
+    main = loop.optimizer, loop.scheduler
+    params = [p for name, p in loop.model.named_parameters() if not name.startswith("quantizer.")]
+    loop.optimizer = torch.optim.AdamW(params, lr=loop.cfg.lr, weight_decay=loop.cfg.weight_decay)
+    loop.scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, lambda s: 1.0)
+    loop.quantize = False
+    for _ in range(loop.cfg.ae_warmup_epochs):
+        for idx in _batches(loop, train_idx, None):
+            loop.train_step(x[idx], idx)
+    loop.quantize, loop.step = True, 0
+    loop.optimizer, loop.scheduler = main
+
+
+def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx: torch.Tensor,
+                sampler: HierarchicalSampler | None, callbacks: list[Any]) -> FitResult:
+    """The epoch loop with early stopping on held-out loss; restores the best weights."""
+    cfg, history = loop.cfg, []
+    best = (math.inf, -1, copy.deepcopy(loop.model.state_dict()))
+    call(callbacks, "on_train_begin", {"epochs": cfg.epochs, "device": str(loop.device),
+                                       "train_items": len(train_idx), "holdout_items": len(hold_idx)})
+    for epoch in range(cfg.epochs):
+        sums: dict[str, torch.Tensor] = {}
+        n_batches = 0
+        for idx in _batches(loop, train_idx, sampler):
+            for k, v in loop.train_step(x[idx], idx).items():
+                sums[k] = sums.get(k, 0) + v
+            n_batches += 1
+        metrics = {f"train_{k}": float(v) / n_batches for k, v in sums.items()}
+        metrics["lr"] = float(loop.scheduler.get_last_lr()[0])
+        if len(hold_idx) and (epoch + 1) % cfg.eval_every == 0:
+            metrics.update(_evaluate(loop, x, hold_idx))
+        score = metrics.get("val_loss", metrics["train_loss"])
+        if score < best[0]:
+            best = (score, epoch, copy.deepcopy(loop.model.state_dict()))
+        history.append({"epoch": float(epoch), **metrics})
+        call(callbacks, "on_epoch_end", epoch, metrics)
+        if cfg.patience and epoch - best[1] >= cfg.patience:
+            break
+    loop.model.load_state_dict(best[2])
+    call(callbacks, "on_train_end", {"best_epoch": best[1], "epochs_run": len(history)})
+    return FitResult(loop.model.eval(), history, best[1], str(loop.device), len(train_idx), len(hold_idx),
+                     hold_idx.cpu().numpy())
