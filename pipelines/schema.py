@@ -25,6 +25,9 @@ class InputColumns:
 
 # Output contract (semantic-ID table).
 ITEM_ID = "item_id"
+# Contract names of the validated catalog (``validate_catalog`` renames the input columns to these).
+EMBEDDING = "embedding"
+CATEGORY = "category"
 CODES = "codes"
 SUFFIX = "suffix"
 SEMANTIC_ID = "semantic_id"
@@ -34,6 +37,16 @@ MODEL_VERSION = "model_version"
 MLFLOW_RUN_ID = "mlflow_run_id"
 TOKENIZED_AT = "tokenized_at"
 PREFIX_PREFIX = "prefix_"  # prefix_1 .. prefix_L: "35", "35_7", "35_7_120"
+CODE_SEPARATOR = "_"  # joins codes (and the suffix) in semantic_id and prefix_<l>
+
+# Prefix statistics (prefix_stats table) and per-level code usage (code counts / level stats).
+LEVEL = "level"
+PREFIX = "prefix"
+CODE = "code"
+ITEM_COUNT = "item_count"
+CHILDREN = "children"
+COLLISION_GROUPS = "collision_groups"
+MAX_SUFFIX = "max_suffix"
 
 SEMANTIC_ID_COLUMNS = (
     ITEM_ID, CODES, SUFFIX, SEMANTIC_ID, QUANTIZATION_ERROR,

@@ -77,6 +77,8 @@ class TrainConfig:
         min_lr_ratio: cosine decay floor as a fraction of ``lr``.
         beta: weight of the commitment loss (encoder pulled towards its codewords).
         codebook_weight: weight of the codebook loss (codewords pulled towards the residuals).
+        usage_weight: weight of the code-usage (diversity) loss that pushes every level towards
+            using all K codes evenly (batch-level entropy of soft assignments; 0 = off).
         reconstruction_loss: "mse" or "cosine" (1 - cos) between input and reconstruction.
         holdout_fraction: share of the items held out for early stopping and evaluation.
         patience: epochs without held-out improvement before stopping (0 = never stop early).
@@ -109,6 +111,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     beta: float = 0.25
     codebook_weight: float = 1.0
+    usage_weight: float = 0.1
     reconstruction_loss: str = "mse"
     holdout_fraction: float = 0.05
     patience: int = 10

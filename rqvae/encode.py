@@ -1,6 +1,7 @@
 """Batch encoding of NumPy arrays in bounded-memory chunks."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -37,6 +38,13 @@ def model_device(model: Tokenizer) -> torch.device:
     return torch.device("cpu")
 
 
+def _to_tensor(x: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor view of a (possibly read-only, e.g. Arrow-backed) array; it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
 def _as_float32(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array (N, D) of embeddings, got shape {x.shape}")
@@ -56,7 +64,7 @@ def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 65536) ->
     model.eval()  # type: ignore[attr-defined]
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            batch = torch.from_numpy(x[start:start + batch_size]).to(device, non_blocking=True)
+            batch = _to_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
             q = model.quantize(batch)
             codes[start:start + len(batch)] = q.codes.to(torch.int32).cpu().numpy()
             errors[start:start + len(batch)] = q.error.float().cpu().numpy()
@@ -72,6 +80,6 @@ def reconstruct_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 6553
     model.eval()  # type: ignore[attr-defined]
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            batch = torch.from_numpy(x[start:start + batch_size]).to(device)
+            batch = _to_tensor(x[start:start + batch_size]).to(device)
             out[start:start + len(batch)] = model.decode_codes(model.quantize(batch).codes).float().cpu().numpy()
     return out

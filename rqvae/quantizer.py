@@ -24,6 +24,9 @@ class QuantizerOutput(NamedTuple):
     level_inputs: (L, B, d) the residual each level quantized (level 0: the latent itself).
     codebook_loss: scalar, sum over levels of mean ||sg(r_l) - c_l||^2.
     commitment_loss: scalar, sum over levels of mean ||r_l - sg(c_l)||^2.
+    usage_loss: scalar, mean over levels of 1 - H(p_l) / log K, where p_l is the batch mean of
+        the soft assignments softmax(-||r_l - c_k||^2 / t_l) and t_l the batch's mean squared
+        distance to the nearest code (detached). 0 when every code takes an equal share.
     """
 
     quantized: torch.Tensor
@@ -31,6 +34,16 @@ class QuantizerOutput(NamedTuple):
     level_inputs: torch.Tensor
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
+    usage_loss: torch.Tensor
+
+
+def usage_entropy_gap(residual: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """1 - H(mean soft assignment) / log K for residuals (B, d) against a codebook (K, d)."""
+    d = squared_distances(residual, book)  # (B, K)
+    temperature = d.min(dim=1).values.mean().detach().clamp_min(1e-8)
+    p = torch.softmax(-d / temperature, dim=1).mean(0)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return 1.0 - entropy / torch.log(torch.tensor(float(book.shape[0]), device=book.device))
 
 
 def rotate_onto(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -94,10 +107,12 @@ class ResidualQuantizer(nn.Module):
         codes, level_inputs, _ = self.assign(z)
         # Residuals that carry gradient to z: r_l = z - sum_{j<l} sg(c_j).
         offsets = torch.zeros_like(z)
-        codebook_loss = commitment_loss = z.new_zeros(())
+        codebook_loss = commitment_loss = usage_loss = z.new_zeros(())
         for level in range(self.num_levels):
             selected = self.codebook(level)[codes[:, level]]  # (B, d), grad to the codebook
             r = z - offsets
+            if self.training:
+                usage_loss = usage_loss + usage_entropy_gap(r, self.codebook(level)) / self.num_levels
             codebook_loss = codebook_loss + F.mse_loss(selected, r.detach())
             if self.commitment == "levels":
                 commitment_loss = commitment_loss + F.mse_loss(r, selected.detach())
@@ -107,7 +122,7 @@ class ResidualQuantizer(nn.Module):
         if self.training:
             self._track_usage(codes)
         quantized = rotate_onto(z, offsets) if self.estimator == "rotation" else z + (offsets - z).detach()
-        return QuantizerOutput(quantized, codes, level_inputs, codebook_loss, commitment_loss)
+        return QuantizerOutput(quantized, codes, level_inputs, codebook_loss, commitment_loss, usage_loss)
 
     @torch.no_grad()
     def _track_usage(self, codes: torch.Tensor) -> None:

@@ -90,8 +90,9 @@ class _Loop:
             out = self.model(x)
         recon = reconstruction_loss(self.model.prepare(x), out.reconstruction.float(), self.cfg.reconstruction_loss)
         q = out.quant
-        total = recon + self.cfg.codebook_weight * q.codebook_loss + self.cfg.beta * q.commitment_loss
-        terms = {"recon": recon, "codebook": q.codebook_loss, "commitment": q.commitment_loss}
+        total = (recon + self.cfg.codebook_weight * q.codebook_loss + self.cfg.beta * q.commitment_loss
+                 + self.cfg.usage_weight * q.usage_loss)
+        terms = {"recon": recon, "codebook": q.codebook_loss, "commitment": q.commitment_loss, "usage": q.usage_loss}
         if self.categories is not None and idx is not None and self.cfg.taxonomy_weight > 0:
             tax = taxonomy_loss(self._prefixes(out.latent.float(), q.codes), self.categories[idx],
                                 self.cfg.taxonomy_temperature)

@@ -1,0 +1,177 @@
+"""Tokenize a catalog: validate -> sample -> train RQ-VAE -> MLflow -> encode -> uniquify -> Delta -> report.
+
+    python jobs/tokenize_catalog.py --demo                      # embedded engine, synthetic catalog
+    python jobs/tokenize_catalog.py --input /data/catalog --output /data/semids
+    spark-submit jobs/tokenize_catalog.py --engine spark --input main.shop.items --output-table-prefix main.semids
+    python jobs/tokenize_catalog.py --stages encode,report --model models:/catalog-semantic-ids@champion ...
+
+Exit codes: 0 success, 2 bad arguments or input, 3 quality gate failed (no champion, tables untouched).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (python/spark-submit jobs/tokenize_catalog.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("validate", "train", "encode", "report")
+EXIT_BAD_INPUT, EXIT_GATE = 2, 3
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything the job needs, straight from the command line (see ``--help``)."""
+
+    input: str | None
+    input_format: str
+    demo: bool
+    demo_items: int
+    demo_dim: int
+    output: str | None
+    output_table_prefix: str | None
+    format: str
+    work_dir: str
+    engine: str
+    remote: str | None
+    stages: tuple[str, ...]
+    model: str | None
+    model_name: str
+    experiment: str
+    id_col: str
+    embedding_col: str
+    category_col: str
+    max_reject_share: float
+    sample_size: int
+    seed: int
+    model_args: dict[str, Any] = field(default_factory=dict)
+    train_args: dict[str, Any] = field(default_factory=dict)
+    gate_args: dict[str, Any] = field(default_factory=dict)
+    encode_batch_size: int = 65536
+    encode_device: str = "cpu"
+    suffix_budget: int = 16
+    shuffle_partitions: int | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenize_catalog", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", help="catalog: Delta/Parquet path or table name (required unless --demo)")
+    g.add_argument("--input-format", default="auto", choices=["auto", "delta", "parquet", "table"],
+                   help="how to read --input (auto: Delta if it has _delta_log, else Parquet, else a table name)")
+    g.add_argument("--demo", action="store_true",
+                   help="first write the synthetic demo catalog to <work-dir>/demo_catalog and use it as --input")
+    g.add_argument("--demo-items", type=int, default=100_000, help="items in the demo catalog")
+    g.add_argument("--demo-dim", type=int, default=256, help="embedding length of the demo catalog")
+    g.add_argument("--id-col", default="item_id", help="item id column (STRING or BIGINT, unique)")
+    g.add_argument("--embedding-col", default="embedding", help="embedding column (ARRAY<FLOAT|DOUBLE>)")
+    g.add_argument("--category-col", default="",
+                   help="optional ARRAY<STRING> taxonomy path column; enables --taxonomy-weight and purity/NMI")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", help="folder/URI for the tables (default <work-dir>/tables)")
+    g.add_argument("--output-table-prefix", help="write catalog tables <prefix>.semantic_ids etc. instead")
+    g.add_argument("--format", default="delta", choices=["delta", "parquet"], help="table format")
+    g.add_argument("--work-dir", default="work", help="local folder for the demo catalog, checkpoints, "
+                   "reports and the default MLflow store (mlflow.db, mlartifacts/)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="local", choices=["local", "spark", "remote"],
+                   help="local: embedded Sail (no JVM); spark: the active/classic session (spark-submit); "
+                        "remote: Spark Connect (--remote)")
+    g.add_argument("--remote", help="Spark Connect URL, e.g. sc://host:15002 (implies --engine remote)")
+    g.add_argument("--shuffle-partitions", type=int, help="spark.sql.shuffle.partitions for this job")
+    g = p.add_argument_group("stages and model")
+    g.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} (validate always runs when a later stage "
+                        "needs the catalog)")
+    g.add_argument("--model", help="skip training: models:/<name>@<alias>, models:/<name>/<version> or a .pt file")
+    g.add_argument("--model-name", default="catalog-semantic-ids", help="registered MLflow model name")
+    g.add_argument("--experiment", default="catalog-semantic-ids", help="MLflow experiment name")
+    g.add_argument("--max-reject-share", type=float, default=0.05,
+                   help="fail before training when more than this share of input rows is rejected")
+    g = p.add_argument_group("training")
+    g.add_argument("--sample-size", type=int, default=200_000, help="items sampled (by id hash) for training")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
+    g.add_argument("--levels", type=int, default=3, help="L, code levels")
+    g.add_argument("--codebook-size", type=int, default=256, help="K, codes per level")
+    g.add_argument("--hidden-dims", default="512,256,128", help="encoder hidden widths (decoder mirrors)")
+    g.add_argument("--latent-dim", type=int, default=32, help="latent (codeword) width")
+    g.add_argument("--estimator", default="ste", choices=["ste", "rotation"], help="gradient estimator")
+    g.add_argument("--shared-codebook", action="store_true", help="one codebook for all levels")
+    g.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    g.add_argument("--batch-size", type=int, default=1024, help="training batch size")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--taxonomy-weight", type=float, default=0.0,
+                   help="lambda of the catalog-tree contrastive regularizer (needs --category-col; ~0.01)")
+    g.add_argument("--device", default="auto", help="training device: auto (cuda > mps > cpu), cpu, cuda")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    g = p.add_argument_group("quality gate (held-out sample)")
+    g.add_argument("--gate-min-utilization", type=float, default=0.5, help="minimum code utilization per level")
+    g.add_argument("--gate-min-unique-rate", type=float, default=0.5, help="minimum distinct-tuple rate")
+    g.add_argument("--gate-min-recon-cosine", type=float, default=0.5, help="minimum mean reconstruction cosine")
+    g = p.add_argument_group("encoding and report")
+    g.add_argument("--encode-batch-size", type=int, default=65536, help="rows per model call in the UDF")
+    g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
+    g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> JobConfig:
+    p = build_parser()
+    a = p.parse_args(argv)
+    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        p.error(f"--stages: unknown {bad or 'empty'}; choose from {','.join(STAGES)}")
+    if not (a.input or a.demo):
+        p.error("--input is required (or --demo for the synthetic catalog)")
+    if "train" not in stages and "encode" in stages and not a.model:
+        p.error("--stages without train needs --model models:/<name>@<alias> (or a checkpoint file)")
+    hidden = tuple(int(v) for v in a.hidden_dims.split(",") if v)
+    return JobConfig(
+        input=a.input, input_format=a.input_format, demo=a.demo, demo_items=a.demo_items, demo_dim=a.demo_dim,
+        output=a.output, output_table_prefix=a.output_table_prefix, format=a.format, work_dir=a.work_dir,
+        engine="remote" if a.remote else a.engine, remote=a.remote, stages=stages, model=a.model,
+        model_name=a.model_name, experiment=a.experiment, id_col=a.id_col, embedding_col=a.embedding_col,
+        category_col=a.category_col, max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
+        model_args=dict(hidden_dims=hidden, latent_dim=a.latent_dim, num_levels=a.levels,
+                        codebook_size=a.codebook_size, estimator=a.estimator, shared_codebook=a.shared_codebook),
+        train_args=dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                        taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
+        gate_args=dict(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
+                       min_recon_cosine=a.gate_min_recon_cosine),
+        encode_batch_size=a.encode_batch_size, encode_device=a.encode_device, suffix_budget=a.suffix_budget,
+        shuffle_partitions=a.shuffle_partitions,
+    )
+
+
+@contextmanager
+def stage(name: str):  # type: ignore[no-untyped-def]
+    """Banner before and after a stage, with its wall time."""
+    print(f"\n==> {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"    {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from jobs.runner import JobFailed, run_job
+
+    try:
+        result = run_job(cfg, stage)
+    except JobFailed as e:
+        print(f"\nFAILED: {e}", file=sys.stderr)
+        return e.exit_code
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

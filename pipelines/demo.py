@@ -1,0 +1,47 @@
+"""The demo catalog: rqvae's synthetic catalog written as a Delta (or Parquet) table, in chunks.
+
+Written with delta-rs / pyarrow straight from Arrow buffers (no Spark, no per-row objects), so the
+same code serves the README demo, the tests and the benchmarks' large catalogs.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID
+from rqvae.synthetic import CatalogSpec, SyntheticCatalog, iter_catalog_chunks
+
+
+def catalog_to_arrow(chunk: SyntheticCatalog) -> pa.Table:
+    """item_id BIGINT, embedding list<float>, category list<string> (root-to-leaf path)."""
+    n, dim = chunk.embeddings.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    embedding = pa.ListArray.from_arrays(offsets, pa.array(chunk.embeddings.ravel()))
+    depth = chunk.category_ids.shape[1]
+    names = np.array([p for path in chunk.category_paths() for p in path], dtype=object)
+    cat_offsets = pa.array(np.arange(0, (n + 1) * depth, depth, dtype=np.int32))
+    category = pa.ListArray.from_arrays(cat_offsets, pa.array(names, pa.string()))
+    return pa.table({ITEM_ID: pa.array(chunk.item_ids), EMBEDDING: embedding, CATEGORY: category})
+
+
+def write_demo_catalog(path: str | Path, spec: CatalogSpec, fmt: str = "delta", chunk_items: int = 100_000) -> int:
+    """Write the synthetic catalog to ``path`` (replacing it); returns the number of rows."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    rows = 0
+    for i, chunk in enumerate(iter_catalog_chunks(spec, chunk_items)):
+        table = catalog_to_arrow(chunk)
+        if fmt == "delta":
+            from deltalake import write_deltalake
+
+            write_deltalake(str(path), table, mode="append")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path / f"part-{i:05d}.parquet")
+        rows += table.num_rows
+    return rows

@@ -1,0 +1,87 @@
+"""Encode stage: a ``mapInArrow`` UDF that turns embeddings into codes, one model per worker process.
+
+The checkpoint travels inside the UDF closure as bytes; each Python worker builds the model once
+(cached by the checkpoint's digest) and reuses it for every Arrow batch it is given. Embeddings go
+Arrow -> NumPy through :func:`pipelines.arrow_utils.embeddings_to_numpy`, with no per-row objects.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+
+from pipelines.arrow_utils import embeddings_to_numpy
+from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR
+from pipelines.uniquify import require_columns
+
+_MODELS: dict[str, Any] = {}  # per worker process: checkpoint digest -> model (built once)
+
+
+def model_for(checkpoint: bytes, digest: str, device: str = "cpu", threads: int | None = None) -> Any:
+    """The model for ``checkpoint``, built on first use in this process and cached afterwards."""
+    model = _MODELS.get(digest)
+    if model is None:
+        import torch
+
+        from rqvae.checkpoint import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_checkpoint(checkpoint, map_location=device).to(device).eval()
+        _MODELS.clear()  # one model per worker: a new checkpoint replaces the old one
+        _MODELS[digest] = model
+    return model
+
+
+def codes_to_arrow(codes: np.ndarray) -> pa.ListArray:
+    """int32 codes (N, L) -> Arrow list<int32> array, built from buffers (no per-row objects)."""
+    n, levels = codes.shape
+    offsets = pa.array(np.arange(0, (n + 1) * levels, levels, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(codes).ravel()))
+
+
+def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int = 65536, device: str = "cpu",
+                 threads: int | None = None) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function given to ``mapInArrow``: batches of (item_id, embedding) -> (item_id, codes, error)."""
+    digest = hashlib.sha256(checkpoint).hexdigest()
+
+    def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from rqvae.encode import encode_array
+
+        model = model_for(checkpoint, digest, device, threads)
+        for batch in batches:
+            x = embeddings_to_numpy(batch.column(EMBEDDING), dim)
+            result = encode_array(model, x, batch_size=batch_size)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(ITEM_ID), codes_to_arrow(result.codes), pa.array(result.quantization_error)],
+                names=[ITEM_ID, CODES, QUANTIZATION_ERROR],
+            )
+
+    return encode_batches
+
+
+def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size: int = 65536,
+                      device: str = "cpu", threads: int | None = None) -> DataFrame:
+    """Codes for every row of a validated catalog.
+
+    Args:
+        df: columns ITEM_ID (STRING or BIGINT) and EMBEDDING (ARRAY<FLOAT>, length ``dim``), as
+            produced by :func:`pipelines.validate.validate_catalog`.
+        checkpoint: model checkpoint bytes (:func:`rqvae.checkpoint_bytes`).
+        dim: embedding length D.
+        batch_size: rows per model call inside each Arrow batch.
+        device: torch device on the workers ("cpu", or "cuda" on GPU executors).
+        threads: torch threads per worker process (None = torch's default).
+
+    Returns:
+        DataFrame with ITEM_ID, CODES ARRAY<INT>, QUANTIZATION_ERROR FLOAT.
+    """
+    require_columns(df, [ITEM_ID, EMBEDDING], "encode_embeddings")
+    id_type = df.schema[ITEM_ID].dataType.simpleString()
+    schema = f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"
+    encoder = make_encoder(checkpoint, dim, batch_size=batch_size, device=device, threads=threads)
+    return df.select(ITEM_ID, EMBEDDING).mapInArrow(encoder, schema)

@@ -1,0 +1,34 @@
+"""Quality gate: thresholds on held-out metrics that decide whether a model becomes champion."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Minimums a trained model must reach on the held-out sample.
+
+    Attributes:
+        min_utilization: every level's share of codes in use over the whole training sample
+            (``sample_l<l>_utilization``: a small held-out part cannot show K codes).
+        min_unique_rate: distinct full code tuples / items (before suffixes).
+        min_recon_cosine: mean cosine between input and reconstruction (``recon_cos_mean``).
+    """
+
+    min_utilization: float = 0.5
+    min_unique_rate: float = 0.5
+    min_recon_cosine: float = 0.5
+
+
+def gate_failures(metrics: dict[str, float], thresholds: GateThresholds, num_levels: int) -> list[str]:
+    """Human-readable failures, empty when the model passes. A missing metric counts as a failure."""
+    wanted = [(f"sample_l{lv}_utilization", thresholds.min_utilization, "--gate-min-utilization")
+              for lv in range(1, num_levels + 1)]
+    wanted += [("unique_rate", thresholds.min_unique_rate, "--gate-min-unique-rate"),
+               ("recon_cos_mean", thresholds.min_recon_cosine, "--gate-min-recon-cosine")]
+    failures = []
+    for key, minimum, flag in wanted:
+        value = metrics.get(key)
+        if value is None or not value >= minimum:
+            failures.append(f"{key} = {value if value is None else round(value, 4)} < {minimum} ({flag})")
+    return failures

@@ -1,0 +1,313 @@
+"""Table IO: the one module that reads the catalog and reads/writes the pipeline's tables.
+
+Output tables sit beside each other under one :class:`OutputLocation`: a directory
+(``<root>/semantic_ids``, ``<root>/rejects``...) or a catalog schema (``main.semids.semantic_ids``).
+
+Overwrites are atomic so that a failed or killed run leaves the previous version readable:
+
+* Delta: an overwrite is one commit to ``_delta_log``; files of a failed write are never committed.
+* Parquet on a local filesystem: the new data is written to a hidden staging sibling, then the
+  directories are swapped with two renames (old -> backup, staging -> final) and the backup is
+  deleted. A failure before the swap leaves the old data untouched. Between the two renames (a
+  few microseconds) the table path does not exist; a crash exactly there leaves the old data in
+  the ``.<name>.backup-*`` sibling, and a killed write may leave a ``.<name>.staging-*`` sibling
+  (both hidden from Spark readers; safe to delete). Plain paths and ``file:`` URIs are taken as
+  the driver's filesystem; Parquet on other stores (``s3://``, ``hdfs://``, ``dbfs:/``) is written
+  in place, as plain Spark does, and is not atomic. Prefer Delta (the default) everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
+
+from pipelines.session import DeltaNotAvailableError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("delta", "parquet")
+INPUT_FORMATS = ("auto", "delta", "parquet", "table")
+DELTA_LOG = "_delta_log"
+
+
+class CatalogNotFoundError(FileNotFoundError):
+    """The input catalog path (or table name) does not exist."""
+
+
+@dataclass(frozen=True)
+class OutputLocation:
+    """Where the output tables go: a directory/URI or a catalog schema, and their format.
+
+    Attributes:
+        root: directory or URI (``/data/semids``, ``s3://bucket/semids``), or a catalog schema
+            (``main.semids``) when ``is_catalog``.
+        fmt: "delta" (default) or "parquet".
+        is_catalog: tables are catalog tables ``<root>.<name>`` written with ``saveAsTable``.
+    """
+
+    root: str
+    fmt: str = "delta"
+    is_catalog: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"unknown output format {self.fmt!r}; use --format delta or --format parquet")
+        if not self.root:
+            raise ValueError("empty output location; pass --output PATH or --output-table-prefix SCHEMA")
+
+    @classmethod
+    def for_path(cls, path: str, fmt: str = "delta") -> OutputLocation:
+        """Tables as directories ``<path>/<name>``."""
+        return cls(path, fmt, is_catalog=False)
+
+    @classmethod
+    def for_catalog(cls, schema: str, fmt: str = "delta") -> OutputLocation:
+        """Tables as catalog tables ``<schema>.<name>`` (e.g. ``main.semids.semantic_ids``)."""
+        return cls(schema.rstrip("."), fmt, is_catalog=True)
+
+    def of(self, name: str) -> str:
+        """Path or fully qualified table name of table ``name`` (e.g. ``SEMANTIC_IDS_TABLE``)."""
+        return f"{self.root}.{name}" if self.is_catalog else table_path(self.root, name)
+
+
+def resolve_output(output: str | None, table_prefix: str | None, fmt: str = "delta") -> OutputLocation:
+    """Map the ``--output`` / ``--output-table-prefix`` flags onto an :class:`OutputLocation`."""
+    if bool(output) == bool(table_prefix):
+        raise ValueError("pass exactly one of --output PATH and --output-table-prefix CATALOG.SCHEMA")
+    if table_prefix:
+        return OutputLocation.for_catalog(table_prefix, fmt)
+    return OutputLocation.for_path(str(output), fmt)
+
+
+def table_path(output: str, name: str) -> str:
+    """``<output>/<name>``: the path of table ``name`` under the output directory or URI."""
+    return f"{output.rstrip('/')}/{name}"
+
+
+def local_path(path: str) -> Path | None:
+    """The local filesystem path of a plain path or ``file:`` URI; None for other URIs (s3://...)."""
+    parsed = urlparse(path)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, still local
+        return None
+    return Path(path)
+
+
+def read_catalog(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame:
+    """Read the input catalog from a path/URI or a table name.
+
+    Args:
+        spark: the session.
+        source: directory, file or URI of a Delta/Parquet table, or a table name (``items``,
+            ``main.shop.items``).
+        fmt: "delta", "parquet", "table" or "auto": a local path with ``_delta_log`` is Delta, one
+            with ``.parquet`` files is Parquet; a string without "/" that is no existing path is a
+            table name; any other path (a URI, or a path only the cluster's filesystem has) is
+            Delta unless it ends in ``.parquet``.
+
+    Raises:
+        CatalogNotFoundError: neither the driver nor the engine finds the path (or the table).
+        ValueError: unknown ``fmt``, or a local path whose format cannot be told.
+    """
+    if fmt not in INPUT_FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}; choose one of {', '.join(INPUT_FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(spark, source)
+    if fmt == "table":
+        return spark.read.table(source)
+    path = local_path(source)
+    if fmt == "delta" and path is not None and path.is_dir() and not (path / DELTA_LOG).is_dir():
+        raise ValueError(
+            f"{source!r} is not a Delta table (no {DELTA_LOG} directory); read it with format 'parquet'"
+        )
+    return load_path(spark, source, fmt)
+
+
+def load_path(spark: SparkSession, source: str, fmt: str) -> DataFrame:
+    """``spark.read.format(fmt).load(source)``; a path nobody can find raises CatalogNotFoundError.
+
+    A plain path missing on the driver may still exist on the cluster's default filesystem (HDFS,
+    DBFS), so the engine is asked (a metadata-only schema resolution) before giving up. Classic
+    Spark raises PATH_NOT_FOUND; Sail returns an empty frame without columns, counted as missing.
+    """
+    path = local_path(source)
+    if path is None or path.exists():
+        return spark.read.format(fmt).load(source)
+    reason = "it has no columns"
+    try:
+        df = spark.read.format(fmt).load(source)
+        if df.schema.fields:  # resolving the schema forces the lookup on Connect, where load() is lazy
+            return df
+    except Exception as e:  # noqa: BLE001 - the engine's reason goes into the message
+        reason = str(e).strip().splitlines()[0][:200]
+    raise CatalogNotFoundError(
+        f"table path {source!r} does not exist: not on the driver ({path.absolute()}), and the engine "
+        f"cannot read it as {fmt} ({reason})"
+    )
+
+
+def detect_format(spark: SparkSession, source: str) -> str:
+    """The input format "auto" resolves to for ``source``; see :func:`read_catalog`."""
+    path = local_path(source)
+    if path is None:
+        return "parquet" if source.rstrip("/").endswith(".parquet") else "delta"
+    if path.exists():
+        if (path / DELTA_LOG).is_dir():
+            return "delta"
+        if path.suffix == ".parquet" or (path.is_dir() and next(path.rglob("*.parquet"), None)):
+            return "parquet"
+        raise ValueError(
+            f"cannot tell the format of {source!r}: no {DELTA_LOG} directory and no .parquet files; "
+            "pass the format explicitly (delta, parquet or table)"
+        )
+    if "/" not in source and os.sep not in source:
+        if _table_missing(spark, source):
+            raise CatalogNotFoundError(f"{source!r} is neither an existing path nor a table name")
+        return "table"
+    # Not on the driver: maybe on the cluster's default filesystem. Delta is the project's default.
+    return "parquet" if source.rstrip("/").endswith(".parquet") else "delta"
+
+
+def _table_missing(spark: SparkSession, name: str) -> bool:
+    """True when the catalog says table ``name`` does not exist (unknown when it cannot say)."""
+    try:
+        return not spark.catalog.tableExists(name)
+    except Exception:  # noqa: BLE001 - e.g. an unknown catalog: let spark.read.table report it
+        return False
+
+
+def read_table(spark: SparkSession, location: OutputLocation, name: str) -> DataFrame:
+    """Read output table ``name`` (e.g. ``REJECTS_TABLE``) back from ``location``.
+
+    Raises:
+        CatalogNotFoundError: the table path does not exist.
+    """
+    target = location.of(name)
+    if location.is_catalog:
+        return spark.read.table(target)
+    return load_path(spark, target, location.fmt)
+
+
+def delta_version(path: str) -> int | None:
+    """Current version of the Delta table at ``path`` via ``deltalake``; None if not Delta/unreadable.
+
+    Used for lineage (the input table version logged with a run) and to check that a failed write
+    left a table's version unchanged.
+    """
+    try:
+        from deltalake import DeltaTable
+    except ImportError:  # pragma: no cover - deltalake is part of the [spark] extra
+        return None
+    local = local_path(path)
+    try:
+        return int(DeltaTable(str(local) if local is not None else path).version())
+    except Exception:  # noqa: BLE001 - missing, not Delta, or a remote store without credentials
+        return None
+
+
+def write_table(
+    df: DataFrame,
+    location: OutputLocation,
+    name: str,
+    mode: str = "overwrite",
+    partition_by: Sequence[str] | None = None,
+) -> str:
+    """Write ``df`` as table ``name`` under ``location``; overwrites are atomic (see module doc).
+
+    Delta overwrites set ``overwriteSchema``: the table takes ``df``'s schema. (Without it, Sail
+    silently drops columns the old table did not have, and classic Delta refuses the write.)
+
+    Args:
+        df: the rows to write, any schema.
+        location: output directory or catalog schema, and the format.
+        name: table name, e.g. ``SEMANTIC_IDS_TABLE``.
+        mode: "overwrite" (default), "append", "error" or "ignore" (Spark save modes).
+        partition_by: partition columns, if any.
+
+    Returns:
+        The path or fully qualified table name written.
+
+    Raises:
+        DeltaNotAvailableError: Delta was asked for on a session without Delta support.
+    """
+    target = location.of(name)
+    writer = df.write.format(location.fmt).mode(mode)
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    if location.fmt == "delta" and mode == "overwrite":
+        writer = writer.option("overwriteSchema", "true")
+    try:
+        _save(writer, location, target, mode)
+    except Exception as e:
+        if location.fmt == "delta" and _is_missing_delta(e):
+            raise DeltaNotAvailableError(
+                f"cannot write Delta table {target!r}: this Spark session has no Delta Lake support. "
+                "Fix: start Spark with delta-spark (--packages io.delta:delta-spark_2.13:<version>), run "
+                "on Databricks, use the embedded engine, or write Parquet with --format parquet."
+            ) from e
+        raise
+    return target
+
+
+def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str) -> None:
+    """saveAsTable for catalog tables, staging + swap for local Parquet overwrites, else save."""
+    local = None if location.is_catalog else local_path(target)
+    if location.is_catalog:
+        writer.saveAsTable(target)
+    elif location.fmt == "parquet" and mode == "overwrite" and local is not None:
+        _save_and_swap(writer, local)
+    else:
+        if location.fmt == "parquet" and mode == "overwrite":
+            log.warning("Parquet overwrite of %s is not atomic; Delta output is", target)
+        writer.save(target)
+
+
+def _is_missing_delta(error: Exception) -> bool:
+    text = str(error)
+    return "DATA_SOURCE_NOT_FOUND" in text or "Failed to find the data source: delta" in text
+
+
+def _save_and_swap(writer: DataFrameWriter, final: Path) -> None:
+    """Write to a hidden staging sibling of ``final``, then swap it in with two renames."""
+    token = uuid.uuid4().hex[:12]
+    staging = final.with_name(f".{final.name}.staging-{token}")  # the engine creates missing parents
+    try:
+        writer.save(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not staging.is_dir():
+        raise RuntimeError(
+            f"Spark did not write the staging copy to the local directory {staging}: the path seems to "
+            "be on the cluster's default filesystem, where a local rename cannot swap it in. Use "
+            "--format delta (atomic anywhere) or a fully qualified output URI. The staged copy may "
+            f"remain at {staging} on that filesystem."
+        )
+    swap_directories(staging, final)
+
+
+def swap_directories(new: Path, final: Path) -> None:
+    """Replace directory ``final`` by ``new``: final -> backup, new -> final, delete backup.
+
+    If the second rename fails the backup is renamed back, so ``final`` keeps the old data.
+    """
+    backup = final.with_name(f".{final.name}.backup-{uuid.uuid4().hex[:12]}")
+    had_old = final.exists()
+    if had_old:
+        os.rename(final, backup)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if had_old:
+            os.rename(backup, final)
+        raise
+    if had_old:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,309 @@
+"""Prefix statistics of a semantic-ID table: per prefix, per level and overall (DESIGN.md "Metrics").
+
+Everything is aggregated in Spark; only small results reach the driver (at most L*K code counts,
+one row per distinct group size, L*top_n prefixes). The per-level usage metrics (utilization, dead
+codes, entropy, perplexity, Gini) are computed by :func:`rqvae.metrics.code_usage_from_counts`, so
+each metric has one definition in the project. Collision metrics follow
+:func:`rqvae.metrics.tuple_stats`: unique_rate = distinct full tuples / items, collision_rate =
+1 - unique_rate, items_in_collisions = share of items whose tuple is held by >= 2 items.
+
+All aggregations start from one grouping of the table by its full code tuple (``_tuple_groups``):
+one row per distinct tuple with its group size and max suffix. Pass a materialized table (the
+written ``semantic_ids``), not the encoding plan: :func:`summarize` reads its input three times.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import reduce
+from typing import Any
+
+import numpy as np
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from pipelines.schema import (
+    CHILDREN,
+    CODE,
+    CODES,
+    COLLISION_GROUPS,
+    ITEM_COUNT,
+    LEVEL,
+    MAX_SUFFIX,
+    PREFIX,
+    SUFFIX,
+)
+from pipelines.uniquify import code_prefix, require_columns
+from rqvae.metrics import code_usage_from_counts
+
+_GROUP_SIZE = "__csid_group_size"
+_OVERFLOW = "__csid_overflow"
+_NEXT_CODE = "__csid_next_code"
+_TUPLES = "__csid_tuples"
+
+
+@dataclass(frozen=True)
+class LevelUsage:
+    """Usage of the K codes of one level (metrics as defined by ``code_usage_from_counts``).
+
+    Attributes:
+        level: 1-based level.
+        counts: items per code, element j for code j (length K, dead codes included).
+    """
+
+    level: int
+    codebook_size: int
+    used_codes: int
+    utilization: float
+    dead_codes: int
+    entropy: float
+    perplexity: float
+    gini: float
+    counts: tuple[int, ...]
+
+    def metrics(self) -> dict[str, Any]:
+        """The scalar fields (no counts): one row of a ``level_stats`` table."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "counts"}
+
+
+@dataclass(frozen=True)
+class PrefixRow:
+    """One row of :func:`prefix_stats` (see there for the column definitions)."""
+
+    level: int
+    prefix: str
+    item_count: int
+    children: int
+    collision_groups: int
+    max_suffix: int
+
+
+@dataclass(frozen=True)
+class PrefixSummary:
+    """Overall and per-level statistics of a semantic-ID table (see :func:`summarize`).
+
+    Attributes:
+        n_items: rows of the table.
+        distinct_tuples: distinct full code tuples.
+        unique_rate: distinct_tuples / n_items.
+        collision_rate: 1 - unique_rate.
+        items_in_collisions: share of items whose full tuple is held by >= 2 items.
+        max_group_size: items in the largest group (1 when every tuple is unique).
+        suffix_budget: suffixes 0..suffix_budget-1 fit the downstream vocabulary.
+        suffix_overflow: items whose suffix >= suffix_budget.
+        num_levels: L; codebook_size: K.
+        levels: L LevelUsage, element l-1 for level l.
+        group_size_histogram: (group size, number of tuples of that size), by ascending size.
+        top_prefixes: per level (ascending), the ``top_n`` prefixes by item count (desc), ties by prefix.
+    """
+
+    n_items: int
+    distinct_tuples: int
+    unique_rate: float
+    collision_rate: float
+    items_in_collisions: float
+    max_group_size: int
+    suffix_budget: int
+    suffix_overflow: int
+    num_levels: int
+    codebook_size: int
+    levels: tuple[LevelUsage, ...]
+    group_size_histogram: tuple[tuple[int, int], ...]
+    top_prefixes: tuple[PrefixRow, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (nested dataclasses as dicts, tuples as lists once serialized)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrefixSummary:
+        """Inverse of :meth:`to_dict`, also after a JSON round trip (lists back to tuples)."""
+        return cls(**{
+            **d,
+            "levels": tuple(LevelUsage(**{**u, "counts": tuple(u["counts"])}) for u in d["levels"]),
+            "group_size_histogram": tuple((int(s), int(n)) for s, n in d["group_size_histogram"]),
+            "top_prefixes": tuple(PrefixRow(**p) for p in d["top_prefixes"]),
+        })
+
+
+def prefix_stats(sid_df: DataFrame, num_levels: int) -> DataFrame:
+    """Statistics of every code prefix at every level, in one aggregation.
+
+    Args:
+        sid_df: a semantic-ID table: ``codes`` ARRAY<INT> of length L, ``suffix`` INT.
+        num_levels: L.
+
+    Returns:
+        One row per (level, prefix): ``level`` INT (1..L), ``prefix`` STRING (as in
+        ``prefix_<level>``: "35", "35_7"...), ``item_count`` BIGINT (items under the prefix),
+        ``children`` BIGINT (distinct level+1 codes under the prefix; at level L, where the prefix
+        is the full tuple, the number of distinct suffixes, i.e. = item_count), ``collision_groups``
+        BIGINT (full tuples under the prefix held by more than one item) and ``max_suffix`` INT
+        (largest suffix under the prefix).
+    """
+    require_columns(sid_df, (CODES, SUFFIX), "prefix_stats")
+    return _prefix_stats_from_groups(_tuple_groups(sid_df), num_levels)
+
+
+def code_counts(sid_df: DataFrame, num_levels: int) -> DataFrame:
+    """Items per code at each level (for usage plots and the level statistics).
+
+    Args:
+        sid_df: ``codes`` ARRAY<INT> of length L.
+        num_levels: L.
+
+    Returns:
+        ``level`` INT, ``code`` INT, ``item_count`` BIGINT: one row per (level, used code); codes
+        no item uses have no row.
+    """
+    require_columns(sid_df, (CODES,), "code_counts")
+    return _code_counts(sid_df, num_levels, F.lit(1))
+
+
+def level_stats(sid_df: DataFrame, num_levels: int, codebook_size: int) -> list[LevelUsage]:
+    """Per-level code usage: utilization, dead codes, entropy, perplexity, Gini and counts.
+
+    Collects :func:`code_counts` (at most L*K rows) and applies ``code_usage_from_counts`` per level.
+
+    Args:
+        sid_df: ``codes`` ARRAY<INT> of length L with values in [0, codebook_size).
+        num_levels: L.
+        codebook_size: K.
+
+    Returns:
+        L LevelUsage, element l-1 for level l.
+    """
+    return _level_usages(code_counts(sid_df, num_levels).collect(), num_levels, codebook_size)
+
+
+def summarize(
+    sid_df: DataFrame, num_levels: int, codebook_size: int, suffix_budget: int, top_n: int = 10
+) -> PrefixSummary:
+    """Overall collision numbers, per-level usage, group-size histogram and top prefixes.
+
+    Runs three small Spark jobs over one grouping by full tuple: the group-size histogram (with
+    suffix overflow), the per-level code counts, and the top ``top_n`` prefixes of each level.
+
+    Args:
+        sid_df: a semantic-ID table: ``codes`` ARRAY<INT> of length L, ``suffix`` INT.
+        num_levels: L.
+        codebook_size: K.
+        suffix_budget: how many suffixes downstream vocabularies reserve (suffix < budget fits).
+        top_n: prefixes kept per level in ``top_prefixes``.
+
+    Raises:
+        ValueError: the table is empty, or a code lies outside [0, codebook_size).
+    """
+    require_columns(sid_df, (CODES, SUFFIX), "summarize")
+    groups = _tuple_groups(sid_df, suffix_budget)
+    histogram = groups.groupBy(_GROUP_SIZE).agg(
+        F.count(F.lit(1)).alias(_TUPLES), F.sum(_OVERFLOW).alias(_OVERFLOW)
+    ).collect()
+    if not histogram:
+        raise ValueError("summarize: the semantic-ID table has no rows; nothing to summarize")
+    counts = _code_counts(groups, num_levels, F.col(_GROUP_SIZE)).collect()
+    top = _top_prefixes(_prefix_stats_from_groups(groups, num_levels), num_levels, top_n).collect()
+    return _build_summary(
+        histogram, _level_usages(counts, num_levels, codebook_size), top, suffix_budget, codebook_size
+    )
+
+
+def _tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFrame:
+    """One row per distinct ``codes``: group size, max suffix and (with a budget) overflowing items."""
+    aggregates = [F.count(F.lit(1)).alias(_GROUP_SIZE), F.max(SUFFIX).alias(MAX_SUFFIX)]
+    if suffix_budget is not None:
+        overflow = F.when(F.col(SUFFIX) >= suffix_budget, 1).otherwise(0)
+        aggregates.append(F.sum(overflow).cast("long").alias(_OVERFLOW))
+    return sid_df.groupBy(CODES).agg(*aggregates)
+
+
+def _prefix_stats_from_groups(groups: DataFrame, num_levels: int) -> DataFrame:
+    """:func:`prefix_stats` from the ``_tuple_groups`` frame (one row per level and tuple, then grouped)."""
+    per_level = [
+        F.struct(
+            F.lit(level).alias(LEVEL),
+            code_prefix(level).alias(PREFIX),
+            (F.col(CODES)[level] if level < num_levels else F.lit(None).cast("int")).alias(_NEXT_CODE),
+            F.col(_GROUP_SIZE).alias(_GROUP_SIZE),
+            F.col(MAX_SUFFIX).alias(MAX_SUFFIX),
+        )
+        for level in range(1, num_levels + 1)
+    ]
+    stats = groups.select(F.inline(F.array(*per_level))).groupBy(LEVEL, PREFIX).agg(
+        F.sum(_GROUP_SIZE).alias(ITEM_COUNT),
+        F.countDistinct(_NEXT_CODE).alias(_NEXT_CODE),
+        F.sum(F.when(F.col(_GROUP_SIZE) > 1, 1).otherwise(0)).cast("long").alias(COLLISION_GROUPS),
+        F.max(MAX_SUFFIX).alias(MAX_SUFFIX),
+    )
+    children = F.when(F.col(LEVEL) == num_levels, F.col(ITEM_COUNT)).otherwise(F.col(_NEXT_CODE))
+    return stats.select(
+        LEVEL, PREFIX, ITEM_COUNT, children.cast("long").alias(CHILDREN), COLLISION_GROUPS, MAX_SUFFIX
+    )
+
+
+def _code_counts(df: DataFrame, num_levels: int, weight: Column) -> DataFrame:
+    """Sum of ``weight`` per (level, code of ``codes`` at that level): the body of :func:`code_counts`."""
+    per_level = [
+        F.struct(F.lit(level).alias(LEVEL), F.col(CODES)[level - 1].alias(CODE), weight.alias(ITEM_COUNT))
+        for level in range(1, num_levels + 1)
+    ]
+    exploded = df.select(F.inline(F.array(*per_level)))
+    return exploded.groupBy(LEVEL, CODE).agg(F.sum(ITEM_COUNT).cast("long").alias(ITEM_COUNT))
+
+
+def _top_prefixes(stats: DataFrame, num_levels: int, top_n: int) -> DataFrame:
+    """The ``top_n`` rows of each level by (item_count desc, prefix asc); a top-k per level, no window."""
+    order = [F.col(ITEM_COUNT).desc(), F.col(PREFIX).asc()]
+    per_level = [
+        stats.filter(F.col(LEVEL) == level).orderBy(*order).limit(top_n) for level in range(1, num_levels + 1)
+    ]
+    return reduce(DataFrame.unionByName, per_level)
+
+
+def _level_usages(rows: list, num_levels: int, codebook_size: int) -> list[LevelUsage]:
+    """LevelUsage per level from collected (level, code, item_count) rows."""
+    counts = np.zeros((num_levels, codebook_size), dtype=np.int64)
+    for row in rows:
+        level, code = int(row[LEVEL]), int(row[CODE])
+        if not 0 <= code < codebook_size:
+            raise ValueError(
+                f"column {CODES!r} holds code {code} at level {level}, outside [0, {codebook_size}); "
+                "pass the model's codebook size (--codebook-size)"
+            )
+        counts[level - 1, code] = int(row[ITEM_COUNT])
+    return [_level_usage(level, counts[level - 1]) for level in range(1, num_levels + 1)]
+
+
+def _level_usage(level: int, counts: np.ndarray) -> LevelUsage:
+    """LevelUsage of one level from its int [K] counts, with plain Python numbers."""
+    u = code_usage_from_counts(counts)
+    return LevelUsage(
+        level=level, codebook_size=int(u.codebook_size), used_codes=int(u.used_codes),
+        utilization=float(u.utilization), dead_codes=int(u.dead_codes), entropy=float(u.entropy),
+        perplexity=float(u.perplexity), gini=float(u.gini), counts=tuple(int(c) for c in counts),
+    )
+
+
+def _build_summary(
+    histogram: list, levels: list[LevelUsage], top: list, suffix_budget: int, codebook_size: int
+) -> PrefixSummary:
+    """PrefixSummary from the collected histogram rows, level usages and top-prefix rows."""
+    sizes = sorted((int(r[_GROUP_SIZE]), int(r[_TUPLES]), int(r[_OVERFLOW])) for r in histogram)
+    n_items = sum(size * tuples for size, tuples, _ in sizes)
+    distinct = sum(tuples for _, tuples, _ in sizes)
+    top_rows = sorted((PrefixRow(**{f.name: r[f.name] for f in fields(PrefixRow)}) for r in top),
+                      key=lambda p: (p.level, -p.item_count, p.prefix))
+    return PrefixSummary(
+        n_items=n_items,
+        distinct_tuples=distinct,
+        unique_rate=distinct / n_items,
+        collision_rate=1.0 - distinct / n_items,
+        items_in_collisions=sum(size * tuples for size, tuples, _ in sizes if size > 1) / n_items,
+        max_group_size=sizes[-1][0],
+        suffix_budget=suffix_budget,
+        suffix_overflow=sum(overflow for _, _, overflow in sizes),
+        num_levels=len(levels),
+        codebook_size=codebook_size,
+        levels=tuple(levels),
+        group_size_histogram=tuple((size, tuples) for size, tuples, _ in sizes),
+        top_prefixes=tuple(top_rows),
+    )

@@ -1,0 +1,45 @@
+"""MLflow pyfunc wrapper of a semantic-ID tokenizer (imports no pyspark: it loads anywhere).
+
+``mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)`` takes a pandas DataFrame with an
+``embedding`` column (lists/arrays of floats) and returns ``codes`` (list of L ints) and
+``quantization_error`` per row, exactly as the encode stage computes them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+class SemanticIdModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """Loads the rqvae checkpoint artifact once; ``predict`` encodes a batch of embeddings."""
+
+    def load_context(self, context: Any) -> None:
+        from rqvae.checkpoint import load_checkpoint
+
+        self.model = load_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]).read_bytes())
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from rqvae.encode import encode_array
+
+        column = model_input["embedding"]
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in column]) if len(column) else np.zeros((0, 1), "f4")
+        result = encode_array(self.model, x)
+        return pd.DataFrame({"codes": [row.tolist() for row in result.codes],
+                             "quantization_error": result.quantization_error})
+
+
+def signature() -> Any:
+    """Input: ``embedding`` array<float>; output: ``codes`` array<int>, ``quantization_error`` float."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.float), "embedding")]),
+        outputs=Schema([ColSpec(Array(DataType.integer), "codes"), ColSpec(DataType.float, "quantization_error")]),
+    )

@@ -1,0 +1,103 @@
+"""MLflow edge: tracking set-up, the training run, model logging/registration, aliases, resolution.
+
+Local default (no ``MLFLOW_TRACKING_URI``): a sqlite tracking + registry database and an artifact
+folder under the job's work directory. Encoding resolves an alias to a concrete version once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT, SemanticIdModel, signature
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A concrete model: registered name + version (or "local" for a checkpoint file) + its bytes."""
+
+    name: str
+    version: str
+    run_id: str
+    checkpoint: bytes
+
+
+def configure_tracking(work_dir: str | Path) -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or at ``<work_dir>/mlflow.db``; returns the URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return uri
+
+
+def use_experiment(name: str, work_dir: str | Path) -> str:
+    """Create (with a local artifact folder when tracking is local sqlite) or reuse an experiment."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if mlflow.get_tracking_uri().startswith("sqlite:"):
+            artifacts = (Path(work_dir).resolve() / "mlartifacts").as_uri()
+        return str(mlflow.create_experiment(name, artifact_location=artifacts))
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return str(experiment.experiment_id)
+
+
+def log_and_register(checkpoint_path: Path, model_name: str, input_example: Any = None) -> str:
+    """Log the checkpoint as a pyfunc model in the active run and register it; returns the version.
+
+    ``input_example``: a small pandas DataFrame with an ``embedding`` column; MLflow stores it
+    and checks that the model predicts on it.
+    """
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=SemanticIdModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+        signature=signature(), registered_model_name=model_name, input_example=input_example,
+        pip_requirements=["torch", "numpy", "pandas", "mlflow"],
+        code_paths=[str(Path(__file__).resolve().parents[1] / "rqvae")],
+    )
+    return str(info.registered_model_version)
+
+
+def set_alias(model_name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(model_name, alias, version)
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """Version an alias points to, or None when the alias (or model) does not exist."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def resolve_model(uri: str) -> ResolvedModel:
+    """Resolve ``models:/name@alias``, ``models:/name/3`` or a local checkpoint path, once."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        path = Path(uri)
+        if not path.is_file():
+            raise ValueError(f"--model {uri!r} is neither models:/<name>@<alias>, models:/<name>/<version> "
+                             "nor an existing checkpoint file")
+        return ResolvedModel(path.stem, "local", "", path.read_bytes())
+    name, alias, version = match.group("name"), match.group("alias"), match.group("version")
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"cannot resolve {uri}: {e.message}. Train first (--stages train) or check "
+                         "--model and MLFLOW_TRACKING_URI") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
+        checkpoint = next(Path(local).rglob("*.pt")).read_bytes()
+    return ResolvedModel(name, str(mv.version), mv.run_id or "", checkpoint)

@@ -1,0 +1,163 @@
+"""Self-contained HTML + JSON report of a :class:`~pipelines.prefix_stats.PrefixSummary` (no Spark).
+
+The HTML file has no external resources: plots are PNG images inlined as base64 ``data:`` URIs
+(matplotlib's Agg canvas, used directly so no global pyplot backend is touched), styles are inline,
+and every piece of text is escaped with :func:`html.escape`.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # report.py only reads attributes; importing prefix_stats would import pyspark
+    from pipelines.prefix_stats import LevelUsage, PrefixSummary
+
+REPORT_HTML = "prefix_report.html"
+SUMMARY_JSON = "prefix_summary.json"
+
+_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.key, th.key { text-align: left; }
+img { max-width: 100%; }
+"""
+
+
+def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None = None) -> str:
+    """One self-contained HTML page describing ``summary``.
+
+    Sections: run details (``extra`` as a key/value table), overall metrics, per-level metrics,
+    code usage per level (bar chart of items per code, most used first), group-size histogram (log
+    scale) and the top prefixes of each level.
+
+    Args:
+        summary: the statistics to show.
+        title: page title and heading (escaped).
+        extra: optional details such as model name/version, run id, table locations (escaped).
+
+    Returns:
+        The HTML document as a string.
+    """
+    parts = [
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>\n<h1>{_esc(title)}</h1>",
+    ]
+    if extra:
+        parts += ["<h2>Run</h2>", _table(["key", "value"], list(extra.items()), key_columns=2)]
+    parts += ["<h2>Overall</h2>", _table(["metric", "value"], _overall_rows(summary))]
+    parts += ["<h2>Per level</h2>", _level_table(summary.levels)]
+    parts += ["<h2>Code usage per level</h2>", _img(_usage_figure(summary.levels), "code usage per level")]
+    parts += ["<h2>Collision group sizes</h2>",
+              _img(_histogram_figure(summary.group_size_histogram), "group-size histogram")]
+    parts += ["<h2>Top prefixes</h2>", _top_prefix_tables(summary)]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(
+    summary: PrefixSummary, out_dir: str | Path, title: str, extra: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Write ``prefix_report.html`` and ``prefix_summary.json`` into ``out_dir`` (created if needed).
+
+    The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}``; values of
+    ``extra`` that JSON cannot hold are written as strings.
+
+    Returns:
+        ``{"html": path, "json": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    html_path, json_path = out / REPORT_HTML, out / SUMMARY_JSON
+    html_path.write_text(render_html(summary, title, extra), encoding="utf-8")
+    document = {"title": title, "extra": extra or {}, "summary": summary.to_dict()}
+    json_path.write_text(json.dumps(document, indent=2, default=str, allow_nan=False), encoding="utf-8")
+    return {"html": str(html_path), "json": str(json_path)}
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    """Floats with 4 significant decimals, everything else as str."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], key_columns: int = 1) -> str:
+    """An escaped HTML table; the first ``key_columns`` columns are left-aligned."""
+    def cells(values: Sequence[Any], tag: str) -> str:
+        opening = [f'<{tag} class="key">' if i < key_columns else f"<{tag}>" for i in range(len(values))]
+        return "".join(f"{o}{_esc(_fmt(v))}</{tag}>" for o, v in zip(opening, values))
+
+    body = "\n".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
+    return f"<table>\n<tr>{cells(headers, 'th')}</tr>\n{body}\n</table>"
+
+
+def _overall_rows(s: PrefixSummary) -> list[tuple[str, Any]]:
+    names = ("n_items", "distinct_tuples", "unique_rate", "collision_rate", "items_in_collisions",
+             "max_group_size", "suffix_budget", "suffix_overflow", "num_levels", "codebook_size")
+    return [(name, getattr(s, name)) for name in names]
+
+
+def _level_table(levels: Sequence[LevelUsage]) -> str:
+    headers = ["level", "codebook_size", "used_codes", "utilization", "dead_codes", "entropy",
+               "perplexity", "gini"]
+    return _table(headers, [[getattr(u, h) for h in headers] for u in levels])
+
+
+def _top_prefix_tables(s: PrefixSummary) -> str:
+    headers = ["prefix", "item_count", "children", "collision_groups", "max_suffix"]
+    out = []
+    for level in range(1, s.num_levels + 1):
+        rows = [[getattr(p, h) for h in headers] for p in s.top_prefixes if p.level == level]
+        out += [f"<h3>Level {level}</h3>", _table(headers, rows)]
+    return "\n".join(out)
+
+
+def _img(fig: Figure, alt: str) -> str:
+    """The figure as an inline ``<img>`` with a base64 PNG data URI."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _usage_figure(levels: Sequence[LevelUsage]) -> Figure:
+    """One bar chart per level: items per code, codes sorted from most to least used."""
+    fig = Figure(figsize=(9, 2.4 * max(len(levels), 1)), layout="constrained")
+    for row, usage in enumerate(levels, start=1):
+        ax = fig.add_subplot(len(levels), 1, row)
+        counts = sorted(usage.counts, reverse=True)
+        ax.stairs(counts, fill=True, color="#4c72b0")  # one polygon: fast even for K = 4096 bars
+        ax.set_title(f"level {usage.level}: {usage.used_codes}/{usage.codebook_size} codes used, "
+                     f"perplexity {usage.perplexity:.1f}, gini {usage.gini:.3f}", fontsize=10)
+        ax.set_xlabel("code rank (most used first)")
+        ax.set_ylabel("items")
+        ax.set_xlim(0, len(counts))
+    return fig
+
+
+def _histogram_figure(histogram: Sequence[tuple[int, int]]) -> Figure:
+    """Number of tuples per group size on a log scale (sizes too when the largest group exceeds 100)."""
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    sizes, tuples = [size for size, _ in histogram], [n for _, n in histogram]
+    if sizes and max(sizes) > 100:  # bars get unreadable over wide ranges: markers on log-log axes
+        ax.plot(sizes, tuples, "o", color="#dd8452")
+        ax.set_xscale("log")
+    else:
+        ax.bar(sizes, tuples, width=0.8, color="#dd8452")
+    ax.set_yscale("log")
+    ax.set_xlabel("items sharing one full code tuple (group size)")
+    ax.set_ylabel("tuples (log)")
+    return fig

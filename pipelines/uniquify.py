@@ -1,0 +1,161 @@
+"""Uniquifying suffix: turn code tuples into unique Semantic IDs (DESIGN.md "Uniquifying suffix").
+
+Items that share a full code tuple (a "group") get suffixes 0..n-1, ordered by
+``quantization_error`` (nulls last) then ``item_id``. That order is a total order on the items (ids
+are unique), so the result depends neither on the input order, nor on its partitioning, nor on the
+engine. The group is found by a window partitioned by the tuple's string key ("35_7_120"), not by
+the array itself, so no engine has to partition by an array column.
+
+Every function here is lazy (no Spark job runs) and uses only DataFrame APIs that work on classic
+Spark and on Spark Connect (Sail).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from pipelines.schema import (
+    CODE_SEPARATOR,
+    CODES,
+    ITEM_ID,
+    QUANTIZATION_ERROR,
+    SEMANTIC_ID,
+    SUFFIX,
+    prefix_column,
+)
+from pipelines.validate import SchemaError
+
+_TUPLE_KEY = "__csid_tuple_key"
+_NEXT_SUFFIX = "__csid_next_suffix"
+
+
+def require_columns(df: DataFrame, columns: Iterable[str], where: str) -> None:
+    """Raise :class:`SchemaError` naming every column of ``columns`` that ``df`` lacks.
+
+    Args:
+        df: the input of a stage.
+        columns: names the stage needs.
+        where: the stage (and argument) name, used in the message.
+    """
+    present = set(df.columns)
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise SchemaError(
+            f"{where}: input lacks column(s) {', '.join(map(repr, missing))} (has: {', '.join(df.columns)}); "
+            "pass the output of the encode stage (a semantic-ID table) or rename the columns to the "
+            "names in pipelines/schema.py"
+        )
+
+
+def code_prefix(level: int, codes: str = CODES) -> Column:
+    """STRING: the first ``level`` codes of ARRAY<INT> column ``codes`` joined by "_" ("35_7")."""
+    return F.array_join(F.slice(F.col(codes).cast("array<string>"), 1, level), CODE_SEPARATOR)
+
+
+def checked_codes(num_levels: int) -> Column:
+    """Column ``codes`` unchanged, or a runtime error naming it when a row is not a full tuple.
+
+    A row fails (when the plan runs) if ``codes`` is null, its length is not ``num_levels`` or it
+    holds a null element: ``array_join`` would silently skip such a null and forge a shorter ID.
+    """
+    codes = F.col(CODES)
+    bad = codes.isNull() | (F.size(codes) != num_levels) | F.exists(codes, lambda c: c.isNull())
+    message = (
+        f"column {CODES!r} must be a non-null ARRAY<INT> of length {num_levels} without null elements; "
+        "check that --levels matches the model and that the encode stage wrote every level"
+    )
+    return F.when(bad, F.raise_error(F.lit(message))).otherwise(codes)
+
+
+def with_prefix_columns(df: DataFrame, num_levels: int) -> DataFrame:
+    """Adds (or replaces) STRING columns ``prefix_1``..``prefix_L`` computed from ``codes``."""
+    return df.withColumns({prefix_column(level): code_prefix(level) for level in range(1, num_levels + 1)})
+
+
+def assign_suffixes(df: DataFrame, num_levels: int) -> DataFrame:
+    """Give every item a unique Semantic ID: its code tuple plus a suffix within the tuple.
+
+    Args:
+        df: ``item_id`` (STRING or BIGINT, unique), ``codes`` ARRAY<INT> of length ``num_levels``,
+            ``quantization_error`` FLOAT; other columns are carried through unchanged.
+        num_levels: L, the code tuple length.
+
+    Returns:
+        ``df`` plus ``suffix`` INT (0..n-1 within each group of n items sharing ``codes``, ordered
+        by ``quantization_error`` ascending with nulls last, then ``item_id``), ``semantic_id``
+        STRING (codes and suffix joined by "_": "35_7_120_0") and ``prefix_1``..``prefix_L`` STRING
+        ("35", "35_7", "35_7_120"). Existing columns of those names are replaced.
+
+    Raises:
+        SchemaError: a required column is missing (at once); a malformed ``codes`` row fails the
+            Spark job that evaluates the result.
+    """
+    _check_levels(num_levels)
+    require_columns(df, (ITEM_ID, CODES, QUANTIZATION_ERROR), "assign_suffixes")
+    keyed = df.withColumn(CODES, checked_codes(num_levels)).withColumn(_TUPLE_KEY, code_prefix(num_levels))
+    in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
+    ranked = keyed.withColumn(SUFFIX, (F.row_number().over(in_group) - 1).cast("int"))
+    return _with_ids(ranked, num_levels).drop(_TUPLE_KEY)
+
+
+def assign_suffixes_incremental(new_df: DataFrame, existing_df: DataFrame, num_levels: int) -> DataFrame:
+    """Assign Semantic IDs to the items not yet in ``existing_df``; keep everyone else's.
+
+    An item of ``new_df`` whose ``item_id`` is already in ``existing_df`` keeps its existing row
+    (codes, suffix, semantic_id and every other column) and its new codes are ignored. A new item
+    takes the next free suffix of its tuple: max existing suffix of the tuple + 1, + 1 per new item
+    of the tuple before it in (``quantization_error`` nulls last, ``item_id``) order; 0.. for a tuple
+    that is new. Existing items whose tuple gains new items are not renumbered, so within a tuple
+    the suffix order follows (quantization_error, item_id) per batch of arrival, not overall.
+
+    Args:
+        new_df: as for :func:`assign_suffixes`.
+        existing_df: a previous semantic-ID table: ``item_id``, ``codes``, ``suffix`` INT,
+            ``semantic_id`` STRING, possibly more columns (model_version, tokenized_at...).
+        num_levels: L, the code tuple length.
+
+    Returns:
+        One row per item of the union: the new items as :func:`assign_suffixes` shapes them, then
+        the existing rows with ``prefix_1``..``prefix_L`` (re)computed from their codes. Columns
+        present on one side only are null on the other side.
+    """
+    _check_levels(num_levels)
+    where = "assign_suffixes_incremental"
+    require_columns(new_df, (ITEM_ID, CODES, QUANTIZATION_ERROR), f"{where}(new_df)")
+    require_columns(existing_df, (ITEM_ID, CODES, SUFFIX, SEMANTIC_ID), f"{where}(existing_df)")
+    fresh = new_df.join(existing_df.select(ITEM_ID), ITEM_ID, "left_anti")
+    fresh = fresh.withColumn(CODES, checked_codes(num_levels)).withColumn(_TUPLE_KEY, code_prefix(num_levels))
+    next_free = existing_df.groupBy(code_prefix(num_levels).alias(_TUPLE_KEY)).agg(
+        (F.max(SUFFIX) + 1).alias(_NEXT_SUFFIX)
+    )
+    in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
+    first = F.coalesce(F.col(_NEXT_SUFFIX), F.lit(0))
+    ranked = fresh.join(next_free, _TUPLE_KEY, "left").withColumn(
+        SUFFIX, (first + F.row_number().over(in_group) - 1).cast("int")
+    )
+    added = _with_ids(ranked, num_levels).select(*_output_columns(new_df.columns, num_levels))
+    return added.unionByName(with_prefix_columns(existing_df, num_levels), allowMissingColumns=True)
+
+
+def _suffix_order() -> list[Column]:
+    """The order of items inside a group: quantization error (nulls last), then item id."""
+    return [F.col(QUANTIZATION_ERROR).asc_nulls_last(), F.col(ITEM_ID).asc()]
+
+
+def _with_ids(ranked: DataFrame, num_levels: int) -> DataFrame:
+    """Adds ``semantic_id`` ("<tuple key>_<suffix>") and the prefix columns to a ranked frame."""
+    semantic_id = F.concat(F.col(_TUPLE_KEY), F.lit(CODE_SEPARATOR), F.col(SUFFIX).cast("string"))
+    return with_prefix_columns(ranked.withColumn(SEMANTIC_ID, semantic_id), num_levels)
+
+
+def _output_columns(input_columns: list[str], num_levels: int) -> list[str]:
+    """Input columns in their order, then suffix, semantic_id, prefix_1..prefix_L (once each)."""
+    added = [SUFFIX, SEMANTIC_ID, *(prefix_column(level) for level in range(1, num_levels + 1))]
+    return [c for c in input_columns if c not in added] + added
+
+
+def _check_levels(num_levels: int) -> None:
+    if num_levels < 1:
+        raise ValueError(f"num_levels must be >= 1 (the code tuple length L), got {num_levels}")

@@ -1,0 +1,211 @@
+"""Validate the input catalog and quarantine bad rows, with one reason per row.
+
+Nothing is dropped silently: every input row lands either in ``clean`` or in ``rejects``
+(DESIGN.md "Data contract": input rows = written rows + rejected rows). The checks use only SQL
+expressions and higher-order functions (``size``, ``exists``, ``forall``) that run the same on
+classic Spark and on Spark Connect engines (Sail), and no rows are collected to the driver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID, REASON, InputColumns, RejectReason
+
+DEFAULT_COLUMNS = InputColumns()
+_DUP = "__csid_duplicate"
+_FLOAT_MAX = "3.4028234663852886E38"  # largest finite FLOAT; Inf is above it, NaN is caught by isnan
+
+
+class SchemaError(ValueError):
+    """The catalog lacks a required column, or a column has the wrong type."""
+
+
+class TooManyRejectsError(RuntimeError):
+    """More input rows were rejected than ``--max-reject-share`` allows."""
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Outcome of :func:`validate_catalog` (both frames are lazy).
+
+    Attributes:
+        clean: valid rows: ``item_id`` (STRING or BIGINT), ``embedding`` ARRAY<FLOAT> of length
+            ``dim`` with finite, not-all-zero values, plus ``category`` ARRAY<STRING> when the
+            input has a category column.
+        rejects: quarantined rows: ``item_id`` STRING (may be null), ``reason`` STRING, one of
+            :attr:`RejectReason.ALL`.
+        dim: the embedding length D the rows were checked against.
+    """
+
+    clean: DataFrame
+    rejects: DataFrame
+    dim: int
+
+
+def validate_catalog(
+    df: DataFrame, columns: InputColumns = DEFAULT_COLUMNS, dim: int | None = None
+) -> ValidationResult:
+    """Split the catalog into clean rows and rejects, renaming columns to the contract names.
+
+    Each rejected row gets the first matching reason in the order of :attr:`RejectReason.ALL`:
+    null id, duplicate id (every row of an id that occurs more than once, so nothing is kept
+    arbitrarily), null embedding, wrong length, null element, NaN/Inf, all-zero vector. Values
+    are checked after the cast to FLOAT, so doubles beyond the float range count as Inf.
+
+    Args:
+        df: the catalog; ``columns.item_id`` STRING or integer, ``columns.embedding``
+            ARRAY<FLOAT|DOUBLE>, optional ``columns.category`` ARRAY<STRING>. Other columns are
+            ignored.
+        columns: the input column names.
+        dim: expected embedding length; ``None`` infers the most common non-null length (one
+            small aggregation).
+
+    Raises:
+        SchemaError: a column is missing or has the wrong type.
+        ValueError: ``dim`` is not positive, or cannot be inferred (no non-null embedding).
+    """
+    check_input_schema(df, columns)
+    rows = select_contract_columns(df, columns)
+    if dim is None:
+        dim = infer_dim(rows, columns.embedding)
+    if dim < 1:
+        raise ValueError(f"the embedding length must be positive, got {dim}")
+    # Every row of a repeated id is flagged: keeping one of them would be an arbitrary choice.
+    repeated = rows.groupBy(ITEM_ID).count().where(F.col("count") > 1)
+    flagged = rows.join(repeated.select(ITEM_ID, F.lit(True).alias(_DUP)), on=ITEM_ID, how="left")
+    flagged = flagged.withColumn(REASON, reject_reason(dim))
+    clean = flagged.where(F.col(REASON).isNull()).select(*rows.columns)
+    rejects = flagged.where(F.col(REASON).isNotNull()).select(
+        F.col(ITEM_ID).cast("string").alias(ITEM_ID), REASON
+    )
+    return ValidationResult(clean=clean, rejects=rejects, dim=dim)
+
+
+def select_contract_columns(df: DataFrame, columns: InputColumns = DEFAULT_COLUMNS) -> DataFrame:
+    """Select and rename the catalog's columns to the contract names (no rows are filtered).
+
+    Returns:
+        ``item_id`` (STRING, or BIGINT for integer ids), ``embedding`` ARRAY<FLOAT> and, when
+        ``columns.category`` is set, ``category`` ARRAY<STRING>.
+    """
+    item_id = F.col(columns.item_id)
+    if not isinstance(df.schema[columns.item_id].dataType, T.StringType):
+        item_id = item_id.cast("bigint")
+    selected = [item_id.alias(ITEM_ID), F.col(columns.embedding).cast("array<float>").alias(EMBEDDING)]
+    if columns.category:
+        selected.append(F.col(columns.category).alias(CATEGORY))
+    return df.select(*selected)
+
+
+def reject_reason(dim: int) -> Column:
+    """STRING column: the first :class:`RejectReason` that applies to a row, NULL for a clean row.
+
+    Reads ``item_id``, ``embedding`` (ARRAY<FLOAT>) and the duplicate flag set by
+    :func:`validate_catalog`.
+    """
+    checks = [
+        (F.col(ITEM_ID).isNull(), RejectReason.NULL_ID),
+        (F.col(_DUP).isNotNull(), RejectReason.DUPLICATE_ID),
+        (F.col(EMBEDDING).isNull(), RejectReason.NULL_EMBEDDING),
+        (F.size(EMBEDDING) != F.lit(dim), RejectReason.WRONG_LENGTH),
+        (F.expr(f"exists({EMBEDDING}, x -> x IS NULL)"), RejectReason.NULL_ELEMENT),
+        (F.expr(f"exists({EMBEDDING}, x -> isnan(x) OR abs(x) > {_FLOAT_MAX})"), RejectReason.NON_FINITE),
+        (F.expr(f"forall({EMBEDDING}, x -> x = 0)"), RejectReason.ZERO_VECTOR),
+    ]
+    reason = F.when(checks[0][0], F.lit(checks[0][1]))
+    for condition, name in checks[1:]:
+        reason = reason.when(condition, F.lit(name))
+    return reason.otherwise(F.lit(None).cast("string"))
+
+
+def infer_dim(rows: DataFrame, input_name: str = EMBEDDING) -> int:
+    """The most common length of the non-null ``embedding`` arrays (ties: the shorter length).
+
+    Raises:
+        ValueError: no row has a non-null embedding, so there is nothing to infer from.
+    """
+    top = (
+        rows.where(F.col(EMBEDDING).isNotNull())
+        .groupBy(F.size(EMBEDDING).alias("length"))
+        .count()
+        .orderBy(F.desc("count"), F.asc("length"))
+        .limit(1)
+        .collect()
+    )
+    if not top:
+        raise ValueError(
+            f"cannot infer the embedding length: column {input_name!r} has no non-null values; "
+            "check --embedding-col"
+        )
+    return int(top[0]["length"])
+
+
+def check_input_schema(df: DataFrame, columns: InputColumns) -> None:
+    """Raise :class:`SchemaError` naming the column and the flag when the catalog does not fit.
+
+    Expects ``columns.item_id`` STRING or integer, ``columns.embedding`` ARRAY<FLOAT|DOUBLE> and,
+    when set, ``columns.category`` ARRAY<STRING>.
+    """
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    expected = [
+        (columns.item_id, "--id-col", "STRING or BIGINT", _is_id_type),
+        (columns.embedding, "--embedding-col", "ARRAY<FLOAT> or ARRAY<DOUBLE>", _is_float_array),
+        (columns.category, "--category-col", "ARRAY<STRING>", _is_string_array),
+    ]
+    for name, flag, wanted, type_ok in expected:
+        if not name:
+            continue
+        if name not in fields:
+            raise SchemaError(
+                f"column {name!r} not found in the catalog (columns: {', '.join(fields)}); "
+                f"name the right column with {flag}"
+            )
+        if not type_ok(fields[name]):
+            raise SchemaError(
+                f"column {name!r} has type {fields[name].simpleString()}, expected {wanted}; "
+                f"convert it or name another column with {flag}"
+            )
+
+
+def _is_id_type(t: T.DataType) -> bool:
+    return isinstance(t, T.StringType | T.LongType | T.IntegerType | T.ShortType | T.ByteType)
+
+
+def _is_float_array(t: T.DataType) -> bool:
+    return isinstance(t, T.ArrayType) and isinstance(t.elementType, T.FloatType | T.DoubleType)
+
+
+def _is_string_array(t: T.DataType) -> bool:
+    return isinstance(t, T.ArrayType) and isinstance(t.elementType, T.StringType)
+
+
+def reject_counts(rejects: DataFrame) -> dict[str, int]:
+    """Rejected rows per reason, every reason of :attr:`RejectReason.ALL` present (zero if none).
+
+    One small aggregation over ``rejects`` (columns ``item_id``, ``reason``).
+    """
+    counts = dict.fromkeys(RejectReason.ALL, 0)
+    for row in rejects.groupBy(REASON).count().collect():
+        counts[row[REASON]] = int(row["count"])
+    return counts
+
+
+def check_reject_share(n_rejected: int, n_input: int, max_share: float) -> None:
+    """Fail the run when more than ``max_share`` of the input rows were rejected.
+
+    Raises:
+        TooManyRejectsError: ``n_rejected / n_input > max_share``; the message has the counts.
+    """
+    if not 0.0 <= max_share <= 1.0:
+        raise ValueError(f"--max-reject-share must be between 0 and 1, got {max_share}")
+    share = n_rejected / n_input if n_input else 0.0
+    if share > max_share:
+        raise TooManyRejectsError(
+            f"{n_rejected} of {n_input} input rows ({share:.2%}) were rejected, more than "
+            f"--max-reject-share {max_share} ({max_share:.2%}) allows. See the rejects table for the "
+            "reasons; fix the input, or raise --max-reject-share to accept them."
+        )

@@ -1,0 +1,115 @@
+"""validate + sample + Parquet IO on classic local JVM Spark: same results as on the embedded engine."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from pipelines.io import CatalogNotFoundError, OutputLocation, read_catalog, read_table, write_table
+from pipelines.sample import collect_training_arrays, sample_for_training
+from pipelines.schema import (
+    EMBEDDING,
+    ITEM_ID,
+    REASON,
+    REJECTS_TABLE,
+    SEMANTIC_IDS_TABLE,
+    InputColumns,
+    RejectReason,
+)
+from pipelines.session import DeltaNotAvailableError
+from pipelines.validate import reject_counts, validate_catalog
+
+pytestmark = [pytest.mark.spark, pytest.mark.classic]
+
+INF, NAN = float("inf"), float("nan")
+CASES = [  # (id, vec, expected reason); same kinds as tests/pipelines/test_validate.py
+    ("ok", [1.0, 2.0, 3.0], None),
+    (None, [1.0, 2.0, 3.0], RejectReason.NULL_ID),
+    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
+    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
+    ("null-vec", None, RejectReason.NULL_EMBEDDING),
+    ("short", [1.0, 2.0], RejectReason.WRONG_LENGTH),
+    ("null-element", [NAN, None, 3.0], RejectReason.NULL_ELEMENT),
+    ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
+    ("inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
+    ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
+    ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
+]
+# Must equal the literals in tests/pipelines/test_sample.py (computed there on Sail).
+EXPECTED_STRING_IDS_SEED_7 = [
+    "item-015", "item-036", "item-043", "item-047", "item-068",
+    "item-073", "item-084", "item-149", "item-193", "item-196",
+]
+EXPECTED_BIGINT_IDS_SEED_3 = [29, 74, 77, 93, 106, 114, 132, 175, 179, 184]
+
+
+def sorted_ids(df, column: str = ITEM_ID) -> list:
+    return sorted(r[column] for r in df.select(column).collect())
+
+
+def test_validate_quarantines_each_kind_with_its_reason(classic_spark) -> None:
+    df = classic_spark.createDataFrame([(i, v) for i, v, _ in CASES], "id string, vec array<double>")
+    result = validate_catalog(df, InputColumns(item_id="id", embedding="vec"))
+    assert result.dim == 3
+    got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
+    assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
+    assert [tuple(r) for r in result.clean.collect()] == [("ok", [1.0, 2.0, 3.0])]
+    assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
+    assert sum(reject_counts(result.rejects).values()) + 1 == len(CASES)
+
+
+def test_sample_picks_the_same_items_as_sail(classic_spark) -> None:
+    rows = [(f"item-{i:03d}", [float(i), 1.0]) for i in range(200)]
+    items = classic_spark.createDataFrame(rows, "item_id string, embedding array<float>")
+    assert sorted_ids(sample_for_training(items, 10, seed=7)) == EXPECTED_STRING_IDS_SEED_7
+    repartitioned = sample_for_training(items.repartition(7), 10, seed=7, n_rows=200)
+    assert sorted_ids(repartitioned) == EXPECTED_STRING_IDS_SEED_7
+    bigint = classic_spark.range(1, 201).selectExpr(f"id AS {ITEM_ID}", "array(1.0f) AS embedding")
+    assert sorted_ids(sample_for_training(bigint, 10, seed=3)) == EXPECTED_BIGINT_IDS_SEED_3
+
+
+def test_collect_training_arrays_through_arrow(classic_spark) -> None:
+    rows = [("b", [3.0, 4.0]), ("a", [1.0, 2.0])]
+    df = classic_spark.createDataFrame(rows, "item_id string, embedding array<float>")
+    arrays = collect_training_arrays(df.repartition(2), dim=2)
+    assert arrays.item_ids.tolist() == ["a", "b"]
+    assert arrays.embeddings.dtype == np.float32
+    np.testing.assert_array_equal(arrays.embeddings, [[1, 2], [3, 4]])
+
+
+def test_parquet_round_trip_and_atomic_overwrite(classic_spark, tmp_path) -> None:
+    location = OutputLocation.for_path(str(tmp_path / "out"), "parquet")
+    path = write_table(classic_spark.range(50), location, REJECTS_TABLE)
+    assert sorted_ids(read_catalog(classic_spark, path), "id") == list(range(50))
+    boom = F.when(F.col("id") == 399, F.raise_error(F.lit("boom: injected failure"))).cast("bigint")
+    failing = classic_spark.range(400).repartition(4).select(F.coalesce(boom, F.col("id")).alias("id"))
+    with pytest.raises(Exception, match="boom: injected failure"):
+        write_table(failing, location, REJECTS_TABLE)
+    assert sorted_ids(read_table(classic_spark, location, REJECTS_TABLE), "id") == list(range(50))
+    write_table(classic_spark.range(3).withColumn("x", F.lit(1)), location, REJECTS_TABLE)
+    back = read_table(classic_spark, location, REJECTS_TABLE)
+    assert back.columns == ["id", "x"] and sorted_ids(back, "id") == [0, 1, 2]
+    assert os.listdir(tmp_path / "out") == [REJECTS_TABLE]
+
+
+def test_parquet_overwrite_may_read_its_own_output(classic_spark, tmp_path) -> None:
+    """Staging makes "read the old table, write the new one" safe (plain Spark refuses it)."""
+    location = OutputLocation.for_path(str(tmp_path), "parquet")
+    write_table(classic_spark.range(3), location, SEMANTIC_IDS_TABLE)
+    old = read_table(classic_spark, location, SEMANTIC_IDS_TABLE)
+    write_table(old.withColumn("id", F.col("id") + 10), location, SEMANTIC_IDS_TABLE)
+    assert sorted_ids(read_table(classic_spark, location, SEMANTIC_IDS_TABLE), "id") == [10, 11, 12]
+
+
+def test_missing_paths_are_named(classic_spark, tmp_path) -> None:
+    with pytest.raises(CatalogNotFoundError, match="nope' does not exist.*PATH_NOT_FOUND"):
+        read_catalog(classic_spark, str(tmp_path / "nope"), fmt="parquet")
+    with pytest.raises(CatalogNotFoundError, match="rejects' does not exist"):
+        read_table(classic_spark, OutputLocation.for_path(str(tmp_path), "parquet"), REJECTS_TABLE)
+
+
+def test_delta_without_delta_support_names_the_fix(classic_spark, tmp_path) -> None:
+    with pytest.raises(DeltaNotAvailableError, match="--format parquet"):
+        write_table(classic_spark.range(1), OutputLocation.for_path(str(tmp_path)), SEMANTIC_IDS_TABLE)

@@ -1,0 +1,89 @@
+"""assign_suffixes, its incremental mode and prefix_stats on classic local JVM Spark.
+
+The same hand-written expectations as tests/pipelines/test_uniquify.py and test_prefix_stats.py (Sail).
+"""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.prefix_stats import prefix_stats, summarize
+from pipelines.schema import (
+    CHILDREN,
+    COLLISION_GROUPS,
+    ITEM_COUNT,
+    ITEM_ID,
+    LEVEL,
+    MAX_SUFFIX,
+    PREFIX,
+    SEMANTIC_ID,
+    SUFFIX,
+    prefix_column,
+)
+from pipelines.uniquify import assign_suffixes, assign_suffixes_incremental
+
+pytestmark = [pytest.mark.spark, pytest.mark.classic]
+
+SCHEMA = "item_id string, codes array<int>, quantization_error float"
+ITEMS = [
+    ("a", [1, 2, 3], 0.5), ("b", [1, 2, 3], 0.1), ("c", [1, 2, 3], 0.1), ("d", [1, 2, 4], 0.2),
+    ("e", [1, 5, 3], 0.3), ("f", [7, 2, 3], 0.9), ("g", [7, 2, 3], 0.4),
+]
+COLUMNS = [ITEM_ID, SUFFIX, SEMANTIC_ID, prefix_column(1), prefix_column(2), prefix_column(3)]
+EXPECTED = [
+    ("a", 2, "1_2_3_2", "1", "1_2", "1_2_3"), ("b", 0, "1_2_3_0", "1", "1_2", "1_2_3"),
+    ("c", 1, "1_2_3_1", "1", "1_2", "1_2_3"), ("d", 0, "1_2_4_0", "1", "1_2", "1_2_4"),
+    ("e", 0, "1_5_3_0", "1", "1_5", "1_5_3"), ("f", 1, "7_2_3_1", "7", "7_2", "7_2_3"),
+    ("g", 0, "7_2_3_0", "7", "7_2", "7_2_3"),
+]
+EXPECTED_STATS = [
+    (1, "1", 5, 2, 1, 2), (1, "7", 2, 1, 1, 1),
+    (2, "1_2", 4, 2, 1, 2), (2, "1_5", 1, 1, 0, 0), (2, "7_2", 2, 1, 1, 1),
+    (3, "1_2_3", 3, 3, 1, 2), (3, "1_2_4", 1, 1, 0, 0), (3, "1_5_3", 1, 1, 0, 0), (3, "7_2_3", 2, 2, 1, 1),
+]
+
+
+def rows(df, columns):
+    return sorted(tuple(r) for r in df.select(*columns).collect())
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_assign_suffixes(classic_spark, reverse):
+    df = classic_spark.createDataFrame(ITEMS[::-1] if reverse else ITEMS, SCHEMA).repartition(5)
+    out = assign_suffixes(df, num_levels=3)
+    assert out.schema[SUFFIX].dataType.simpleString() == "int"
+    assert rows(out, COLUMNS) == EXPECTED
+
+
+def test_malformed_codes_fail_naming_the_column(classic_spark):
+    df = classic_spark.createDataFrame([("a", [1, None, 3], 0.1)], SCHEMA)
+    with pytest.raises(Exception, match="column 'codes' must be a non-null ARRAY<INT> of length 3"):
+        assign_suffixes(df, num_levels=3).collect()
+
+
+def test_incremental(classic_spark):
+    existing = assign_suffixes(classic_spark.createDataFrame(ITEMS, SCHEMA), num_levels=3)
+    new = classic_spark.createDataFrame(
+        [("a", [9, 9, 9], 0.0), ("h", [1, 2, 3], 0.05), ("k", [4, 4, 4], 0.3), ("l", [4, 4, 4], 0.2)], SCHEMA
+    )
+    out = assign_suffixes_incremental(new, existing, num_levels=3)
+    assert rows(out, COLUMNS) == sorted(EXPECTED + [
+        ("h", 3, "1_2_3_3", "1", "1_2", "1_2_3"),
+        ("k", 1, "4_4_4_1", "4", "4_4", "4_4_4"),
+        ("l", 0, "4_4_4_0", "4", "4_4", "4_4_4"),
+    ])
+
+
+def test_prefix_stats(classic_spark):
+    sids = assign_suffixes(classic_spark.createDataFrame(ITEMS, SCHEMA), num_levels=3)
+    out = prefix_stats(sids, num_levels=3)
+    assert [t for _, t in out.dtypes] == ["int", "string", "bigint", "bigint", "bigint", "int"]
+    assert rows(out, [LEVEL, PREFIX, ITEM_COUNT, CHILDREN, COLLISION_GROUPS, MAX_SUFFIX]) == EXPECTED_STATS
+
+
+def test_summarize(classic_spark):
+    sids = assign_suffixes(classic_spark.createDataFrame(ITEMS, SCHEMA), num_levels=3)
+    s = summarize(sids, num_levels=3, codebook_size=8, suffix_budget=2, top_n=1)
+    assert (s.n_items, s.distinct_tuples, s.max_group_size, s.suffix_overflow) == (7, 4, 3, 1)
+    assert s.group_size_histogram == ((1, 2), (2, 1), (3, 1))
+    assert [(p.level, p.prefix) for p in s.top_prefixes] == [(1, "1"), (2, "1_2"), (3, "1_2_3")]
+    assert [u.counts for u in s.levels][0] == (0, 5, 0, 0, 0, 0, 0, 2)

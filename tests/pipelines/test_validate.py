@@ -1,0 +1,120 @@
+"""validate_catalog: every bad-input kind is quarantined with its reason; nothing is dropped."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID, REASON, InputColumns, RejectReason
+from pipelines.validate import (
+    SchemaError,
+    TooManyRejectsError,
+    check_reject_share,
+    reject_counts,
+    validate_catalog,
+)
+
+INF, NAN = float("inf"), float("nan")
+
+# (id, vec, expected reason or None); the input uses non-contract column names on purpose.
+CASES = [
+    ("ok-1", [1.0, 2.0, 3.0], None),
+    ("ok-2", [0.0, 0.0, 1e-3], None),
+    (None, [1.0, 2.0, 3.0], RejectReason.NULL_ID),
+    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
+    ("dup", [4.0, 5.0, 6.0], RejectReason.DUPLICATE_ID),
+    ("dup-null-vec", None, RejectReason.NULL_EMBEDDING),
+    ("short", [1.0, 2.0], RejectReason.WRONG_LENGTH),
+    ("long-with-nan", [1.0, 2.0, 3.0, NAN], RejectReason.WRONG_LENGTH),
+    ("null-element", [1.0, None, 3.0], RejectReason.NULL_ELEMENT),
+    ("null-and-nan", [NAN, None, 3.0], RejectReason.NULL_ELEMENT),
+    ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
+    ("inf", [1.0, -INF, 3.0], RejectReason.NON_FINITE),
+    ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
+    ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
+]
+COLUMNS = InputColumns(item_id="id", embedding="vec")
+
+
+@pytest.fixture(scope="module")
+def catalog(spark):
+    return spark.createDataFrame([(i, v, 7) for i, v, _ in CASES], "id string, vec array<double>, extra int")
+
+
+@pytest.fixture(scope="module")
+def result(catalog):
+    return validate_catalog(catalog, COLUMNS, dim=3)
+
+
+@pytest.mark.spark
+def test_each_bad_row_has_its_reason(result) -> None:
+    got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
+    assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
+
+
+@pytest.mark.spark
+def test_clean_rows_use_contract_names_and_float_arrays(result) -> None:
+    assert result.clean.columns == [ITEM_ID, EMBEDDING]
+    assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
+    rows = {r[ITEM_ID]: r[EMBEDDING] for r in result.clean.collect()}
+    assert rows == {"ok-1": [1.0, 2.0, 3.0], "ok-2": [0.0, 0.0, pytest.approx(1e-3)]}
+    assert result.rejects.schema[ITEM_ID].dataType.simpleString() == "string"
+
+
+@pytest.mark.spark
+def test_rows_are_accounted_for_and_counted_per_reason(catalog, result) -> None:
+    n_clean, n_rejects = result.clean.count(), result.rejects.count()
+    assert n_clean + n_rejects == catalog.count() == len(CASES)
+    expected = {reason: sum(c[2] == reason for c in CASES) for reason in RejectReason.ALL}
+    assert reject_counts(result.rejects) == expected
+
+
+@pytest.mark.spark
+def test_dim_is_inferred_as_the_most_common_length(catalog) -> None:
+    assert validate_catalog(catalog, COLUMNS).dim == 3
+
+
+@pytest.mark.spark
+def test_bigint_ids_duplicates_and_category(spark) -> None:
+    df = spark.createDataFrame(
+        [(1, [1.0, 2.0], ["a", "b"]), (1, [1.0, 2.0], ["a"]),
+         (2, [3.0, 4.0], ["a", "c"]), (3, [0.0, 0.0], None)],
+        "item_id bigint, embedding array<float>, path array<string>",
+    )
+    res = validate_catalog(df, InputColumns(category="path"))
+    assert res.clean.columns == [ITEM_ID, EMBEDDING, CATEGORY]
+    assert res.clean.schema[ITEM_ID].dataType.simpleString() == "bigint"
+    assert [tuple(r) for r in res.clean.collect()] == [(2, [3.0, 4.0], ["a", "c"])]
+    got = sorted(tuple(r) for r in res.rejects.collect())
+    assert got == [("1", RejectReason.DUPLICATE_ID)] * 2 + [("3", RejectReason.ZERO_VECTOR)]
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize(
+    ("item_id", "embedding", "category", "message"),
+    [
+        ("sku", "vec", "", r"column 'sku' not found .* --id-col"),
+        ("id", "emb", "", r"column 'emb' not found .* --embedding-col"),
+        ("id", "extra", "", r"'extra' has type int, expected ARRAY<FLOAT> or ARRAY<DOUBLE>.*--embedding-col"),
+        ("vec", "vec", "", r"'vec' has type array<double>, expected STRING or BIGINT.* --id-col"),
+        ("id", "vec", "cat", r"column 'cat' not found .* --category-col"),
+        ("id", "vec", "vec", r"'vec' has type array<double>, expected ARRAY<STRING>.* --category-col"),
+    ],
+)
+def test_schema_errors_name_the_column_and_the_flag(catalog, item_id, embedding, category, message) -> None:
+    with pytest.raises(SchemaError, match=message):
+        validate_catalog(catalog, InputColumns(item_id, embedding, category), dim=3)
+
+
+@pytest.mark.spark
+def test_dim_cannot_be_inferred_without_embeddings(spark) -> None:
+    df = spark.createDataFrame([("a", None)], "item_id string, embedding array<float>")
+    with pytest.raises(ValueError, match="cannot infer the embedding length"):
+        validate_catalog(df)
+
+
+def test_check_reject_share() -> None:
+    check_reject_share(1, 10, max_share=0.1)
+    check_reject_share(0, 0, max_share=0.0)
+    with pytest.raises(TooManyRejectsError, match=r"2 of 10 input rows \(20.00%\).*--max-reject-share 0.1"):
+        check_reject_share(2, 10, max_share=0.1)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        check_reject_share(0, 10, max_share=1.5)
