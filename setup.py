@@ -1,11 +1,13 @@
 """Packaging for catalog-semantic-ids (distribution name) -- packages `rqvae` and `pipelines`."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="catalog-semantic-ids",
     version="0.1.0",
     description="Spark batch pipeline: catalog item embeddings -> hierarchical Semantic IDs (RQ-VAE)",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rqvae", "rqvae.*", "pipelines", "pipelines.*"]),

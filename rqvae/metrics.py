@@ -483,7 +483,8 @@ def evaluate_codes(
     Always: ``unique_rate, collision_rate, items_in_collisions, max_group_size, distinct_tuples`` and,
     for each level l, ``l{l}_utilization, l{l}_dead_codes, l{l}_perplexity, l{l}_entropy, l{l}_gini,
     l{l}_prefix_nn, l{l}_prefix_random``. With x_hat: ``recon_cos_mean, recon_cos_p10, recon_cos_p50,
-    nn_overlap_at_{k}`` (MLflow-safe name for nn_overlap@k). With category_ids: ``l{l}_purity, l{l}_nmi`` for l = 1..min(L, T).
+    nn_overlap_at_{k}`` (MLflow-safe name for nn_overlap@k). With category_ids: ``l{l}_purity,
+    l{l}_nmi`` for l = 1..min(L, T).
     Counts (max_group_size, distinct_tuples, dead codes) are Python ints, everything else floats.
 
     Args:
