@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 
 
-class SemanticIdModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class SemanticIdModel(PythonModel):
     """Loads the rqvae checkpoint artifact once; ``predict`` encodes a batch of embeddings."""
 
     def load_context(self, context: Any) -> None:

@@ -162,6 +162,7 @@ def classic_has_delta(spark: SparkSession) -> bool:
         return False
     try:  # the extension is configured; are its classes on the driver's classpath too?
         jvm = spark.sparkContext._jvm  # classic only; never reached on Spark Connect
+        assert jvm is not None
         return bool(jvm.org.apache.spark.util.Utils.classIsLoadable("io.delta.tables.DeltaTable"))
     except Exception:  # noqa: BLE001 - any failure means "no usable Delta"
         return False

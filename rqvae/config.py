@@ -37,6 +37,11 @@ class ModelConfig:
         estimator: gradient estimator through the quantizer: "ste" (straight-through) or
             "rotation" (rotation trick, Fifty et al. 2024).
         normalize_inputs: L2-normalise embeddings before encoding (cosine geometry).
+        anchor_first_level: take the level-1 code from K k-means centroids fitted on the
+            (normalised) input embeddings and stored in the model; levels 2..L quantize the
+            learned latent. A narrow latent keeps the highest-variance directions, which need not
+            be the ones that decide who is whose neighbour; anchoring keeps coarse prefixes as
+            coherent as RQ-KMeans while the finer levels keep the RQ-VAE's spread.
         dropout: dropout probability in the encoder/decoder hidden layers.
     """
 
@@ -48,6 +53,7 @@ class ModelConfig:
     shared_codebook: bool = False
     estimator: str = "ste"
     normalize_inputs: bool = True
+    anchor_first_level: bool = True
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -81,7 +87,8 @@ class TrainConfig:
             using all K codes evenly (batch-level entropy of soft assignments; 0 = off).
         reconstruction_loss: "mse" or "cosine" (1 - cos) between input and reconstruction.
         holdout_fraction: share of the items held out for early stopping and evaluation.
-        patience: epochs without held-out improvement before stopping (0 = never stop early).
+        patience: epochs without improvement of the held-out reconstruction loss before stopping
+            (0 = never stop early).
         seed: seeds torch/numpy generators; the same seed gives the same model and codes.
         kmeans_init_size: items used for the k-means initialisation of the codebooks.
         kmeans_iters: Lloyd iterations per level for that initialisation.

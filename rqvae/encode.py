@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -13,8 +15,11 @@ from rqvae.model import Quantized
 class Tokenizer(Protocol):
     """What encoding needs from a model: RQVAE and RQKMeans both provide it."""
 
-    num_levels: int
-    codebook_size: int
+    @property
+    def num_levels(self) -> int: ...
+
+    @property
+    def codebook_size(self) -> int: ...
 
     def quantize(self, x: torch.Tensor) -> Quantized: ...
 
@@ -36,6 +41,17 @@ def model_device(model: Tokenizer) -> torch.device:
     for tensor in list(model.parameters()) + list(getattr(model, "buffers", list)()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: Tokenizer) -> Iterator[None]:
+    """Eval mode for the block; the caller's train/eval mode is restored afterwards, even on error."""
+    was_training = getattr(model, "training", False)
+    model.eval()  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        model.train(was_training)  # type: ignore[attr-defined]
 
 
 def _to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -60,15 +76,12 @@ def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 65536) ->
     device = model_device(model)
     codes = np.empty((len(x), model.num_levels), dtype=np.int32)
     errors = np.empty(len(x), dtype=np.float32)
-    was_training = getattr(model, "training", False)
-    model.eval()  # type: ignore[attr-defined]
-    with torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode():
         for start in range(0, len(x), batch_size):
             batch = _to_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
             q = model.quantize(batch)
             codes[start:start + len(batch)] = q.codes.to(torch.int32).cpu().numpy()
             errors[start:start + len(batch)] = q.error.float().cpu().numpy()
-    model.train(was_training)  # type: ignore[attr-defined]
     return EncodeResult(codes, errors)
 
 
@@ -77,8 +90,7 @@ def reconstruct_array(model: Tokenizer, x: np.ndarray, *, batch_size: int = 6553
     x = _as_float32(x)
     device = model_device(model)
     out = np.empty_like(x)
-    model.eval()  # type: ignore[attr-defined]
-    with torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode():
         for start in range(0, len(x), batch_size):
             batch = _to_tensor(x[start:start + batch_size]).to(device)
             out[start:start + len(batch)] = model.decode_codes(model.quantize(batch).codes).float().cpu().numpy()

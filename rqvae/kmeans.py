@@ -61,6 +61,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0) -> torch.
         empty = counts == 0
         centers = sums / counts.clamp_min(1.0).unsqueeze(1)
         if empty.any():  # move empty centers onto the points that are worst served now
-            worst = dist.topk(int(empty.sum())).indices
-            centers[empty] = x[worst]
+            n_move = min(int(empty.sum()), len(x))  # fewer points than centers: move what we can
+            worst = dist.topk(n_move).indices
+            centers[empty.nonzero().squeeze(1)[:n_move]] = x[worst]
     return centers

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rqvae.config import ModelConfig
+from rqvae.kmeans import nearest
 from rqvae.quantizer import QuantizerOutput, ResidualQuantizer
 
 
@@ -45,6 +46,8 @@ class RQVAE(nn.Module):
     (B, D) reconstructions; ``forward`` is the training pass.
     """
 
+    anchor: torch.Tensor  # (K, D) input-space level-1 centroids, when config.anchor_first_level
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -55,6 +58,9 @@ class RQVAE(nn.Module):
             dim=config.latent_dim, num_levels=config.num_levels, codebook_size=config.codebook_size,
             shared=config.shared_codebook, estimator=config.estimator,
         )
+        if config.anchor_first_level:
+            # Random until fit() replaces it with k-means centroids, like the latent codebooks.
+            self.register_buffer("anchor", torch.randn(config.codebook_size, config.input_dim) * 0.01)
 
     @property
     def num_levels(self) -> int:
@@ -72,16 +78,27 @@ class RQVAE(nn.Module):
         """Encoder output z (B, d) for raw embeddings x (B, D)."""
         return self.encoder(self.prepare(x))
 
+    @torch.no_grad()
+    def anchor_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B,) level-1 codes from the input-space anchor, or None when the model has none."""
+        if not self.config.anchor_first_level:
+            return None
+        return nearest(self.prepare(x).float(), self.anchor)[0]
+
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
         z = self.encode_latent(x)
-        quant = self.quantizer(z.float())
+        quant = self.quantizer(z.float(), self.anchor_codes(x))
         return RQVAEOutput(self.decoder(quant.quantized), z, quant)
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes (B, L), per-level residual inputs (L, B, d) and final residual (B, d) for x (B, D)."""
+        return self.quantizer.assign(self.encode_latent(x).float(), self.anchor_codes(x))
 
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> Quantized:
         """Codes (B, L) and quantization error (B,) for raw embeddings x (B, D)."""
-        z = self.encode_latent(x).float()
-        codes, _, residual = self.quantizer.assign(z)
+        codes, _, residual = self.assign(x)
         return Quantized(codes, residual.norm(dim=-1))
 
     @torch.no_grad()

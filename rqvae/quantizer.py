@@ -62,6 +62,13 @@ def rotate_onto(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Te
     return (q_norm / e_norm).detach() * rotated
 
 
+def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, d) mean of the rows of x (N, d) with each label in [0, k); empty clusters get row means."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k).to(x.dtype).unsqueeze(1)
+    return torch.where(counts > 0, sums / counts.clamp_min(1.0), x.mean(0, keepdim=True))
+
+
 class ResidualQuantizer(nn.Module):
     """L-level residual quantizer with independent or shared codebooks of K codewords of size d."""
 
@@ -82,16 +89,19 @@ class ResidualQuantizer(nn.Module):
         """(K, d) codewords used at ``level`` (0-based)."""
         return self.codebooks[0 if self.shared else level]
 
-    def assign(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def assign(self, z: torch.Tensor, first: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Greedy residual assignment without gradients.
 
-        z: (B, d) -> codes (B, L) int64, level inputs (L, B, d), final residual (B, d).
+        z: (B, d); ``first``: optional (B,) level-1 codes decided elsewhere (the input-space
+        anchor), used instead of the nearest level-1 codeword.
+        Returns codes (B, L) int64, level inputs (L, B, d), final residual (B, d).
         """
         residual = z.detach().float()
         codes, inputs = [], []
         for level in range(self.num_levels):
             book = self.codebook(level).detach().float()
-            idx, _ = nearest(residual, book)
+            idx = first if level == 0 and first is not None else nearest(residual, book)[0]
             inputs.append(residual)
             codes.append(idx)
             residual = residual - book[idx]
@@ -102,16 +112,16 @@ class ResidualQuantizer(nn.Module):
         return sum((self.codebook(lv)[codes[:, lv]] for lv in range(self.num_levels)),
                    torch.zeros(codes.shape[0], self.dim, device=codes.device))
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """Quantize latents z (B, d) with the configured gradient estimator."""
-        codes, level_inputs, _ = self.assign(z)
+    def forward(self, z: torch.Tensor, first: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize latents z (B, d) with the configured gradient estimator (``first``: see assign)."""
+        codes, level_inputs, _ = self.assign(z, first)
         # Residuals that carry gradient to z: r_l = z - sum_{j<l} sg(c_j).
         offsets = torch.zeros_like(z)
         codebook_loss = commitment_loss = usage_loss = z.new_zeros(())
         for level in range(self.num_levels):
             selected = self.codebook(level)[codes[:, level]]  # (B, d), grad to the codebook
             r = z - offsets
-            if self.training:
+            if self.training and not (level == 0 and first is not None):  # anchored level: usage is fixed
                 usage_loss = usage_loss + usage_entropy_gap(r, self.codebook(level)) / self.num_levels
             codebook_loss = codebook_loss + F.mse_loss(selected, r.detach())
             if self.commitment == "levels":
@@ -131,15 +141,20 @@ class ResidualQuantizer(nn.Module):
             self.steps_unused[0 if self.shared else level, codes[:, level]] = 0
 
     @torch.no_grad()
-    def init_kmeans(self, z: torch.Tensor, *, iters: int = 25, seed: int = 0) -> None:
+    def init_kmeans(self, z: torch.Tensor, *, iters: int = 25, seed: int = 0,
+                    first: torch.Tensor | None = None) -> None:
         """Initialise codebooks by k-means on z (N, d), level by level on the residuals.
 
         With a shared codebook the first level's k-means seeds it (later residuals are smaller
-        and would otherwise pull every codeword towards zero).
+        and would otherwise pull every codeword towards zero). With ``first`` (B,) level-1 codes
+        fixed by an anchor, level 1's codewords start at the mean latent of each anchor cluster.
         """
         residual = z.detach().float()
         for level in range(1 if self.shared else self.num_levels):
-            centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
+            if level == 0 and first is not None:
+                centers = cluster_means(residual, first, self.codebook_size)
+            else:
+                centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
             self.codebooks.data[level] = centers.to(self.codebooks.dtype)
             idx, _ = nearest(residual, centers)
             residual = residual - centers[idx]
@@ -147,14 +162,16 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def reset_dead_codes(self, level_inputs: torch.Tensor, codes: torch.Tensor, window: int,
-                         generator: torch.Generator | None = None) -> int:
+                         generator: torch.Generator | None = None, anchored: bool = False) -> int:
         """Re-seed codes unused for ``window`` steps from the worst-quantized residuals.
 
         level_inputs: (L, B, d) residuals each level saw in a recent batch; codes: (B, L).
+        ``anchored``: level 1's assignment comes from the input-space anchor, so its book is left
+        alone (re-seeding a latent codeword cannot change which items the anchor sends to it).
         Returns the number of codes re-seeded.
         """
         total = 0
-        for book in range(self.codebooks.shape[0]):
+        for book in range(1 if anchored else 0, self.codebooks.shape[0]):
             dead = (self.steps_unused[book] >= window).nonzero().squeeze(1)
             if dead.numel() == 0:
                 continue

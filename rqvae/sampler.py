@@ -48,6 +48,9 @@ class HierarchicalSampler:
         group = int(torch.multinomial(self.counts.double(), 1, generator=generator))
         start, count = int(self.starts[group]), int(self.counts[group])
         inside = self.sorted_items[start + torch.randint(count, (self.n_from_parent,), generator=generator)]
+        if count == self.n:  # one parent holds every item: there are no "others" to draw from
+            return torch.cat([inside, torch.randint(self.n, (self.batch_size - self.n_from_parent,),
+                                                    generator=generator)])
         outside_pos = torch.randint(self.n - count, (self.batch_size - self.n_from_parent,), generator=generator)
         outside_pos = outside_pos + count * (outside_pos >= start)  # skip the chosen group's block
         return torch.cat([inside, self.sorted_items[outside_pos]])

@@ -13,6 +13,7 @@ import torch
 
 from rqvae.callbacks import call
 from rqvae.config import ModelConfig, TrainConfig
+from rqvae.kmeans import kmeans
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
@@ -121,8 +122,9 @@ class _Loop:
         window = self.cfg.dead_code_window
         if self.quantize and window > 0 and self.step % max(1, window // 10) == 0:
             with torch.no_grad():
-                codes, inputs, _ = self.model.quantizer.assign(self.model.encode_latent(x))
-                self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator)
+                codes, inputs, _ = self.model.assign(x)
+                self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator,
+                                                      anchored=self.model.config.anchor_first_level)
         return {k: v.detach() for k, v in terms.items()}
 
 
@@ -156,12 +158,18 @@ def _evaluate(loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, floa
 
 def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
                     generator: torch.Generator) -> None:
-    """k-means on the encoder outputs of up to ``kmeans_init_size`` training items, level by level."""
+    """k-means on up to ``kmeans_init_size`` training items: the input-space anchor (when the model
+    has one), then the latent codebooks level by level on the residuals."""
     pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
+    rows = torch.cat([x[train_idx[p]] for p in pick.split(8192)])
     with torch.no_grad():
         model.eval()
-        z = torch.cat([model.encode_latent(x[train_idx[p]]) for p in pick.split(8192)])
-    model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed)
+        if model.config.anchor_first_level:
+            model.anchor.copy_(kmeans(model.prepare(rows).float(), model.codebook_size,
+                                      iters=cfg.kmeans_iters, seed=cfg.seed))
+        z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
+        first = model.anchor_codes(rows)
+    model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first)
 
 
 def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator: torch.Generator,
@@ -197,9 +205,13 @@ def fit(
         callbacks: objects with ``on_train_begin/on_epoch_end/on_train_end`` (see callbacks.py).
     """
     cfg = train_config or TrainConfig()
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D array (N, D) of embeddings, got shape {x.shape}")
     mcfg = model_config or ModelConfig(input_dim=int(x.shape[1]))
-    if x.ndim != 2 or x.shape[1] != mcfg.input_dim:
+    if x.shape[1] != mcfg.input_dim:
         raise ValueError(f"x must have shape (N, {mcfg.input_dim}), got {x.shape}")
+    if category_ids is not None and (np.ndim(category_ids) != 2 or len(category_ids) != len(x)):
+        raise ValueError(f"category_ids must have shape (N={len(x)}, T), got {np.shape(category_ids)}")
     generator = seed_everything(cfg.seed)
     device = select_device(cfg.device)
     train_np, hold_np = split_holdout(len(x), cfg.holdout_fraction, cfg.seed)
@@ -237,7 +249,7 @@ def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, 
 
 def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx: torch.Tensor,
                 sampler: HierarchicalSampler | None, callbacks: list[Any]) -> FitResult:
-    """The epoch loop with early stopping on held-out loss; restores the best weights."""
+    """The epoch loop with early stopping on held-out reconstruction loss; restores the best weights."""
     cfg, history = loop.cfg, []
     best = (math.inf, -1, copy.deepcopy(loop.model.state_dict()))
     call(callbacks, "on_train_begin", {"epochs": cfg.epochs, "device": str(loop.device),
@@ -253,8 +265,10 @@ def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx:
         metrics["lr"] = float(loop.scheduler.get_last_lr()[0])
         if len(hold_idx) and (epoch + 1) % cfg.eval_every == 0:
             metrics.update(_evaluate(loop, x, hold_idx))
-        score = metrics.get("val_loss", metrics["train_loss"])
-        if score < best[0]:
+        # Reconstruction through the quantizer is what the codes must serve; the total loss also
+        # holds commitment/codebook terms that grow while the latents spread, misleading the stop.
+        score = metrics.get("val_recon", math.inf if len(hold_idx) else metrics["train_recon"])
+        if score < best[0]:  # epochs not evaluated (eval_every > 1) never compete with evaluated ones
             best = (score, epoch, copy.deepcopy(loop.model.state_dict()))
         history.append({"epoch": float(epoch), **metrics})
         call(callbacks, "on_epoch_end", epoch, metrics)

@@ -1,0 +1,54 @@
+"""The input-space anchored first level (ModelConfig.anchor_first_level)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rqvae import ModelConfig, TrainConfig, encode_array, fit, load_checkpoint
+from rqvae.checkpoint import checkpoint_bytes
+from rqvae.synthetic import CatalogSpec, make_catalog
+
+CATALOG = make_catalog(CatalogSpec(n_items=1500, dim=24, seed=3))
+TRAIN = TrainConfig(epochs=2, batch_size=128, ae_warmup_epochs=1, kmeans_iters=5, seed=0)
+
+
+def model_config(anchored: bool) -> ModelConfig:
+    return ModelConfig(input_dim=24, hidden_dims=(32,), latent_dim=8, num_levels=2, codebook_size=16,
+                       anchor_first_level=anchored)
+
+
+@pytest.fixture(scope="module")
+def anchored_fit():  # type: ignore[no-untyped-def]
+    return fit(CATALOG.embeddings, model_config(True), TRAIN)
+
+
+def test_level_one_code_is_the_nearest_input_space_centroid(anchored_fit) -> None:  # type: ignore[no-untyped-def]
+    model = anchored_fit.model
+    x = torch.nn.functional.normalize(torch.from_numpy(CATALOG.embeddings), dim=-1)
+    expected = torch.cdist(x, model.anchor).argmin(1).numpy()
+    np.testing.assert_array_equal(encode_array(model, CATALOG.embeddings).codes[:, 0], expected)
+
+
+def test_fit_replaces_the_random_anchor_with_centroids_near_the_data(anchored_fit) -> None:  # type: ignore[no-untyped-def]
+    anchor = anchored_fit.model.anchor
+    x = torch.nn.functional.normalize(torch.from_numpy(CATALOG.embeddings), dim=-1)
+    # A random init has norm ~0.01 * sqrt(24); centroids of unit vectors lie near the unit sphere.
+    assert float(anchor.norm(dim=1).min()) > 0.5
+    assert float(torch.cdist(anchor, x).min(dim=1).values.max()) < 1.0  # every centroid has data close by
+
+
+def test_plain_model_has_no_anchor_and_picks_level_one_in_the_latent() -> None:
+    plain = fit(CATALOG.embeddings, model_config(False), TRAIN).model
+    assert not hasattr(plain, "anchor")
+    z = plain.encode_latent(torch.from_numpy(CATALOG.embeddings)).detach()
+    expected = torch.cdist(z, plain.quantizer.codebook(0).detach()).argmin(1).numpy()
+    np.testing.assert_array_equal(encode_array(plain, CATALOG.embeddings).codes[:, 0], expected)
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_checkpoint_round_trip_keeps_codes(anchored: bool, anchored_fit) -> None:  # type: ignore[no-untyped-def]
+    model = anchored_fit.model if anchored else fit(CATALOG.embeddings, model_config(False), TRAIN).model
+    again = load_checkpoint(checkpoint_bytes(model))
+    np.testing.assert_array_equal(encode_array(again, CATALOG.embeddings).codes,
+                                  encode_array(model, CATALOG.embeddings).codes)
