@@ -10,7 +10,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rqvae", "rqvae.*", "pipelines", "pipelines.*"]),
+    packages=find_packages(include=["rqvae", "rqvae.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
     # The core library needs only torch + numpy; everything Spark/MLflow is an extra so that
     # `pip install catalog-semantic-ids` on a GPU training node stays small.
     install_requires=["torch>=2.1", "numpy>=1.26"],

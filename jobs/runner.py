@@ -217,7 +217,7 @@ def _train(cfg: JobConfig, clean: DataFrame, dim: int, result: JobResult, stage:
             metrics[f"sample_l{lv}_perplexity"] = usage.perplexity
         mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in metrics.items()})
         path = save_checkpoint(fitted.model.cpu(), Path(cfg.work_dir) / "checkpoints" / f"{result.run_id}.pt")
-        example = pd.DataFrame({"embedding": [row.tolist() for row in arrays.embeddings[:2]]})
+        example = pd.DataFrame({"embedding": list(arrays.embeddings[:2])})
         version = registry.log_and_register(path, cfg.model_name, input_example=example)
         registry.set_alias(cfg.model_name, registry.CANDIDATE, version)
         failures = gate_failures(metrics, GateThresholds(**cfg.gate_args), mcfg.num_levels)
@@ -252,7 +252,7 @@ def _resolve(uri: str, dim: int) -> Model:
 
 
 def _stamp_rejects(rejects: DataFrame, run_id: str) -> DataFrame:
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
     return rejects.withColumn(MLFLOW_RUN_ID, F.lit(run_id)).withColumn(REJECTED_AT, F.lit(now).cast("timestamp"))
 
 
@@ -261,7 +261,7 @@ def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim:
     """Encode, assign suffixes, stamp the model version, write both tables, check the row count."""
     codes = encode_embeddings(clean, model.checkpoint, dim, batch_size=cfg.encode_batch_size,
                               device=cfg.encode_device)
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
     sids = (assign_suffixes(codes, model.num_levels)
             .withColumn(MODEL_NAME, F.lit(model.name)).withColumn(MODEL_VERSION, F.lit(model.version))
             .withColumn(MLFLOW_RUN_ID, F.lit(result.run_id)).withColumn(TOKENIZED_AT, F.lit(now).cast("timestamp")))
@@ -284,7 +284,8 @@ def _report(cfg: JobConfig, spark: SparkSession, location: io.OutputLocation, co
     levels = len(sids.select("codes").first()[0])  # type: ignore[index]
     summary = summarize(sids, levels, codebook_size, cfg.suffix_budget)
     result.tables["prefix_stats"] = io.write_table(prefix_stats(sids, levels), location, PREFIX_STATS_TABLE)
-    usage = spark.createDataFrame([u.metrics() for u in level_stats(sids, levels, codebook_size)])
+    rows = [u.metrics() for u in level_stats(sids, levels, codebook_size)]
+    usage = spark.createDataFrame(pd.DataFrame(rows, columns=list(rows[0])))  # keeps "level" first
     result.tables["level_stats"] = io.write_table(usage, location, LEVEL_STATS_TABLE)
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"
     result.report = write_report(summary, out_dir, f"Semantic IDs: {cfg.model_name}",

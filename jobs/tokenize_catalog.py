@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-dim", type=int, default=32, help="latent (codeword) width")
     g.add_argument("--estimator", default="ste", choices=["ste", "rotation"], help="gradient estimator")
     g.add_argument("--shared-codebook", action="store_true", help="one codebook for all levels")
+    g.add_argument("--no-anchor", action="store_true",
+                   help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
+                        "k-means centroids (docs/design.md explains the trade-off)")
     g.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=int, default=1024, help="training batch size")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -140,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         model_name=a.model_name, experiment=a.experiment, id_col=a.id_col, embedding_col=a.embedding_col,
         category_col=a.category_col, max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
         model_args=dict(hidden_dims=hidden, latent_dim=a.latent_dim, num_levels=a.levels,
-                        codebook_size=a.codebook_size, estimator=a.estimator, shared_codebook=a.shared_codebook),
+                        codebook_size=a.codebook_size, estimator=a.estimator, shared_codebook=a.shared_codebook,
+                        anchor_first_level=not a.no_anchor),
         train_args=dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                         taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
         gate_args=dict(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,

@@ -35,11 +35,12 @@ class SemanticIdModel(PythonModel):
 
 
 def signature() -> Any:
-    """Input: ``embedding`` array<float>; output: ``codes`` array<int>, ``quantization_error`` float."""
+    """Input: ``embedding`` array<double>; output: ``codes`` array<int>, ``quantization_error`` float."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.float), "embedding")]),
+        # double, not float: plain Python/JSON lists must pass; predict() casts to float32 itself.
+        inputs=Schema([ColSpec(Array(DataType.double), "embedding")]),
         outputs=Schema([ColSpec(Array(DataType.integer), "codes"), ColSpec(DataType.float, "quantization_error")]),
     )

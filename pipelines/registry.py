@@ -49,9 +49,11 @@ def use_experiment(name: str, work_dir: str | Path) -> str:
         artifacts = None
         if mlflow.get_tracking_uri().startswith("sqlite:"):
             artifacts = (Path(work_dir).resolve() / "mlartifacts").as_uri()
-        return str(mlflow.create_experiment(name, artifact_location=artifacts))
-    mlflow.set_experiment(experiment_id=experiment.experiment_id)
-    return str(experiment.experiment_id)
+        experiment_id = str(mlflow.create_experiment(name, artifact_location=artifacts))
+    else:
+        experiment_id = str(experiment.experiment_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 def log_and_register(checkpoint_path: Path, model_name: str, input_example: Any = None) -> str:
@@ -60,12 +62,22 @@ def log_and_register(checkpoint_path: Path, model_name: str, input_example: Any 
     ``input_example``: a small pandas DataFrame with an ``embedding`` column; MLflow stores it
     and checks that the model predicts on it.
     """
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=SemanticIdModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-        signature=signature(), registered_model_name=model_name, input_example=input_example,
-        pip_requirements=["torch", "numpy", "pandas", "mlflow"],
-        code_paths=[str(Path(__file__).resolve().parents[1] / "rqvae")],
-    )
+    import cloudpickle
+
+    from pipelines import pyfunc_model
+
+    # The wrapper class is pickled by value and rqvae/ travels as code, so the model loads where this
+    # project is not installed (serving hosts, Spark workers).
+    cloudpickle.register_pickle_by_value(pyfunc_model)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=SemanticIdModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+            signature=signature(), registered_model_name=model_name, input_example=input_example,
+            pip_requirements=["torch", "numpy", "pandas", "mlflow"],
+            code_paths=[str(Path(__file__).resolve().parents[1] / "rqvae")],
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(pyfunc_model)
     return str(info.registered_model_version)
 
 

@@ -85,7 +85,7 @@ def start_session(
     elif engine == "remote":
         if not remote:
             raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
-        es = EngineSession(SparkSession.builder.remote(remote).getOrCreate(), "remote", True)
+        es = EngineSession(SparkSession.builder.remote(remote).create(), "remote", True)
     else:
         es = _start_classic(app_name, want_delta)
     if shuffle_partitions is not None:
@@ -103,11 +103,18 @@ def start_session(
 
 
 def delta_maven_coordinate() -> str:
-    """Maven coordinate of the Delta jars matching the installed delta-spark Python package."""
+    """Maven coordinate of the Delta jars for the installed pyspark and delta-spark packages.
+
+    delta-spark 4.x names the artifact after the Spark version (delta-spark_<major.minor>_2.13),
+    as its own ``configure_spark_with_delta_pip`` does.
+    """
     try:
         from importlib.metadata import version
 
-        return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+        import pyspark
+
+        spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+        return f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
     except Exception:  # noqa: BLE001 - delta-spark not installed: name the family
         return "io.delta:delta-spark_2.13:<version>"
 
@@ -124,7 +131,8 @@ def _start_sail() -> EngineSession:
     server = SparkConnectServer(ip="127.0.0.1", port=0)
     server.start(background=True)
     host, port = server.listening_address
-    spark = SparkSession.builder.remote(f"sc://{host}:{port}").getOrCreate()
+    # create(), not getOrCreate(): another Connect session in this process must not be taken over.
+    spark = SparkSession.builder.remote(f"sc://{host}:{port}").create()
     return EngineSession(spark, "local", True, _server=server)
 
 
@@ -149,7 +157,16 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
                     "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
                 )
             )
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as e:  # noqa: BLE001 - the JVM cannot start with Delta jars it could not fetch
+        if not want_delta:
+            raise
+        raise DeltaNotAvailableError(
+            f"could not start a local Spark session with Delta ({type(e).__name__}): its jars come from "
+            f"Maven. Fix: run with --packages {delta_maven_coordinate()} where Maven is reachable "
+            "(spark-submit, or a cluster with Delta), or write Parquet with --format parquet."
+        ) from e
     return EngineSession(spark, "spark", classic_has_delta(spark))
 
 

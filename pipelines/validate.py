@@ -36,7 +36,7 @@ class ValidationResult:
         clean: valid rows: ``item_id`` (STRING or BIGINT), ``embedding`` ARRAY<FLOAT> of length
             ``dim`` with finite, not-all-zero values, plus ``category`` ARRAY<STRING> when the
             input has a category column.
-        rejects: quarantined rows: ``item_id`` STRING (may be null), ``reason`` STRING, one of
+        rejects: quarantined rows: ``item_id`` (the catalog's id type, may be null), ``reason`` STRING, one of
             :attr:`RejectReason.ALL`.
         dim: the embedding length D the rows were checked against.
     """
@@ -79,9 +79,7 @@ def validate_catalog(
     flagged = rows.join(repeated.select(ITEM_ID, F.lit(True).alias(_DUP)), on=ITEM_ID, how="left")
     flagged = flagged.withColumn(REASON, reject_reason(dim))
     clean = flagged.where(F.col(REASON).isNull()).select(*rows.columns)
-    rejects = flagged.where(F.col(REASON).isNotNull()).select(
-        F.col(ITEM_ID).cast("string").alias(ITEM_ID), REASON
-    )
+    rejects = flagged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
     return ValidationResult(clean=clean, rejects=rejects, dim=dim)
 
 

@@ -123,7 +123,7 @@ class TrainConfig:
     holdout_fraction: float = 0.05
     patience: int = 10
     seed: int = 0
-    kmeans_init_size: int = 20000
+    kmeans_init_size: int = 100_000
     kmeans_iters: int = 25
     dead_code_window: int = 100
     taxonomy_weight: float = 0.0

@@ -47,9 +47,13 @@ class CatalogSpec:
         branching: children per node at each depth: (top categories, children per top, leaves per child).
         level_scales: norm of the node offsets at each depth (same length as branching); decreasing, so
             siblings are closer to each other than to nodes under another parent.
-        item_noise: norm of the per-item noise added to its leaf centre.
-        noise_rank: the noise lives in one random subspace of dimension r = min(noise_rank, dim), so the
-            neighbour structure (how often a nearest neighbour shares the leaf) barely depends on dim.
+        item_noise: norm of the per-item noise added to its leaf centre. The default 1.6 puts an item's
+            nearest neighbour in its own leaf for about 82% of items at D = 384 (20k items).
+        noise_rank: the noise lives in one random subspace of dimension r = min(noise_rank, dim);
+            ``None`` (default) spreads it over all D dimensions, as item-specific variation is in real
+            embedding models. A small rank (e.g. 64) makes the neighbour structure nearly independent
+            of D, but concentrates the noise in a few strong directions that a narrow latent keeps
+            instead of the taxonomy (see docs/design.md and bench/RESULTS.md).
         leaf_size_skew: sigma of the clipped log-normal leaf weights (0 = equal expected sizes).
     """
 
@@ -58,8 +62,8 @@ class CatalogSpec:
     seed: int = 0
     branching: tuple[int, ...] = (16, 8, 4)
     level_scales: tuple[float, ...] = (1.0, 0.6, 0.4)
-    item_noise: float = 1.2
-    noise_rank: int = 64
+    item_noise: float = 1.6
+    noise_rank: int | None = None
     leaf_size_skew: float = 0.4
 
     def __post_init__(self) -> None:
@@ -73,7 +77,7 @@ class CatalogSpec:
                              f"branching {self.branching}")
         if self.item_noise < 0 or self.leaf_size_skew < 0 or min(self.level_scales) < 0:
             raise ValueError("level_scales, item_noise and leaf_size_skew must be non-negative")
-        if self.noise_rank < 1:
+        if self.noise_rank is not None and self.noise_rank < 1:
             raise ValueError(f"noise_rank must be >= 1, got {self.noise_rank}")
 
     @property
@@ -149,7 +153,7 @@ def _make_tree(spec: CatalogSpec) -> _Tree:
         offsets = rng.standard_normal((centres.shape[0] * b, spec.dim)) * (scale / math.sqrt(spec.dim))
         centres = np.repeat(centres, b, axis=0) + offsets  # child g*b + j of node g, breadth-first
     weights = np.exp(spec.leaf_size_skew * np.clip(rng.standard_normal(centres.shape[0]), -2.0, 2.0))
-    rank = min(spec.noise_rank, spec.dim)
+    rank = spec.dim if spec.noise_rank is None else min(spec.noise_rank, spec.dim)
     basis = np.linalg.qr(rng.standard_normal((spec.dim, rank)))[0].T  # orthonormal rows [r, D]
     return _Tree(leaf_centres=centres.astype(np.float32), leaf_probs=weights / weights.sum(),
                  noise_basis=basis.astype(np.float32))

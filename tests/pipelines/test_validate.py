@@ -84,7 +84,9 @@ def test_bigint_ids_duplicates_and_category(spark) -> None:
     assert res.clean.schema[ITEM_ID].dataType.simpleString() == "bigint"
     assert [tuple(r) for r in res.clean.collect()] == [(2, [3.0, 4.0], ["a", "c"])]
     got = sorted(tuple(r) for r in res.rejects.collect())
-    assert got == [("1", RejectReason.DUPLICATE_ID)] * 2 + [("3", RejectReason.ZERO_VECTOR)]
+    assert got == [(1, RejectReason.DUPLICATE_ID)] * 2 + [(3, RejectReason.ZERO_VECTOR)]
+    # Rejects keep the catalog's id type, so they join back to it (and to the output) without casts.
+    assert res.rejects.schema[ITEM_ID].dataType.simpleString() == "bigint"
 
 
 @pytest.mark.spark

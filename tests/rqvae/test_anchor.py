@@ -33,8 +33,9 @@ def test_level_one_code_is_the_nearest_input_space_centroid(anchored_fit) -> Non
 def test_fit_replaces_the_random_anchor_with_centroids_near_the_data(anchored_fit) -> None:  # type: ignore[no-untyped-def]
     anchor = anchored_fit.model.anchor
     x = torch.nn.functional.normalize(torch.from_numpy(CATALOG.embeddings), dim=-1)
-    # A random init has norm ~0.01 * sqrt(24); centroids of unit vectors lie near the unit sphere.
-    assert float(anchor.norm(dim=1).min()) > 0.5
+    # A random init has norm ~0.01 * sqrt(24) = 0.05; centroids of unit vectors are means of nearby
+    # points on the sphere, far longer than that.
+    assert float(anchor.norm(dim=1).min()) > 0.25
     assert float(torch.cdist(anchor, x).min(dim=1).values.max()) < 1.0  # every centroid has data close by
 
 

@@ -106,7 +106,7 @@ def test_leaf_sizes_are_mildly_skewed() -> None:
 
 
 def test_nearest_neighbour_mostly_shares_leaf_and_top() -> None:
-    cat = make_catalog(CatalogSpec(n_items=20_000, dim=128))
+    cat = make_catalog(CatalogSpec(n_items=20_000, dim=384))
     queries = np.random.default_rng(0).choice(len(cat), size=2000, replace=False)
     nearest = nearest_neighbours(cat.embeddings, queries, k=1)[:, 0]
     shares = (cat.category_ids[queries] == cat.category_ids[nearest]).mean(axis=0)  # top, parent, leaf

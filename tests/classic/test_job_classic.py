@@ -1,0 +1,94 @@
+"""The tokenize job on classic JVM Spark: spark-submit with Parquet output, and Delta refused with the fix named.
+
+Runs only inside ``tests/test_classic_engine.py``'s subprocess (``CSID_CLASSIC_TESTS=1``).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pyspark
+import pytest
+
+from jobs.tokenize_catalog import main
+from pipelines.session import DeltaNotAvailableError, start_session
+from rqvae import encode_array, load_checkpoint
+from rqvae.synthetic import CatalogSpec, make_catalog
+
+pytestmark = [pytest.mark.spark, pytest.mark.classic]
+
+SPARK_SUBMIT = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+JOB = helpers.ROOT / "jobs" / "tokenize_catalog.py"
+N_ITEMS, DIM = 800, 16
+# The message must name the Maven coordinate of the installed delta-spark (with or without a Spark suffix).
+DELTA_PACKAGES = rf"--packages io\.delta:delta-spark_(\d+\.\d+_)?2\.13:{re.escape(version('delta-spark'))}"
+
+
+def test_spark_submit_writes_parquet_tables(tmp_path) -> None:
+    # The whole job on the JVM: validate, sample, train (driver), MLflow, encode, uniquify, Parquet, report.
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+         "--conf", "spark.driver.memory=1g", str(JOB), "--engine", "spark", "--format", "parquet",
+         "--demo", "--demo-items", str(N_ITEMS), "--demo-dim", str(DIM), "--shuffle-partitions", "4",
+         "--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--work-dir", str(work)],
+        cwd=tmp_path, env=helpers.subprocess_env(PYSPARK_PYTHON=sys.executable), capture_output=True, text=True,
+        timeout=580,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert f"{N_ITEMS} semantic IDs written" in proc.stdout
+
+    tables = work / "tables"
+    sids = helpers.read_parquet(tables / "semantic_ids")
+    rows = helpers.by_item(sids)
+    assert sids.num_rows == N_ITEMS and sorted(rows) == list(range(N_ITEMS))
+    assert len(set(sids.column("semantic_id").to_pylist())) == N_ITEMS
+    assert {(r["model_name"], r["model_version"]) for r in rows.values()} == {("catalog-semantic-ids", "1")}
+    helpers.assert_suffix_contract(list(rows.values()))
+    (checkpoint,) = (work / "checkpoints").glob("*.pt")
+    expected = encode_array(load_checkpoint(checkpoint), make_catalog(CatalogSpec(N_ITEMS, DIM, seed=0)).embeddings)
+    np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in range(N_ITEMS)]), expected.codes)
+    assert helpers.read_parquet(tables / "rejects").num_rows == 0
+    assert (tables / "report" / "prefix_summary.json").is_file()
+    assert not list(tables.glob(".*staging*")) and not list(tables.glob(".*backup*"))
+
+    if helpers.CHECK_SID_TABLE.is_file():
+        check = helpers.run_sid_checker(tables / "semantic_ids", "--parquet", "--levels", "3", "--codebook-size",
+                                        "16", "--catalog", work / "demo_catalog", "--rejects", tables / "rejects")
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_delta_on_a_session_without_delta_names_the_fix(classic_spark, tmp_path, capsys) -> None:
+    assert classic_spark.range(2).count() == 2  # the active session the job attaches to
+    rc = main(["--engine", "spark", "--format", "delta", "--demo", "--demo-items", "50", "--demo-dim", "4",
+               "--work-dir", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(DELTA_PACKAGES, err), err
+    assert "--format parquet" in err
+    assert not (tmp_path / "demo_catalog").exists()  # failed at start, before any stage
+    assert classic_spark.range(3).count() == 3  # the job did not stop a session it does not own
+
+
+def test_start_session_raises_the_typed_error(classic_spark) -> None:
+    with pytest.raises(DeltaNotAvailableError, match=DELTA_PACKAGES + r".*--format parquet"):
+        start_session("spark", want_delta=True)
+    assert classic_spark.range(1).count() == 1
+
+
+def test_delta_without_any_session_names_the_fix(tmp_path) -> None:
+    env = helpers.subprocess_env()
+    env.pop("PYSPARK_SUBMIT_ARGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--engine", "spark", "--format", "delta", "--demo", "--demo-items", "50",
+         "--demo-dim", "4", "--work-dir", str(tmp_path / "work")],
+        cwd=tmp_path, env={**env, "SPARK_MASTER": "local[1]"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(DELTA_PACKAGES, proc.stderr) and "--format parquet" in proc.stderr
+

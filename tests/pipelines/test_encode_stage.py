@@ -1,0 +1,123 @@
+"""Encode stage: the mapInArrow UDF equals rqvae's batch encoding; one model per worker process."""
+from __future__ import annotations
+
+import hashlib
+
+import helpers
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import pipelines.encode as encode
+import rqvae.checkpoint
+from pipelines.encode import codes_to_arrow, encode_embeddings, make_encoder
+from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR
+from pipelines.validate import SchemaError
+from rqvae import encode_array, load_checkpoint
+
+DIM, LEVELS = 8, 3
+N = 60
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> bytes:
+    return helpers.untrained_checkpoint(DIM, levels=LEVELS, codebook_size=8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    return helpers.random_vectors(N, DIM, seed=2)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint, vectors):
+    return encode_array(load_checkpoint(checkpoint), vectors)
+
+
+def batch(ids: list, vectors: np.ndarray | list) -> pa.RecordBatch:
+    embedding = pa.array([list(map(float, v)) for v in vectors], pa.list_(pa.float32()))
+    return pa.RecordBatch.from_arrays([pa.array(ids), embedding], names=[ITEM_ID, EMBEDDING])
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("id_type", ["string", "bigint"])
+def test_udf_equals_batch_encoding_per_id(spark, checkpoint, vectors, expected, id_type) -> None:
+    ids = [f"item-{i:03d}" for i in range(N)] if id_type == "string" else [10_000 + 7 * i for i in range(N)]
+    rows = [(item, [float(x) for x in v]) for item, v in zip(ids, vectors)]
+    df = spark.createDataFrame(rows[::-1], f"{ITEM_ID} {id_type}, {EMBEDDING} array<float>").repartition(3)
+    out = encode_embeddings(df, checkpoint, DIM, batch_size=16)
+    assert out.schema.simpleString() == (
+        f"struct<{ITEM_ID}:{id_type},{CODES}:array<int>,{QUANTIZATION_ERROR}:float>")
+    got = {r[ITEM_ID]: (r[CODES], r[QUANTIZATION_ERROR]) for r in out.collect()}
+    assert sorted(got) == sorted(ids)
+    codes = np.array([got[i][0] for i in ids], dtype=np.int32)
+    errors = np.array([got[i][1] for i in ids], dtype=np.float32)
+    np.testing.assert_array_equal(codes, expected.codes)
+    np.testing.assert_allclose(errors, expected.quantization_error, rtol=1e-5, atol=1e-7)
+    assert len({tuple(c) for c in codes}) > 1, "every row got the same codes: the comparison proves little"
+
+
+@pytest.mark.spark
+def test_encode_needs_the_contract_columns(spark, checkpoint) -> None:
+    df = spark.createDataFrame([("a", [1.0] * DIM)], f"id string, {EMBEDDING} array<float>")
+    with pytest.raises(SchemaError, match="lacks column.*'item_id'"):
+        encode_embeddings(df, checkpoint, DIM)
+
+
+def test_codes_to_arrow() -> None:
+    codes = np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32)
+    arr = codes_to_arrow(codes)
+    assert arr.type == pa.list_(pa.int32())
+    assert arr.to_pylist() == [[1, 2], [3, 4], [5, 6]]
+    assert codes_to_arrow(codes[:, ::-1]).to_pylist() == [[2, 1], [4, 3], [6, 5]]  # a strided view
+    assert codes_to_arrow(codes[1:]).to_pylist() == [[3, 4], [5, 6]]
+    assert codes_to_arrow(np.zeros((0, 2), dtype=np.int32)).to_pylist() == []
+
+
+@pytest.fixture
+def counted_loads(monkeypatch) -> list:
+    """Every rqvae load_checkpoint call made by the encoder, on an empty per-process model cache."""
+    calls: list = []
+    original = rqvae.checkpoint.load_checkpoint
+
+    def counting(source, map_location="cpu"):  # noqa: ANN001, ANN202 - same signature as the original
+        calls.append(source)
+        return original(source, map_location=map_location)
+
+    monkeypatch.setattr(rqvae.checkpoint, "load_checkpoint", counting)
+    monkeypatch.setattr(encode, "_MODELS", {})
+    return calls
+
+
+def test_model_is_built_once_per_process(checkpoint, vectors, expected, counted_loads) -> None:
+    encoder = make_encoder(checkpoint, DIM, batch_size=7)
+    parts = [batch(list(range(s, s + 20)), vectors[s:s + 20]) for s in (0, 20, 40)]
+    out = list(encoder(iter(parts)))
+    assert len(counted_loads) == 1
+    assert list(encode._MODELS) == [hashlib.sha256(checkpoint).hexdigest()]
+    model = encode._MODELS[hashlib.sha256(checkpoint).hexdigest()]
+
+    again = list(make_encoder(checkpoint, DIM)(iter(parts[:1])))  # the next partition in the same worker
+    assert len(counted_loads) == 1 and next(iter(encode._MODELS.values())) is model
+
+    assert [b.num_rows for b in out] == [20, 20, 20]
+    assert [b.schema.names for b in out] == [[ITEM_ID, CODES, QUANTIZATION_ERROR]] * 3
+    table = pa.Table.from_batches(out)
+    assert table.column(ITEM_ID).to_pylist() == list(range(N))
+    np.testing.assert_array_equal(np.array(table.column(CODES).to_pylist()), expected.codes)
+    np.testing.assert_allclose(table.column(QUANTIZATION_ERROR).to_numpy(), expected.quantization_error, rtol=1e-5)
+    assert again[0].column(CODES).to_pylist() == out[0].column(CODES).to_pylist()
+
+
+def test_a_new_checkpoint_replaces_the_cached_model(checkpoint, vectors, counted_loads) -> None:
+    other = helpers.untrained_checkpoint(DIM, levels=LEVELS, codebook_size=8, seed=9)
+    list(make_encoder(checkpoint, DIM)(iter([batch([0], vectors[:1])])))
+    list(make_encoder(other, DIM)(iter([batch([0], vectors[:1])])))
+    assert len(counted_loads) == 2
+    assert list(encode._MODELS) == [hashlib.sha256(other).hexdigest()]
+
+
+def test_wrong_length_embedding_raises(checkpoint, vectors, counted_loads) -> None:
+    bad = batch(["a", "b"], [list(vectors[0]), list(vectors[1][:-1])])
+    with pytest.raises(ValueError, match=rf"1 embedding\(s\) do not have length {DIM}"):
+        list(make_encoder(checkpoint, DIM)(iter([bad])))

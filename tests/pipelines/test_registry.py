@@ -1,0 +1,126 @@
+"""MLflow edge: tracking set-up, model logging/registration, aliases and model resolution (local sqlite)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import helpers
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import registry
+from rqvae import encode_array, load_checkpoint
+
+DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals(tmp_path, monkeypatch):
+    """No tracking env vars, no active experiment, MLflow's ./mlruns in tmp, URIs restored afterwards."""
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    monkeypatch.chdir(tmp_path)
+    with helpers.fresh_mlflow_globals():
+        yield
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One tracking + registry store for the module (creating a sqlite store takes seconds)."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = [root / "first.pt", root / "second.pt"]
+    for seed, path in enumerate(paths):
+        path.write_bytes(helpers.untrained_checkpoint(DIM, seed=seed))
+    return paths
+
+
+def example(n: int = 2) -> pd.DataFrame:
+    return pd.DataFrame({"embedding": list(helpers.random_vectors(n, DIM))})
+
+
+def test_configure_tracking_defaults_to_sqlite_in_the_work_dir(tmp_path) -> None:
+    work = tmp_path / "new" / "work"
+    uri = registry.configure_tracking(work)
+    assert uri == f"sqlite:///{work.resolve() / 'mlflow.db'}"
+    assert work.is_dir()
+    assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+
+
+def test_configure_tracking_honours_the_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/elsewhere.db")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path}/registry.db")
+    uri = registry.configure_tracking(tmp_path / "work")
+    assert uri == f"sqlite:///{tmp_path}/elsewhere.db" == mlflow.get_tracking_uri()
+    assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/registry.db"
+    assert not (tmp_path / "work").exists()
+
+
+def test_resolve_model_rejects_a_bad_uri() -> None:
+    with pytest.raises(ValueError, match=r"--model 'models:/only-name' is neither models:/<name>@<alias>"):
+        registry.resolve_model("models:/only-name")
+    with pytest.raises(ValueError, match="nor an existing checkpoint file"):
+        registry.resolve_model("no/such/model.pt")
+
+
+def test_resolve_model_missing_alias_names_the_fix(store) -> None:
+    registry.configure_tracking(store)
+    with pytest.raises(ValueError, match=r"cannot resolve models:/nobody@champion: .*Train first \(--stages train\) "
+                                         r"or check --model and MLFLOW_TRACKING_URI"):
+        registry.resolve_model("models:/nobody@champion")
+
+
+def test_resolve_model_on_a_local_checkpoint(checkpoints) -> None:
+    resolved = registry.resolve_model(str(checkpoints[0]))
+    assert resolved == registry.ResolvedModel("first", "local", "", checkpoints[0].read_bytes())
+
+
+def test_register_alias_and_resolve_round_trip(store, checkpoints) -> None:
+    registry.configure_tracking(store)
+    experiment = registry.use_experiment("registry-test", store)
+    assert registry.use_experiment("registry-test", store) == experiment  # reused, not created twice
+    with mlflow.start_run(experiment_id=experiment) as run:
+        v1 = registry.log_and_register(checkpoints[0], "csid-reg", input_example=example())
+        registry.set_alias("csid-reg", registry.CANDIDATE, v1)
+        assert registry.alias_version("csid-reg", registry.CANDIDATE) == v1 == "1"
+        assert registry.alias_version("csid-reg", registry.CHAMPION) is None
+        assert registry.alias_version("no-such-model", registry.CANDIDATE) is None
+        v2 = registry.log_and_register(checkpoints[1], "csid-reg")
+        registry.set_alias("csid-reg", registry.CANDIDATE, v2)
+        registry.set_alias("csid-reg", registry.CHAMPION, v1)
+    assert (v2, registry.alias_version("csid-reg", registry.CANDIDATE)) == ("2", "2")
+    assert registry.alias_version("csid-reg", registry.CHAMPION) == "1"
+
+    champion = registry.resolve_model("models:/csid-reg@champion")
+    assert champion == registry.ResolvedModel("csid-reg", "1", run.info.run_id, checkpoints[0].read_bytes())
+    assert registry.resolve_model("models:/csid-reg/2").checkpoint == checkpoints[1].read_bytes()
+    assert registry.resolve_model("models:/csid-reg@candidate").version == "2"
+    artifacts = Path(mlflow.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to((store / "mlartifacts").resolve())
+
+
+def test_logged_model_predicts_like_rqvae(store, checkpoints) -> None:
+    registry.configure_tracking(store)
+    with mlflow.start_run(experiment_id=registry.use_experiment("predict-test", store)):
+        version = registry.log_and_register(checkpoints[0], "csid-predict")
+    x = helpers.random_vectors(5, DIM, seed=4)
+    out = mlflow.pyfunc.load_model(f"models:/csid-predict/{version}").predict(pd.DataFrame({"embedding": list(x)}))
+    expected = encode_array(load_checkpoint(checkpoints[0]), x)
+    assert list(out.columns) == ["codes", "quantization_error"]
+    np.testing.assert_array_equal(np.array([list(c) for c in out["codes"]]), expected.codes)
+    np.testing.assert_allclose(out["quantization_error"].to_numpy(), expected.quantization_error, rtol=1e-5)
+
+
+def test_use_experiment_activates_a_new_experiment(store) -> None:
+    registry.configure_tracking(store)
+    experiment = registry.use_experiment("fresh", store)
+    with mlflow.start_run() as run:
+        pass
+    assert run.info.experiment_id == experiment
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())

@@ -1,0 +1,458 @@
+"""The tokenize job end to end on the embedded engine, run in-process with ``main([...])``.
+
+One module-scoped trained run (a 1,210-row catalog with 11 bad rows, STRING ids, 2 epochs of a tiny
+model) feeds most tests; encode-only runs resolve ``models:/<name>@champion`` from that run's MLflow
+store (its work dir) and write to their own ``--output``. Tables are read back with delta-rs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from mlflow.tracking import MlflowClient
+
+import pipelines.registry as registry
+from pipelines.demo import write_demo_catalog
+from pipelines.io import delta_version
+from pipelines.report import REPORT_HTML, SUMMARY_JSON
+from pipelines.schema import (
+    LEVEL_STATS_TABLE,
+    PREFIX_STATS_TABLE,
+    REJECTS_TABLE,
+    SEMANTIC_ID_COLUMNS,
+    SEMANTIC_IDS_TABLE,
+    RejectReason,
+    prefix_column,
+)
+from rqvae import encode_array, load_checkpoint
+from rqvae.synthetic import CatalogSpec
+
+pytestmark = pytest.mark.spark
+
+MODEL, EXPERIMENT = "csid-job-test", "csid-job-test"
+N_ITEMS, DIM, LEVELS, K = 1200, 16, 3, 16
+CHAMPION = f"models:/{MODEL}@champion"
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    path: Path
+    shuffled: Path
+    valid_ids: list[str]  # in catalog order
+    valid_embeddings: np.ndarray  # (N_ITEMS - 1, DIM) float32, row i for valid_ids[i]
+    rejects: list[tuple[str, str]]  # sorted (item_id or "", reason)
+    n_input: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    work: Path
+    tables: Path
+    stdout: str
+
+    def table(self, name: str) -> pa.Table:
+        return helpers.read_delta(self.tables / name)
+
+
+def _bad_rows(v: np.ndarray) -> list[tuple[str | None, list | None, str]]:
+    """(id, embedding, expected reason): one or more rows of every reject kind."""
+    with_null = [*v[:3], None, *v[4:]]
+    return [
+        (None, list(v), RejectReason.NULL_ID),
+        ("dup-a", list(v), RejectReason.DUPLICATE_ID),
+        ("dup-a", list(2 * v), RejectReason.DUPLICATE_ID),
+        ("7", list(v), RejectReason.DUPLICATE_ID),  # repeats a valid catalog id: both rows rejected
+        ("no-embedding", None, RejectReason.NULL_EMBEDDING),
+        ("short", list(v[:-1]), RejectReason.WRONG_LENGTH),
+        ("null-element", with_null, RejectReason.NULL_ELEMENT),
+        ("nan", [*v[:-1], float("nan")], RejectReason.NON_FINITE),
+        ("inf", [float("-inf"), *v[1:]], RejectReason.NON_FINITE),
+        ("zero", [0.0] * DIM, RejectReason.ZERO_VECTOR),
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated(tmp_path_factory):
+    """Local MLflow stores only, UTC clock, no writes to the repo's cwd."""
+    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
+        mp.chdir(tmp_path_factory.mktemp("cwd"))  # MLflow's Default experiment writes ./mlruns
+        yield
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> Catalog:
+    root = tmp_path_factory.mktemp("catalog")
+    write_demo_catalog(root / "demo", CatalogSpec(n_items=N_ITEMS, dim=DIM, seed=3))
+    demo = helpers.read_delta(root / "demo").sort_by("item_id")
+    position = demo.column_names.index("item_id")
+    good = demo.set_column(position, "item_id", pc.cast(demo["item_id"], pa.string()))  # "0".."1199": STRING
+    embeddings = np.stack(good["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    bad = _bad_rows(embeddings[0])
+    bad_table = helpers.catalog_table([i for i, _, _ in bad], [e for _, e, _ in bad], good["embedding"].type)
+    bad_table = bad_table.append_column("category", pa.nulls(len(bad), good["category"].type))
+    full = pa.concat_tables([good, bad_table.select(good.column_names)])
+    helpers.write_delta(root / "catalog", full)
+    shuffled = full.take(np.random.default_rng(1).permutation(full.num_rows))
+    helpers.write_delta(root / "shuffled", shuffled, parts=5)
+
+    ids = good["item_id"].to_pylist()
+    keep = [i for i, item in enumerate(ids) if item != "7"]
+    rejects = sorted([("7", RejectReason.DUPLICATE_ID)] + [(i or "", reason) for i, _, reason in bad])
+    return Catalog(root / "catalog", root / "shuffled", [ids[i] for i in keep], embeddings[keep], rejects,
+                   full.num_rows)
+
+
+@pytest.fixture(scope="module")
+def trained(catalog, tmp_path_factory) -> Run:
+    work = tmp_path_factory.mktemp("work")
+    rc, out, err = helpers.run_main([
+        "--input", catalog.path, "--work-dir", work, "--model-name", MODEL, "--experiment", EXPERIMENT,
+        "--sample-size", "800", *helpers.SMALL_MODEL, *helpers.GATE_OFF,
+    ])
+    assert rc == 0, f"trained run failed (rc {rc}):\n{err[-4000:]}\n{out[-2000:]}"
+    return Run(work, work / "tables", out)
+
+
+def encode_only(run: Run, input_path: Path, output: Path, stages: str = "validate,encode,report") -> Run:
+    """An encode run with the champion of ``run``'s MLflow store, writing to ``output``."""
+    rc, out, err = helpers.run_main([
+        "--input", input_path, "--work-dir", run.work, "--output", output, "--stages", stages,
+        "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT,
+    ])
+    assert rc == 0, f"encode run failed (rc {rc}):\n{err[-4000:]}"
+    return Run(run.work, output, out)
+
+
+# --- the trained run ------------------------------------------------------------------------------
+
+def test_every_valid_item_gets_one_unique_semantic_id(trained, catalog) -> None:
+    sids = trained.table(SEMANTIC_IDS_TABLE)
+    prefixes = [prefix_column(lv) for lv in range(1, LEVELS + 1)]
+    assert sids.column_names == [*SEMANTIC_ID_COLUMNS, *prefixes]
+    rows = sids.to_pylist()
+    assert len(rows) == len(catalog.valid_ids) == N_ITEMS - 1
+    assert sorted(r["item_id"] for r in rows) == sorted(catalog.valid_ids)
+    assert len({r["semantic_id"] for r in rows}) == len(rows)
+    for r in rows:
+        codes = r["codes"]
+        assert len(codes) == LEVELS and all(0 <= c < K for c in codes), r
+        assert r["semantic_id"] == "_".join(map(str, codes)) + f"_{r['suffix']}"
+        assert [r[p] for p in prefixes] == ["_".join(map(str, codes[:lv])) for lv in range(1, LEVELS + 1)]
+    tuples = helpers.assert_suffix_contract(rows)
+    assert tuples < len(rows), "no collisions: the suffix ordering was not exercised"
+    assert {(r["model_name"], r["model_version"]) for r in rows} == {(MODEL, "1")}
+    assert len({r["mlflow_run_id"] for r in rows}) == 1
+    types = {f.name: str(f.type) for f in sids.schema}
+    assert (types["codes"], types["suffix"], types["quantization_error"]) == ("list<element: int32>", "int32", "float")
+
+
+def test_rejects_hold_exactly_the_bad_rows(trained, catalog) -> None:
+    rejects = trained.table(REJECTS_TABLE)
+    assert rejects.column_names == ["item_id", "reason", "mlflow_run_id", "rejected_at"]
+    rows = rejects.to_pylist()
+    assert sorted((r["item_id"] or "", r["reason"]) for r in rows) == catalog.rejects
+    run_ids = {r["mlflow_run_id"] for r in rows}
+    assert run_ids == set(trained.table(SEMANTIC_IDS_TABLE).column("mlflow_run_id").to_pylist())
+    assert all(r["rejected_at"] is not None for r in rows)
+    assert catalog.n_input == trained.table(SEMANTIC_IDS_TABLE).num_rows + len(rows) == N_ITEMS + 10
+
+
+def test_run_is_logged_and_timestamps_are_the_run_time(trained) -> None:
+    sids = trained.table(SEMANTIC_IDS_TABLE).to_pylist()
+    run_id = sids[0]["mlflow_run_id"]
+    registry.configure_tracking(trained.work)
+    run = MlflowClient().get_run(run_id)
+    metrics = run.data.metrics
+    assert (metrics["input_rows"], metrics["valid_rows"], metrics["rejected_rows"], metrics["written_rows"]) == (
+        N_ITEMS + 10, N_ITEMS - 1, 11, N_ITEMS - 1)
+    assert metrics["rejected_duplicate_item_id"] == 4 and metrics["rejected_nan_or_inf_in_embedding"] == 2
+    assert run.data.tags["quality_gate"] == "passed"
+    assert run.data.params["model.codebook_size"] == str(K)
+    start = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.timezone.utc)
+    end = dt.datetime.fromtimestamp(run.info.end_time / 1000, dt.timezone.utc)
+    stamps = {r["tokenized_at"] for r in sids} | {r["rejected_at"] for r in trained.table(REJECTS_TABLE).to_pylist()}
+    assert all(start - dt.timedelta(seconds=1) <= s <= end + dt.timedelta(seconds=1) for s in stamps), stamps
+
+
+def test_statistics_tables_and_report_files(trained) -> None:
+    level_stats = trained.table(LEVEL_STATS_TABLE).to_pylist()
+    assert sorted(r["level"] for r in level_stats) == [1, 2, 3]
+    assert all(r["codebook_size"] == K and 0 < r["used_codes"] <= K for r in level_stats)
+    prefix_stats = trained.table(PREFIX_STATS_TABLE).to_pylist()
+    level1 = [r for r in prefix_stats if r["level"] == 1]
+    assert sum(r["item_count"] for r in level1) == N_ITEMS - 1
+    sids = trained.table(SEMANTIC_IDS_TABLE)
+    assert {r["prefix"] for r in level1} == set(sids.column("prefix_1").to_pylist())
+    report = trained.tables / "report"
+    assert "<html>" in (report / REPORT_HTML).read_text(encoding="utf-8")
+    summary = json.loads((report / SUMMARY_JSON).read_text(encoding="utf-8"))["summary"]
+    distinct = len({tuple(c) for c in sids.column("codes").to_pylist()})
+    assert (summary["n_items"], summary["distinct_tuples"]) == (N_ITEMS - 1, distinct)
+
+
+@pytest.mark.skipif(not helpers.CHECK_SID_TABLE.is_file(), reason="shared checker not on this machine")
+def test_independent_checker_accepts_the_output(trained, catalog) -> None:
+    proc = helpers.run_sid_checker(trained.tables / SEMANTIC_IDS_TABLE, "--levels", str(LEVELS),
+                                   "--codebook-size", str(K), "--catalog", catalog.path,
+                                   "--rejects", trained.tables / REJECTS_TABLE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and proc.stdout.count("ok ") >= 10
+
+
+def test_udf_codes_equal_batch_encoding_of_the_registered_model(trained, catalog) -> None:
+    registry.configure_tracking(trained.work)
+    resolved = registry.resolve_model(CHAMPION)
+    assert (resolved.name, resolved.version) == (MODEL, "1")
+    run_id = trained.table(SEMANTIC_IDS_TABLE).column("mlflow_run_id")[0].as_py()
+    assert resolved.checkpoint == (trained.work / "checkpoints" / f"{run_id}.pt").read_bytes()
+    expected = encode_array(load_checkpoint(resolved.checkpoint), catalog.valid_embeddings)
+    rows = helpers.by_item(trained.table(SEMANTIC_IDS_TABLE))
+    codes = np.array([rows[i]["codes"] for i in catalog.valid_ids], dtype=np.int32)
+    errors = np.array([rows[i]["quantization_error"] for i in catalog.valid_ids], dtype=np.float32)
+    np.testing.assert_array_equal(codes, expected.codes)
+    np.testing.assert_allclose(errors, expected.quantization_error, rtol=1e-5, atol=1e-6)
+
+
+def test_training_run_is_in_its_experiment_with_local_artifacts(trained) -> None:
+    registry.configure_tracking(trained.work)
+    run_id = trained.table(SEMANTIC_IDS_TABLE).column("mlflow_run_id")[0].as_py()
+    run = MlflowClient().get_run(run_id)
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == EXPERIMENT
+    assert run.info.artifact_uri.startswith((trained.work / "mlartifacts").resolve().as_uri())
+
+
+# --- encode-only runs with the registered champion ------------------------------------------------
+
+def test_ids_do_not_depend_on_input_order_or_partitioning(trained, catalog, tmp_path) -> None:
+    shuffled = encode_only(trained, catalog.shuffled, tmp_path / "tables")
+    got = shuffled.table(SEMANTIC_IDS_TABLE)
+    assert got.num_rows == N_ITEMS - 1
+    assert helpers.key_rows(got) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+    assert set(got.column("model_version").to_pylist()) == {"1"}
+    reasons = sorted((r["item_id"] or "", r["reason"]) for r in shuffled.table(REJECTS_TABLE).to_pylist())
+    assert reasons == catalog.rejects
+
+
+def test_encoding_twice_gives_the_same_ids_and_one_delta_version_per_run(trained, catalog, tmp_path) -> None:
+    out = tmp_path / "tables"
+    first = encode_only(trained, catalog.path, out, stages="validate,encode")
+    v1, rows1 = delta_version(str(out / SEMANTIC_IDS_TABLE)), first.table(SEMANTIC_IDS_TABLE)
+    second = encode_only(trained, catalog.path, out, stages="validate,encode")
+    v2, rows2 = delta_version(str(out / SEMANTIC_IDS_TABLE)), second.table(SEMANTIC_IDS_TABLE)
+    assert (v1, v2) == (0, 1)
+    assert helpers.key_rows(rows1) == helpers.key_rows(rows2) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+    run1, run2 = (set(t.column("mlflow_run_id").to_pylist()) for t in (rows1, rows2))
+    assert len(run1) == len(run2) == 1 and run1 != run2
+
+
+_PREDICT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, pandas as pd
+    model_uri, x_path, out_path, mode = sys.argv[1:5]
+    if mode == "without-project":  # as on a serving host or Spark worker without the package installed
+        sys.modules["pipelines"] = None
+    import mlflow.pyfunc
+    model = mlflow.pyfunc.load_model(model_uri)
+    x = np.load(x_path)
+    rows = [row.tolist() for row in x] if mode == "python-lists" else list(x)
+    out = model.predict(pd.DataFrame({"embedding": rows}))
+    json.dump({"codes": [[int(c) for c in row] for row in out["codes"]],
+               "errors": [float(e) for e in out["quantization_error"]]}, open(out_path, "w"))
+""")
+
+
+def _predict_in_fresh_process(run: Run, catalog: Catalog, tmp_path: Path, mode: str) -> None:
+    pick = list(range(0, len(catalog.valid_ids), 37))
+    np.save(tmp_path / "x.npy", catalog.valid_embeddings[pick])
+    env = helpers.subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{run.work.resolve() / 'mlflow.db'}",
+                                 PYTHONPATH="")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PREDICT, CHAMPION, str(tmp_path / "x.npy"), str(tmp_path / "out.json"), mode],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    rows = helpers.by_item(run.table(SEMANTIC_IDS_TABLE))
+    expected = [rows[catalog.valid_ids[i]] for i in pick]
+    assert got["codes"] == [r["codes"] for r in expected]
+    np.testing.assert_allclose(got["errors"], [r["quantization_error"] for r in expected], rtol=1e-5, atol=1e-6)
+
+
+def test_registered_model_reproduces_the_table_in_a_fresh_process(trained, catalog, tmp_path) -> None:
+    _predict_in_fresh_process(trained, catalog, tmp_path, "installed")
+
+
+def test_registered_model_loads_without_the_project_package(trained, catalog, tmp_path) -> None:
+    _predict_in_fresh_process(trained, catalog, tmp_path, "without-project")
+
+
+def test_registered_model_predicts_on_lists_of_python_floats(trained, catalog, tmp_path) -> None:
+    _predict_in_fresh_process(trained, catalog, tmp_path, "python-lists")
+
+
+def test_timestamps_are_utc_in_any_local_time_zone(trained, catalog, tmp_path) -> None:
+    with helpers.local_timezone("Asia/Tokyo"):
+        before = dt.datetime.now(dt.timezone.utc)
+        run = encode_only(trained, catalog.path, tmp_path / "tables", stages="validate,encode")
+        after = dt.datetime.now(dt.timezone.utc)
+    stamps = {run.table(SEMANTIC_IDS_TABLE).column("tokenized_at")[0].as_py(),
+              run.table(REJECTS_TABLE).column("rejected_at")[0].as_py()}
+    assert all(before - dt.timedelta(seconds=1) <= s <= after for s in stamps), (before, stamps)
+
+
+# --- the quality gate -----------------------------------------------------------------------------
+
+def test_failed_gate_keeps_champion_and_tables(trained, catalog, capsys) -> None:
+    sids_path = trained.tables / SEMANTIC_IDS_TABLE
+    registry.configure_tracking(trained.work)
+    versions_before = {v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'")}
+    sid_version, rejects_version = delta_version(str(sids_path)), delta_version(str(trained.tables / REJECTS_TABLE))
+    rows_before = helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+
+    rc = main_with(["--input", catalog.path, "--work-dir", trained.work, "--model-name", MODEL,
+                    "--experiment", EXPERIMENT, "--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF,
+                    "--gate-min-unique-rate", "1.01"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "--gate-min-unique-rate" in err and "unique_rate" in err
+
+    registry.configure_tracking(trained.work)
+    versions = {v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'")}
+    (new,) = versions - versions_before
+    assert registry.alias_version(MODEL, registry.CHAMPION) == "1"
+    assert registry.alias_version(MODEL, registry.CANDIDATE) == str(new) != "1"
+    run = MlflowClient().get_run(MlflowClient().get_model_version(MODEL, str(new)).run_id)
+    assert (run.data.tags["quality_gate"], run.info.status) == ("failed", "FAILED")
+    assert delta_version(str(sids_path)) == sid_version
+    assert delta_version(str(trained.tables / REJECTS_TABLE)) == rejects_version
+    assert helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE)) == rows_before
+
+
+def main_with(argv: list) -> int:
+    from jobs.tokenize_catalog import main
+
+    return main([str(a) for a in argv])
+
+
+# --- bad arguments and bad input ------------------------------------------------------------------
+
+def test_input_is_required_without_demo(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main_with(["--work-dir", "unused"])
+    assert exit_info.value.code == 2
+    assert "--input is required" in capsys.readouterr().err
+
+
+def test_encode_without_training_needs_a_model(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main_with(["--input", "unused", "--stages", "validate,encode"])
+    assert exit_info.value.code == 2
+    assert "--model models:/<name>@<alias>" in capsys.readouterr().err
+
+
+def test_unknown_stage_is_named(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main_with(["--input", "unused", "--stages", "validate,tokenise"])
+    assert exit_info.value.code == 2
+    assert "--stages: unknown ['tokenise']" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_group(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main_with(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for group in ("input:", "output:", "engine:", "stages and model:", "training:",
+                  "quality gate (held-out sample):", "encoding and report:"):
+        assert group in text
+    for flag in ("--input", "--demo", "--output-table-prefix", "--format", "--engine", "--remote", "--stages",
+                 "--model", "--max-reject-share", "--sample-size", "--codebook-size", "--estimator",
+                 "--gate-min-unique-rate", "--encode-batch-size", "--suffix-budget"):
+        assert f"{flag} " in text or f"{flag}\n" in text, flag
+
+
+def test_too_many_bad_rows_fail_before_training(tmp_path, capsys) -> None:
+    good = helpers.random_vectors(30, 8)
+    table = helpers.catalog_table([f"i{i}" for i in range(34)], [*good, None, None, [0.0] * 8, [1.0] * 3])
+    helpers.write_delta(tmp_path / "catalog", table)
+    rc = main_with(["--input", tmp_path / "catalog", "--work-dir", tmp_path / "work", *helpers.SMALL_MODEL])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "4 of 34 input rows" in err and "--max-reject-share 0.05" in err
+    assert not (tmp_path / "work" / "tables" / SEMANTIC_IDS_TABLE).exists()
+    assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_model_of_another_dimension_is_refused(trained, tmp_path, capsys) -> None:
+    helpers.write_delta(tmp_path / "catalog", helpers.catalog_table(["a", "b"], helpers.random_vectors(2, 24)))
+    run_id = trained.table(SEMANTIC_IDS_TABLE).column("mlflow_run_id")[0].as_py()
+    checkpoint = trained.work / "checkpoints" / f"{run_id}.pt"
+    rc = main_with(["--input", tmp_path / "catalog", "--work-dir", tmp_path / "work", "--stages", "validate,encode",
+                    "--model", checkpoint])
+    assert rc == 2
+    assert f"{checkpoint} expects {DIM}-d embeddings but the catalog has D = 24" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "tables" / SEMANTIC_IDS_TABLE).exists()
+
+
+def test_missing_input_path_is_named(tmp_path, capsys) -> None:
+    missing = tmp_path / "no" / "such" / "catalog"
+    rc = main_with(["--input", missing, "--work-dir", tmp_path / "work"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"table path '{missing}' does not exist" in err
+
+
+# --- regressions of bugs found in review ----------------------------------------------------------
+
+def test_training_registers_the_model_as_is(catalog, tmp_path, monkeypatch) -> None:
+    rc, _, err = helpers.run_main(["--input", catalog.path, "--work-dir", tmp_path, "--model-name", "csid-as-is",
+                                   "--sample-size", "300", *helpers.SMALL_MODEL, *helpers.GATE_OFF,
+                                   "--stages", "validate,train"])
+    assert rc == 0, err[-3000:]
+    registry.configure_tracking(tmp_path)
+    assert registry.alias_version("csid-as-is", registry.CHAMPION) == "1"
+
+
+_TWO_SESSIONS = textwrap.dedent("""
+    import json
+    from pipelines.session import start_session
+    caller = start_session("local", shuffle_partitions=3)   # e.g. a notebook's session
+    job = start_session("local", shuffle_partitions=7)      # what run_job does in the same process
+    same = job.spark is caller.spark
+    partitions = caller.spark.conf.get("spark.sql.shuffle.partitions")
+    job.stop()
+    try:
+        count = caller.spark.range(3).count()
+    except Exception as e:
+        count = type(e).__name__
+    print(json.dumps({"same": same, "partitions": partitions, "count": count}))
+""")
+
+
+def test_second_embedded_session_is_its_own(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _TWO_SESSIONS], cwd=tmp_path, env=helpers.subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"same": False, "partitions": "3", "count": 3}
+
+
+def test_console_script_entry_point_loads(tmp_path) -> None:
+    probe = ("from importlib.metadata import entry_points; "
+             "(ep,) = [e for e in entry_points(group='console_scripts') if e.name == 'tokenize-catalog']; "
+             "print(ep.load().__module__)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "jobs.tokenize_catalog"
