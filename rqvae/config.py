@@ -108,6 +108,10 @@ class TrainConfig:
             collapse onto a few codes.
         codebook_lr_scale: learning-rate multiplier for the codebooks (they must keep up with
             the moving latents).
+        deterministic: run ``fit`` under ``torch.use_deterministic_algorithms`` (warn-only; the
+            previous setting is restored afterwards). On CPU the backward of codebook indexing
+            otherwise sums in a varying order and two same-seed runs drift apart. On CUDA also set
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before the process starts.
     """
 
     epochs: int = 100
@@ -135,6 +139,7 @@ class TrainConfig:
     eval_every: int = 1
     ae_warmup_epochs: int = 5
     codebook_lr_scale: float = 10.0
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.reconstruction_loss not in RECON_LOSSES:

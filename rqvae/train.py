@@ -5,6 +5,7 @@ import copy
 import math
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,18 @@ def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator:
     return _Loop(model, cfg, optimizer, scheduler, generator, device, categories)
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block when ``enabled``."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def fit(
     x: np.ndarray,
     model_config: ModelConfig | None = None,
@@ -205,6 +218,12 @@ def fit(
         callbacks: objects with ``on_train_begin/on_epoch_end/on_train_end`` (see callbacks.py).
     """
     cfg = train_config or TrainConfig()
+    with deterministic_algorithms(cfg.deterministic):
+        return _fit(x, model_config, cfg, category_ids, list(callbacks))
+
+
+def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, category_ids: np.ndarray | None,
+         callbacks: list[Any]) -> FitResult:
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D array (N, D) of embeddings, got shape {x.shape}")
     mcfg = model_config or ModelConfig(input_dim=int(x.shape[1]))
@@ -228,7 +247,7 @@ def fit(
     loop = _build_loop(model, cfg, steps, generator, device, cats)
     _warm_up_autoencoder(loop, xt, train_idx, steps)
     _init_codebooks(model, xt, train_idx, cfg, generator)
-    return _run_epochs(loop, xt, train_idx, hold_idx, sampler, list(callbacks))
+    return _run_epochs(loop, xt, train_idx, hold_idx, sampler, callbacks)
 
 
 def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, steps: int) -> None:

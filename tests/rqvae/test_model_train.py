@@ -315,3 +315,19 @@ def test_reduced_scale_quality_bar() -> None:
         assert ours[f"l{level}_perplexity"] >= 0.8 * 32, report
     assert ours["unique_rate"] > base["unique_rate"], report
     assert ours["l1_prefix_nn"] >= base["l1_prefix_nn"] - 0.02, report
+
+
+def test_fit_trains_under_deterministic_algorithms_and_restores_the_flag(catalog: Any) -> None:
+    seen: list[bool] = []
+
+    class Probe:
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    fit(catalog.embeddings, MODEL, replace(TRAIN, epochs=2), callbacks=[Probe()])
+    assert seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    fit(catalog.embeddings, MODEL, replace(TRAIN, epochs=1, deterministic=False), callbacks=[Probe()])
+    assert seen == [False]
