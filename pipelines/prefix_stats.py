@@ -33,7 +33,7 @@ from pipelines.schema import (
     SUFFIX,
 )
 from pipelines.uniquify import code_prefix, require_columns
-from rqvae.metrics import code_usage_from_counts
+from rqvae.metrics import CodeUsage, code_usage_from_counts
 
 _GROUP_SIZE = "__csid_group_size"
 _OVERFLOW = "__csid_overflow"
@@ -42,8 +42,8 @@ _TUPLES = "__csid_tuples"
 
 
 @dataclass(frozen=True)
-class LevelUsage:
-    """Usage of the K codes of one level (metrics as defined by ``code_usage_from_counts``).
+class LevelUsage(CodeUsage):
+    """:class:`rqvae.metrics.CodeUsage` of one level, plus which level and the counts behind it.
 
     Attributes:
         level: 1-based level.
@@ -51,18 +51,11 @@ class LevelUsage:
     """
 
     level: int
-    codebook_size: int
-    used_codes: int
-    utilization: float
-    dead_codes: int
-    entropy: float
-    perplexity: float
-    gini: float
     counts: tuple[int, ...]
 
     def metrics(self) -> dict[str, Any]:
-        """The scalar fields (no counts): one row of a ``level_stats`` table."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "counts"}
+        """The scalar fields, ``level`` first (no counts): one row of a ``level_stats`` table."""
+        return {"level": self.level, **{f.name: getattr(self, f.name) for f in fields(CodeUsage)}}
 
 
 @dataclass(frozen=True)
@@ -275,12 +268,10 @@ def _level_usages(rows: list, num_levels: int, codebook_size: int) -> list[Level
 
 def _level_usage(level: int, counts: np.ndarray) -> LevelUsage:
     """LevelUsage of one level from its int [K] counts, with plain Python numbers."""
-    u = code_usage_from_counts(counts)
-    return LevelUsage(
-        level=level, codebook_size=int(u.codebook_size), used_codes=int(u.used_codes),
-        utilization=float(u.utilization), dead_codes=int(u.dead_codes), entropy=float(u.entropy),
-        perplexity=float(u.perplexity), gini=float(u.gini), counts=tuple(int(c) for c in counts),
-    )
+    usage = code_usage_from_counts(counts)
+    plain = {f.name: getattr(usage, f.name).item() if hasattr(getattr(usage, f.name), "item")
+             else getattr(usage, f.name) for f in fields(CodeUsage)}
+    return LevelUsage(level=level, counts=tuple(int(c) for c in counts), **plain)
 
 
 def _build_summary(

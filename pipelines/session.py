@@ -167,6 +167,7 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
             f"Maven. Fix: run with --packages {delta_maven_coordinate()} where Maven is reachable "
             "(spark-submit, or a cluster with Delta), or write Parquet with --format parquet."
         ) from e
+    spark.sparkContext.setLogLevel(os.environ.get("CSID_SPARK_LOG_LEVEL", "WARN"))  # ours: quiet INFO logs
     return EngineSession(spark, "spark", classic_has_delta(spark))
 
 

@@ -5,20 +5,20 @@ Same interface as :class:`rqvae.model.RQVAE` for encoding (``quantize``, ``decod
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rqvae.config import DictConfig
 from rqvae.kmeans import kmeans, nearest
 from rqvae.model import Quantized
 
 
 @dataclass(frozen=True)
-class RQKMeansConfig:
+class RQKMeansConfig(DictConfig):
     """Shape of an RQ-KMeans quantizer.
 
     Attributes:
@@ -32,13 +32,6 @@ class RQKMeansConfig:
     num_levels: int = 3
     codebook_size: int = 256
     normalize_inputs: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RQKMeansConfig:
-        return cls(**data)
 
 
 class RQKMeans(nn.Module):

@@ -14,17 +14,23 @@ ESTIMATORS = ("ste", "rotation")
 RECON_LOSSES = ("mse", "cosine")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from a dict, turning lists back into tuples and rejecting unknown keys."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+class DictConfig:
+    """Mixin for frozen config dataclasses: plain-dict round trip for checkpoints and MLflow."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build from a dict, turning lists back into tuples and rejecting unknown keys."""
+        unknown = set(data) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Shape of an RQ-VAE.
 
     Attributes:
@@ -62,16 +68,9 @@ class ModelConfig:
         if min(self.input_dim, self.latent_dim, self.num_levels, self.codebook_size) < 1:
             raise ValueError("input_dim, latent_dim, num_levels and codebook_size must be >= 1")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """How ``rqvae.fit`` trains.
 
     Attributes:
@@ -148,10 +147,3 @@ class TrainConfig:
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data)
