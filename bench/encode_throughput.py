@@ -1,0 +1,199 @@
+"""Encode throughput: the model's own limit vs the pipeline, on one catalog and one model.
+
+    python bench/encode_throughput.py --items 1000000 --dim 768                  # both engines
+    python bench/encode_throughput.py --items 4000000 --dim 768 --engines local --skip-limit
+
+Measures, side by side:
+  (a) limit:    rqvae.encode_array on the catalog held in memory as float32 (all cores);
+  (b) encode:   read table -> mapInArrow UDF -> write codes (no uniquify, no statistics);
+  (c) job:      jobs/tokenize_catalog.py --stages validate,encode,report --model <the same checkpoint>
+for the embedded engine (Sail + Delta) and classic local Spark (local[*] JVM + Parquet). (b) and (c)
+run in their own processes; the peak RSS of each process tree (JVM and Python workers included) is
+sampled every 0.2 s. Prints a Markdown table and writes JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "bench" / "out"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000, help="catalog size N")
+    p.add_argument("--dim", type=int, default=768, help="embedding length D")
+    p.add_argument("--engines", default="local,spark", help="comma-separated: local (Sail), spark (classic)")
+    p.add_argument("--batch-size", type=int, default=65536, help="rows per model call")
+    p.add_argument("--skip-limit", action="store_true", help="skip (a), e.g. when N x D does not fit in memory")
+    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--worker", choices=["encode"], help=argparse.SUPPRESS)  # internal: run (b) in this process
+    p.add_argument("--engine", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--catalog", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def catalog_path(n: int, dim: int, fmt: str) -> Path:
+    """The benchmark catalog (written once by bench/make_catalog.py's writer, then reused)."""
+    from pipelines.demo import write_demo_catalog
+    from rqvae.synthetic import CatalogSpec
+
+    path = OUT / f"catalog_{n}_{dim}_{fmt}"
+    if not (path / ("_delta_log" if fmt == "delta" else "part-00000.parquet")).exists():
+        print(f"writing {path} ...", flush=True)
+        write_demo_catalog(path, CatalogSpec(n_items=n, dim=dim, seed=0), fmt=fmt)
+    return path
+
+
+def model_path(dim: int) -> Path:
+    """A model of the default shape (D -> 512 -> 256 -> 128 -> 32, 3 x 256), briefly trained once."""
+    from rqvae import ModelConfig, TrainConfig, fit, save_checkpoint
+    from rqvae.synthetic import CatalogSpec, make_catalog
+
+    path = OUT / f"model_{dim}.pt"
+    if not path.exists():
+        x = make_catalog(CatalogSpec(n_items=30_000, dim=dim, seed=1)).embeddings
+        save_checkpoint(fit(x, ModelConfig(input_dim=dim), TrainConfig(epochs=3, ae_warmup_epochs=1)).model, path)
+    return path
+
+
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
+    """Run ``cmd``; return (exit code, wall seconds, peak RSS of its process tree in MB, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    sampler.join()
+    return proc.returncode, time.perf_counter() - start, peak[0] / 2**20, out
+
+
+def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int) -> tuple[float, str]:
+    """(a): encode the whole catalog from memory; returns items/s and a digest of the codes."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from deltalake import DeltaTable
+
+    from pipelines.arrow_utils import embeddings_to_numpy
+    from rqvae import encode_array, load_checkpoint
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    parts = [embeddings_to_numpy(b.column("embedding"), copy=True)
+             for b in DeltaTable(str(catalog)).to_pyarrow_dataset().to_batches(columns=["embedding"])]
+    x = np.concatenate(parts)
+    del parts
+    model = load_checkpoint(model_file.read_bytes())
+    start = time.perf_counter()
+    codes = encode_array(model, x, batch_size=batch_size).codes
+    seconds = time.perf_counter() - start
+    return len(x) / seconds, hashlib.sha256(codes.tobytes()).hexdigest()[:16]
+
+
+def encode_worker(a: argparse.Namespace) -> int:
+    """(b) inside its own process: read -> UDF -> write; prints the seconds as JSON."""
+    from pipelines import io
+    from pipelines.encode import encode_embeddings
+    from pipelines.session import start_session
+
+    fmt = "delta" if a.engine == "local" else "parquet"
+    with start_session(a.engine, want_delta=fmt == "delta") as es:
+        start = time.perf_counter()
+        df = io.read_catalog(es.spark, a.catalog, fmt).select("item_id", "embedding")
+        codes = encode_embeddings(df, Path(a.model).read_bytes(), a.dim, batch_size=a.batch_size)
+        io.write_table(codes, io.OutputLocation.for_path(a.output, fmt), "codes")
+        print(json.dumps({"seconds": time.perf_counter() - start}))
+    return 0
+
+
+def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict[str, float]:
+    """(b) and (c) for one engine: items/s and peak RSS of each process tree."""
+    fmt = "delta" if engine == "local" else "parquet"
+    catalog = catalog_path(a.items, a.dim, fmt)
+    env = {**os.environ, "SPARK_MASTER": os.environ.get("SPARK_MASTER", "local[*]")}
+    run_dir = OUT / f"run_{engine}_{a.items}_{a.dim}"
+    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", "encode", "--engine", engine,
+              "--catalog", str(catalog), "--model", str(model_file), "--output", str(run_dir / "encode"),
+              "--dim", str(a.dim), "--batch-size", str(a.batch_size)]
+    rc, wall_b, rss_b, out = run_sampled(worker, env)
+    if rc != 0:
+        raise RuntimeError(f"encode-only run failed on {engine}:\n{out[-3000:]}")
+    seconds_b = next(json.loads(line) for line in out.splitlines() if line.startswith('{"seconds"'))["seconds"]
+    job = [sys.executable, str(ROOT / "jobs" / "tokenize_catalog.py"), "--engine", engine, "--format", fmt,
+           "--input", str(catalog), "--output", str(run_dir / "tables"), "--work-dir", str(run_dir / "work"),
+           "--stages", "validate,encode,report", "--model", str(model_file),
+           "--encode-batch-size", str(a.batch_size), "--max-reject-share", "0"]
+    rc, wall_c, rss_c, out = run_sampled(job, env)
+    if rc != 0:
+        raise RuntimeError(f"job failed on {engine}:\n{out[-3000:]}")
+    return {"encode_items_per_s": a.items / seconds_b, "encode_seconds": seconds_b, "encode_wall": wall_b,
+            "encode_peak_rss_mb": rss_b, "job_items_per_s": a.items / wall_c, "job_seconds": wall_c,
+            "job_peak_rss_mb": rss_c}
+
+
+def report(a: argparse.Namespace, limit: float | None, digest: str, figures: dict[str, dict[str, float]]) -> str:
+    lines = [f"N = {a.items:,}, D = {a.dim}, batch {a.batch_size}, {os.cpu_count()} cores, "
+             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+             "", "| engine | (a) limit items/s | (b) encode items/s | b/a | (c) job items/s | c/a "
+             "| (b) peak RSS MB | (c) peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for engine, f in figures.items():
+        ratio_b = f"{f['encode_items_per_s'] / limit:.2f}" if limit else "n/a"
+        ratio_c = f"{f['job_items_per_s'] / limit:.2f}" if limit else "n/a"
+        lines.append(f"| {engine} | {limit or 0:,.0f} | {f['encode_items_per_s']:,.0f} | {ratio_b} | "
+                     f"{f['job_items_per_s']:,.0f} | {ratio_c} | {f['encode_peak_rss_mb']:,.0f} | "
+                     f"{f['job_peak_rss_mb']:,.0f} |")
+    lines.append(f"\ncodes digest of (a): {digest}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        return encode_worker(a)
+    OUT.mkdir(parents=True, exist_ok=True)
+    model_file = model_path(a.dim)
+    limit, digest = (None, "skipped")
+    if not a.skip_limit:
+        limit, digest = limit_items_per_s(catalog_path(a.items, a.dim, "delta"), model_file, a.batch_size)
+        print(f"(a) limit: {limit:,.0f} items/s", flush=True)
+    figures = {}
+    for engine in [e.strip() for e in a.engines.split(",") if e.strip()]:
+        figures[engine] = engine_figures(engine, a, model_file)
+        print(engine, {k: round(v, 1) for k, v in figures[engine].items()}, flush=True)
+    print(report(a, limit, digest, figures))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "limit_items_per_s": limit, "codes_digest": digest,
+                                            "engines": figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
