@@ -260,7 +260,7 @@ def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim:
                       location: io.OutputLocation, result: JobResult) -> None:
     """Encode, assign suffixes, stamp the model version, write both tables, check the row count."""
     codes = encode_embeddings(clean, model.checkpoint, dim, batch_size=cfg.encode_batch_size,
-                              device=cfg.encode_device)
+                              device=cfg.encode_device, threads=cfg.encode_threads)
     now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
     sids = (assign_suffixes(codes, model.num_levels)
             .withColumn(MODEL_NAME, F.lit(model.name)).withColumn(MODEL_VERSION, F.lit(model.version))

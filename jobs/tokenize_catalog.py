@@ -54,6 +54,7 @@ class JobConfig:
     gate_args: dict[str, Any] = field(default_factory=dict)
     encode_batch_size: int = 65536
     encode_device: str = "cpu"
+    encode_threads: int | None = None
     suffix_budget: int = 16
     shuffle_partitions: int | None = None
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("encoding and report")
     g.add_argument("--encode-batch-size", type=int, default=65536, help="rows per model call in the UDF")
     g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
+    g.add_argument("--encode-threads", type=int, help="torch threads per Python worker (default: torch's own)")
     g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
     return p
 
@@ -149,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                         taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
         gate_args=dict(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                        min_recon_cosine=a.gate_min_recon_cosine),
-        encode_batch_size=a.encode_batch_size, encode_device=a.encode_device, suffix_budget=a.suffix_budget,
+        encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
+        encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
         shuffle_partitions=a.shuffle_partitions,
     )
 

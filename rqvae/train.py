@@ -80,6 +80,7 @@ class _Loop:
     categories: torch.Tensor | None
     step: int = 0
     quantize: bool = True
+    forward: Any = None  # the model, or torch.compile(model); checkpoints always come from ``model``
 
     def loss(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, D); ``idx`` selects category rows for the regularizer."""
@@ -89,7 +90,7 @@ class _Loop:
                 x_hat = self.model.decoder(self.model.encode_latent(x)).float()
                 recon = reconstruction_loss(self.model.prepare(x), x_hat, self.cfg.reconstruction_loss)
                 return {"recon": recon, "loss": recon}
-            out = self.model(x)
+            out = (self.model if self.forward is None else self.forward)(x)
         recon = reconstruction_loss(self.model.prepare(x), out.reconstruction.float(), self.cfg.reconstruction_loss)
         q = out.quant
         total = (recon + self.cfg.codebook_weight * q.codebook_loss + self.cfg.beta * q.commitment_loss
@@ -183,7 +184,8 @@ def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator:
     warmup = max(1, int(total * cfg.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))  # same factor for both groups
-    return _Loop(model, cfg, optimizer, scheduler, generator, device, categories)
+    forward = torch.compile(model) if cfg.compile else model
+    return _Loop(model, cfg, optimizer, scheduler, generator, device, categories, forward=forward)
 
 
 @contextmanager

@@ -331,3 +331,15 @@ def test_fit_trains_under_deterministic_algorithms_and_restores_the_flag(catalog
     seen.clear()
     fit(catalog.embeddings, MODEL, replace(TRAIN, epochs=1, deterministic=False), callbacks=[Probe()])
     assert seen == [False]
+
+
+@pytest.mark.slow
+def test_compiled_training_returns_the_plain_module_and_a_clean_checkpoint(catalog: Any) -> None:
+    from rqvae.checkpoint import checkpoint_bytes, load_checkpoint, to_payload
+
+    result = fit(catalog.embeddings, MODEL, replace(TRAIN, epochs=1, compile=True))
+    assert isinstance(result.model, RQVAE)
+    assert not any(k.startswith("_orig_mod.") for k in to_payload(result.model)["state_dict"])
+    again = load_checkpoint(checkpoint_bytes(result.model))
+    np.testing.assert_array_equal(encode_array(again, catalog.embeddings).codes,
+                                  encode_array(result.model, catalog.embeddings).codes)
