@@ -39,7 +39,13 @@ from pipelines.schema import (
 )
 from pipelines.session import DeltaNotAvailableError, start_session
 from pipelines.uniquify import assign_suffixes
-from pipelines.validate import SchemaError, TooManyRejectsError, check_reject_share, reject_counts, validate_catalog
+from pipelines.validate import (
+    SchemaError,
+    TooManyRejectsError,
+    check_reject_share,
+    validate_catalog,
+    validation_counts,
+)
 from rqvae import ModelConfig, ProgressPrinter, TrainConfig, fit, load_checkpoint, save_checkpoint
 from rqvae.encode import encode_array
 from rqvae.evaluate import evaluate_model
@@ -170,11 +176,12 @@ def _validate(cfg: JobConfig, spark: SparkSession, result: JobResult) -> tuple[D
     """Validate, count, and check row accounting and the reject share."""
     catalog = io.read_catalog(spark, str(cfg.input), cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
-    v = validate_catalog(catalog, columns)
-    n_input, n_clean = catalog.count(), v.clean.count()
-    reasons = reject_counts(v.rejects)
-    n_rejected = sum(reasons.values())
-    print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected {reasons or ''} (D = {v.dim})")
+    v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
+    counts = validation_counts(v)  # one pass over the embeddings for clean + every reject reason
+    n_input, n_clean, reasons, n_rejected = catalog.count(), counts.clean, counts.rejected, counts.n_rejected
+    shown = {k: c for k, c in reasons.items() if c}
+    print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected" + (f" {shown}" if shown else "")
+          + f" (D = {v.dim})")
     if n_input != n_clean + n_rejected:
         raise JobFailed(f"row accounting failed: {n_input} input rows != {n_clean} valid + {n_rejected} rejected")
     result.counts.update(input_rows=n_input, valid_rows=n_clean, rejected_rows=n_rejected)

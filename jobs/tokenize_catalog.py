@@ -46,6 +46,7 @@ class JobConfig:
     id_col: str
     embedding_col: str
     category_col: str
+    embedding_dim: int | None
     max_reject_share: float
     sample_size: int
     seed: int
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo-dim", type=int, default=256, help="embedding length of the demo catalog")
     g.add_argument("--id-col", default="item_id", help="item id column (STRING or BIGINT, unique)")
     g.add_argument("--embedding-col", default="embedding", help="embedding column (ARRAY<FLOAT|DOUBLE>)")
+    g.add_argument("--embedding-dim", type=int,
+                   help="embedding length D; default: the most common length among the first 10,000 rows "
+                        "(rows of any other length are rejected either way)")
     g.add_argument("--category-col", default="",
                    help="optional ARRAY<STRING> taxonomy path column; enables --taxonomy-weight and purity/NMI")
     g = p.add_argument_group("output")
@@ -143,7 +147,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         output=a.output, output_table_prefix=a.output_table_prefix, format=a.format, work_dir=a.work_dir,
         engine="remote" if a.remote else a.engine, remote=a.remote, stages=stages, model=a.model,
         model_name=a.model_name, experiment=a.experiment, id_col=a.id_col, embedding_col=a.embedding_col,
-        category_col=a.category_col, max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
+        category_col=a.category_col, embedding_dim=a.embedding_dim,
+        max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
         model_args=dict(hidden_dims=hidden, latent_dim=a.latent_dim, num_levels=a.levels,
                         codebook_size=a.codebook_size, estimator=a.estimator, shared_codebook=a.shared_codebook,
                         anchor_first_level=not a.no_anchor),

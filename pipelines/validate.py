@@ -44,6 +44,7 @@ class ValidationResult:
     clean: DataFrame
     rejects: DataFrame
     dim: int
+    flagged: DataFrame  # every row with its REASON (null when clean); clean and rejects are filters of it
 
 
 def validate_catalog(
@@ -80,7 +81,7 @@ def validate_catalog(
     flagged = flagged.withColumn(REASON, reject_reason(dim))
     clean = flagged.where(F.col(REASON).isNull()).select(*rows.columns)
     rejects = flagged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
-    return ValidationResult(clean=clean, rejects=rejects, dim=dim)
+    return ValidationResult(clean=clean, rejects=rejects, dim=dim, flagged=flagged)
 
 
 def select_contract_columns(df: DataFrame, columns: InputColumns = DEFAULT_COLUMNS) -> DataFrame:
@@ -120,15 +121,25 @@ def reject_reason(dim: int) -> Column:
     return reason.otherwise(F.lit(None).cast("string"))
 
 
-def infer_dim(rows: DataFrame, input_name: str = EMBEDDING) -> int:
-    """The most common length of the non-null ``embedding`` arrays (ties: the shorter length).
+INFER_DIM_ROWS = 10_000
+
+
+def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = INFER_DIM_ROWS) -> int:
+    """The most common length among the first ``sample_rows`` non-null ``embedding`` arrays (ties: the
+    shorter length).
+
+    A sample, not a full pass: reading every embedding only to learn D costs as much as validating
+    them (6 s of a 49 s job at 1M x 768). Rows of any other length are still rejected by validation,
+    so a wrong guess loses nothing silently; pass ``--embedding-dim`` to state D outright.
 
     Raises:
         ValueError: no row has a non-null embedding, so there is nothing to infer from.
     """
     top = (
         rows.where(F.col(EMBEDDING).isNotNull())
-        .groupBy(F.size(EMBEDDING).alias("length"))
+        .select(F.size(EMBEDDING).alias("length"))
+        .limit(sample_rows)
+        .groupBy("length")
         .count()
         .orderBy(F.desc("count"), F.asc("length"))
         .limit(1)
@@ -137,7 +148,7 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING) -> int:
     if not top:
         raise ValueError(
             f"cannot infer the embedding length: column {input_name!r} has no non-null values; "
-            "check --embedding-col"
+            "check --embedding-col (or pass --embedding-dim)"
         )
     return int(top[0]["length"])
 
@@ -179,6 +190,29 @@ def _is_float_array(t: T.DataType) -> bool:
 
 def _is_string_array(t: T.DataType) -> bool:
     return isinstance(t, T.ArrayType) and isinstance(t.elementType, T.StringType)
+
+
+@dataclass(frozen=True)
+class ValidationCounts:
+    """Row counts of a validated catalog: ``clean`` + sum(``rejected``) = input rows."""
+
+    clean: int
+    rejected: dict[str, int]
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+def validation_counts(result: ValidationResult) -> ValidationCounts:
+    """Clean and per-reason reject counts in ONE aggregation over the validated rows (not two)."""
+    counts, clean = dict.fromkeys(RejectReason.ALL, 0), 0
+    for row in result.flagged.groupBy(REASON).count().collect():
+        if row[REASON] is None:
+            clean = int(row["count"])
+        else:
+            counts[row[REASON]] = int(row["count"])
+    return ValidationCounts(clean, counts)
 
 
 def reject_counts(rejects: DataFrame) -> dict[str, int]:

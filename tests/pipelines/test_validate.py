@@ -120,3 +120,28 @@ def test_check_reject_share() -> None:
         check_reject_share(2, 10, max_share=0.1)
     with pytest.raises(ValueError, match="between 0 and 1"):
         check_reject_share(0, 10, max_share=1.5)
+
+
+@pytest.mark.spark
+def test_validation_counts_match_the_clean_and_rejects_frames(result) -> None:
+    from pipelines.validate import validation_counts
+
+    counts = validation_counts(result)
+    assert counts.clean == result.clean.count() == 2
+    expected = {reason: 0 for reason in RejectReason.ALL}
+    for _, _, reason in CASES:
+        if reason:
+            expected[reason] += 1
+    assert counts.rejected == expected
+    assert counts.n_rejected == result.rejects.count()
+
+
+@pytest.mark.spark
+def test_infer_dim_reads_only_its_sample(spark) -> None:
+    from pipelines.validate import infer_dim
+
+    # 3 rows of length 2 first, then 5 of length 4: the whole column says 4, the 3-row sample says 2.
+    rows = [(i, [1.0] * 2) for i in range(3)] + [(i, [1.0] * 4) for i in range(3, 8)]
+    df = spark.createDataFrame(rows, "item_id bigint, embedding array<float>").coalesce(1)
+    assert infer_dim(df, sample_rows=3) == 2
+    assert infer_dim(df, sample_rows=100) == 4
