@@ -4,7 +4,7 @@
     python bench/encode_throughput.py --items 4000000 --dim 768 --engines local --skip-limit
 
 Measures, side by side:
-  (a) limit:    rqvae.encode_array on the catalog held in memory as float32 (all cores);
+  (a) limit:    rqvae.encode_array on the catalog held in memory as float32 (all cores, best of 3);
   (b) encode:   read table -> mapInArrow UDF -> write codes (no uniquify, no statistics);
   (c) job:      jobs/tokenize_catalog.py --stages validate,encode,report --model <the same checkpoint>
 for the embedded engine (Sail + Delta) and classic local Spark (local[*] JVM + Parquet). (b) and (c)
@@ -112,10 +112,12 @@ def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int) -> tuple
     x = np.concatenate(parts)
     del parts
     model = load_checkpoint(model_file.read_bytes())
-    start = time.perf_counter()
-    codes = encode_array(model, x, batch_size=batch_size).codes
-    seconds = time.perf_counter() - start
-    return len(x) / seconds, hashlib.sha256(codes.tobytes()).hexdigest()[:16]
+    seconds = []
+    for _ in range(3):  # best of 3: the limit is what the machine can do, not what it did once
+        start = time.perf_counter()
+        codes = encode_array(model, x, batch_size=batch_size).codes
+        seconds.append(time.perf_counter() - start)
+    return len(x) / min(seconds), hashlib.sha256(codes.tobytes()).hexdigest()[:16]
 
 
 def encode_worker(a: argparse.Namespace) -> int:

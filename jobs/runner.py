@@ -275,6 +275,8 @@ def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim:
     prefixes = [prefix_column(lv) for lv in range(1, model.num_levels + 1)]
     result.tables["semantic_ids"] = io.write_table(sids.select(*SEMANTIC_ID_COLUMNS, *prefixes), location,
                                                    SEMANTIC_IDS_TABLE)
+    if result.counts["rejected_rows"] == 0:  # known from the counting pass: skip a second scan for nothing
+        rejects = rejects.limit(0)
     result.tables["rejects"] = io.write_table(_stamp_rejects(rejects, result.run_id), location, REJECTS_TABLE)
     written = io.read_table(clean.sparkSession, location, SEMANTIC_IDS_TABLE).count()
     print(f"    {written} semantic IDs written to {result.tables['semantic_ids']}")
