@@ -148,7 +148,8 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
         return EngineSession(active, "spark", classic_has_delta(active), _owns_session=False)
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
-        builder = builder.master(os.environ.get("SPARK_MASTER", "local[*]"))
+        builder = builder.master(os.environ.get("SPARK_MASTER", "local[*]")).config(
+            "spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "4g"))  # 1g default is too small
         if want_delta:
             from delta import configure_spark_with_delta_pip
 
