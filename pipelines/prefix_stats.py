@@ -33,7 +33,7 @@ from pipelines.schema import (
     SUFFIX,
 )
 from pipelines.uniquify import code_prefix, require_columns
-from rqvae.metrics import CodeUsage, code_usage_from_counts
+from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
 _GROUP_SIZE = "__csid_group_size"
 _OVERFLOW = "__csid_overflow"
@@ -71,8 +71,9 @@ class PrefixRow:
 
 
 @dataclass(frozen=True)
-class PrefixSummary:
-    """Overall and per-level statistics of a semantic-ID table (see :func:`summarize`).
+class PrefixSummary(TupleStats):
+    """Overall and per-level statistics of a semantic-ID table (see :func:`summarize`): the
+    :class:`rqvae.metrics.TupleStats` of its code tuples plus suffixes, usage and top prefixes.
 
     Attributes:
         n_items: rows of the table.
@@ -89,12 +90,6 @@ class PrefixSummary:
         top_prefixes: per level (ascending), the ``top_n`` prefixes by item count (desc), ties by prefix.
     """
 
-    n_items: int
-    distinct_tuples: int
-    unique_rate: float
-    collision_rate: float
-    items_in_collisions: float
-    max_group_size: int
     suffix_budget: int
     suffix_overflow: int
     num_levels: int
