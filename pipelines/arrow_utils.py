@@ -93,3 +93,14 @@ def _check_lengths(arr: pa.Array, dim: int | None) -> int:
             f"{lengths[bad[0]]}); validate_catalog quarantines such rows as wrong_embedding_length"
         )
     return dim
+
+
+def matrix_to_list_array(values: np.ndarray, value_type: pa.DataType | None = None) -> pa.ListArray:
+    """The inverse of :func:`embeddings_to_numpy`: a 2-D array (N, W) -> Arrow ``list<...>`` of N
+    lists of W values, built from one flat buffer and computed offsets (no per-row objects).
+
+    ``value_type`` sets the element type (e.g. ``pa.string()`` for an object array of names).
+    """
+    n, width = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel(), value_type))

@@ -12,19 +12,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID
 from rqvae.synthetic import CatalogSpec, SyntheticCatalog, iter_catalog_chunks
 
 
 def catalog_to_arrow(chunk: SyntheticCatalog) -> pa.Table:
     """item_id BIGINT, embedding list<float>, category list<string> (root-to-leaf path)."""
-    n, dim = chunk.embeddings.shape
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    embedding = pa.ListArray.from_arrays(offsets, pa.array(chunk.embeddings.ravel()))
+    embedding = matrix_to_list_array(chunk.embeddings)
     depth = chunk.category_ids.shape[1]
-    names = np.array([p for path in chunk.category_paths() for p in path], dtype=object)
-    cat_offsets = pa.array(np.arange(0, (n + 1) * depth, depth, dtype=np.int32))
-    category = pa.ListArray.from_arrays(cat_offsets, pa.array(names, pa.string()))
+    names = np.array(chunk.category_paths(), dtype=object).reshape(len(chunk), depth)  # (N, depth) of str
+    category = matrix_to_list_array(names, pa.string())
     return pa.table({ITEM_ID: pa.array(chunk.item_ids), EMBEDDING: embedding, CATEGORY: category})
 
 

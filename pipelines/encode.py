@@ -10,11 +10,10 @@ import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from pipelines.arrow_utils import embeddings_to_numpy
+from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array
 from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR
 from pipelines.uniquify import require_columns
 
@@ -37,13 +36,6 @@ def model_for(checkpoint: bytes, digest: str, device: str = "cpu", threads: int 
     return model
 
 
-def codes_to_arrow(codes: np.ndarray) -> pa.ListArray:
-    """int32 codes (N, L) -> Arrow list<int32> array, built from buffers (no per-row objects)."""
-    n, levels = codes.shape
-    offsets = pa.array(np.arange(0, (n + 1) * levels, levels, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(codes).ravel()))
-
-
 def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int = 65536, device: str = "cpu",
                  threads: int | None = None) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function given to ``mapInArrow``: batches of (item_id, embedding) -> (item_id, codes, error)."""
@@ -57,7 +49,7 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int = 65536, device
             x = embeddings_to_numpy(batch.column(EMBEDDING), dim)
             result = encode_array(model, x, batch_size=batch_size)
             yield pa.RecordBatch.from_arrays(
-                [batch.column(ITEM_ID), codes_to_arrow(result.codes), pa.array(result.quantization_error)],
+                [batch.column(ITEM_ID), matrix_to_list_array(result.codes), pa.array(result.quantization_error)],
                 names=[ITEM_ID, CODES, QUANTIZATION_ERROR],
             )
 

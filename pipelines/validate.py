@@ -215,17 +215,6 @@ def validation_counts(result: ValidationResult) -> ValidationCounts:
     return ValidationCounts(clean, counts)
 
 
-def reject_counts(rejects: DataFrame) -> dict[str, int]:
-    """Rejected rows per reason, every reason of :attr:`RejectReason.ALL` present (zero if none).
-
-    One small aggregation over ``rejects`` (columns ``item_id``, ``reason``).
-    """
-    counts = dict.fromkeys(RejectReason.ALL, 0)
-    for row in rejects.groupBy(REASON).count().collect():
-        counts[row[REASON]] = int(row["count"])
-    return counts
-
-
 def check_reject_share(n_rejected: int, n_input: int, max_share: float) -> None:
     """Fail the run when more than ``max_share`` of the input rows were rejected.
 

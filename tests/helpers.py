@@ -139,10 +139,6 @@ def by_item(table: pa.Table) -> dict[Any, dict[str, Any]]:
 
 # --- catalogs -------------------------------------------------------------------------------------
 
-def float_list_type(table: pa.Table, column: str = "embedding") -> pa.DataType:
-    return table.schema.field(column).type
-
-
 def catalog_table(ids: Sequence[Any], vectors: Sequence[Any], list_type: pa.DataType | None = None,
                   id_type: pa.DataType | None = None) -> pa.Table:
     """item_id (STRING unless ``id_type``) + embedding (list<float>) from Python values (None allowed anywhere)."""

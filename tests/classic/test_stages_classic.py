@@ -19,7 +19,7 @@ from pipelines.schema import (
     RejectReason,
 )
 from pipelines.session import DeltaNotAvailableError
-from pipelines.validate import reject_counts, validate_catalog
+from pipelines.validate import validate_catalog, validation_counts
 
 pytestmark = [pytest.mark.spark, pytest.mark.classic]
 
@@ -57,7 +57,7 @@ def test_validate_quarantines_each_kind_with_its_reason(classic_spark) -> None:
     assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
     assert [tuple(r) for r in result.clean.collect()] == [("ok", [1.0, 2.0, 3.0])]
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
-    assert sum(reject_counts(result.rejects).values()) + 1 == len(CASES)
+    assert validation_counts(result).n_rejected + 1 == len(CASES)
 
 
 def test_sample_picks_the_same_items_as_sail(classic_spark) -> None:

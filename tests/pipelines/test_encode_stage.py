@@ -10,7 +10,8 @@ import pytest
 
 import pipelines.encode as encode
 import rqvae.checkpoint
-from pipelines.encode import codes_to_arrow, encode_embeddings, make_encoder
+from pipelines.arrow_utils import matrix_to_list_array
+from pipelines.encode import encode_embeddings, make_encoder
 from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR
 from pipelines.validate import SchemaError
 from rqvae import encode_array, load_checkpoint
@@ -64,14 +65,14 @@ def test_encode_needs_the_contract_columns(spark, checkpoint) -> None:
         encode_embeddings(df, checkpoint, DIM)
 
 
-def test_codes_to_arrow() -> None:
+def test_codes_go_to_arrow_as_int_lists() -> None:
     codes = np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32)
-    arr = codes_to_arrow(codes)
+    arr = matrix_to_list_array(codes)
     assert arr.type == pa.list_(pa.int32())
     assert arr.to_pylist() == [[1, 2], [3, 4], [5, 6]]
-    assert codes_to_arrow(codes[:, ::-1]).to_pylist() == [[2, 1], [4, 3], [6, 5]]  # a strided view
-    assert codes_to_arrow(codes[1:]).to_pylist() == [[3, 4], [5, 6]]
-    assert codes_to_arrow(np.zeros((0, 2), dtype=np.int32)).to_pylist() == []
+    assert matrix_to_list_array(codes[:, ::-1]).to_pylist() == [[2, 1], [4, 3], [6, 5]]  # a strided view
+    assert matrix_to_list_array(codes[1:]).to_pylist() == [[3, 4], [5, 6]]
+    assert matrix_to_list_array(np.zeros((0, 2), dtype=np.int32)).to_pylist() == []
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pipelines.validate import (
     SchemaError,
     TooManyRejectsError,
     check_reject_share,
-    reject_counts,
     validate_catalog,
+    validation_counts,
 )
 
 INF, NAN = float("inf"), float("nan")
@@ -64,7 +64,7 @@ def test_rows_are_accounted_for_and_counted_per_reason(catalog, result) -> None:
     n_clean, n_rejects = result.clean.count(), result.rejects.count()
     assert n_clean + n_rejects == catalog.count() == len(CASES)
     expected = {reason: sum(c[2] == reason for c in CASES) for reason in RejectReason.ALL}
-    assert reject_counts(result.rejects) == expected
+    assert validation_counts(result).rejected == expected
 
 
 @pytest.mark.spark
@@ -124,8 +124,6 @@ def test_check_reject_share() -> None:
 
 @pytest.mark.spark
 def test_validation_counts_match_the_clean_and_rejects_frames(result) -> None:
-    from pipelines.validate import validation_counts
-
     counts = validation_counts(result)
     assert counts.clean == result.clean.count() == 2
     expected = {reason: 0 for reason in RejectReason.ALL}
