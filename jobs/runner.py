@@ -19,16 +19,18 @@ from pipelines import io, registry
 from pipelines.demo import write_demo_catalog
 from pipelines.encode import encode_embeddings
 from pipelines.gate import GateThresholds, gate_failures
-from pipelines.prefix_stats import level_stats, prefix_stats, summarize
+from pipelines.prefix_stats import prefix_stats_of_groups, summarize_groups, tuple_groups
 from pipelines.report import write_report
 from pipelines.sample import collect_training_arrays, sample_for_training
 from pipelines.schema import (
     CATEGORY,
+    ITEM_ID,
     LEVEL_STATS_TABLE,
     MLFLOW_RUN_ID,
     MODEL_NAME,
     MODEL_VERSION,
     PREFIX_STATS_TABLE,
+    REASON,
     REJECTED_AT,
     REJECTS_TABLE,
     SEMANTIC_ID_COLUMNS,
@@ -37,12 +39,15 @@ from pipelines.schema import (
     InputColumns,
     prefix_column,
 )
-from pipelines.session import DeltaNotAvailableError, start_session
+from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
 from pipelines.uniquify import assign_suffixes
 from pipelines.validate import (
     SchemaError,
     TooManyRejectsError,
+    ValidationCounts,
+    ValidationResult,
     check_reject_share,
+    count_reasons,
     validate_catalog,
     validation_counts,
 )
@@ -116,7 +121,7 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     try:
         with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}") as run:
             result = JobResult(tracking, run.info.run_id)
-            _run_stages(cfg, session.spark, location, result, stage, session.engine)
+            _run_stages(cfg, session, location, result, stage)
             return result
     except (SchemaError, TooManyRejectsError, FileNotFoundError) as e:
         raise JobFailed(str(e)) from e
@@ -124,31 +129,38 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
         session.stop()
 
 
-def _run_stages(cfg: JobConfig, spark: SparkSession, location: io.OutputLocation, result: JobResult,
-                stage: Stage, engine: str) -> None:
+def _run_stages(cfg: JobConfig, session: EngineSession, location: io.OutputLocation, result: JobResult,
+                stage: Stage) -> None:
+    spark = session.spark
     if cfg.demo:
         with stage("write demo catalog"):
             cfg = _with_demo_catalog(cfg)
             print(f"    {cfg.demo_items} synthetic items x {cfg.demo_dim} dims -> {cfg.input}")
-    _log_lineage(cfg, engine)
+    _log_lineage(cfg, session.engine)
+    model_given = "train" not in cfg.stages and bool(cfg.model)
+    # Counts are needed before training (sample size, reject share). Without training, the encode pass
+    # counts the reasons itself, so the 3 GB-per-million-items embedding column is read once, not twice.
+    count_now = not ("encode" in cfg.stages and model_given)
     with stage("validate"):
-        clean, rejects, dim = _validate(cfg, spark, result)
+        catalog, v = _validate(cfg, spark)
+        if count_now:
+            _check_counts(cfg, catalog.count(), validation_counts(v), result)
     model = None
     if "train" in cfg.stages:
-        model = _train(cfg, clean, dim, result, stage)
+        model = _train(cfg, v.clean, v.dim, result, stage)
     elif cfg.model:
-        model = _resolve(cfg.model, dim)
+        model = _resolve(cfg.model, v.dim)
     if model is not None:
         result.model = f"{model.name} version {model.version}"
     if "encode" in cfg.stages and model is not None:
         with stage("encode + uniquify + write"):
-            _encode_and_write(cfg, clean, rejects, dim, model, location, result)
+            _encode_and_write(cfg, session, catalog, v, model, location, result)
     elif "validate" in cfg.stages:
-        result.tables["rejects"] = io.write_table(_stamp_rejects(rejects, result.run_id), location, REJECTS_TABLE)
+        result.tables["rejects"] = io.write_table(_stamp_rejects(v.rejects, result.run_id), location, REJECTS_TABLE)
     if "report" in cfg.stages:
         with stage("prefix statistics + report"):
             k = model.codebook_size if model else int(cfg.model_args["codebook_size"])
-            _report(cfg, spark, location, k, result)
+            _report(cfg, session, location, k, result)
 
 
 def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
@@ -172,16 +184,31 @@ def _log_lineage(cfg: JobConfig, engine: str) -> None:
                      "package_version": version("catalog-semantic-ids")})
 
 
-def _validate(cfg: JobConfig, spark: SparkSession, result: JobResult) -> tuple[DataFrame, DataFrame, int]:
-    """Validate, count, and check row accounting and the reject share."""
+def _validate(cfg: JobConfig, spark: SparkSession) -> tuple[DataFrame, ValidationResult]:
+    """The catalog and its (lazy) validation: schema checked, D known; nothing counted yet."""
     catalog = io.read_catalog(spark, str(cfg.input), cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
-    counts = validation_counts(v)  # one pass over the embeddings for clean + every reject reason
-    n_input, n_clean, reasons, n_rejected = catalog.count(), counts.clean, counts.rejected, counts.n_rejected
+    print(f"    schema ok, D = {v.dim}")
+    return catalog, v
+
+
+def _check_counts(cfg: JobConfig, n_input: int, counts: ValidationCounts, result: JobResult) -> None:
+    """Print and log the counts; check row accounting, the reject share and that something is valid.
+
+    Called once before anything is written. When the counts were taken before (training runs count
+    before sampling) and again by the encode pass, the two must agree.
+    """
+    n_clean, reasons, n_rejected = counts.clean, counts.rejected, counts.n_rejected
+    if "input_rows" in result.counts:
+        before = (result.counts["input_rows"], result.counts["valid_rows"], result.counts["rejected_rows"])
+        if before != (n_input, n_clean, n_rejected):
+            raise JobFailed(f"the catalog changed during the run: {before[0]} rows in ({before[1]} valid, "
+                            f"{before[2]} rejected) when validated, {n_input} ({n_clean}, {n_rejected}) when "
+                            "encoded; nothing was written. Run again on a stable snapshot.")
+        return
     shown = {k: c for k, c in reasons.items() if c}
-    print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected" + (f" {shown}" if shown else "")
-          + f" (D = {v.dim})")
+    print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected" + (f" {shown}" if shown else ""))
     if n_input != n_clean + n_rejected:
         raise JobFailed(f"row accounting failed: {n_input} input rows != {n_clean} valid + {n_rejected} rejected")
     result.counts.update(input_rows=n_input, valid_rows=n_clean, rejected_rows=n_rejected)
@@ -190,7 +217,6 @@ def _validate(cfg: JobConfig, spark: SparkSession, result: JobResult) -> tuple[D
     check_reject_share(n_rejected, n_input, cfg.max_reject_share)
     if n_clean == 0:
         raise JobFailed("no valid rows to tokenize; see the rejects counts above")
-    return v.clean, v.rejects, v.dim
 
 
 class _MlflowEpochLogger:
@@ -263,11 +289,26 @@ def _stamp_rejects(rejects: DataFrame, run_id: str) -> DataFrame:
     return rejects.withColumn(MLFLOW_RUN_ID, F.lit(run_id)).withColumn(REJECTED_AT, F.lit(now).cast("timestamp"))
 
 
-def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim: int, model: Model,
+def _encode_and_write(cfg: JobConfig, session: EngineSession, catalog: DataFrame, v: ValidationResult, model: Model,
                       location: io.OutputLocation, result: JobResult) -> None:
-    """Encode, assign suffixes, stamp the model version, write both tables, check the row count."""
-    codes = encode_embeddings(clean, model.checkpoint, dim, batch_size=cfg.encode_batch_size,
-                              device=cfg.encode_device, threads=cfg.encode_threads)
+    """Encode, count, assign suffixes, stamp the model version, write both tables, check the row count.
+
+    One scan of the embeddings: the UDF gets every row with its reject reason (rejects pass through
+    uncoded) and its small output (ids, codes, reasons) is materialised once; counts, rejects and
+    codes all come from it. Engines that cannot materialise get the counting pass first instead.
+    """
+    def encode(df: DataFrame) -> DataFrame:
+        return encode_embeddings(df, model.checkpoint, v.dim, batch_size=cfg.encode_batch_size,
+                                 device=cfg.encode_device, threads=cfg.encode_threads)
+
+    staged = session.materialize(encode(v.flagged))
+    if staged is not None:
+        _check_counts(cfg, catalog.count(), count_reasons(staged), result)
+        codes = staged.where(F.col(REASON).isNull()).drop(REASON)
+        rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
+    else:
+        _check_counts(cfg, catalog.count(), validation_counts(v), result)
+        codes, rejects = encode(v.clean), v.rejects
     now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
     sids = (assign_suffixes(codes, model.num_levels)
             .withColumn(MODEL_NAME, F.lit(model.name)).withColumn(MODEL_VERSION, F.lit(model.version))
@@ -275,10 +316,10 @@ def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim:
     prefixes = [prefix_column(lv) for lv in range(1, model.num_levels + 1)]
     result.tables["semantic_ids"] = io.write_table(sids.select(*SEMANTIC_ID_COLUMNS, *prefixes), location,
                                                    SEMANTIC_IDS_TABLE)
-    if result.counts["rejected_rows"] == 0:  # known from the counting pass: skip a second scan for nothing
+    if result.counts["rejected_rows"] == 0:  # known from the counts: skip a scan for nothing
         rejects = rejects.limit(0)
     result.tables["rejects"] = io.write_table(_stamp_rejects(rejects, result.run_id), location, REJECTS_TABLE)
-    written = io.read_table(clean.sparkSession, location, SEMANTIC_IDS_TABLE).count()
+    written = io.read_table(catalog.sparkSession, location, SEMANTIC_IDS_TABLE).count()
     print(f"    {written} semantic IDs written to {result.tables['semantic_ids']}")
     if written != result.counts["valid_rows"]:
         raise JobFailed(f"row accounting failed: {result.counts['valid_rows']} valid rows but {written} written")
@@ -286,14 +327,20 @@ def _encode_and_write(cfg: JobConfig, clean: DataFrame, rejects: DataFrame, dim:
     mlflow.log_metric("written_rows", written)
 
 
-def _report(cfg: JobConfig, spark: SparkSession, location: io.OutputLocation, codebook_size: int,
+def _report(cfg: JobConfig, session: EngineSession, location: io.OutputLocation, codebook_size: int,
             result: JobResult) -> None:
     """Prefix-statistics tables, the HTML/JSON report beside them, all logged to the MLflow run."""
+    spark = session.spark
     sids = io.read_table(spark, location, SEMANTIC_IDS_TABLE)
     levels = len(sids.select("codes").first()[0])  # type: ignore[index]
-    summary = summarize(sids, levels, codebook_size, cfg.suffix_budget)
-    result.tables["prefix_stats"] = io.write_table(prefix_stats(sids, levels), location, PREFIX_STATS_TABLE)
-    rows = [u.metrics() for u in level_stats(sids, levels, codebook_size)]
+    # One grouping by full tuple (about one row per item with a trained model), computed once.
+    groups = tuple_groups(sids, cfg.suffix_budget)
+    groups = session.materialize(groups) or groups
+    result.tables["prefix_stats"] = io.write_table(prefix_stats_of_groups(groups, levels), location,
+                                                   PREFIX_STATS_TABLE)
+    summary = summarize_groups(groups, levels, codebook_size, cfg.suffix_budget,
+                               prefix_table=io.read_table(spark, location, PREFIX_STATS_TABLE))
+    rows = [u.metrics() for u in summary.levels]
     usage = spark.createDataFrame(pd.DataFrame(rows, columns=list(rows[0])))  # keeps "level" first
     result.tables["level_stats"] = io.write_table(usage, location, LEVEL_STATS_TABLE)
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"

@@ -311,3 +311,4 @@ def swap_directories(new: Path, final: Path) -> None:
         raise
     if had_old:
         shutil.rmtree(backup, ignore_errors=True)
+

@@ -7,9 +7,12 @@ each metric has one definition in the project. Collision metrics follow
 :func:`rqvae.metrics.tuple_stats`: unique_rate = distinct full tuples / items, collision_rate =
 1 - unique_rate, items_in_collisions = share of items whose tuple is held by >= 2 items.
 
-All aggregations start from one grouping of the table by its full code tuple (``_tuple_groups``):
+All aggregations start from one grouping of the table by its full code tuple (:func:`tuple_groups`):
 one row per distinct tuple with its group size and max suffix. Pass a materialized table (the
 written ``semantic_ids``), not the encoding plan: :func:`summarize` reads its input three times.
+At catalog scale (a trained model gives about one tuple per item) that grouping is the cost, so the
+job computes it once, materialises it, and derives everything from it with :func:`summarize_groups`
+and :func:`prefix_stats_of_groups`.
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def prefix_stats(sid_df: DataFrame, num_levels: int) -> DataFrame:
         (largest suffix under the prefix).
     """
     require_columns(sid_df, (CODES, SUFFIX), "prefix_stats")
-    return _prefix_stats_from_groups(_tuple_groups(sid_df), num_levels)
+    return prefix_stats_of_groups(tuple_groups(sid_df), num_levels)
 
 
 def code_counts(sid_df: DataFrame, num_levels: int) -> DataFrame:
@@ -182,21 +185,42 @@ def summarize(
         ValueError: the table is empty, or a code lies outside [0, codebook_size).
     """
     require_columns(sid_df, (CODES, SUFFIX), "summarize")
-    groups = _tuple_groups(sid_df, suffix_budget)
+    return summarize_groups(tuple_groups(sid_df, suffix_budget), num_levels, codebook_size, suffix_budget, top_n)
+
+
+def summarize_groups(
+    groups: DataFrame, num_levels: int, codebook_size: int, suffix_budget: int, top_n: int = 10,
+    prefix_table: DataFrame | None = None,
+) -> PrefixSummary:
+    """:func:`summarize` from ``tuple_groups(sid_df, suffix_budget)`` (best materialised: it is read
+    three times).
+
+    Args:
+        groups: :func:`tuple_groups` of the table, with the same ``suffix_budget``.
+        prefix_table: :func:`prefix_stats` of the same table when it exists already (e.g. just
+            written); the top prefixes are then read from it instead of being aggregated again.
+        num_levels, codebook_size, suffix_budget, top_n: as in :func:`summarize`.
+    """
     histogram = groups.groupBy(_GROUP_SIZE).agg(
         F.count(F.lit(1)).alias(_TUPLES), F.sum(_OVERFLOW).alias(_OVERFLOW)
     ).collect()
     if not histogram:
         raise ValueError("summarize: the semantic-ID table has no rows; nothing to summarize")
     counts = _code_counts(groups, num_levels, F.col(_GROUP_SIZE)).collect()
-    top = _top_prefixes(_prefix_stats_from_groups(groups, num_levels), num_levels, top_n).collect()
+    stats = prefix_table if prefix_table is not None else prefix_stats_of_groups(groups, num_levels)
+    top = _top_prefixes(stats, num_levels, top_n).collect()
     return _build_summary(
         histogram, _level_usages(counts, num_levels, codebook_size), top, suffix_budget, codebook_size
     )
 
 
-def _tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFrame:
-    """One row per distinct ``codes``: group size, max suffix and (with a budget) overflowing items."""
+def tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFrame:
+    """One row per distinct ``codes``: group size, max suffix and (with a budget) overflowing items.
+
+    The input of :func:`summarize_groups` and :func:`prefix_stats_of_groups`; its column names other
+    than ``codes`` and ``max_suffix`` are internal.
+    """
+    require_columns(sid_df, (CODES, SUFFIX), "tuple_groups")
     aggregates = [F.count(F.lit(1)).alias(_GROUP_SIZE), F.max(SUFFIX).alias(MAX_SUFFIX)]
     if suffix_budget is not None:
         overflow = F.when(F.col(SUFFIX) >= suffix_budget, 1).otherwise(0)
@@ -204,8 +228,8 @@ def _tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFr
     return sid_df.groupBy(CODES).agg(*aggregates)
 
 
-def _prefix_stats_from_groups(groups: DataFrame, num_levels: int) -> DataFrame:
-    """:func:`prefix_stats` from the ``_tuple_groups`` frame (one row per level and tuple, then grouped)."""
+def prefix_stats_of_groups(groups: DataFrame, num_levels: int) -> DataFrame:
+    """:func:`prefix_stats` from the :func:`tuple_groups` frame (one row per level and tuple, then grouped)."""
     per_level = [
         F.struct(
             F.lit(level).alias(LEVEL),

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class EngineSession:
     supports_delta: bool
     _server: Any = field(default=None, repr=False)
     _owns_session: bool = field(default=True, repr=False)
+    _scratch: str | None = field(default=None, repr=False)
 
     def stop(self) -> None:
         """Stop the session if this object created it, and the embedded server if any."""
@@ -50,6 +54,35 @@ class EngineSession:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def materialize(self, df: DataFrame) -> DataFrame | None:
+        """Compute ``df`` once and keep its rows, so that later actions read them instead of recomputing.
+
+        Meant for small frames that are expensive to compute (the encode stage's codes, not the
+        embeddings). The embedded engine writes them as Parquet to a scratch directory of this session
+        (under ``TMPDIR``; removed by :meth:`stop`): Sail's own ``localCheckpoint`` needs a server-wide
+        checkpoint path and, in pysail 0.7.2, works only for the first server started in a process.
+        Classic and remote sessions use ``localCheckpoint`` (eager).
+
+        Returns:
+            The materialised frame, or None when the engine cannot checkpoint; the caller then falls
+            back to a plan that needs no materialisation.
+        """
+        if self._scratch is not None:
+            path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
+            df.write.parquet(path)
+            return self.spark.read.parquet(path)
+        try:
+            return df.localCheckpoint(eager=True)
+        except Exception as e:  # noqa: BLE001 - pyspark raises engine-specific classes
+            if not _is_unsupported(e):
+                raise  # a failure of the computation itself: rerunning it another way would not help
+            log.warning("this %s session cannot materialise intermediate results (%s); falling back to an extra "
+                        "pass over the input", self.engine, str(e).splitlines()[0][:200] if str(e) else type(e))
+            return None
 
     def __enter__(self) -> EngineSession:
         return self
@@ -102,6 +135,11 @@ def start_session(
     return es
 
 
+def _is_unsupported(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("checkpoint", "not supported", "unsupported", "not implemented"))
+
+
 def delta_maven_coordinate() -> str:
     """Maven coordinate of the Delta jars for the installed pyspark and delta-spark packages.
 
@@ -133,7 +171,7 @@ def _start_sail() -> EngineSession:
     host, port = server.listening_address
     # create(), not getOrCreate(): another Connect session in this process must not be taken over.
     spark = SparkSession.builder.remote(f"sc://{host}:{port}").create()
-    return EngineSession(spark, "local", True, _server=server)
+    return EngineSession(spark, "local", True, _server=server, _scratch=tempfile.mkdtemp(prefix="csid-engine-"))
 
 
 def _start_classic(app_name: str, want_delta: bool) -> EngineSession:

@@ -206,8 +206,14 @@ class ValidationCounts:
 
 def validation_counts(result: ValidationResult) -> ValidationCounts:
     """Clean and per-reason reject counts in ONE aggregation over the validated rows (not two)."""
+    return count_reasons(result.flagged)
+
+
+def count_reasons(df: DataFrame) -> ValidationCounts:
+    """Rows of ``df`` per REASON (null = clean) in one aggregation: ``validate_catalog(...).flagged``, or
+    the encode stage's output when it was given the flagged rows."""
     counts, clean = dict.fromkeys(RejectReason.ALL, 0), 0
-    for row in result.flagged.groupBy(REASON).count().collect():
+    for row in df.groupBy(REASON).count().collect():
         if row[REASON] is None:
             clean = int(row["count"])
         else:

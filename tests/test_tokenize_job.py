@@ -256,6 +256,27 @@ def test_encoding_twice_gives_the_same_ids_and_one_delta_version_per_run(trained
     assert len(run1) == len(run2) == 1 and run1 != run2
 
 
+def test_engine_without_materialisation_gives_the_same_tables(trained, catalog, tmp_path, monkeypatch) -> None:
+    from pipelines.session import EngineSession
+
+    monkeypatch.setattr(EngineSession, "materialize", lambda self, df: None)  # as a remote Sail server without one
+    fallback = encode_only(trained, catalog.shuffled, tmp_path / "tables")
+    assert helpers.key_rows(fallback.table(SEMANTIC_IDS_TABLE)) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+    reasons = sorted((r["item_id"] or "", r["reason"]) for r in fallback.table(REJECTS_TABLE).to_pylist())
+    assert reasons == catalog.rejects
+
+
+def test_too_many_rejects_found_while_encoding_leave_the_tables_untouched(trained, catalog, tmp_path, capsys) -> None:
+    out = tmp_path / "tables"
+    encode_only(trained, catalog.path, out, stages="validate,encode")
+    rc = main_with(["--input", catalog.path, "--work-dir", trained.work, "--output", out, "--stages",
+                    "validate,encode", "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT,
+                    "--max-reject-share", "0.001"])
+    assert rc == 2
+    assert f"{len(catalog.rejects)} of {catalog.n_input} input rows" in capsys.readouterr().err
+    assert delta_version(str(out / SEMANTIC_IDS_TABLE)) == delta_version(str(out / REJECTS_TABLE)) == 0
+
+
 _PREDICT = textwrap.dedent("""
     import json, sys
     import numpy as np, pandas as pd

@@ -113,3 +113,21 @@ def test_missing_paths_are_named(classic_spark, tmp_path) -> None:
 def test_delta_without_delta_support_names_the_fix(classic_spark, tmp_path) -> None:
     with pytest.raises(DeltaNotAvailableError, match="--format parquet"):
         write_table(classic_spark.range(1), OutputLocation.for_path(str(tmp_path)), SEMANTIC_IDS_TABLE)
+
+
+def test_materialize_computes_the_udf_once(classic_spark, tmp_path) -> None:
+    from pipelines.session import EngineSession
+
+    calls = tmp_path / "calls.txt"
+
+    def logged(batches):  # noqa: ANN001, ANN202 - mapInArrow function
+        for b in batches:
+            with open(calls, "a") as fh:
+                fh.write(f"{b.num_rows}\n")
+            yield b
+
+    es = EngineSession(classic_spark, "spark", False, _owns_session=False)
+    kept = es.materialize(classic_spark.range(300).repartition(3).mapInArrow(logged, "id bigint"))
+    assert kept is not None
+    assert kept.count() == 300 and kept.where("id < 100").count() == 100
+    assert sum(map(int, calls.read_text().split())) == 300  # localCheckpoint: the UDF ran once

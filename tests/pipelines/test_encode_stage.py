@@ -12,8 +12,8 @@ import pipelines.encode as encode
 import rqvae.checkpoint
 from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.encode import encode_embeddings, make_encoder
-from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR
-from pipelines.validate import SchemaError
+from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR, REASON, RejectReason
+from pipelines.validate import SchemaError, count_reasons, validate_catalog
 from rqvae import encode_array, load_checkpoint
 
 DIM, LEVELS = 8, 3
@@ -56,6 +56,37 @@ def test_udf_equals_batch_encoding_per_id(spark, checkpoint, vectors, expected, 
     np.testing.assert_array_equal(codes, expected.codes)
     np.testing.assert_allclose(errors, expected.quantization_error, rtol=1e-5, atol=1e-7)
     assert len({tuple(c) for c in codes}) > 1, "every row got the same codes: the comparison proves little"
+
+
+@pytest.mark.spark
+def test_flagged_rows_pass_through_uncoded_and_clean_rows_are_encoded(spark, checkpoint, vectors, expected) -> None:
+    bad = [("nan", [float("nan")] * DIM), ("short", [1.0] * (DIM - 1)), ("none", None), ("zero", [0.0] * DIM)]
+    rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors)] + bad
+    df = spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>").repartition(3)
+    flagged = validate_catalog(df, dim=DIM).flagged
+    out = encode_embeddings(flagged, checkpoint, DIM, batch_size=16)
+    assert out.schema.simpleString() == (
+        f"struct<{ITEM_ID}:string,{CODES}:array<int>,{QUANTIZATION_ERROR}:float,{REASON}:string>")
+    got = {r[ITEM_ID]: r for r in out.collect()}
+    assert len(got) == N + len(bad)
+    np.testing.assert_array_equal(np.array([got[f"i{i}"][CODES] for i in range(N)]), expected.codes)
+    assert all(got[f"i{i}"][REASON] is None for i in range(N))
+    assert {k: (got[k][REASON], got[k][CODES], got[k][QUANTIZATION_ERROR]) for k, _ in bad} == {
+        "nan": (RejectReason.NON_FINITE, None, None), "short": (RejectReason.WRONG_LENGTH, None, None),
+        "none": (RejectReason.NULL_EMBEDDING, None, None), "zero": (RejectReason.ZERO_VECTOR, None, None)}
+    counts = count_reasons(out)
+    assert (counts.clean, counts.n_rejected) == (N, len(bad))
+
+
+def test_a_batch_of_rejects_only_yields_no_encoded_rows(checkpoint, counted_loads) -> None:
+    rejected = pa.RecordBatch.from_arrays(
+        [pa.array(["a", "b"]), pa.array([None, [1.0]], pa.list_(pa.float32())),
+         pa.array([RejectReason.NULL_EMBEDDING, RejectReason.WRONG_LENGTH])], names=[ITEM_ID, EMBEDDING, REASON])
+    out = list(make_encoder(checkpoint, DIM)(iter([rejected])))
+    assert [b.num_rows for b in out] == [2]
+    assert out[0].to_pylist() == [
+        {ITEM_ID: "a", CODES: None, QUANTIZATION_ERROR: None, REASON: RejectReason.NULL_EMBEDDING},
+        {ITEM_ID: "b", CODES: None, QUANTIZATION_ERROR: None, REASON: RejectReason.WRONG_LENGTH}]
 
 
 @pytest.mark.spark

@@ -166,3 +166,4 @@ def test_catalog_output_uses_save_as_table(spark, tmp_path, monkeypatch) -> None
 
 def test_delta_version_of_missing_path_is_none(tmp_path) -> None:
     assert delta_version(str(tmp_path / "missing")) is None
+

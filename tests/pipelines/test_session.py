@@ -1,0 +1,67 @@
+"""EngineSession.materialize: compute a small, expensive frame once (the encode stage's output)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipelines.session import EngineSession, start_session
+
+pytestmark = pytest.mark.spark
+
+
+def counted_range(spark, n: int, calls: Path):  # noqa: ANN001, ANN201 - a Spark DataFrame
+    """spark.range(n) through a Python UDF that appends its batch sizes to ``calls``."""
+
+    def logged(batches):  # noqa: ANN001, ANN202 - mapInArrow function
+        for b in batches:
+            with open(calls, "a") as fh:
+                fh.write(f"{b.num_rows}\n")
+            yield b
+
+    return spark.range(n).repartition(3).mapInArrow(logged, "id bigint")
+
+
+def rows_computed(calls: Path) -> int:
+    return sum(map(int, calls.read_text().split()))
+
+
+def test_embedded_engine_computes_once_and_cleans_up_at_stop(tmp_path) -> None:
+    calls = tmp_path / "calls.txt"
+    es = start_session("local")  # a second embedded server in this process (the fixture's is the first)
+    scratch = Path(es._scratch)
+    try:
+        kept = es.materialize(counted_range(es.spark, 500, calls))
+        assert kept is not None and rows_computed(calls) == 500
+        assert kept.count() == 500 and kept.where("id % 2 = 0").count() == 250
+        assert sorted(r.id for r in kept.collect()) == list(range(500))
+        assert rows_computed(calls) == 500  # later actions read the kept rows; the UDF did not run again
+        assert any(scratch.iterdir())
+    finally:
+        es.stop()
+    assert not scratch.exists()
+
+
+class _Refusing:
+    """A stand-in DataFrame whose localCheckpoint fails with ``message``."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def localCheckpoint(self, eager: bool = True):  # noqa: N802, ANN201 - the pyspark name
+        raise RuntimeError(self.message)
+
+
+def test_engines_that_cannot_checkpoint_get_none_and_a_warning(spark, caplog) -> None:
+    classic_like = EngineSession(spark, "remote", True, _owns_session=False)
+    with caplog.at_level(logging.WARNING):
+        got = classic_like.materialize(_Refusing("checkpoint object-store path is not configured"))  # type: ignore[arg-type]
+    assert got is None
+    assert "cannot materialise intermediate results" in caplog.text and "extra pass" in caplog.text
+
+
+def test_a_failing_computation_is_not_mistaken_for_a_missing_feature(spark) -> None:
+    classic_like = EngineSession(spark, "remote", True, _owns_session=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        classic_like.materialize(_Refusing("boom: injected failure"))  # type: ignore[arg-type]
