@@ -1,9 +1,11 @@
 """Validate the input catalog and quarantine bad rows, with one reason per row.
 
 Nothing is dropped silently: every input row lands either in ``clean`` or in ``rejects``
-(DESIGN.md "Data contract": input rows = written rows + rejected rows). The checks use only SQL
-expressions and higher-order functions (``size``, ``exists``, ``forall``) that run the same on
-classic Spark and on Spark Connect engines (Sail), and no rows are collected to the driver.
+(DESIGN.md "Data contract": input rows = written rows + rejected rows). The checks use only
+built-in array functions (``size``, ``array_compact``, ``array_max``, ``array_min``) that run the
+same on classic Spark and on Spark Connect engines (Sail), and no rows are collected to the driver.
+No lambdas (``exists``/``forall``): classic Spark interprets higher-order functions element by
+element, which made validating 1M x 768 take 100 s there (about 3 s with the built-ins).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID, REASON, InputColumns,
 
 DEFAULT_COLUMNS = InputColumns()
 _DUP = "__csid_duplicate"
-_FLOAT_MAX = "3.4028234663852886E38"  # largest finite FLOAT; Inf is above it, NaN is caught by isnan
+_FLOAT_MAX = "3.4028234663852886E38"  # largest finite FLOAT: Inf is above it, and so is NaN in SQL ordering
 
 
 class SchemaError(ValueError):
@@ -106,14 +108,18 @@ def reject_reason(dim: int) -> Column:
     Reads ``item_id``, ``embedding`` (ARRAY<FLOAT>) and the duplicate flag set by
     :func:`validate_catalog`.
     """
+    largest, smallest = F.array_max(EMBEDDING), F.array_min(EMBEDDING)
     checks = [
         (F.col(ITEM_ID).isNull(), RejectReason.NULL_ID),
         (F.col(_DUP).isNotNull(), RejectReason.DUPLICATE_ID),
         (F.col(EMBEDDING).isNull(), RejectReason.NULL_EMBEDDING),
         (F.size(EMBEDDING) != F.lit(dim), RejectReason.WRONG_LENGTH),
-        (F.expr(f"exists({EMBEDDING}, x -> x IS NULL)"), RejectReason.NULL_ELEMENT),
-        (F.expr(f"exists({EMBEDDING}, x -> isnan(x) OR abs(x) > {_FLOAT_MAX})"), RejectReason.NON_FINITE),
-        (F.expr(f"forall({EMBEDDING}, x -> x = 0)"), RejectReason.ZERO_VECTOR),
+        (F.size(F.array_compact(EMBEDDING)) != F.lit(dim), RejectReason.NULL_ELEMENT),
+        # NaN sorts above every number in Spark SQL (and in Arrow's total order on Sail), so one NaN
+        # makes array_max NaN, which is not <= the largest float; +-Inf fail the same bounds.
+        (~((largest <= F.lit(_FLOAT_MAX).cast("float")) & (smallest >= -F.lit(_FLOAT_MAX).cast("float"))),
+         RejectReason.NON_FINITE),
+        ((largest == 0) & (smallest == 0), RejectReason.ZERO_VECTOR),
     ]
     reason = F.when(checks[0][0], F.lit(checks[0][1]))
     for condition, name in checks[1:]:

@@ -35,6 +35,12 @@ CASES = [  # (id, vec, expected reason); same kinds as tests/pipelines/test_vali
     ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
     ("inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
     ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
+    ("nan-first", [NAN, 1.0, 3.0], RejectReason.NON_FINITE),
+    ("nan-last", [-1.0, 1.0, NAN], RejectReason.NON_FINITE),
+    ("nan-and-zeros", [0.0, NAN, 0.0], RejectReason.NON_FINITE),
+    ("plus-inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
+    ("beyond-negative-float", [1.0, -1e300, 1.0], RejectReason.NON_FINITE),
+    ("negative", [-1.0, -2.0, -3.0], None),
     ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
 ]
 # Must equal the literals in tests/pipelines/test_sample.py (computed there on Sail).
@@ -55,9 +61,9 @@ def test_validate_quarantines_each_kind_with_its_reason(classic_spark) -> None:
     assert result.dim == 3
     got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
     assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
-    assert [tuple(r) for r in result.clean.collect()] == [("ok", [1.0, 2.0, 3.0])]
+    assert sorted(tuple(r) for r in result.clean.collect()) == [("negative", [-1.0, -2.0, -3.0]), ("ok", [1.0, 2.0, 3.0])]
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
-    assert validation_counts(result).n_rejected + 1 == len(CASES)
+    assert validation_counts(result).n_rejected + 2 == len(CASES)
 
 
 def test_sample_picks_the_same_items_as_sail(classic_spark) -> None:

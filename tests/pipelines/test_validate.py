@@ -27,9 +27,17 @@ CASES = [
     ("null-element", [1.0, None, 3.0], RejectReason.NULL_ELEMENT),
     ("null-and-nan", [NAN, None, 3.0], RejectReason.NULL_ELEMENT),
     ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
+    ("nan-first", [NAN, 1.0, 3.0], RejectReason.NON_FINITE),
+    ("nan-last", [-1.0, 1.0, NAN], RejectReason.NON_FINITE),
+    ("negative-nan", [1.0, -NAN, -3.0], RejectReason.NON_FINITE),
+    ("nan-and-zeros", [0.0, NAN, 0.0], RejectReason.NON_FINITE),
     ("inf", [1.0, -INF, 3.0], RejectReason.NON_FINITE),
+    ("plus-inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
+    ("beyond-negative-float", [1.0, -1e300, 1.0], RejectReason.NON_FINITE),
     ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
     ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
+    ("negative", [-1.0, -2.0, -3.0], None),
+    ("tiny", [0.0, -1e-30, 0.0], None),
 ]
 COLUMNS = InputColumns(item_id="id", embedding="vec")
 
@@ -55,7 +63,8 @@ def test_clean_rows_use_contract_names_and_float_arrays(result) -> None:
     assert result.clean.columns == [ITEM_ID, EMBEDDING]
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
     rows = {r[ITEM_ID]: r[EMBEDDING] for r in result.clean.collect()}
-    assert rows == {"ok-1": [1.0, 2.0, 3.0], "ok-2": [0.0, 0.0, pytest.approx(1e-3)]}
+    assert rows == {"ok-1": [1.0, 2.0, 3.0], "ok-2": [0.0, 0.0, pytest.approx(1e-3)], "negative": [-1.0, -2.0, -3.0],
+                    "tiny": [0.0, pytest.approx(-1e-30), 0.0]}
     assert result.rejects.schema[ITEM_ID].dataType.simpleString() == "string"
 
 
@@ -125,7 +134,7 @@ def test_check_reject_share() -> None:
 @pytest.mark.spark
 def test_validation_counts_match_the_clean_and_rejects_frames(result) -> None:
     counts = validation_counts(result)
-    assert counts.clean == result.clean.count() == 2
+    assert counts.clean == result.clean.count() == sum(1 for _, _, reason in CASES if reason is None) == 4
     expected = {reason: 0 for reason in RejectReason.ALL}
     for _, _, reason in CASES:
         if reason:
