@@ -8,6 +8,8 @@ Measures, side by side:
   (b) encode:   read table -> mapInArrow UDF -> write codes (no uniquify, no statistics);
   (c) job:      jobs/tokenize_catalog.py --stages validate,encode,report --model <the same checkpoint>
                 (wall time of the whole process; its MLflow store exists already, as for a scheduled job)
+(b) and (c) start with the catalog's files in the OS page cache (read once, untimed), as (a) starts
+with the array in memory.
 for the embedded engine (Sail + Delta) and classic local Spark (local[*] JVM + Parquet). (b) and (c)
 run in their own processes; the peak RSS of each process tree (JVM and Python workers included) is
 sampled every 0.2 s. Prints a Markdown table and writes JSON with --json.
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=768, help="embedding length D")
     p.add_argument("--engines", default="local,spark", help="comma-separated: local (Sail), spark (classic)")
     p.add_argument("--batch-size", type=int, default=65536, help="rows per model call")
+    p.add_argument("--device", default="cpu", help="torch device for (a), (b) and the job's --encode-device "
+                   "(cuda on a GPU machine)")
     p.add_argument("--skip-limit", action="store_true", help="skip (a), e.g. when N x D does not fit in memory")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--worker", choices=["encode"], help=argparse.SUPPRESS)  # internal: run (b) in this process
@@ -132,7 +136,7 @@ def table_codes_digest(path: Path, fmt: str) -> str:
     return codes_digest(table.column("item_id").to_numpy(), codes.flatten().to_numpy().reshape(len(codes), -1))
 
 
-def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int) -> tuple[float, str]:
+def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int, device: str = "cpu") -> tuple[float, str]:
     """(a): encode the whole catalog from memory; returns items/s and the digest of the codes."""
     import torch
     from deltalake import DeltaTable
@@ -147,7 +151,7 @@ def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int) -> tuple
         ids.append(b.column("item_id").to_numpy())
     x = np.concatenate(parts)
     del parts
-    model = load_checkpoint(model_file.read_bytes())
+    model = load_checkpoint(model_file.read_bytes(), map_location=device).to(device)
     seconds = []
     for _ in range(3):  # best of 3: the limit is what the machine can do, not what it did once
         start = time.perf_counter()
@@ -166,10 +170,19 @@ def encode_worker(a: argparse.Namespace) -> int:
     with start_session(a.engine, want_delta=fmt == "delta") as es:
         start = time.perf_counter()
         df = io.read_catalog(es.spark, a.catalog, fmt).select("item_id", "embedding")
-        codes = encode_embeddings(df, Path(a.model).read_bytes(), a.dim, batch_size=a.batch_size)
+        codes = encode_embeddings(df, Path(a.model).read_bytes(), a.dim, batch_size=a.batch_size, device=a.device)
         io.write_table(codes, io.OutputLocation.for_path(a.output, fmt), "codes")
         print(json.dumps({"seconds": time.perf_counter() - start}))
     return 0
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every file under ``path`` once, so (b) and (c) start with the catalog in the OS page cache,
+    as (a) starts with it in memory (otherwise whichever run reads first pays the disk)."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
 
 
 def prepare_mlflow_store(work: Path) -> None:
@@ -189,16 +202,18 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
     run_dir = OUT / f"run_{engine}_{a.items}_{a.dim}"
     worker = [sys.executable, str(Path(__file__).resolve()), "--worker", "encode", "--engine", engine,
               "--catalog", str(catalog), "--model", str(model_file), "--output", str(run_dir / "encode"),
-              "--dim", str(a.dim), "--batch-size", str(a.batch_size)]
+              "--dim", str(a.dim), "--batch-size", str(a.batch_size), "--device", a.device]
+    warm_page_cache(catalog)
     rc, wall_b, rss_b, out = run_sampled(worker, env)
     if rc != 0:
         raise RuntimeError(f"encode-only run failed on {engine}:\n{out[-3000:]}")
     seconds_b = next(json.loads(line) for line in out.splitlines() if line.startswith('{"seconds"'))["seconds"]
     prepare_mlflow_store(run_dir / "work")
+    warm_page_cache(catalog)
     job = [sys.executable, str(ROOT / "jobs" / "tokenize_catalog.py"), "--engine", engine, "--format", fmt,
            "--input", str(catalog), "--output", str(run_dir / "tables"), "--work-dir", str(run_dir / "work"),
            "--stages", "validate,encode,report", "--model", str(model_file),
-           "--encode-batch-size", str(a.batch_size), "--max-reject-share", "0"]
+           "--encode-batch-size", str(a.batch_size), "--encode-device", a.device, "--max-reject-share", "0"]
     rc, wall_c, rss_c, out = run_sampled(job, env)
     if rc != 0:
         raise RuntimeError(f"job failed on {engine}:\n{out[-3000:]}")
@@ -235,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     model_file = Path(a.model) if a.model else model_path(a.dim, catalog_path(a.items, a.dim, "delta"))
     limit, digest = (None, "skipped")
     if not a.skip_limit:
-        limit, digest = limit_items_per_s(catalog_path(a.items, a.dim, "delta"), model_file, a.batch_size)
+        limit, digest = limit_items_per_s(catalog_path(a.items, a.dim, "delta"), model_file, a.batch_size, a.device)
         print(f"(a) limit: {limit:,.0f} items/s", flush=True)
     figures = {}
     for engine in [e.strip() for e in a.engines.split(",") if e.strip()]:

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-name", default="catalog-semantic-ids", help="registered MLflow model name")
     g.add_argument("--experiment", default="catalog-semantic-ids", help="MLflow experiment name")
     g.add_argument("--max-reject-share", type=float, default=0.05,
-                   help="fail before training when more than this share of input rows is rejected")
+                   help="fail when more than this share of input rows is rejected (before training, and always "
+                   "before any table is written)")
     g = p.add_argument_group("training")
     g.add_argument("--sample-size", type=int, default=200_000, help="items sampled (by id hash) for training")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and training")

@@ -5,10 +5,10 @@ Nothing is dropped silently: every input row lands either in ``clean`` or in ``r
 built-in array functions (``size``, ``array_compact``, ``array_max``, ``array_min``) that run the
 same on classic Spark and on Spark Connect engines (Sail), and no rows are collected to the driver.
 Classic Spark interprets higher-order functions (``exists``/``forall``) element by element, so the
-NaN/Inf and zero checks use ``array_max``/``array_min`` instead (the 1M x 768 counting pass went from
-103 s to 62 s on 2 cores). The null-element check has no cheap form there (``array_compact`` and
-``exists`` both take about 50 s per 1M x 768 on 2 cores); on Sail every check together adds about
-2 s to reading the embeddings.
+NaN/Inf and zero checks use ``array_max``/``array_min`` instead (the 1M x 768 counting pass went
+from 109 s to 64 s on 2 cores, bench/validate_cost.py). The null-element check has no cheap form
+there (``array_compact`` and ``exists`` both take about 50 s per 1M x 768 on 2 cores); on Sail every
+check together adds about 2 s to reading the embeddings.
 """
 from __future__ import annotations
 

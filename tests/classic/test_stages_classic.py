@@ -61,7 +61,8 @@ def test_validate_quarantines_each_kind_with_its_reason(classic_spark) -> None:
     assert result.dim == 3
     got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
     assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
-    assert sorted(tuple(r) for r in result.clean.collect()) == [("negative", [-1.0, -2.0, -3.0]), ("ok", [1.0, 2.0, 3.0])]
+    clean = sorted(tuple(r) for r in result.clean.collect())
+    assert clean == [("negative", [-1.0, -2.0, -3.0]), ("ok", [1.0, 2.0, 3.0])]
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
     assert validation_counts(result).n_rejected + 2 == len(CASES)
 
