@@ -48,6 +48,7 @@ from pipelines.validate import (
     ValidationResult,
     check_reject_share,
     count_reasons,
+    flag_duplicates,
     validate_catalog,
     validation_counts,
 )
@@ -293,22 +294,23 @@ def _encode_and_write(cfg: JobConfig, session: EngineSession, catalog: DataFrame
                       location: io.OutputLocation, result: JobResult) -> None:
     """Encode, count, assign suffixes, stamp the model version, write both tables, check the row count.
 
-    One scan of the embeddings: the UDF gets every row with its reject reason (rejects pass through
-    uncoded) and its small output (ids, codes, reasons) is materialised once; counts, rejects and
-    codes all come from it. Engines that cannot materialise get the counting pass first instead.
+    One scan of the embeddings: the UDF checks every row (rejects pass through uncoded), duplicate ids
+    are flagged on its small output (ids, codes, reasons) against the catalog's id column, and that
+    output is materialised once; counts, rejects and codes all come from it. Engines that cannot
+    materialise get the counting pass first instead.
     """
     def encode(df: DataFrame) -> DataFrame:
         return encode_embeddings(df, model.checkpoint, v.dim, batch_size=cfg.encode_batch_size,
                                  device=cfg.encode_device, threads=cfg.encode_threads)
 
-    staged = session.materialize(encode(v.flagged))
+    staged = session.materialize(flag_duplicates(encode(v.rows), ids=v.rows))
     if staged is not None:
         _check_counts(cfg, catalog.count(), count_reasons(staged), result)
         codes = staged.where(F.col(REASON).isNull()).drop(REASON)
         rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
     else:
         _check_counts(cfg, catalog.count(), validation_counts(v), result)
-        codes, rejects = encode(v.clean), v.rejects
+        codes, rejects = encode(v.clean).drop(REASON), v.rejects
     now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
     sids = (assign_suffixes(codes, model.num_levels)
             .withColumn(MODEL_NAME, F.lit(model.name)).withColumn(MODEL_VERSION, F.lit(model.version))

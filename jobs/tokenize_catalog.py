@@ -53,7 +53,7 @@ class JobConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     train_args: dict[str, Any] = field(default_factory=dict)
     gate_args: dict[str, Any] = field(default_factory=dict)
-    encode_batch_size: int = 65536
+    encode_batch_size: int | None = None  # None: rqvae's default for the device
     encode_device: str = "cpu"
     encode_threads: int | None = None
     suffix_budget: int = 16
@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gate-min-unique-rate", type=float, default=0.5, help="minimum distinct-tuple rate")
     g.add_argument("--gate-min-recon-cosine", type=float, default=0.5, help="minimum mean reconstruction cosine")
     g = p.add_argument_group("encoding and report")
-    g.add_argument("--encode-batch-size", type=int, default=65536, help="rows per model call in the UDF")
+    g.add_argument("--encode-batch-size", type=int, default=None,
+                   help="rows per model call in the UDF (default: 2048 on CPU, 65536 on a GPU; on CPU small "
+                   "batches are faster)")
     g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
     g.add_argument("--encode-threads", type=int, help="torch threads per Python worker (default: torch's own)")
     g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")

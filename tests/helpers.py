@@ -33,6 +33,47 @@ KEY_COLUMNS = ("item_id", "semantic_id", "codes", "suffix")
 
 
 
+# --- every kind of bad row ------------------------------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+# (id, 3-d vector as doubles, expected reason or None): what validate_catalog (SQL) and the encode UDF's
+# checks (row_reason_codes) must both say, on each engine. Reason names as in pipelines.schema.
+REJECT_CASES: list[tuple[Any, Any, str | None]] = [
+    ("ok-1", [1.0, 2.0, 3.0], None),
+    ("ok-2", [0.0, 0.0, 1e-3], None),
+    (None, [1.0, 2.0, 3.0], "null_item_id"),
+    (None, [4.0, 5.0, 6.0], "null_item_id"),  # two null ids: not duplicates of each other
+    ("dup", [1.0, 2.0, 3.0], "duplicate_item_id"),
+    ("dup", [4.0, 5.0, 6.0], "duplicate_item_id"),
+    ("dup-bad", [NAN, 1.0, 1.0], "duplicate_item_id"),  # a duplicate id outranks a bad vector
+    ("dup-bad", None, "duplicate_item_id"),
+    ("null-vec", None, "null_embedding"),
+    ("short", [1.0, 2.0], "wrong_embedding_length"),
+    ("empty", [], "wrong_embedding_length"),
+    ("long-with-nan", [1.0, 2.0, 3.0, NAN], "wrong_embedding_length"),
+    ("null-element", [1.0, None, 3.0], "null_in_embedding"),
+    ("null-and-nan", [NAN, None, 3.0], "null_in_embedding"),
+    ("short-with-null", [None, 1.0], "wrong_embedding_length"),
+    ("nan", [1.0, NAN, 3.0], "nan_or_inf_in_embedding"),
+    ("nan-first", [NAN, 1.0, 3.0], "nan_or_inf_in_embedding"),
+    ("nan-last", [-1.0, 1.0, NAN], "nan_or_inf_in_embedding"),
+    ("negative-nan", [1.0, -NAN, -3.0], "nan_or_inf_in_embedding"),
+    ("nan-and-zeros", [0.0, NAN, 0.0], "nan_or_inf_in_embedding"),
+    ("inf", [1.0, -INF, 3.0], "nan_or_inf_in_embedding"),
+    ("plus-inf", [INF, 1.0, 3.0], "nan_or_inf_in_embedding"),
+    ("beyond-negative-float", [1.0, -1e300, 1.0], "nan_or_inf_in_embedding"),
+    ("beyond-float", [1e300, 1.0, 1.0], "nan_or_inf_in_embedding"),
+    ("zero", [0.0, -0.0, 0.0], "zero_vector"),
+    ("negative", [-1.0, -2.0, -3.0], None),
+    ("tiny", [0.0, -1e-30, 0.0], None),
+]
+
+
+def expected_rejects(cases: Sequence[tuple[Any, Any, str | None]] = REJECT_CASES) -> list[tuple[str, str]]:
+    """Sorted (id or "", reason) of the rejected cases: what a rejects frame must hold."""
+    return sorted((i or "", reason) for i, _, reason in cases if reason)
+
+
 # --- running the job in-process -------------------------------------------------------------------
 
 def run_main(argv: Sequence[str]) -> tuple[int, str, str]:

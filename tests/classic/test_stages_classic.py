@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 
+import helpers
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
+from pipelines.encode import encode_embeddings
 from pipelines.io import CatalogNotFoundError, OutputLocation, read_catalog, read_table, write_table
 from pipelines.sample import collect_training_arrays, sample_for_training
 from pipelines.schema import (
@@ -16,33 +18,13 @@ from pipelines.schema import (
     REJECTS_TABLE,
     SEMANTIC_IDS_TABLE,
     InputColumns,
-    RejectReason,
 )
 from pipelines.session import DeltaNotAvailableError
-from pipelines.validate import validate_catalog, validation_counts
+from pipelines.validate import flag_duplicates, validate_catalog, validation_counts
 
 pytestmark = [pytest.mark.spark, pytest.mark.classic]
 
-INF, NAN = float("inf"), float("nan")
-CASES = [  # (id, vec, expected reason); same kinds as tests/pipelines/test_validate.py
-    ("ok", [1.0, 2.0, 3.0], None),
-    (None, [1.0, 2.0, 3.0], RejectReason.NULL_ID),
-    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
-    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
-    ("null-vec", None, RejectReason.NULL_EMBEDDING),
-    ("short", [1.0, 2.0], RejectReason.WRONG_LENGTH),
-    ("null-element", [NAN, None, 3.0], RejectReason.NULL_ELEMENT),
-    ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
-    ("inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
-    ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
-    ("nan-first", [NAN, 1.0, 3.0], RejectReason.NON_FINITE),
-    ("nan-last", [-1.0, 1.0, NAN], RejectReason.NON_FINITE),
-    ("nan-and-zeros", [0.0, NAN, 0.0], RejectReason.NON_FINITE),
-    ("plus-inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
-    ("beyond-negative-float", [1.0, -1e300, 1.0], RejectReason.NON_FINITE),
-    ("negative", [-1.0, -2.0, -3.0], None),
-    ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
-]
+CASES = helpers.REJECT_CASES  # every bad-input kind, with its reason (as on the embedded engine)
 # Must equal the literals in tests/pipelines/test_sample.py (computed there on Sail).
 EXPECTED_STRING_IDS_SEED_7 = [
     "item-015", "item-036", "item-043", "item-047", "item-068",
@@ -60,11 +42,20 @@ def test_validate_quarantines_each_kind_with_its_reason(classic_spark) -> None:
     result = validate_catalog(df, InputColumns(item_id="id", embedding="vec"))
     assert result.dim == 3
     got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
-    assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
-    clean = sorted(tuple(r) for r in result.clean.collect())
-    assert clean == [("negative", [-1.0, -2.0, -3.0]), ("ok", [1.0, 2.0, 3.0])]
+    assert got == helpers.expected_rejects()
+    clean = sorted(r[ITEM_ID] for r in result.clean.collect())
+    assert clean == sorted(i for i, _, reason in CASES if reason is None)
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
-    assert validation_counts(result).n_rejected + 2 == len(CASES)
+    assert validation_counts(result).n_rejected + len(clean) == len(CASES)
+
+
+def test_the_encode_udf_flags_the_same_rows_as_validation(classic_spark) -> None:
+    df = classic_spark.createDataFrame([(i, v) for i, v, _ in CASES], "id string, vec array<double>")
+    v = validate_catalog(df, InputColumns(item_id="id", embedding="vec"), dim=3)
+    out = flag_duplicates(encode_embeddings(v.rows, helpers.untrained_checkpoint(3, codebook_size=4), 3), ids=v.rows)
+    rows = out.collect()
+    assert len(rows) == len(CASES)
+    assert sorted((r[ITEM_ID] or "", r[REASON]) for r in rows if r[REASON]) == helpers.expected_rejects()
 
 
 def test_sample_picks_the_same_items_as_sail(classic_spark) -> None:

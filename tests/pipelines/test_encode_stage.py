@@ -12,8 +12,8 @@ import pipelines.encode as encode
 import rqvae.checkpoint
 from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.encode import encode_embeddings, make_encoder
-from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR, REASON, RejectReason
-from pipelines.validate import SchemaError, count_reasons, validate_catalog
+from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR, REASON, InputColumns, RejectReason
+from pipelines.validate import SchemaError, count_reasons, flag_duplicates, validate_catalog
 from rqvae import encode_array, load_checkpoint
 
 DIM, LEVELS = 8, 3
@@ -48,8 +48,8 @@ def test_udf_equals_batch_encoding_per_id(spark, checkpoint, vectors, expected, 
     df = spark.createDataFrame(rows[::-1], f"{ITEM_ID} {id_type}, {EMBEDDING} array<float>").repartition(3)
     out = encode_embeddings(df, checkpoint, DIM, batch_size=16)
     assert out.schema.simpleString() == (
-        f"struct<{ITEM_ID}:{id_type},{CODES}:array<int>,{QUANTIZATION_ERROR}:float>")
-    got = {r[ITEM_ID]: (r[CODES], r[QUANTIZATION_ERROR]) for r in out.collect()}
+        f"struct<{ITEM_ID}:{id_type},{CODES}:array<int>,{QUANTIZATION_ERROR}:float,{REASON}:string>")
+    got = {r[ITEM_ID]: (r[CODES], r[QUANTIZATION_ERROR]) for r in out.collect() if r[REASON] is None}
     assert sorted(got) == sorted(ids)
     codes = np.array([got[i][0] for i in ids], dtype=np.int32)
     errors = np.array([got[i][1] for i in ids], dtype=np.float32)
@@ -59,14 +59,11 @@ def test_udf_equals_batch_encoding_per_id(spark, checkpoint, vectors, expected, 
 
 
 @pytest.mark.spark
-def test_flagged_rows_pass_through_uncoded_and_clean_rows_are_encoded(spark, checkpoint, vectors, expected) -> None:
+def test_rejects_pass_through_uncoded_and_clean_rows_are_encoded(spark, checkpoint, vectors, expected) -> None:
     bad = [("nan", [float("nan")] * DIM), ("short", [1.0] * (DIM - 1)), ("none", None), ("zero", [0.0] * DIM)]
     rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors)] + bad
     df = spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>").repartition(3)
-    flagged = validate_catalog(df, dim=DIM).flagged
-    out = encode_embeddings(flagged, checkpoint, DIM, batch_size=16)
-    assert out.schema.simpleString() == (
-        f"struct<{ITEM_ID}:string,{CODES}:array<int>,{QUANTIZATION_ERROR}:float,{REASON}:string>")
+    out = encode_embeddings(df, checkpoint, DIM, batch_size=16)
     got = {r[ITEM_ID]: r for r in out.collect()}
     assert len(got) == N + len(bad)
     np.testing.assert_array_equal(np.array([got[f"i{i}"][CODES] for i in range(N)]), expected.codes)
@@ -78,10 +75,23 @@ def test_flagged_rows_pass_through_uncoded_and_clean_rows_are_encoded(spark, che
     assert (counts.clean, counts.n_rejected) == (N, len(bad))
 
 
+@pytest.mark.spark
+def test_udf_checks_and_duplicate_flags_give_the_reasons_of_validation(spark) -> None:
+    df = spark.createDataFrame([(i, v) for i, v, _ in helpers.REJECT_CASES], "id string, vec array<double>")
+    v = validate_catalog(df, InputColumns(item_id="id", embedding="vec"), dim=3)
+    out = flag_duplicates(encode_embeddings(v.rows, helpers.untrained_checkpoint(3, codebook_size=4), 3), ids=v.rows)
+    rows = out.collect()
+    assert len(rows) == len(helpers.REJECT_CASES)
+    assert sorted((r[ITEM_ID] or "", r[REASON]) for r in rows if r[REASON]) == helpers.expected_rejects()
+    assert sorted((r[ITEM_ID] or "", r[REASON]) for r in v.rejects.collect()) == helpers.expected_rejects()
+    clean = [r for r in rows if r[REASON] is None]
+    assert sorted(r[ITEM_ID] for r in clean) == sorted(i for i, _, reason in helpers.REJECT_CASES if reason is None)
+    assert all(len(r[CODES]) == LEVELS and r[QUANTIZATION_ERROR] is not None for r in clean)
+
+
 def test_a_batch_of_rejects_only_yields_no_encoded_rows(checkpoint, counted_loads) -> None:
     rejected = pa.RecordBatch.from_arrays(
-        [pa.array(["a", "b"]), pa.array([None, [1.0]], pa.list_(pa.float32())),
-         pa.array([RejectReason.NULL_EMBEDDING, RejectReason.WRONG_LENGTH])], names=[ITEM_ID, EMBEDDING, REASON])
+        [pa.array(["a", "b"]), pa.array([None, [1.0]], pa.list_(pa.float32()))], names=[ITEM_ID, EMBEDDING])
     out = list(make_encoder(checkpoint, DIM)(iter([rejected])))
     assert [b.num_rows for b in out] == [2]
     assert out[0].to_pylist() == [
@@ -133,7 +143,7 @@ def test_model_is_built_once_per_process(checkpoint, vectors, expected, counted_
     assert len(counted_loads) == 1 and next(iter(encode._MODELS.values())) is model
 
     assert [b.num_rows for b in out] == [20, 20, 20]
-    assert [b.schema.names for b in out] == [[ITEM_ID, CODES, QUANTIZATION_ERROR]] * 3
+    assert [b.schema.names for b in out] == [[ITEM_ID, CODES, QUANTIZATION_ERROR, REASON]] * 3
     table = pa.Table.from_batches(out)
     assert table.column(ITEM_ID).to_pylist() == list(range(N))
     np.testing.assert_array_equal(np.array(table.column(CODES).to_pylist()), expected.codes)
@@ -149,7 +159,10 @@ def test_a_new_checkpoint_replaces_the_cached_model(checkpoint, vectors, counted
     assert list(encode._MODELS) == [hashlib.sha256(other).hexdigest()]
 
 
-def test_wrong_length_embedding_raises(checkpoint, vectors, counted_loads) -> None:
-    bad = batch(["a", "b"], [list(vectors[0]), list(vectors[1][:-1])])
-    with pytest.raises(ValueError, match=rf"1 embedding\(s\) do not have length {DIM}"):
-        list(make_encoder(checkpoint, DIM)(iter([bad])))
+def test_a_wrong_length_row_is_flagged_and_the_rest_of_its_batch_encoded(checkpoint, vectors, expected,
+                                                                         counted_loads) -> None:
+    mixed = batch(["a", "b", "c"], [list(vectors[0]), list(vectors[1][:-1]), list(vectors[2])])
+    table = pa.Table.from_batches(list(make_encoder(checkpoint, DIM)(iter([mixed]))))
+    got = {r[ITEM_ID]: r for r in table.to_pylist()}
+    assert got["b"] == {ITEM_ID: "b", CODES: None, QUANTIZATION_ERROR: None, REASON: RejectReason.WRONG_LENGTH}
+    assert [got["a"][CODES], got["c"][CODES]] == expected.codes[[0, 2]].tolist()

@@ -1,6 +1,9 @@
 """validate_catalog: every bad-input kind is quarantined with its reason; nothing is dropped."""
 from __future__ import annotations
 
+import helpers
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID, REASON, InputColumns, RejectReason
@@ -8,37 +11,12 @@ from pipelines.validate import (
     SchemaError,
     TooManyRejectsError,
     check_reject_share,
+    row_reason_codes,
     validate_catalog,
     validation_counts,
 )
 
-INF, NAN = float("inf"), float("nan")
-
-# (id, vec, expected reason or None); the input uses non-contract column names on purpose.
-CASES = [
-    ("ok-1", [1.0, 2.0, 3.0], None),
-    ("ok-2", [0.0, 0.0, 1e-3], None),
-    (None, [1.0, 2.0, 3.0], RejectReason.NULL_ID),
-    ("dup", [1.0, 2.0, 3.0], RejectReason.DUPLICATE_ID),
-    ("dup", [4.0, 5.0, 6.0], RejectReason.DUPLICATE_ID),
-    ("dup-null-vec", None, RejectReason.NULL_EMBEDDING),
-    ("short", [1.0, 2.0], RejectReason.WRONG_LENGTH),
-    ("long-with-nan", [1.0, 2.0, 3.0, NAN], RejectReason.WRONG_LENGTH),
-    ("null-element", [1.0, None, 3.0], RejectReason.NULL_ELEMENT),
-    ("null-and-nan", [NAN, None, 3.0], RejectReason.NULL_ELEMENT),
-    ("nan", [1.0, NAN, 3.0], RejectReason.NON_FINITE),
-    ("nan-first", [NAN, 1.0, 3.0], RejectReason.NON_FINITE),
-    ("nan-last", [-1.0, 1.0, NAN], RejectReason.NON_FINITE),
-    ("negative-nan", [1.0, -NAN, -3.0], RejectReason.NON_FINITE),
-    ("nan-and-zeros", [0.0, NAN, 0.0], RejectReason.NON_FINITE),
-    ("inf", [1.0, -INF, 3.0], RejectReason.NON_FINITE),
-    ("plus-inf", [INF, 1.0, 3.0], RejectReason.NON_FINITE),
-    ("beyond-negative-float", [1.0, -1e300, 1.0], RejectReason.NON_FINITE),
-    ("beyond-float", [1e300, 1.0, 1.0], RejectReason.NON_FINITE),
-    ("zero", [0.0, -0.0, 0.0], RejectReason.ZERO_VECTOR),
-    ("negative", [-1.0, -2.0, -3.0], None),
-    ("tiny", [0.0, -1e-30, 0.0], None),
-]
+CASES = helpers.REJECT_CASES  # every bad-input kind, with its reason; the input uses non-contract names
 COLUMNS = InputColumns(item_id="id", embedding="vec")
 
 
@@ -55,7 +33,7 @@ def result(catalog):
 @pytest.mark.spark
 def test_each_bad_row_has_its_reason(result) -> None:
     got = sorted((r[ITEM_ID] or "", r[REASON]) for r in result.rejects.collect())
-    assert got == sorted((i or "", reason) for i, _, reason in CASES if reason)
+    assert got == helpers.expected_rejects()
 
 
 @pytest.mark.spark
@@ -152,3 +130,47 @@ def test_infer_dim_reads_only_its_sample(spark) -> None:
     df = spark.createDataFrame(rows, "item_id bigint, embedding array<float>").coalesce(1)
     assert infer_dim(df, sample_rows=3) == 2
     assert infer_dim(df, sample_rows=100) == 4
+
+
+# --- the same rules on Arrow batches (the encode UDF's checks) -------------------------------------
+
+PER_ROW = [(i, v, r) for i, v, r in CASES if r != RejectReason.DUPLICATE_ID]  # duplicates need every row
+
+
+def reasons_of(ids: pa.Array, embeddings: pa.Array, dim: int = 3) -> list:
+    return [RejectReason.ALL[c] if c >= 0 else None for c in row_reason_codes(ids, embeddings, dim)]
+
+
+@pytest.mark.parametrize("list_type", [pa.list_(pa.float64()), pa.list_(pa.float32()), pa.large_list(pa.float32())])
+def test_row_reason_codes_match_the_sql_rules(list_type) -> None:
+    ids = pa.array([i for i, _, _ in PER_ROW], pa.string())
+    with np.errstate(over="ignore"):
+        vectors = pa.array([v for _, v, _ in PER_ROW], pa.list_(pa.float64())).cast(list_type, safe=False)
+    assert reasons_of(ids, vectors) == [r for _, _, r in PER_ROW]
+
+
+def test_row_reason_codes_check_each_row_of_a_duplicated_id_on_its_own() -> None:
+    dups = [(i, v) for i, v, r in CASES if r == RejectReason.DUPLICATE_ID]
+    ids, vectors = pa.array([i for i, _ in dups]), pa.array([v for _, v in dups], pa.list_(pa.float32()))
+    assert reasons_of(ids, vectors) == [None, None, RejectReason.NON_FINITE, RejectReason.NULL_EMBEDDING]
+
+
+def test_row_reason_codes_on_slices_chunks_and_fixed_size_lists() -> None:
+    ids = pa.array([i for i, _, _ in PER_ROW], pa.string())
+    vectors = pa.array([v for _, v, _ in PER_ROW], pa.list_(pa.float32()))
+    expected = [r for _, _, r in PER_ROW]
+    for start, stop in [(1, 9), (5, len(PER_ROW)), (10, 11)]:  # the slice offset must be honoured
+        assert reasons_of(ids[start:stop], vectors[start:stop]) == expected[start:stop]
+    chunked = pa.chunked_array([vectors[:7], vectors[7:]])
+    assert reasons_of(ids, chunked) == expected
+    three = [k for k, (_, v, _) in enumerate(PER_ROW) if v is None or len(v) == 3]
+    fixed = pa.array([PER_ROW[k][1] for k in three], pa.list_(pa.float32(), 3))
+    assert reasons_of(pa.array([PER_ROW[k][0] for k in three])[1:], fixed[1:]) == [PER_ROW[k][2] for k in three][1:]
+
+
+def test_a_clean_batch_has_no_reasons() -> None:
+    vectors = helpers.random_vectors(50, 4, seed=3)
+    embeddings = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 4).cast(pa.list_(pa.float32()))
+    assert (row_reason_codes(pa.array(range(50)), embeddings, 4) == -1).all()
+    assert (row_reason_codes(pa.array(range(50)), embeddings, 5) == RejectReason.ALL.index(
+        RejectReason.WRONG_LENGTH)).all()
