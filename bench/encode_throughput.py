@@ -4,7 +4,8 @@
     python bench/encode_throughput.py --items 4000000 --dim 768 --engines local --skip-limit
 
 Measures, side by side:
-  (a) limit:    rqvae.encode_array on the catalog held in memory as float32 (all cores, best of 3);
+  (a) limit:    rqvae.encode_array on the catalog held in memory as float32 (all cores, best of 3, at the
+                fastest of --limit-batch-sizes);
   (b) encode:   read table -> mapInArrow UDF -> write codes (no uniquify, no statistics);
   (c) job:      jobs/tokenize_catalog.py --stages validate,encode,report --model <the same checkpoint>
                 (wall time of the whole process; its MLflow store exists already, as for a scheduled job)
@@ -43,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size N")
     p.add_argument("--dim", type=int, default=768, help="embedding length D")
     p.add_argument("--engines", default="local,spark", help="comma-separated: local (Sail), spark (classic)")
-    p.add_argument("--batch-size", type=int, default=65536, help="rows per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per model call in (b) and (c) (default: rqvae's for the device, 2048 on CPU)")
+    p.add_argument("--limit-batch-sizes", default="auto,65536",
+                   help="comma-separated batch sizes (a) is measured at ('auto' = rqvae's default); the limit "
+                   "is the fastest of them")
     p.add_argument("--device", default="cpu", help="torch device for (a), (b) and the job's --encode-device "
                    "(cuda on a GPU machine)")
     p.add_argument("--skip-limit", action="store_true", help="skip (a), e.g. when N x D does not fit in memory")
@@ -136,8 +141,10 @@ def table_codes_digest(path: Path, fmt: str) -> str:
     return codes_digest(table.column("item_id").to_numpy(), codes.flatten().to_numpy().reshape(len(codes), -1))
 
 
-def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int, device: str = "cpu") -> tuple[float, str]:
-    """(a): encode the whole catalog from memory; returns items/s and the digest of the codes."""
+def limit_items_per_s(catalog: Path, model_file: Path, batch_sizes: list[int | None],
+                      device: str = "cpu") -> tuple[dict[str, float], str]:
+    """(a): encode the whole catalog from memory at each batch size (None = rqvae's default); returns
+    items/s per batch size and the digest of the codes (the same at every batch size, or it raises)."""
     import torch
     from deltalake import DeltaTable
 
@@ -152,12 +159,18 @@ def limit_items_per_s(catalog: Path, model_file: Path, batch_size: int, device: 
     x = np.concatenate(parts)
     del parts
     model = load_checkpoint(model_file.read_bytes(), map_location=device).to(device)
-    seconds = []
-    for _ in range(3):  # best of 3: the limit is what the machine can do, not what it did once
-        start = time.perf_counter()
-        codes = encode_array(model, x, batch_size=batch_size).codes
-        seconds.append(time.perf_counter() - start)
-    return len(x) / min(seconds), codes_digest(np.concatenate(ids), codes)
+    rates, digests = {}, set()
+    for batch_size in batch_sizes:
+        seconds = []
+        for _ in range(3):  # best of 3: the limit is what the machine can do, not what it did once
+            start = time.perf_counter()
+            codes = encode_array(model, x, batch_size=batch_size).codes
+            seconds.append(time.perf_counter() - start)
+        rates[str(batch_size or "auto")] = len(x) / min(seconds)
+        digests.add(codes_digest(np.concatenate(ids), codes))
+    if len(digests) != 1:
+        raise RuntimeError(f"the batch size changed the codes: digests {sorted(digests)}")
+    return rates, digests.pop()
 
 
 def encode_worker(a: argparse.Namespace) -> int:
@@ -171,6 +184,7 @@ def encode_worker(a: argparse.Namespace) -> int:
         start = time.perf_counter()
         df = io.read_catalog(es.spark, a.catalog, fmt).select("item_id", "embedding")
         codes = encode_embeddings(df, Path(a.model).read_bytes(), a.dim, batch_size=a.batch_size, device=a.device)
+        codes = codes.drop("reason")  # every catalog row is clean; (b) writes the codes only
         io.write_table(codes, io.OutputLocation.for_path(a.output, fmt), "codes")
         print(json.dumps({"seconds": time.perf_counter() - start}))
     return 0
@@ -200,9 +214,10 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
     catalog = catalog_path(a.items, a.dim, fmt)
     env = {**os.environ, "SPARK_MASTER": os.environ.get("SPARK_MASTER", "local[*]")}
     run_dir = OUT / f"run_{engine}_{a.items}_{a.dim}"
+    batch = ["--batch-size", str(a.batch_size)] if a.batch_size else []
     worker = [sys.executable, str(Path(__file__).resolve()), "--worker", "encode", "--engine", engine,
               "--catalog", str(catalog), "--model", str(model_file), "--output", str(run_dir / "encode"),
-              "--dim", str(a.dim), "--batch-size", str(a.batch_size), "--device", a.device]
+              "--dim", str(a.dim), "--device", a.device, *batch]
     warm_page_cache(catalog)
     rc, wall_b, rss_b, out = run_sampled(worker, env)
     if rc != 0:
@@ -213,7 +228,8 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
     job = [sys.executable, str(ROOT / "jobs" / "tokenize_catalog.py"), "--engine", engine, "--format", fmt,
            "--input", str(catalog), "--output", str(run_dir / "tables"), "--work-dir", str(run_dir / "work"),
            "--stages", "validate,encode,report", "--model", str(model_file),
-           "--encode-batch-size", str(a.batch_size), "--encode-device", a.device, "--max-reject-share", "0"]
+           "--encode-device", a.device, "--max-reject-share", "0",
+           *(["--encode-batch-size", str(a.batch_size)] if a.batch_size else [])]
     rc, wall_c, rss_c, out = run_sampled(job, env)
     if rc != 0:
         raise RuntimeError(f"job failed on {engine}:\n{out[-3000:]}")
@@ -224,8 +240,9 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
             "job_peak_rss_mb": rss_c}
 
 
-def report(a: argparse.Namespace, limit: float | None, digest: str, figures: dict[str, dict[str, Any]]) -> str:
-    lines = [f"N = {a.items:,}, D = {a.dim}, batch {a.batch_size}, {os.cpu_count()} cores, "
+def report(a: argparse.Namespace, limits: dict[str, float], digest: str, figures: dict[str, dict[str, Any]]) -> str:
+    limit = max(limits.values()) if limits else None
+    lines = [f"N = {a.items:,}, D = {a.dim}, batch {a.batch_size or 'auto'}, {os.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
              "", "| engine | (a) limit items/s | (b) encode items/s | b/a | (c) job items/s | c/a "
              "| (b) peak RSS MB | (c) peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -235,7 +252,8 @@ def report(a: argparse.Namespace, limit: float | None, digest: str, figures: dic
         lines.append(f"| {engine} | {limit or 0:,.0f} | {f['encode_items_per_s']:,.0f} | {ratio_b} | "
                      f"{f['job_items_per_s']:,.0f} | {ratio_c} | {f['encode_peak_rss_mb']:,.0f} | "
                      f"{f['job_peak_rss_mb']:,.0f} |")
-    lines.append(f"\ncodes digest of (a): {digest}")
+    lines.append("\n(a) items/s per batch size: " + ", ".join(f"{k}: {v:,.0f}" for k, v in limits.items()))
+    lines.append(f"codes digest of (a): {digest}")
     for engine, f in figures.items():
         same = "same as (a)" if f["job_codes_digest"] == digest else "DIFFERENT from (a)" if limit else "(a) skipped"
         lines.append(f"codes digest of the {engine} job's table: {f['job_codes_digest']} ({same})")
@@ -248,17 +266,20 @@ def main(argv: list[str] | None = None) -> int:
         return encode_worker(a)
     OUT.mkdir(parents=True, exist_ok=True)
     model_file = Path(a.model) if a.model else model_path(a.dim, catalog_path(a.items, a.dim, "delta"))
-    limit, digest = (None, "skipped")
+    limits: dict[str, float] = {}
+    digest = "skipped"
     if not a.skip_limit:
-        limit, digest = limit_items_per_s(catalog_path(a.items, a.dim, "delta"), model_file, a.batch_size, a.device)
-        print(f"(a) limit: {limit:,.0f} items/s", flush=True)
+        sizes = [None if b.strip() == "auto" else int(b) for b in a.limit_batch_sizes.split(",") if b.strip()]
+        limits, digest = limit_items_per_s(catalog_path(a.items, a.dim, "delta"), model_file, sizes, a.device)
+        print(f"(a) limit: {max(limits.values()):,.0f} items/s {limits}", flush=True)
     figures = {}
     for engine in [e.strip() for e in a.engines.split(",") if e.strip()]:
         figures[engine] = engine_figures(engine, a, model_file)
         print(engine, {k: round(v, 1) if isinstance(v, float) else v for k, v in figures[engine].items()}, flush=True)
-    print(report(a, limit, digest, figures))
+    print(report(a, limits, digest, figures))
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "limit_items_per_s": limit, "codes_digest": digest,
+        Path(a.json).write_text(json.dumps({"args": vars(a), "limit_items_per_s": max(limits.values(), default=None),
+                                            "limit_by_batch_size": limits, "codes_digest": digest,
                                             "engines": figures}, indent=2))
     return 0
 

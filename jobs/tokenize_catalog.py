@@ -55,7 +55,7 @@ class JobConfig:
     gate_args: dict[str, Any] = field(default_factory=dict)
     encode_batch_size: int | None = None  # None: rqvae's default for the device
     encode_device: str = "cpu"
-    encode_threads: int | None = None
+    encode_threads: int | None = 1
     suffix_budget: int = 16
     shuffle_partitions: int | None = None
 
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per model call in the UDF (default: 2048 on CPU, 65536 on a GPU; on CPU small "
                    "batches are faster)")
     g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
-    g.add_argument("--encode-threads", type=int, help="torch threads per Python worker (default: torch's own)")
+    g.add_argument("--encode-threads", type=int, default=1,
+                   help="torch threads per encode task (default 1: the engine runs one task per core; raise "
+                   "it together with spark.task.cpus for fewer, fatter tasks; 0 = torch's default)")
     g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
     return p
 
