@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rqvae import RQVAE, ModelConfig, RQKMeans, RQKMeansConfig, encode_array, reconstruct_array
-from rqvae.encode import model_device
+from rqvae.encode import CPU_BATCH_SIZE, default_batch_size, model_device
 
 D, L, K = 6, 3, 5
 X = np.random.default_rng(0).normal(size=(60, D)).astype(np.float32)
@@ -66,6 +66,17 @@ def test_chunking_does_not_change_results(name: str) -> None:
         np.testing.assert_allclose(other.quantization_error, big.quantization_error, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(reconstruct_array(model, X, batch_size=7), reconstruct_array(model, X),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_default_batch_is_small_on_cpu_and_large_on_accelerators(monkeypatch) -> None:
+    assert default_batch_size("cpu") == default_batch_size(torch.device("cpu")) == CPU_BATCH_SIZE == 2048
+    assert default_batch_size("cuda:1") == default_batch_size("mps") == 65536
+    x = np.random.default_rng(1).normal(size=(CPU_BATCH_SIZE + 5, D)).astype(np.float32)  # two model calls
+    model, calls = rqvae_model(), []
+    original = model.quantize
+    monkeypatch.setattr(model, "quantize", lambda batch: calls.append(len(batch)) or original(batch))
+    np.testing.assert_array_equal(encode_array(model, x).codes, encode_array(model, x, batch_size=len(x)).codes)
+    assert calls == [CPU_BATCH_SIZE, 5, len(x)]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
