@@ -91,6 +91,7 @@ class JobResult:
     tables: dict[str, str] = field(default_factory=dict)
     report: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per reason (not printed)
     model: str = ""
 
     def summary_lines(self) -> list[str]:
@@ -202,22 +203,30 @@ def _check_counts(cfg: JobConfig, n_input: int, counts: ValidationCounts, result
     """
     n_clean, reasons, n_rejected = counts.clean, counts.rejected, counts.n_rejected
     if "input_rows" in result.counts:
-        before = (result.counts["input_rows"], result.counts["valid_rows"], result.counts["rejected_rows"])
-        if before != (n_input, n_clean, n_rejected):
-            raise JobFailed(f"the catalog changed during the run: {before[0]} rows in ({before[1]} valid, "
-                            f"{before[2]} rejected) when validated, {n_input} ({n_clean}, {n_rejected}) when "
-                            "encoded; nothing was written. Run again on a stable snapshot.")
+        before = (result.counts["input_rows"], result.counts["valid_rows"], result.reasons)
+        if before != (n_input, n_clean, reasons):
+            raise JobFailed(
+                f"the validation pass and the encode pass counted differently: {before[0]} rows in, {before[1]} "
+                f"valid, rejected {_nonzero(before[2])} when validated; {n_input} in, {n_clean} valid, rejected "
+                f"{_nonzero(reasons)} when encoded. Nothing was written. Either the catalog changed during the "
+                "run (run again on a stable snapshot, e.g. a Delta version) or the engine's and the encode "
+                "UDF's checks disagree on some rows (a bug: report it with rows of the differing reasons).")
         return
-    shown = {k: c for k, c in reasons.items() if c}
+    shown = _nonzero(reasons)
     print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected" + (f" {shown}" if shown else ""))
     if n_input != n_clean + n_rejected:
         raise JobFailed(f"row accounting failed: {n_input} input rows != {n_clean} valid + {n_rejected} rejected")
     result.counts.update(input_rows=n_input, valid_rows=n_clean, rejected_rows=n_rejected)
+    result.reasons = dict(reasons)
     mlflow.log_metrics({"input_rows": n_input, "valid_rows": n_clean, "rejected_rows": n_rejected,
                         **{f"rejected_{k}": c for k, c in reasons.items()}})
     check_reject_share(n_rejected, n_input, cfg.max_reject_share)
     if n_clean == 0:
         raise JobFailed("no valid rows to tokenize; see the rejects counts above")
+
+
+def _nonzero(reasons: dict[str, int]) -> dict[str, int]:
+    return {k: c for k, c in reasons.items() if c}
 
 
 class _MlflowEpochLogger:
@@ -303,6 +312,7 @@ def _encode_and_write(cfg: JobConfig, session: EngineSession, catalog: DataFrame
         return encode_embeddings(df, model.checkpoint, v.dim, batch_size=cfg.encode_batch_size,
                                  device=cfg.encode_device, threads=cfg.encode_threads)
 
+    # Rows of a duplicated id were encoded before being flagged; their codes are dropped with the REASON filters.
     staged = session.materialize(flag_duplicates(encode(v.rows), ids=v.rows))
     if staged is not None:
         _check_counts(cfg, catalog.count(), count_reasons(staged), result)

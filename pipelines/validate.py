@@ -42,7 +42,7 @@ class TooManyRejectsError(RuntimeError):
 
 @dataclass(frozen=True)
 class ValidationResult:
-    """Outcome of :func:`validate_catalog` (both frames are lazy).
+    """Outcome of :func:`validate_catalog` (every frame is lazy).
 
     Attributes:
         clean: valid rows: ``item_id`` (STRING or BIGINT), ``embedding`` ARRAY<FLOAT> of length
@@ -57,7 +57,7 @@ class ValidationResult:
     rejects: DataFrame
     dim: int
     flagged: DataFrame  # every row with its REASON (null when clean); clean and rejects are filters of it
-    rows: DataFrame  # every input row, contract names and types, nothing checked (the encode stage's input)
+    rows: DataFrame  # every input row with contract names and types, unchecked: the encode stage's input
 
 
 def validate_catalog(
@@ -99,8 +99,9 @@ def flag_duplicates(df: DataFrame, ids: DataFrame | None = None) -> DataFrame:
 
     Every row of a repeated id is flagged: keeping one of them would be an arbitrary choice. A null
     id is never a duplicate (it keeps ``null_item_id``); every other reason yields to this one, as in
-    the order of :attr:`RejectReason.ALL`. The join moves only ids and reasons, never embeddings, when
-    REASON is computed below it (as :func:`validate_catalog` and the encode stage do).
+    the order of :attr:`RejectReason.ALL`. The join carries whatever columns ``df`` has: the encode
+    stage's small output (ids, codes, reasons), or, for :func:`validate_catalog`'s counts, only ids and
+    reasons (the engine prunes the embeddings; its ``clean`` rows do carry them through the join).
 
     Args:
         df: ITEM_ID and REASON (STRING, null = clean), any other columns.
@@ -214,9 +215,14 @@ def _row_extremes(values: pa.Array, starts: np.ndarray, rows: np.ndarray, dim: i
         flat = flat.astype(np.float32, copy=False)
     if uniform:  # every row checked: the rows are one contiguous block
         block = flat[starts[0]:starts[0] + len(starts) * dim].reshape(len(starts), dim)  # (N, D) view
-    else:
-        block = flat[starts[rows][:, None] + np.arange(dim)]  # (n_checked, D) copy
-    return block.max(axis=1), block.min(axis=1)
+        return block.max(axis=1), block.min(axis=1)
+    # Some rows are not checked: reduce over [start, start + D) of each checked row. reduceat reduces
+    # between consecutive indices, so every other result is a row (the ones between are gaps).
+    first = starts[rows]
+    bounds = np.column_stack([first, first + dim]).ravel()
+    if bounds[-1] == len(flat):  # reduceat needs every index inside the array
+        flat = np.append(flat, np.float32(0))
+    return np.maximum.reduceat(flat, bounds)[::2], np.minimum.reduceat(flat, bounds)[::2]
 
 
 INFER_DIM_ROWS = 10_000
@@ -309,7 +315,7 @@ def validation_counts(result: ValidationResult) -> ValidationCounts:
 
 def count_reasons(df: DataFrame) -> ValidationCounts:
     """Rows of ``df`` per REASON (null = clean) in one aggregation: ``validate_catalog(...).flagged``, or
-    the encode stage's output when it was given the flagged rows."""
+    the encode stage's output after :func:`flag_duplicates` (without it, duplicates count as clean)."""
     counts, clean = dict.fromkeys(RejectReason.ALL, 0), 0
     for row in df.groupBy(REASON).count().collect():
         if row[REASON] is None:

@@ -10,7 +10,8 @@ from rqvae.metrics import evaluate_codes
 
 
 def evaluate_model(model: Tokenizer, x: np.ndarray, *, category_ids: np.ndarray | None = None,
-                   k: int = 10, n_queries: int = 2000, seed: int = 0, batch_size: int = 65536) -> dict[str, float]:
+                   k: int = 10, n_queries: int = 2000, seed: int = 0,
+                   batch_size: int | None = None) -> dict[str, float]:
     """The flat metric dict of :func:`rqvae.metrics.evaluate_codes` for x (N, D).
 
     Reconstructions are compared with the model-space input (L2-normalised when the model

@@ -477,3 +477,22 @@ def test_console_script_entry_point_loads(tmp_path) -> None:
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "jobs.tokenize_catalog"
+
+
+def test_a_recount_that_differs_names_both_counts_and_both_causes() -> None:
+    from jobs.runner import JobFailed, JobResult, _check_counts
+    from jobs.tokenize_catalog import parse_args
+    from pipelines.validate import ValidationCounts
+
+    result = JobResult("sqlite://", "run")
+    result.counts.update(input_rows=10, valid_rows=8, rejected_rows=2)
+    result.reasons = {"zero_vector": 2, "null_embedding": 0}
+    same_totals = ValidationCounts(8, {"zero_vector": 1, "null_embedding": 1})  # the totals alone agree
+    with pytest.raises(JobFailed) as failed:
+        _check_counts(parse_args(["--input", "unused"]), 10, same_totals, result)
+    message = str(failed.value)
+    assert "rejected {'zero_vector': 2} when validated" in message
+    assert "rejected {'zero_vector': 1, 'null_embedding': 1} when encoded" in message
+    assert "catalog changed during the run" in message and "checks disagree" in message
+    _check_counts(parse_args(["--input", "unused"]), 10, ValidationCounts(8, {"zero_vector": 2, "null_embedding": 0}),
+                  result)  # the same counts again: no error
