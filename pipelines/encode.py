@@ -59,8 +59,8 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
         model = model_for(checkpoint, digest, device, threads)
         for batch in batches:
             reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
-            if (reasons >= 0).any():  # rejects in this batch: they pass through uncoded
-                bad = reasons >= 0
+            bad = reasons >= 0
+            if bad.any():  # rejects in this batch: they pass through uncoded
                 rejected = batch.filter(pa.array(bad))
                 n = rejected.num_rows
                 yield pa.RecordBatch.from_arrays(
