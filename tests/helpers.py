@@ -204,14 +204,15 @@ def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
 
 
-def untrained_checkpoint(dim: int, *, levels: int = 3, codebook_size: int = 16, seed: int = 0) -> bytes:
+def untrained_checkpoint(dim: int, *, levels: int = 3, codebook_size: int = 16, seed: int = 0,
+                         hidden_dims: tuple[int, ...] = (32, 16), latent_dim: int = 8) -> bytes:
     """Checkpoint bytes of a freshly initialised (untrained) RQ-VAE: fast, and enough to compare codes."""
     import torch
 
     from rqvae import RQVAE, ModelConfig, checkpoint_bytes
 
     torch.manual_seed(seed)
-    model = RQVAE(ModelConfig(input_dim=dim, hidden_dims=(32, 16), latent_dim=8, num_levels=levels,
+    model = RQVAE(ModelConfig(input_dim=dim, hidden_dims=hidden_dims, latent_dim=latent_dim, num_levels=levels,
                               codebook_size=codebook_size))
     return checkpoint_bytes(model)
 
