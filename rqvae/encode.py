@@ -91,11 +91,11 @@ def _fixed_shape_batches(x: np.ndarray, batch_size: int,
     Why a fixed shape: BLAS picks its kernel (and so its summation order) by the call's row count,
     so one item's float32 outputs can differ in the last bit between calls of different sizes (MKL
     on CPU, bench model at D = 768, errors against 4,096-row calls: 87% of items differ with 1-row
-    calls, 1-12 of 4,096 with calls of 18 to 4,095 rows). Padded, calls of one shape gave the same
-    bits for every row at every offset tried. With every call the same shape an item's codes and
-    quantization error depend on its
-    own embedding only, not on how the engine split the catalog into batches, so the suffix order
-    (sorted by the error) is reproducible across runs, engines and partitionings.
+    calls, up to 12 of 4,096 with many sizes from 18 to 4,095 rows, e.g. 511). Calls of one shape
+    gave the same bits for every row at every offset tried. So with every call the same shape an
+    item's codes and quantization error depend on its own embedding only, not on how the engine
+    split the catalog into batches, and the suffix order (sorted by the error) is reproducible
+    across runs, engines and partitionings.
     """
     for start in range(0, len(x), batch_size):
         block = _to_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
