@@ -79,21 +79,30 @@ class RQVAE(nn.Module):
         return self.encoder(self.prepare(x))
 
     @torch.no_grad()
-    def anchor_codes(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(B,) level-1 codes from the input-space anchor, or None when the model has none."""
+    def anchor_codes(self, x: torch.Tensor, *, prepared: bool = False) -> torch.Tensor | None:
+        """(B,) level-1 codes from the input-space anchor, or None when the model has none.
+
+        ``prepared``: x is already :meth:`prepare`'s output (saves normalising it twice).
+        """
         if not self.config.anchor_first_level:
             return None
-        return nearest(self.prepare(x).float(), self.anchor)[0]
+        return nearest((x if prepared else self.prepare(x)).float(), self.anchor)[0]
+
+    def _latent_and_anchor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder output z (B, d) and anchor codes for x (B, D), normalising x once for both."""
+        p = self.prepare(x)
+        return self.encoder(p), self.anchor_codes(p, prepared=True)
 
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
-        z = self.encode_latent(x)
-        quant = self.quantizer(z.float(), self.anchor_codes(x))
+        z, first = self._latent_and_anchor(x)
+        quant = self.quantizer(z.float(), first)
         return RQVAEOutput(self.decoder(quant.quantized), z, quant)
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes (B, L), per-level residual inputs (L, B, d) and final residual (B, d) for x (B, D)."""
-        return self.quantizer.assign(self.encode_latent(x).float(), self.anchor_codes(x))
+        z, first = self._latent_and_anchor(x)
+        return self.quantizer.assign(z.float(), first)
 
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> Quantized:

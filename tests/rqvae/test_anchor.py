@@ -53,3 +53,13 @@ def test_checkpoint_round_trip_keeps_codes(anchored: bool, anchored_fit) -> None
     again = load_checkpoint(checkpoint_bytes(model))
     np.testing.assert_array_equal(encode_array(again, CATALOG.embeddings).codes,
                                   encode_array(model, CATALOG.embeddings).codes)
+
+
+def test_assign_normalises_once_with_the_same_bits_as_each_part_on_its_own(anchored_fit) -> None:  # type: ignore[no-untyped-def]
+    model = anchored_fit.model.eval()
+    x = torch.from_numpy(CATALOG.embeddings)
+    with torch.no_grad():
+        codes, inputs, residual = model.assign(x)
+        parts = model.quantizer.assign(model.encode_latent(x).float(), model.anchor_codes(x))
+    assert torch.equal(codes, parts[0]) and torch.equal(inputs, parts[1]) and torch.equal(residual, parts[2])
+    assert torch.equal(codes[:, 0], model.anchor_codes(torch.nn.functional.normalize(x, dim=-1), prepared=True))
