@@ -6,7 +6,9 @@ import torch
 
 def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances. x: (N, d), centers: (K, d) -> (N, K)."""
-    d = x.pow(2).sum(1, keepdim=True) - 2.0 * x @ centers.T + centers.pow(2).sum(1)
+    # (x @ c.T) * 2 has the same bits as (2 * x) @ c.T (doubling is exact) and multiplies the
+    # (N, K) product instead of the (N, d) input: fewer operations when K < d (the input-space anchor).
+    d = x.pow(2).sum(1, keepdim=True) - (x @ centers.T).mul_(2.0) + centers.pow(2).sum(1)
     return d.clamp_min_(0.0)
 
 
