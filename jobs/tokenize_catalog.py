@@ -125,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gate-min-recon-cosine", type=float, default=0.5, help="minimum mean reconstruction cosine")
     g = p.add_argument_group("encoding and report")
     g.add_argument("--encode-batch-size", type=int, default=None,
-                   help="rows per model call in the UDF (default: 2048 on CPU, 65536 on a GPU; on CPU small "
+                   help="rows per model call in the UDF (default: 2048 on CPU, 8192 on a GPU; on CPU small "
                    "batches are faster)")
     g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
     g.add_argument("--encode-threads", type=int, default=1,
                    help="torch threads per encode task (default 1: the engine runs one task per core; raise "
-                   "it together with spark.task.cpus for fewer, fatter tasks; 0 = torch's default)")
+                   "it together with spark.task.cpus for fewer, fatter tasks; 0 = torch's default). 1 or a "
+                   "power of two keeps each quantization error the same bits however the rows are batched; "
+                   "other counts can change the last bit of a few, and so the suffix order of near ties")
     g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
     return p
 

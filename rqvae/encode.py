@@ -68,16 +68,18 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 
 
 CPU_BATCH_SIZE = 2048  # rows per model call on CPU: the activations stay in cache
-ACCELERATOR_BATCH_SIZE = 65536  # on a GPU, fewer and larger calls
+ACCELERATOR_BATCH_SIZE = 8192  # on a GPU: one engine Arrow batch (Sail hands over 8,192 rows) per call
 
 
 def default_batch_size(device: torch.device | str) -> int:
-    """Rows per model call when the caller does not say: small on CPU, large on an accelerator.
+    """Rows per model call when the caller does not say: 2048 on CPU, 8192 on an accelerator.
 
     On CPU, small batches are faster: a (B, 512) activation of 2048 rows stays in cache, one of 65536
     rows (128 MB) does not. Default model shape at D = 768, 2 threads (bench/RESULTS.md): on the whole
     1M-item bench catalog 2048 rows give 139.6k items/s and 65536 rows 74.9k (1.8x); on 300k of its
     items 2048 -> 120k, 8192 -> 108k, 65536 -> 80k. The codes are the same for every batch size.
+    On an accelerator 8192 rows is one engine batch, so the UDF's calls are not padded (a call is
+    always exactly the batch size, see :func:`_fixed_shape_batches`); not measured, no GPU so far.
     """
     return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else ACCELERATOR_BATCH_SIZE
 
@@ -96,6 +98,11 @@ def _fixed_shape_batches(x: np.ndarray, batch_size: int,
     item's codes and quantization error depend on its own embedding only, not on how the engine
     split the catalog into batches, and the suffix order (sorted by the error) is reproducible
     across runs, engines and partitionings.
+
+    That holds for one model, batch size, device, BLAS and torch thread count, and on CPU only with
+    1 thread (the encode UDF's default) or a power of two: with 3, 5 or 6 threads torch splits the
+    element-wise ops into chunks that end mid-vector, so a row's bits depend on its position in the
+    call again (bench model, 6,000 rows shifted by 1-1,000: 4-12 errors differ; 0 with 1, 2 or 4).
     """
     for start in range(0, len(x), batch_size):
         block = _to_tensor(x[start:start + batch_size]).to(device, non_blocking=True)
@@ -109,9 +116,9 @@ def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None = No
     """Codes and quantization errors for x (N, D), in model calls of exactly ``batch_size`` rows.
 
     Memory beyond the output is bounded by one batch whatever N is. Runs on the model's device;
-    ``batch_size`` None takes :func:`default_batch_size` for it. For a given model, batch size,
-    device and thread setting, each row's result depends on that row alone (see
-    :func:`_fixed_shape_batches`), so any split of a catalog gives the same codes and errors.
+    ``batch_size`` None takes :func:`default_batch_size` for it. Each row's result depends on that
+    row alone (within the limits in :func:`_fixed_shape_batches`: same batch size and device, 1 or
+    a power-of-two torch threads), so any split of a catalog gives the same codes and errors.
     """
     x = _as_float32(x)
     device = model_device(model)

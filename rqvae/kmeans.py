@@ -6,8 +6,9 @@ import torch
 
 def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances. x: (N, d), centers: (K, d) -> (N, K)."""
-    # (x @ c.T) * 2 has the same bits as (2 * x) @ c.T (doubling is exact) and multiplies the
-    # (N, K) product instead of the (N, d) input: fewer operations when K < d (the input-space anchor).
+    # (x @ c.T) * 2 has the same bits as (2 * x) @ c.T (doubling a normal float is exact; products
+    # in the subnormal range, ~1e-38, would differ) and doubles N*K values instead of N*d: fewer for
+    # the input-space anchor (K = 256, d = 768), a few more for small latents, negligible there.
     d = x.pow(2).sum(1, keepdim=True) - (x @ centers.T).mul_(2.0) + centers.pow(2).sum(1)
     return d.clamp_min_(0.0)
 

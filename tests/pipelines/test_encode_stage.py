@@ -7,6 +7,7 @@ import helpers
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 import pipelines.encode as encode
 import rqvae.checkpoint
@@ -67,12 +68,17 @@ def test_errors_are_bitwise_those_of_one_in_process_call_whatever_the_batching()
     checkpoint = helpers.untrained_checkpoint(dim, levels=3, codebook_size=64, seed=5, hidden_dims=(192,),
                                               latent_dim=24)
     vectors = helpers.random_vectors(rows, dim, seed=6)
-    whole = encode_array(load_checkpoint(checkpoint), vectors, batch_size=256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the UDF's thread count (threads=1 below)
+    try:
+        whole = encode_array(load_checkpoint(checkpoint), vectors, batch_size=256)
+    finally:
+        torch.set_num_threads(before)
     sizes = [1] * 20 + [214, 9, 9, 600, 37, 611]
     bounds = np.cumsum([0] + sizes)
     assert bounds[-1] == rows
     batches = [batch(list(range(a, b)), vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    out = pa.Table.from_batches(list(make_encoder(checkpoint, dim, batch_size=256)(iter(batches))))
+    out = pa.Table.from_batches(list(make_encoder(checkpoint, dim, batch_size=256, threads=1)(iter(batches))))
     assert out.column(ITEM_ID).to_pylist() == list(range(rows))
     np.testing.assert_array_equal(np.array(out.column(CODES).to_pylist(), dtype=np.int32), whole.codes)
     np.testing.assert_array_equal(out.column(QUANTIZATION_ERROR).to_numpy(), whole.quantization_error)

@@ -57,7 +57,9 @@ def test_checkpoint_round_trip_keeps_codes(anchored: bool, anchored_fit) -> None
 
 def test_assign_normalises_once_with_the_same_bits_as_each_part_on_its_own(anchored_fit) -> None:  # type: ignore[no-untyped-def]
     model = anchored_fit.model.eval()
-    x = torch.from_numpy(CATALOG.embeddings)
+    # The catalog's rows are unit-norm already; scaled rows tell a normalised input from a raw one.
+    scale = np.random.default_rng(7).uniform(0.5, 3.0, size=(len(CATALOG.embeddings), 1)).astype(np.float32)
+    x = torch.from_numpy(CATALOG.embeddings * scale)
     with torch.no_grad():
         codes, inputs, residual = model.assign(x)
         parts = model.quantizer.assign(model.encode_latent(x).float(), model.anchor_codes(x))
