@@ -24,6 +24,7 @@ setup(
             "pandas>=2.2,<3",
             "pyarrow>=18",
             "tqdm>=4.60",
+            "xxhash>=3.0",
         ],
         "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10"],
     },

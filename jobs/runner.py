@@ -1,4 +1,9 @@
-"""Wiring of the tokenize job: session + MLflow run + stages. The only module that joins them."""
+"""Wiring of the tokenize job: session + MLflow run + stages. The only module that joins them.
+
+Every piece of stage work is a ``pipelines`` function a scheduler can call on its own; this module
+reads like the job's table of contents: validate, (train, align, register), encode, plan, gate,
+publish, report.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,56 +15,55 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 
-from jobs.tokenize_catalog import EXIT_BAD_INPUT, EXIT_GATE, JobConfig
-from pipelines import io, registry
+from jobs.config import EXIT_BAD_INPUT, EXIT_GATE, JobConfig
+from pipelines import io, ledger, registry
 from pipelines.demo import write_demo_catalog
-from pipelines.encode import encode_embeddings
-from pipelines.gate import GateThresholds, gate_failures
-from pipelines.prefix_stats import prefix_stats_of_groups, summarize_groups, tuple_groups
+from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
+from pipelines.encode import ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel, encode_catalog
+from pipelines.gate import churn_failure, gate_failures
+from pipelines.prefix_stats import report_tables
 from pipelines.report import write_report
-from pipelines.sample import collect_training_arrays, sample_for_training
+from pipelines.sample import TrainingArrays, collect_training_arrays, sample_for_training
 from pipelines.schema import (
     CATEGORY,
-    ITEM_ID,
+    DRIFT_TABLE,
+    ID_CHANGES_TABLE,
     LEVEL_STATS_TABLE,
-    MLFLOW_RUN_ID,
-    MODEL_NAME,
-    MODEL_VERSION,
     PREFIX_STATS_TABLE,
-    REASON,
-    REJECTED_AT,
     REJECTS_TABLE,
-    SEMANTIC_ID_COLUMNS,
     SEMANTIC_IDS_TABLE,
-    TOKENIZED_AT,
     InputColumns,
-    prefix_column,
 )
 from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
-from pipelines.uniquify import assign_suffixes
 from pipelines.validate import (
+    NoValidRowsError,
+    RowAccountingError,
     SchemaError,
     TooManyRejectsError,
     ValidationCounts,
     ValidationResult,
-    check_reject_share,
-    count_reasons,
-    flag_duplicates,
+    check_counts,
+    nonzero,
+    stamp_rejects,
     validate_catalog,
     validation_counts,
 )
-from rqvae import ModelConfig, ProgressPrinter, TrainConfig, fit, load_checkpoint, save_checkpoint
+from rqvae import ProgressPrinter, fit, load_checkpoint, save_checkpoint
+from rqvae.align import Agreement, align_to
 from rqvae.encode import encode_array
 from rqvae.evaluate import evaluate_model
 from rqvae.metrics import level_usage
+from rqvae.model import RQVAE
 from rqvae.synthetic import CatalogSpec
 from rqvae.taxonomy import category_ids_from_paths
 
 Stage = Callable[[str], Any]
+_EXPECTED = (SchemaError, TooManyRejectsError, RowAccountingError, NoValidRowsError, FileNotFoundError,
+             ledger.ModeError, ledger.ConcurrentRunError)
 
 
 class JobFailed(RuntimeError):
@@ -68,18 +72,6 @@ class JobFailed(RuntimeError):
     def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class Model:
-    """The model the encode stage uses: registered name/version, its bytes, L and K."""
-
-    name: str
-    version: str
-    checkpoint: bytes
-    num_levels: int
-    codebook_size: int
-    input_dim: int
 
 
 @dataclass
@@ -93,10 +85,14 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per reason (not printed)
     model: str = ""
+    mode: str = ""
+    drift: Drift | None = None
 
     def summary_lines(self) -> list[str]:
         lines = ["", "==> results"]
         lines += [f"    {k:<22}{v}" for k, v in self.counts.items()]
+        if self.mode:
+            lines.append(f"    {'mode':<22}{self.mode}")
         lines += [f"    {'table ' + k:<22}{v}" for k, v in self.tables.items()]
         lines += [f"    {'report ' + k:<22}{v}" for k, v in self.report.items()]
         if self.model:
@@ -105,6 +101,25 @@ class JobResult:
         if self.tracking_uri.startswith("sqlite:"):
             lines.append(f"    {'open the MLflow UI':<22}mlflow ui --backend-store-uri {self.tracking_uri}")
         return lines
+
+
+@dataclass
+class _Job:
+    """One run's fixed parts: config, engine, output location, result, banner, clock."""
+
+    cfg: JobConfig
+    session: EngineSession
+    location: io.OutputLocation
+    result: JobResult
+    stage: Stage
+    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))  # aware: UTC in Spark
+
+    @property
+    def spark(self) -> Any:
+        return self.session.spark
+
+    def materialize(self, df: DataFrame) -> DataFrame | None:
+        return self.session.materialize(df)
 
 
 def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
@@ -122,47 +137,42 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     registry.use_experiment(cfg.experiment, work)
     try:
         with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}") as run:
-            result = JobResult(tracking, run.info.run_id)
-            _run_stages(cfg, session, location, result, stage)
-            return result
-    except (SchemaError, TooManyRejectsError, FileNotFoundError) as e:
+            job = _Job(cfg, session, location, JobResult(tracking, run.info.run_id), stage)
+            _run_stages(job)
+            return job.result
+    except _EXPECTED as e:
         raise JobFailed(str(e)) from e
     finally:
         session.stop()
 
 
-def _run_stages(cfg: JobConfig, session: EngineSession, location: io.OutputLocation, result: JobResult,
-                stage: Stage) -> None:
-    spark = session.spark
+def _run_stages(job: _Job) -> None:
+    cfg, stage = job.cfg, job.stage
     if cfg.demo:
         with stage("write demo catalog"):
-            cfg = _with_demo_catalog(cfg)
+            job.cfg = cfg = _with_demo_catalog(cfg)
             print(f"    {cfg.demo_items} synthetic items x {cfg.demo_dim} dims -> {cfg.input}")
-    _log_lineage(cfg, session.engine)
-    model_given = "train" not in cfg.stages and bool(cfg.model)
-    # Counts are needed before training (sample size, reject share). Without training, the encode pass
-    # counts the reasons itself, so the 3 GB-per-million-items embedding column is read once, not twice.
-    count_now = not ("encode" in cfg.stages and model_given)
     with stage("validate"):
-        catalog, v = _validate(cfg, spark)
-        if count_now:
-            _check_counts(cfg, catalog.count(), validation_counts(v), result)
-    model = None
-    if "train" in cfg.stages:
-        model = _train(cfg, v.clean, v.dim, result, stage)
-    elif cfg.model:
-        model = _resolve(cfg.model, v.dim)
+        catalog, v = _validate(job)
+        state = ledger.read_table_state(job.spark, job.location) if cfg.encodes or cfg.trains else None
+        print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.root + ' yet'}")
+        # Without training the encode pass counts the reasons itself, so the embedding column is read once.
+        if cfg.trains or not cfg.encodes:
+            _check_counts(job, catalog.count(), validation_counts(v))
+    model = _train(job, v, state) if cfg.trains else _resolve(cfg.model, v.dim) if cfg.model else None
     if model is not None:
-        result.model = f"{model.name} version {model.version}"
-    if "encode" in cfg.stages and model is not None:
-        with stage("encode + uniquify + write"):
-            _encode_and_write(cfg, session, catalog, v, model, location, result)
+        job.result.model = f"{model.name} version {model.version}"
+    if cfg.encodes and model is not None:
+        _encode_and_publish(job, catalog, v, model, state)
     elif "validate" in cfg.stages:
-        result.tables["rejects"] = io.write_table(_stamp_rejects(v.rejects, result.run_id), location, REJECTS_TABLE)
+        rejects = stamp_rejects(v.rejects, job.result.run_id, job.now, n_rejected=job.result.counts["rejected_rows"])
+        job.result.tables["rejects"] = io.write_table(rejects, job.location, REJECTS_TABLE)
+    if cfg.trains and model is not None:
+        registry.set_alias(model.name, registry.CHAMPION, model.version)  # after the tables: nothing half-done
+        print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
     if "report" in cfg.stages:
         with stage("prefix statistics + report"):
-            k = model.codebook_size if model else int(cfg.model_args["codebook_size"])
-            _report(cfg, session, location, k, result)
+            _report(job, model.codebook_size if model else cfg.model_config.codebook_size)
 
 
 def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
@@ -172,13 +182,26 @@ def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
                                category_col=cfg.category_col or CATEGORY)
 
 
+def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
+    """The catalog and its (lazy) validation: schema checked, D known, the run's params logged."""
+    cfg = job.cfg
+    catalog = io.read_catalog(job.spark, str(cfg.input), cfg.input_format)
+    columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
+    v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
+    job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
+    print(f"    schema ok, D = {v.dim}")
+    _log_lineage(job.cfg, job.session.engine)
+    return catalog, v
+
+
 def _log_lineage(cfg: JobConfig, engine: str) -> None:
-    """Params (the full config) and lineage tags of this run."""
+    """Params (the full config, nested configs as model.* / train.* / gate.*) and lineage tags."""
     from importlib.metadata import version
 
-    params = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith("_args")}
-    for group in ("model_args", "train_args", "gate_args"):
-        params.update({f"{group[:-5]}.{k}": v for k, v in getattr(cfg, group).items()})
+    nested = {"model_config": "model", "train_config": "train", "gate": "gate"}
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in nested}
+    for name, prefix in nested.items():
+        params.update({f"{prefix}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, name)).items()})
     mlflow.log_params({k: str(v) for k, v in params.items()})
     delta = io.delta_version(cfg.input) if cfg.input and cfg.input_format in ("auto", "delta") else None
     mlflow.set_tags({"input": cfg.input, "input_delta_version": str(delta), "engine": engine,
@@ -186,48 +209,27 @@ def _log_lineage(cfg: JobConfig, engine: str) -> None:
                      "package_version": version("catalog-semantic-ids")})
 
 
-def _validate(cfg: JobConfig, spark: SparkSession) -> tuple[DataFrame, ValidationResult]:
-    """The catalog and its (lazy) validation: schema checked, D known; nothing counted yet."""
-    catalog = io.read_catalog(spark, str(cfg.input), cfg.input_format)
-    columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
-    v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
-    print(f"    schema ok, D = {v.dim}")
-    return catalog, v
+def _check_counts(job: _Job, n_input: int, counts: ValidationCounts) -> None:
+    """Print and log the counts, and check them (row accounting, reject share, something valid).
 
-
-def _check_counts(cfg: JobConfig, n_input: int, counts: ValidationCounts, result: JobResult) -> None:
-    """Print and log the counts; check row accounting, the reject share and that something is valid.
-
-    Called once before anything is written. When the counts were taken before (training runs count
-    before sampling) and again by the encode pass, the two must agree.
+    Called once before anything is written; a training run counts before sampling and again in the
+    encode pass, and the two must agree.
     """
-    n_clean, reasons, n_rejected = counts.clean, counts.rejected, counts.n_rejected
+    result = job.result
+    earlier = None
     if "input_rows" in result.counts:
-        before = (result.counts["input_rows"], result.counts["valid_rows"], result.reasons)
-        if before != (n_input, n_clean, reasons):
-            raise JobFailed(
-                f"the validation pass and the encode pass counted differently: {before[0]} rows in, {before[1]} "
-                f"valid, rejected {_nonzero(before[2])} when validated; {n_input} in, {n_clean} valid, rejected "
-                f"{_nonzero(reasons)} when encoded. Nothing was written. Either the catalog changed during the "
-                "run (run again on a stable snapshot, e.g. a Delta version) or the engine's and the encode "
-                "UDF's checks disagree on some rows (a bug: report it with rows of the differing reasons).")
-        return
-    shown = _nonzero(reasons)
-    print(f"    {n_input} rows in, {n_clean} valid, {n_rejected} rejected" + (f" {shown}" if shown else ""))
-    if n_input != n_clean + n_rejected:
-        raise JobFailed(f"row accounting failed: {n_input} input rows != {n_clean} valid + {n_rejected} rejected")
-    result.counts.update(input_rows=n_input, valid_rows=n_clean, rejected_rows=n_rejected)
-    result.reasons = dict(reasons)
-    mlflow.log_metrics({"input_rows": n_input, "valid_rows": n_clean, "rejected_rows": n_rejected,
-                        **{f"rejected_{k}": c for k, c in reasons.items()}})
-    check_reject_share(n_rejected, n_input, cfg.max_reject_share)
-    if n_clean == 0:
-        raise JobFailed("no valid rows to tokenize; see the rejects counts above")
+        earlier = (result.counts["input_rows"], ValidationCounts(result.counts["valid_rows"], result.reasons))
+    else:
+        shown = f" {nonzero(counts.rejected)}" if counts.n_rejected else ""
+        print(f"    {n_input} rows in, {counts.clean} valid, {counts.n_rejected} rejected{shown}")
+        result.counts.update(input_rows=n_input, valid_rows=counts.clean, rejected_rows=counts.n_rejected)
+        result.reasons = dict(counts.rejected)
+        mlflow.log_metrics({"input_rows": n_input, "valid_rows": counts.clean, "rejected_rows": counts.n_rejected,
+                            **{f"rejected_{k}": c for k, c in counts.rejected.items()}})
+    check_counts(n_input, counts, job.cfg.max_reject_share, earlier)
 
 
-def _nonzero(reasons: dict[str, int]) -> dict[str, int]:
-    return {k: c for k, c in reasons.items() if c}
-
+# --- training ---------------------------------------------------------------------------------------
 
 class _MlflowEpochLogger:
     """fit() callback: per-epoch metrics to the active MLflow run."""
@@ -236,51 +238,110 @@ class _MlflowEpochLogger:
         mlflow.log_metrics(metrics, step=epoch)
 
 
-def _train(cfg: JobConfig, clean: DataFrame, dim: int, result: JobResult, stage: Stage) -> Model:
-    """Sample, fit, evaluate on the held-out part, log + register, apply the quality gate."""
+def _train(job: _Job, v: ValidationResult, state: ledger.TableState | None) -> TokenizerModel:
+    """Sample, fit (aligned to the table's generation), evaluate, log + register, apply the quality gate."""
+    cfg, stage = job.cfg, job.stage
     with stage("sample"):
-        n_rows = int(result.counts["valid_rows"])
-        sample = sample_for_training(clean, cfg.sample_size, cfg.seed, n_rows=n_rows)
-        arrays = collect_training_arrays(sample, dim, category_col=CATEGORY if cfg.category_col else None)
+        sample = sample_for_training(v.clean, cfg.sample_size, cfg.seed, n_rows=int(job.result.counts["valid_rows"]))
+        arrays = collect_training_arrays(sample, v.dim, category_col=CATEGORY if cfg.category_col else None)
         cats = category_ids_from_paths(arrays.categories) if arrays.categories else None
         print(f"    {len(arrays.embeddings)} items sampled for training (seed {cfg.seed})")
         mlflow.log_metric("train_sample_items", len(arrays.embeddings))
+    previous = _previous_generation(job, sample, arrays, state)
     with stage("train"):
-        mcfg = ModelConfig(input_dim=dim, **cfg.model_args)
-        fitted = fit(arrays.embeddings, mcfg, TrainConfig(**cfg.train_args), category_ids=cats,
-                     callbacks=[ProgressPrinter(), _MlflowEpochLogger()])
+        fitted = fit(arrays.embeddings, cfg.model_config, cfg.train_config, category_ids=cats,
+                     callbacks=[ProgressPrinter(), _MlflowEpochLogger()], init=previous.init)
+    if previous.codes is not None:
+        with stage("align codes to the table's generation"):
+            _align(fitted.model, previous)
     with stage("evaluate + register"):
-        hold = fitted.holdout_index if len(fitted.holdout_index) >= 2 else slice(None)
-        held_cats = None if cats is None else cats[hold]
-        metrics = evaluate_model(fitted.model, arrays.embeddings[hold], category_ids=held_cats)
-        # Code usage needs many more items than codes: measure it on the whole training sample.
-        codes = encode_array(fitted.model, arrays.embeddings).codes
-        for lv, usage in enumerate(level_usage(codes, mcfg.codebook_size), start=1):
-            metrics[f"sample_l{lv}_utilization"] = usage.utilization
-            metrics[f"sample_l{lv}_perplexity"] = usage.perplexity
-        mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in metrics.items()})
-        path = save_checkpoint(fitted.model.cpu(), Path(cfg.work_dir) / "checkpoints" / f"{result.run_id}.pt")
+        metrics = _evaluate(fitted, arrays, cats, cfg.model_config.codebook_size)
+        path = save_checkpoint(fitted.model.cpu(), Path(cfg.work_dir) / "checkpoints" / f"{job.result.run_id}.pt")
         example = pd.DataFrame({"embedding": list(arrays.embeddings[:2])})
         version = registry.log_and_register(path, cfg.model_name, input_example=example)
         registry.set_alias(cfg.model_name, registry.CANDIDATE, version)
-        failures = gate_failures(metrics, GateThresholds(**cfg.gate_args), mcfg.num_levels)
-        _print_metrics(metrics)
+        failures = gate_failures(metrics, cfg.gate, cfg.model_config.num_levels)
         mlflow.set_tag("quality_gate", "failed" if failures else "passed")
     if failures:
         raise JobFailed(f"quality gate failed for {cfg.model_name} version {version} (alias '{registry.CANDIDATE}' "
                         f"set, '{registry.CHAMPION}' not moved, tables untouched): " + "; ".join(failures), EXIT_GATE)
-    registry.set_alias(cfg.model_name, registry.CHAMPION, version)
-    print(f"    gate passed: {cfg.model_name} version {version} is now @{registry.CHAMPION}")
-    return Model(cfg.model_name, version, path.read_bytes(), mcfg.num_levels, mcfg.codebook_size, dim)
+    print(f"    quality gate passed: {cfg.model_name} version {version} is @{registry.CANDIDATE}")
+    mcfg = cfg.model_config
+    return TokenizerModel(cfg.model_name, version, path.read_bytes(), mcfg.num_levels, mcfg.codebook_size, v.dim)
 
 
-def _print_metrics(metrics: dict[str, float]) -> None:
+def _evaluate(fitted: Any, arrays: TrainingArrays, cats: np.ndarray | None, codebook_size: int) -> dict[str, float]:
+    """Held-out metrics, plus code usage over the whole sample (a small held-out part cannot show K codes)."""
+    hold = fitted.holdout_index if len(fitted.holdout_index) >= 2 else slice(None)
+    metrics = evaluate_model(fitted.model, arrays.embeddings[hold], category_ids=None if cats is None else cats[hold])
+    codes = encode_array(fitted.model, arrays.embeddings).codes
+    for lv, usage in enumerate(level_usage(codes, codebook_size), start=1):
+        metrics[f"sample_l{lv}_utilization"] = usage.utilization
+        metrics[f"sample_l{lv}_perplexity"] = usage.perplexity
+    mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in metrics.items()})
     keys = ["unique_rate", "max_group_size", "recon_cos_mean", "l1_prefix_nn", "l1_nmi"]
     keys += [k for k in metrics if k.startswith("sample_")]
     print("    held-out: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
+    return metrics
 
 
-def _resolve(uri: str, dim: int) -> Model:
+@dataclass(frozen=True)
+class _Previous:
+    """The table's generation as training sees it: its codes for the sampled items, its model."""
+
+    embeddings: np.ndarray | None = None  # (n, D) sampled items the table holds
+    codes: np.ndarray | None = None  # (n, L) their current codes
+    init: RQVAE | None = None  # the model to warm-start from
+
+
+def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
+                         state: ledger.TableState | None) -> _Previous:
+    """What aligning to the table needs (nothing without a table or with ``--align none``)."""
+    cfg = job.cfg
+    if state is None or cfg.align == "none":
+        return _Previous()
+    positions, codes = state.current_codes(sample, arrays.item_ids)
+    print(f"    {len(positions)} sampled items hold IDs of generation {state.generation}: the new codes are aligned "
+          "to theirs")
+    init = _warm_start_model(state, cfg) if cfg.align == "warm-start" else None
+    return _Previous(arrays.embeddings[positions], codes, init)
+
+
+def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
+    """The table's model when it can seed this training (same shape), else None (relabelling only)."""
+    uri = f"models:/{state.model_name}/{state.model_version}"
+    try:
+        model = load_checkpoint(registry.resolve_model(uri).checkpoint)
+    except ValueError as e:
+        print(f"    no warm start: {uri} cannot be loaded here ({str(e).splitlines()[0][:160]}); codes are relabelled")
+        return None
+    if model.config != cfg.model_config:
+        print(f"    no warm start: {uri} has another shape than --levels/--codebook-size/--hidden-dims... ask for; "
+              "codes are relabelled")
+        return None
+    print(f"    warm start from {uri} (the table's generation {state.generation})")
+    return model
+
+
+def _align(model: RQVAE, previous: _Previous) -> None:
+    """Relabel the model's codes to the previous generation's; log the prefix agreement before and after."""
+    assert previous.embeddings is not None and previous.codes is not None
+    if len(previous.codes) == 0:
+        print("    no sampled item holds an ID yet: nothing to align to")
+        return
+    before, after = align_to(model, previous.embeddings, previous.codes)
+    for name, agreement in (("before", before), ("after", after)):
+        mlflow.log_metrics({f"align_{name}_l{lv}_prefix_kept": share
+                            for lv, share in enumerate(agreement.prefix, start=1)})
+    print(f"    items keeping their prefix (levels 1..L): {_shares(before)} as trained, {_shares(after)} after "
+          "relabelling")
+
+
+def _shares(agreement: Agreement) -> str:
+    return "/".join(f"{share:.1%}" for share in agreement.prefix)
+
+
+def _resolve(uri: str, dim: int) -> TokenizerModel:
     """A registered model (alias resolved to a version once) or a checkpoint file."""
     try:
         resolved = registry.resolve_model(uri)
@@ -291,74 +352,102 @@ def _resolve(uri: str, dim: int) -> Model:
     if input_dim != dim:
         raise JobFailed(f"model {uri} expects {input_dim}-d embeddings but the catalog has D = {dim}")
     print(f"    using {resolved.name} version {resolved.version}")
-    return Model(resolved.name, resolved.version, resolved.checkpoint, model.num_levels, model.codebook_size, dim)
+    return TokenizerModel(resolved.name, resolved.version, resolved.checkpoint, model.num_levels, model.codebook_size,
+                          dim)
 
 
-def _stamp_rejects(rejects: DataFrame, run_id: str) -> DataFrame:
-    now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
-    return rejects.withColumn(MLFLOW_RUN_ID, F.lit(run_id)).withColumn(REJECTED_AT, F.lit(now).cast("timestamp"))
+# --- encode, plan, gate, publish ----------------------------------------------------------------------
+
+def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, model: TokenizerModel,
+                        state: ledger.TableState | None) -> None:
+    """Choose the mode, encode what it needs, plan every ID's fate, gate the churn, publish in one commit."""
+    cfg, stage, result = job.cfg, job.stage, job.result
+    mode = ledger.choose_mode(cfg.mode, state, model.name, model.version)
+    result.mode = f"{mode.name} (generation {mode.generation})"
+    print(f"\n==> mode: {mode.name}, because {mode.reason}")
+    with stage("encode"):
+        encoded = _encode(job, v, model, state, mode)
+        _check_counts(job, catalog.count(), encoded.counts)
+        plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
+                                   now=job.now, materialize=job.materialize)
+        print(f"    {plan.counts.summary()}")
+        if encoded.encoded_rows is not None:
+            print(f"    {encoded.encoded_rows} rows went through the model")
+            mlflow.log_metric("encoded_rows", encoded.encoded_rows)
+        print(f"    embeddings changed: {plan.counts.embedding_changed} (--on-changed {cfg.on_changed})")
+    with stage("drift + ID churn gate"):
+        drift = _drift(job, plan)
+        result.drift = drift
+        mlflow.log_metrics({**{f"ids_{k}": float(n) for k, n in plan.counts.as_dict().items()}, **drift.metrics()})
+        print(f"    {drift.ids_changed} of {drift.compared} published items change ID (churn {drift.churn:.2%}); "
+              f"prefix changed per level: {', '.join(f'{s:.1%}' for s in drift.prefix_changed_share())}")
+        failure = churn_failure(drift.ids_changed, drift.compared, cfg.max_id_churn)
+        mlflow.set_tag("id_churn_gate", "failed" if failure else "passed")
+    if failure:
+        raise JobFailed(f"{failure}: nothing was written, the tables and @{registry.CHAMPION} are as they were. Check "
+                        "the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it.",
+                        EXIT_GATE)
+    with stage("publish"):
+        _publish(job, plan, encoded, drift)
 
 
-def _encode_and_write(cfg: JobConfig, session: EngineSession, catalog: DataFrame, v: ValidationResult, model: Model,
-                      location: io.OutputLocation, result: JobResult) -> None:
-    """Encode, count, assign suffixes, stamp the model version, write both tables, check the row count.
-
-    One scan of the embeddings: the UDF checks every row (rejects pass through uncoded), duplicate ids
-    are flagged on its small output (ids, codes, reasons) against the catalog's id column, and that
-    output is materialised once; counts, rejects and codes all come from it. Engines that cannot
-    materialise get the counting pass first instead.
-    """
-    def encode(df: DataFrame) -> DataFrame:
-        return encode_embeddings(df, model.checkpoint, v.dim, batch_size=cfg.encode_batch_size,
-                                 device=cfg.encode_device, threads=cfg.encode_threads)
-
-    # Rows of a duplicated id were encoded before being flagged; their codes are dropped with the REASON filters.
-    staged = session.materialize(flag_duplicates(encode(v.rows), ids=v.rows))
-    if staged is not None:
-        _check_counts(cfg, catalog.count(), count_reasons(staged), result)
-        codes = staged.where(F.col(REASON).isNull()).drop(REASON)
-        rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
-    else:
-        _check_counts(cfg, catalog.count(), validation_counts(v), result)
-        codes, rejects = encode(v.clean).drop(REASON), v.rejects
-    now = dt.datetime.now(dt.timezone.utc)  # aware: Spark stores the UTC instant
-    sids = (assign_suffixes(codes, model.num_levels)
-            .withColumn(MODEL_NAME, F.lit(model.name)).withColumn(MODEL_VERSION, F.lit(model.version))
-            .withColumn(MLFLOW_RUN_ID, F.lit(result.run_id)).withColumn(TOKENIZED_AT, F.lit(now).cast("timestamp")))
-    prefixes = [prefix_column(lv) for lv in range(1, model.num_levels + 1)]
-    result.tables["semantic_ids"] = io.write_table(sids.select(*SEMANTIC_ID_COLUMNS, *prefixes), location,
-                                                   SEMANTIC_IDS_TABLE)
-    if result.counts["rejected_rows"] == 0:  # known from the counts: skip a scan for nothing
-        rejects = rejects.limit(0)
-    result.tables["rejects"] = io.write_table(_stamp_rejects(rejects, result.run_id), location, REJECTS_TABLE)
-    written = io.read_table(catalog.sparkSession, location, SEMANTIC_IDS_TABLE).count()
-    print(f"    {written} semantic IDs written to {result.tables['semantic_ids']}")
-    if written != result.counts["valid_rows"]:
-        raise JobFailed(f"row accounting failed: {result.counts['valid_rows']} valid rows but {written} written")
-    result.counts["written_rows"] = written
-    mlflow.log_metric("written_rows", written)
+def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger.TableState | None,
+            mode: ledger.Mode) -> Encoded:
+    cfg = job.cfg
+    policy, known = ENCODE_ALL, None
+    if mode.name == ledger.INCREMENTAL and state is not None:
+        policy = ENCODE_NEW_OR_CHANGED if cfg.on_changed == "retokenize" else ENCODE_NEW
+        known = state.known_fingerprints()
+    return encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
+                          batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads)
 
 
-def _report(cfg: JobConfig, session: EngineSession, location: io.OutputLocation, codebook_size: int,
-            result: JobResult) -> None:
+def _drift(job: _Job, plan: ledger.Plan) -> Drift:
+    """Drift of the planned table against --compare-to, or against the version the run started from."""
+    if not job.cfg.compare_to:
+        return drift_of_plan(plan)
+    other = io.read_catalog(job.spark, job.cfg.compare_to)
+    return compare_tables(other, plan.table(), plan.num_levels, against=job.cfg.compare_to)
+
+
+def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift) -> None:
+    """The semantic-ID table (one commit), then rejects, id_changes and drift; checks the active rows."""
+    location, result = job.location, job.result
+    written = ledger.publish(plan, location)
+    sids = location.of(SEMANTIC_IDS_TABLE)
+    if written is None:
+        print(f"    nothing to change in {sids}: no commit")
+    result.tables["semantic_ids"] = sids
+    rejects = stamp_rejects(encoded.rejects, result.run_id, job.now, n_rejected=result.counts["rejected_rows"])
+    result.tables["rejects"] = io.write_table(rejects, location, REJECTS_TABLE)
+    table = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
+    result.tables["id_changes"] = io.write_table(ledger.id_changes(table), location, ID_CHANGES_TABLE)
+    result.tables["drift"] = io.write_table(drift_table(job.spark, drift), location, DRIFT_TABLE)
+    active = ledger.count_active(table, expected=result.counts["valid_rows"])
+    print(f"    {active} active semantic IDs in {sids} ({plan.counts.issued} issued, {plan.counts.retired} retired "
+          "by this run)")
+    result.counts["written_rows"] = active
+    mlflow.log_metric("written_rows", active)
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+def _report(job: _Job, codebook_size: int) -> None:
     """Prefix-statistics tables, the HTML/JSON report beside them, all logged to the MLflow run."""
-    spark = session.spark
-    sids = io.read_table(spark, location, SEMANTIC_IDS_TABLE)
-    levels = len(sids.select("codes").first()[0])  # type: ignore[index]
-    # One grouping by full tuple (about one row per item with a trained model), computed once.
-    groups = tuple_groups(sids, cfg.suffix_budget)
-    groups = session.materialize(groups) or groups
-    result.tables["prefix_stats"] = io.write_table(prefix_stats_of_groups(groups, levels), location,
-                                                   PREFIX_STATS_TABLE)
-    summary = summarize_groups(groups, levels, codebook_size, cfg.suffix_budget,
-                               prefix_table=io.read_table(spark, location, PREFIX_STATS_TABLE))
-    rows = [u.metrics() for u in summary.levels]
-    usage = spark.createDataFrame(pd.DataFrame(rows, columns=list(rows[0])))  # keeps "level" first
-    result.tables["level_stats"] = io.write_table(usage, location, LEVEL_STATS_TABLE)
+    cfg, location, result = job.cfg, job.location, job.result
+    sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
+    if result.drift is None and cfg.compare_to:  # a report-only run: the table as it is against another
+        result.drift = compare_tables(io.read_catalog(job.spark, cfg.compare_to), sids, None, cfg.compare_to)
+    tables = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize)
+    result.tables["prefix_stats"] = io.write_table(tables.prefix_stats, location, PREFIX_STATS_TABLE)
+    result.tables["level_stats"] = io.write_table(tables.level_stats, location, LEVEL_STATS_TABLE)
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"
-    result.report = write_report(summary, out_dir, f"Semantic IDs: {cfg.model_name}",
-                                 extra={"model": result.model, "mlflow_run_id": result.run_id, **result.tables})
+    drift = result.drift.to_dict() if result.drift else None
+    result.report = write_report(tables.summary, out_dir, f"Semantic IDs: {cfg.model_name}",
+                                 extra={"model": result.model, "mode": result.mode, "mlflow_run_id": result.run_id,
+                                        **result.tables}, drift=drift)
     mlflow.log_artifacts(str(out_dir), artifact_path="report")
+    summary = tables.summary
     table_metrics = {k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float))}
     mlflow.log_metrics({f"table_{k}": float(v) for k, v in table_metrics.items()})
     print(f"    unique_rate {summary.unique_rate:.4f}, max group {summary.max_group_size}, "

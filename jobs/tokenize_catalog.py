@@ -5,7 +5,11 @@
     spark-submit jobs/tokenize_catalog.py --engine spark --input main.shop.items --output-table-prefix main.semids
     python jobs/tokenize_catalog.py --stages encode,report --model models:/catalog-semantic-ids@champion ...
 
-Exit codes: 0 success, 2 bad arguments or input, 3 quality gate failed (no champion, tables untouched).
+    python jobs/tokenize_catalog.py --stages validate,encode,report --model models:/catalog-semantic-ids@champion \
+        --input /data/catalog --output /data/semids            # daily: incremental, no ID moves
+
+Exit codes: 0 success, 2 bad arguments or input, 3 a gate failed (quality, or ID churn): nothing
+published, @champion not moved.
 """
 from __future__ import annotations
 
@@ -13,51 +17,15 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script (python/spark-submit jobs/tokenize_catalog.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("validate", "train", "encode", "report")
-EXIT_BAD_INPUT, EXIT_GATE = 2, 3
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """Everything the job needs, straight from the command line (see ``--help``)."""
-
-    input: str | None
-    input_format: str
-    demo: bool
-    demo_items: int
-    demo_dim: int
-    output: str | None
-    output_table_prefix: str | None
-    format: str
-    work_dir: str
-    engine: str
-    remote: str | None
-    stages: tuple[str, ...]
-    model: str | None
-    model_name: str
-    experiment: str
-    id_col: str
-    embedding_col: str
-    category_col: str
-    embedding_dim: int | None
-    max_reject_share: float
-    sample_size: int
-    seed: int
-    model_args: dict[str, Any] = field(default_factory=dict)
-    train_args: dict[str, Any] = field(default_factory=dict)
-    gate_args: dict[str, Any] = field(default_factory=dict)
-    encode_batch_size: int | None = None  # None: rqvae's default for the device
-    encode_device: str = "cpu"
-    encode_threads: int | None = 1
-    suffix_budget: int = 16
-    shuffle_partitions: int | None = None
+from jobs.config import ALIGN_CHOICES, STAGES, JobConfig
+from pipelines.gate import GateThresholds
+from pipelines.schema import MODES, ON_CHANGED
+from rqvae import ModelConfig, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "power of two keeps each quantization error the same bits however the rows are batched; "
                    "other counts can change the last bit of a few, and so the suffix order of near ties")
     g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
+    g = p.add_argument_group("scheduled runs: ID stability and generations (docs/scheduling.md)")
+    g.add_argument("--mode", default="auto", choices=MODES,
+                   help="auto (default): incremental when the output table exists and its current generation "
+                   "was written by this run's model, full otherwise (the job prints which and why). "
+                   "incremental: only items the table does not hold (and, with --on-changed retokenize, items "
+                   "whose embedding changed) are encoded; every existing row stays as it is; one Delta MERGE. "
+                   "full: every item is encoded; with the table's model every ID is kept, with another model a "
+                   "new generation starts (IDs aligned, changes listed in id_changes, gated by --max-id-churn)")
+    g.add_argument("--on-changed", default="keep", choices=ON_CHANGED,
+                   help="an item whose embedding changed (fingerprint differs) within a generation: keep its ID "
+                   "(default), or retokenize it: a new ID if its codes changed, the old one retired and never "
+                   "reissued. Either way the run reports how many changed")
+    g.add_argument("--max-id-churn", type=float, default=0.5,
+                   help="fail the run (exit 3, nothing written, @champion not moved) when more than this share "
+                   "of the previously published items still in the catalog would get another semantic_id "
+                   "(default 0.5; 1 turns the gate off)")
+    g.add_argument("--align", default="warm-start", choices=ALIGN_CHOICES,
+                   help="when training against an existing table, how the new model's codes are aligned to the "
+                   "table's: warm-start (default) trains from the table's model and then relabels codes to match "
+                   "it; relabel trains from scratch and relabels each level's codes by a one-to-one matching; "
+                   "none does neither (every ID may move)")
+    g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
+                   "instead of the output table's previous version; its churn is what --max-id-churn gates")
     return p
 
 
@@ -148,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--input is required (or --demo for the synthetic catalog)")
     if "train" not in stages and "encode" in stages and not a.model:
         p.error("--stages without train needs --model models:/<name>@<alias> (or a checkpoint file)")
+    if a.mode == "incremental" and "train" in stages:
+        p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
+                "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
+                "a new generation")
+    if not 0.0 <= a.max_id_churn <= 1.0:
+        p.error(f"--max-id-churn must be between 0 and 1, got {a.max_id_churn}")
     hidden = tuple(int(v) for v in a.hidden_dims.split(",") if v)
     return JobConfig(
         input=a.input, input_format=a.input_format, demo=a.demo, demo_items=a.demo_items, demo_dim=a.demo_dim,
@@ -156,16 +153,17 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         model_name=a.model_name, experiment=a.experiment, id_col=a.id_col, embedding_col=a.embedding_col,
         category_col=a.category_col, embedding_dim=a.embedding_dim,
         max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
-        model_args=dict(hidden_dims=hidden, latent_dim=a.latent_dim, num_levels=a.levels,
-                        codebook_size=a.codebook_size, estimator=a.estimator, shared_codebook=a.shared_codebook,
-                        anchor_first_level=not a.no_anchor),
-        train_args=dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                        taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
-        gate_args=dict(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
-                       min_recon_cosine=a.gate_min_recon_cosine),
+        model_config=ModelConfig(input_dim=a.embedding_dim or 1, hidden_dims=hidden, latent_dim=a.latent_dim,
+                                 num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
+                                 shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor),
+        train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                 taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
+        gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
+                            min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
         encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
-        shuffle_partitions=a.shuffle_partitions,
+        shuffle_partitions=a.shuffle_partitions, mode=a.mode, on_changed=a.on_changed, compare_to=a.compare_to,
+        max_id_churn=a.max_id_churn, align=a.align,
     )
 
 

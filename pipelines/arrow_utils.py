@@ -104,3 +104,19 @@ def matrix_to_list_array(values: np.ndarray, value_type: pa.DataType | None = No
     n, width = values.shape
     offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel(), value_type))
+
+
+def row_fingerprints(matrix: np.ndarray) -> np.ndarray:
+    """int64 (N,) fingerprint of each row of a float32 matrix (N, D): xxh3-64 of the row's bytes.
+
+    The bytes are the row's float32 values in little-endian order, so a fingerprint depends only on
+    the values the encoder sees (after the cast to FLOAT), not on the engine, the batch, the machine
+    or the input's float/double type. Any bit change gives another fingerprint (also -0.0 vs 0.0).
+    xxh3 (the ``xxhash`` package) hashes a 768-float row in well under a microsecond; ``hashlib``'s
+    blake2b was 14x slower here, about a fifth of the model's own encode cost.
+    """
+    import xxhash
+
+    rows = np.ascontiguousarray(matrix, dtype="<f4").view(np.uint8).reshape(len(matrix), -1)
+    digest = xxhash.xxh3_64_intdigest
+    return np.fromiter((digest(row.data) for row in rows), dtype=np.uint64, count=len(rows)).view(np.int64)

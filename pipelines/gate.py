@@ -32,3 +32,19 @@ def gate_failures(metrics: dict[str, float], thresholds: GateThresholds, num_lev
         if value is None or not value >= minimum:
             failures.append(f"{key} = {value if value is None else round(value, 4)} < {minimum} ({flag})")
     return failures
+
+
+def churn_failure(ids_changed: int, compared: int, max_churn: float | None) -> str | None:
+    """Why a run's ID churn stops it, or None when it may publish.
+
+    Churn is the share of the previously published items (active, and still valid in the catalog)
+    whose ``semantic_id`` this run would change (``pipelines.drift``). ``max_churn`` None or 1 lets
+    every run through.
+    """
+    if max_churn is None or compared == 0:
+        return None
+    churn = ids_changed / compared
+    if churn <= max_churn:
+        return None
+    return (f"id churn {churn:.2%} ({ids_changed} of {compared} published items would get another semantic_id) "
+            f"is above --max-id-churn {max_churn}")

@@ -184,16 +184,104 @@ def _table_missing(spark: SparkSession, name: str) -> bool:
         return False
 
 
-def read_table(spark: SparkSession, location: OutputLocation, name: str) -> DataFrame:
+def read_table(spark: SparkSession, location: OutputLocation, name: str, version: int | None = None) -> DataFrame:
     """Read output table ``name`` (e.g. ``REJECTS_TABLE``) back from ``location``.
+
+    Args:
+        version: a Delta table version to read (time travel); None reads the latest.
 
     Raises:
         CatalogNotFoundError: the table path does not exist.
     """
     target = location.of(name)
     if location.is_catalog:
+        if version is not None:
+            return spark.read.option("versionAsOf", version).table(target)
         return spark.read.table(target)
+    if version is not None:
+        if location.fmt != "delta":
+            raise ValueError(f"version {version} of {target}: only Delta tables have versions")
+        return spark.read.format("delta").option("versionAsOf", version).load(target)
     return load_path(spark, target, location.fmt)
+
+
+def table_exists(spark: SparkSession, location: OutputLocation, name: str) -> bool:
+    """Whether output table ``name`` exists under ``location`` (a Delta log, Parquet files or a catalog table).
+
+    A local path is looked at directly; a remote URI is asked of the engine (a schema lookup).
+    """
+    target = location.of(name)
+    if location.is_catalog:
+        return not _table_missing(spark, target)
+    path = local_path(target)
+    if path is not None:
+        if location.fmt == "delta":
+            return (path / DELTA_LOG).is_dir()
+        return path.is_dir() and next(path.rglob("*.parquet"), None) is not None
+    try:
+        return bool(load_path(spark, target, location.fmt).schema.fields)
+    except (CatalogNotFoundError, Exception):  # noqa: BLE001 - any failure to resolve it: not there
+        return False
+
+
+def table_version(location: OutputLocation, name: str) -> int | None:
+    """Current Delta version of output table ``name`` (delta-rs), or None (Parquet, catalog tables, or
+    a store delta-rs cannot open here)."""
+    if location.is_catalog or location.fmt != "delta":
+        return None
+    return delta_version(location.of(name))
+
+
+def merge_into(
+    source: DataFrame,
+    location: OutputLocation,
+    name: str,
+    *,
+    key: str,
+    owner: str,
+    update_columns: Sequence[str],
+    insert_columns: Sequence[str],
+    action: str,
+) -> None:
+    """One Delta ``MERGE`` of ``source`` into table ``name``: update rows that match on ``key``, insert the rest.
+
+    ``source`` rows carry ``action``: "update" rows set ``update_columns`` of the row with the same
+    ``key``; "insert" rows add a row of ``insert_columns``. A matching row whose ``owner`` column
+    differs (an insert whose key another row already holds, e.g. an ID another run issued meanwhile)
+    fails the statement with an error naming the key, and so does an "update" row whose key is gone;
+    nothing is committed then. Rows the statement does not touch stay as they are (byte-identical).
+    """
+    view = f"csid_merge_source_{uuid.uuid4().hex[:12]}"
+    source.createOrReplaceTempView(view)
+    def fail(what: str) -> str:
+        return (f"cast(raise_error(concat('{key} ', cast(s.{_quote(key)} as string), ' {what} in {name}: the "
+                "table changed during this run (another run?); nothing was committed, run again')) as string)")
+
+    sets = ", ".join(f"{_quote(c)} = s.{_quote(c)}" for c in update_columns)
+    columns = ", ".join(_quote(c) for c in insert_columns)
+    values = ", ".join(f"s.{_quote(c)}" for c in insert_columns)
+    statement = (
+        f"MERGE INTO {_table_reference(location, name)} AS t USING {view} AS s ON t.{_quote(key)} = s.{_quote(key)} "
+        f"WHEN MATCHED AND t.{_quote(owner)} = s.{_quote(owner)} THEN UPDATE SET {sets} "
+        f"WHEN MATCHED THEN UPDATE SET {_quote(key)} = {fail('already names another ' + owner)} "
+        f"WHEN NOT MATCHED AND s.{_quote(action)} = 'insert' THEN INSERT ({columns}) VALUES ({values}) "
+        f"WHEN NOT MATCHED THEN INSERT ({_quote(key)}) VALUES ({fail('is no longer')})"
+    )
+    try:
+        source.sparkSession.sql(statement).collect()
+    finally:
+        source.sparkSession.catalog.dropTempView(view)
+
+
+def _table_reference(location: OutputLocation, name: str) -> str:
+    """SQL name of an output table: the catalog name, or ``delta.`<path>``` (backticks doubled)."""
+    if location.is_catalog:
+        return location.of(name)
+    return f"{location.fmt}.{_quote(location.of(name))}"
+
+
+def _quote(identifier: str) -> str:
+    return "`" + identifier.replace("`", "``") + "`"
 
 
 def delta_version(path: str) -> int | None:

@@ -16,6 +16,7 @@ and :func:`prefix_stats_of_groups`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import reduce
 from typing import Any
@@ -25,6 +26,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.schema import (
+    ACTIVE,
     CHILDREN,
     CODE,
     CODES,
@@ -317,3 +319,39 @@ def _build_summary(
         group_size_histogram=tuple((size, tuples) for size, tuples, _ in sizes),
         top_prefixes=tuple(top_rows),
     )
+
+
+@dataclass(frozen=True)
+class ReportTables:
+    """The report stage's output: ``prefix_stats`` and ``level_stats`` frames and the summary behind the
+    HTML/JSON report."""
+
+    prefix_stats: DataFrame
+    level_stats: DataFrame
+    summary: PrefixSummary
+
+
+def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
+                  materialize: Callable[[DataFrame], DataFrame | None]) -> ReportTables:
+    """Prefix and level statistics of the current IDs of a semantic-ID table.
+
+    Args:
+        sids: the semantic-ID table; only its active rows count (every row of a table without the
+            ``active`` column).
+        codebook_size: K.
+        suffix_budget: suffixes at or beyond it count as overflow.
+        materialize: computes a frame once (``EngineSession.materialize``) or returns None. The
+            grouping by full tuple (about one row per item) is computed once and every statistic is
+            derived from it.
+    """
+    current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
+    levels = len(current.select(CODES).first()[0])  # type: ignore[index]
+    groups = tuple_groups(current, suffix_budget)
+    groups = materialize(groups) or groups
+    stats = prefix_stats_of_groups(groups, levels)
+    stats = materialize(stats) or stats
+    summary = summarize_groups(groups, levels, codebook_size, suffix_budget, prefix_table=stats)
+    rows = [u.metrics() for u in summary.levels]
+    names = list(rows[0])  # "level" first
+    level_stats = sids.sparkSession.createDataFrame([tuple(r[k] for k in names) for r in rows], names)
+    return ReportTables(stats, level_stats, summary)

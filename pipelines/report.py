@@ -32,7 +32,8 @@ img { max-width: 100%; }
 """
 
 
-def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None = None) -> str:
+def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None = None,
+                drift: dict[str, Any] | None = None) -> str:
     """One self-contained HTML page describing ``summary``.
 
     Sections: run details (``extra`` as a key/value table), overall metrics, per-level metrics,
@@ -43,6 +44,8 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
         summary: the statistics to show.
         title: page title and heading (escaped).
         extra: optional details such as model name/version, run id, table locations (escaped).
+        drift: optional ``pipelines.drift.Drift.to_dict()`` of the run: a "Drift" section with the
+            ID counts, the share of items whose prefix changed per level and the largest flows.
 
     Returns:
         The HTML document as a string.
@@ -59,17 +62,20 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
     parts += ["<h2>Collision group sizes</h2>",
               _img(_histogram_figure(summary.group_size_histogram), "group-size histogram")]
     parts += ["<h2>Top prefixes</h2>", _top_prefix_tables(summary)]
+    if drift is not None:
+        parts += _drift_section(drift)
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
 def write_report(
-    summary: PrefixSummary, out_dir: str | Path, title: str, extra: dict[str, Any] | None = None
+    summary: PrefixSummary, out_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
+    drift: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write ``prefix_report.html`` and ``prefix_summary.json`` into ``out_dir`` (created if needed).
 
-    The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}``; values of
-    ``extra`` that JSON cannot hold are written as strings.
+    The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}`` (and ``"drift"``
+    when given); values of ``extra`` that JSON cannot hold are written as strings.
 
     Returns:
         ``{"html": path, "json": path}``.
@@ -77,8 +83,10 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / REPORT_HTML, out / SUMMARY_JSON
-    html_path.write_text(render_html(summary, title, extra), encoding="utf-8")
+    html_path.write_text(render_html(summary, title, extra, drift), encoding="utf-8")
     document = {"title": title, "extra": extra or {}, "summary": summary.to_dict()}
+    if drift is not None:
+        document["drift"] = drift
     json_path.write_text(json.dumps(document, indent=2, default=str, allow_nan=False), encoding="utf-8")
     return {"html": str(html_path), "json": str(json_path)}
 
@@ -121,6 +129,17 @@ def _top_prefix_tables(s: PrefixSummary) -> str:
         rows = [[getattr(p, h) for h in headers] for p in s.top_prefixes if p.level == level]
         out += [f"<h3>Level {level}</h3>", _table(headers, rows)]
     return "\n".join(out)
+
+
+def _drift_section(drift: dict[str, Any]) -> list[str]:
+    """Drift against the previous tokenization: ID counts, prefix changes per level, largest flows."""
+    counts = [(k, drift[k]) for k in ("against", "compared", "ids_changed", "churn", "ids_added", "ids_retired")]
+    levels = [(level, n, share) for level, (n, share) in
+              enumerate(zip(drift["prefix_changed"], drift["prefix_changed_share"]), start=1)]
+    flows = [(f["level"], f["old_prefix"], f["new_prefix"], f["items"]) for f in drift["flows"]]
+    return ["<h2>Drift</h2>", _table(["metric", "value"], counts),
+            _table(["level", "items whose prefix changed", "share"], levels),
+            "<h3>Largest flows</h3>", _table(["level", "old prefix", "new prefix", "items"], flows, key_columns=3)]
 
 
 def _img(fig: Figure, alt: str) -> str:

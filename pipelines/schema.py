@@ -36,6 +36,12 @@ MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 MLFLOW_RUN_ID = "mlflow_run_id"
 TOKENIZED_AT = "tokenized_at"
+# Lifecycle of a published ID (the table is a ledger: a row is never deleted, an ID never reissued).
+GENERATION = "generation"
+EMBEDDING_FINGERPRINT = "embedding_fingerprint"
+ACTIVE = "active"
+RETIRED_AT = "retired_at"
+RETIRED_REASON = "retired_reason"
 PREFIX_PREFIX = "prefix_"  # prefix_1 .. prefix_L: "35", "35_7", "35_7_120"
 CODE_SEPARATOR = "_"  # joins codes (and the suffix) in semantic_id and prefix_<l>
 
@@ -51,7 +57,25 @@ MAX_SUFFIX = "max_suffix"
 SEMANTIC_ID_COLUMNS = (
     ITEM_ID, CODES, SUFFIX, SEMANTIC_ID, QUANTIZATION_ERROR,
     MODEL_NAME, MODEL_VERSION, MLFLOW_RUN_ID, TOKENIZED_AT,
+    GENERATION, EMBEDDING_FINGERPRINT, ACTIVE, RETIRED_AT, RETIRED_REASON,
 )
+# Columns fixed when an ID is issued; the others record which generation/model holds the ID now and
+# its lifecycle (what a later run may update: see pipelines/ledger.py).
+ISSUE_COLUMNS = (ITEM_ID, CODES, SUFFIX, SEMANTIC_ID, QUANTIZATION_ERROR, MLFLOW_RUN_ID, TOKENIZED_AT)
+MUTABLE_COLUMNS = (MODEL_NAME, MODEL_VERSION, GENERATION, EMBEDDING_FINGERPRINT, ACTIVE, RETIRED_AT, RETIRED_REASON)
+
+
+class RetiredReason:
+    """Why a row of the semantic-ID table is no longer active (``retired_reason``)."""
+
+    LEFT_CATALOG = "left_catalog"  # the item is no longer in the catalog
+    REJECTED = "rejected"  # the item is in the catalog but its row was rejected this run (see rejects)
+    EMBEDDING_CHANGED = "embedding_changed"  # --on-changed retokenize gave the item a new ID
+    NEW_GENERATION = "new_generation"  # a new model's codes moved the item to a new ID
+
+    # The item may come back to its old ID (same generation); the other reasons have a successor row.
+    REACTIVATABLE = (LEFT_CATALOG, REJECTED)
+    ALL = (LEFT_CATALOG, REJECTED, EMBEDDING_CHANGED, NEW_GENERATION)
 
 # Rejects table.
 REASON = "reason"
@@ -72,11 +96,22 @@ class RejectReason:
     ALL = (NULL_ID, DUPLICATE_ID, NULL_EMBEDDING, WRONG_LENGTH, NULL_ELEMENT, NON_FINITE, ZERO_VECTOR)
 
 
+# How a run writes the semantic-ID table (--mode) and what an embedding change does (--on-changed).
+MODES = ("auto", "full", "incremental")
+ON_CHANGED = ("keep", "retokenize")
+
 # Tables written beside each other under one output location (path or catalog schema).
 SEMANTIC_IDS_TABLE = "semantic_ids"
 REJECTS_TABLE = "rejects"
 PREFIX_STATS_TABLE = "prefix_stats"
 LEVEL_STATS_TABLE = "level_stats"
+ID_CHANGES_TABLE = "id_changes"
+DRIFT_TABLE = "drift"
+
+# id_changes: one row per ID that was replaced (item_id, old -> new), derived from the ledger.
+OLD_SEMANTIC_ID = "old_semantic_id"
+NEW_SEMANTIC_ID = "new_semantic_id"
+CHANGED_AT = "changed_at"
 
 
 def prefix_column(level: int) -> str:

@@ -74,7 +74,9 @@ class EngineSession:
         if self._scratch is not None:
             path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
             df.write.parquet(path)
-            return self.spark.read.parquet(path)
+            # With the schema: an empty result leaves no Parquet file, and a schema-less read of it
+            # would come back without columns.
+            return self.spark.read.schema(df.schema).parquet(path)
         try:
             return df.localCheckpoint(eager=True)
         except Exception as e:  # noqa: BLE001 - pyspark raises engine-specific classes

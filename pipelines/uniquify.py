@@ -104,11 +104,10 @@ def assign_suffixes_incremental(new_df: DataFrame, existing_df: DataFrame, num_l
     """Assign Semantic IDs to the items not yet in ``existing_df``; keep everyone else's.
 
     An item of ``new_df`` whose ``item_id`` is already in ``existing_df`` keeps its existing row
-    (codes, suffix, semantic_id and every other column) and its new codes are ignored. A new item
-    takes the next free suffix of its tuple: max existing suffix of the tuple + 1, + 1 per new item
-    of the tuple before it in (``quantization_error`` nulls last, ``item_id``) order; 0.. for a tuple
-    that is new. Existing items whose tuple gains new items are not renumbered, so within a tuple
-    the suffix order follows (quantization_error, item_id) per batch of arrival, not overall.
+    (codes, suffix, semantic_id and every other column) and its new codes are ignored. The other
+    items get IDs from :func:`assign_next_suffixes`: existing items whose tuple gains new items are
+    not renumbered, so within a tuple the suffix order follows (quantization_error, item_id) per
+    batch of arrival, not overall.
 
     Args:
         new_df: as for :func:`assign_suffixes`.
@@ -121,22 +120,47 @@ def assign_suffixes_incremental(new_df: DataFrame, existing_df: DataFrame, num_l
         the existing rows with ``prefix_1``..``prefix_L`` (re)computed from their codes. Columns
         present on one side only are null on the other side.
     """
-    _check_levels(num_levels)
-    where = "assign_suffixes_incremental"
-    require_columns(new_df, (ITEM_ID, CODES, QUANTIZATION_ERROR), f"{where}(new_df)")
-    require_columns(existing_df, (ITEM_ID, CODES, SUFFIX, SEMANTIC_ID), f"{where}(existing_df)")
+    require_columns(existing_df, (ITEM_ID, CODES, SUFFIX, SEMANTIC_ID), "assign_suffixes_incremental(existing_df)")
     fresh = new_df.join(existing_df.select(ITEM_ID), ITEM_ID, "left_anti")
-    fresh = fresh.withColumn(CODES, checked_codes(num_levels)).withColumn(_TUPLE_KEY, code_prefix(num_levels))
-    next_free = existing_df.groupBy(code_prefix(num_levels).alias(_TUPLE_KEY)).agg(
-        (F.max(SUFFIX) + 1).alias(_NEXT_SUFFIX)
-    )
+    added = assign_next_suffixes(fresh, existing_df, num_levels)
+    return added.unionByName(with_prefix_columns(existing_df, num_levels), allowMissingColumns=True)
+
+
+def assign_next_suffixes(new_df: DataFrame, existing_df: DataFrame, num_levels: int) -> DataFrame:
+    """Give every row of ``new_df`` a Semantic ID that no row of ``existing_df`` holds or ever held.
+
+    A row takes the next free suffix of its tuple: the largest suffix any row of ``existing_df``
+    has in that tuple + 1, + 1 per row of ``new_df`` of the tuple before it in (``quantization_error``
+    nulls last, ``item_id``) order; 0.. for a tuple ``existing_df`` does not have. ``existing_df`` is
+    the ledger of every ID ever issued (active and retired rows), so no ID is reissued. Rows of
+    ``new_df`` are numbered whether or not their item is in ``existing_df`` (an item whose old ID was
+    retired gets a new one).
+
+    Args:
+        new_df: ``item_id`` (unique within ``new_df``), ``codes`` ARRAY<INT> of length L,
+            ``quantization_error`` FLOAT; other columns are carried through.
+        existing_df: ``codes`` ARRAY<INT>, ``suffix`` INT (only these two are read).
+        num_levels: L.
+
+    Returns:
+        ``new_df``'s columns, then ``suffix``, ``semantic_id`` and ``prefix_1``..``prefix_L``.
+    """
+    _check_levels(num_levels)
+    where = "assign_next_suffixes"
+    require_columns(new_df, (ITEM_ID, CODES, QUANTIZATION_ERROR), f"{where}(new_df)")
+    require_columns(existing_df, (CODES, SUFFIX), f"{where}(existing_df)")
+    fresh = new_df.withColumn(CODES, checked_codes(num_levels)).withColumn(_TUPLE_KEY, code_prefix(num_levels))
+    # Only the tuples the new rows fall into are aggregated: a broadcast semi-join of their keys.
+    touched = F.broadcast(fresh.select(_TUPLE_KEY).distinct())
+    next_free = (existing_df.select(code_prefix(num_levels).alias(_TUPLE_KEY), SUFFIX)
+                 .join(touched, _TUPLE_KEY, "left_semi")
+                 .groupBy(_TUPLE_KEY).agg((F.max(SUFFIX) + 1).alias(_NEXT_SUFFIX)))
     in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
     first = F.coalesce(F.col(_NEXT_SUFFIX), F.lit(0))
     ranked = fresh.join(next_free, _TUPLE_KEY, "left").withColumn(
         SUFFIX, (first + F.row_number().over(in_group) - 1).cast("int")
     )
-    added = _with_ids(ranked, num_levels).select(*_output_columns(new_df.columns, num_levels))
-    return added.unionByName(with_prefix_columns(existing_df, num_levels), allowMissingColumns=True)
+    return _with_ids(ranked, num_levels).select(*_output_columns(new_df.columns, num_levels))
 
 
 def _suffix_order() -> list[Column]:

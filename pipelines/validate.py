@@ -18,6 +18,7 @@ adds them on top of either form, joining ids and reasons only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,16 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.schema import CATEGORY, EMBEDDING, ITEM_ID, REASON, InputColumns, RejectReason
+from pipelines.schema import (
+    CATEGORY,
+    EMBEDDING,
+    ITEM_ID,
+    MLFLOW_RUN_ID,
+    REASON,
+    REJECTED_AT,
+    InputColumns,
+    RejectReason,
+)
 
 DEFAULT_COLUMNS = InputColumns()
 _DUP = "__csid_duplicate"
@@ -340,3 +350,60 @@ def check_reject_share(n_rejected: int, n_input: int, max_share: float) -> None:
             f"--max-reject-share {max_share} ({max_share:.2%}) allows. See the rejects table for the "
             "reasons; fix the input, or raise --max-reject-share to accept them."
         )
+
+
+class RowAccountingError(RuntimeError):
+    """Input rows != valid + rejected rows, or two counts of one run disagree: nothing is written."""
+
+
+class NoValidRowsError(ValueError):
+    """Every input row was rejected: there is nothing to tokenize."""
+
+
+def check_counts(n_input: int, counts: ValidationCounts, max_reject_share: float,
+                 earlier: tuple[int, ValidationCounts] | None = None) -> None:
+    """The checks every run makes on its counts before anything is written.
+
+    Args:
+        n_input: rows of the catalog.
+        counts: clean rows and rejected rows per reason.
+        max_reject_share: ``--max-reject-share``.
+        earlier: (input rows, counts) of an earlier count in the same run (training runs count before
+            sampling and again in the encode pass); the two must agree.
+
+    Raises:
+        RowAccountingError: the counts disagree with each other or do not add up to the input rows.
+        TooManyRejectsError: more than ``max_reject_share`` of the rows were rejected.
+        NoValidRowsError: no row is valid.
+    """
+    if earlier is not None:
+        before_input, before = earlier
+        if (before_input, before.clean, before.rejected) != (n_input, counts.clean, counts.rejected):
+            raise RowAccountingError(
+                f"the validation pass and the encode pass counted differently: {before_input} rows in, "
+                f"{before.clean} valid, rejected {nonzero(before.rejected)} when validated; {n_input} in, "
+                f"{counts.clean} valid, rejected {nonzero(counts.rejected)} when encoded. Nothing was written. "
+                "Either the catalog changed during the run (run again on a stable snapshot, e.g. a Delta "
+                "version) or the engine's and the encode UDF's checks disagree on some rows (a bug: report it "
+                "with rows of the differing reasons).")
+        return
+    if n_input != counts.clean + counts.n_rejected:
+        raise RowAccountingError(f"row accounting failed: {n_input} input rows != {counts.clean} valid + "
+                                 f"{counts.n_rejected} rejected")
+    check_reject_share(counts.n_rejected, n_input, max_reject_share)
+    if counts.clean == 0:
+        raise NoValidRowsError("no valid rows to tokenize; see the rejects counts above")
+
+
+def nonzero(reasons: dict[str, int]) -> dict[str, int]:
+    """The reasons with at least one row."""
+    return {k: c for k, c in reasons.items() if c}
+
+
+def stamp_rejects(rejects: DataFrame, run_id: str, now: Any, n_rejected: int | None = None) -> DataFrame:
+    """The rejects table of a run: ``item_id``, ``reason``, ``mlflow_run_id`` and ``rejected_at`` (``now``,
+    an aware datetime: Spark stores the UTC instant). ``n_rejected`` 0 (known from the counts) writes
+    the empty table without scanning for rejects again."""
+    if n_rejected == 0:
+        rejects = rejects.limit(0)
+    return rejects.withColumn(MLFLOW_RUN_ID, F.lit(run_id)).withColumn(REJECTED_AT, F.lit(now).cast("timestamp"))

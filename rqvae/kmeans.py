@@ -42,7 +42,8 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     return torch.stack(centers)
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
+           init: torch.Tensor | None = None) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded from the worst-fit points.
 
     Args:
@@ -50,13 +51,17 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0) -> torch.
         k: number of centers.
         iters: Lloyd iterations.
         seed: seeds the k-means++ draws.
+        init: (k, d) starting centers instead of k-means++ (a warm start: center j stays the cluster
+            that grew from ``init[j]``, so its label keeps its meaning).
 
     Returns:
         (k, d) centers on x's device and dtype.
     """
     generator = torch.Generator().manual_seed(seed)
     x = x.detach()
-    centers = kmeans_plus_plus(x, k, generator)
+    if init is not None and tuple(init.shape) != (k, x.shape[1]):
+        raise ValueError(f"init must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}")
+    centers = kmeans_plus_plus(x, k, generator) if init is None else init.detach().to(x.device, x.dtype).clone()
     for _ in range(iters):
         assign, dist = nearest(x, centers)
         sums = torch.zeros_like(centers).index_add_(0, assign, x)

@@ -207,6 +207,7 @@ def fit(
     *,
     category_ids: np.ndarray | None = None,
     callbacks: Sequence[Any] = (),
+    init: RQVAE | None = None,
 ) -> FitResult:
     """Train an RQ-VAE on embeddings x (N, D) float32 and return the best model by held-out loss.
 
@@ -218,14 +219,19 @@ def fit(
             enables the contrastive regularizer and hierarchical batches when
             ``train_config.taxonomy_weight > 0``.
         callbacks: objects with ``on_train_begin/on_epoch_end/on_train_end`` (see callbacks.py).
+        init: a trained model of the same shape to start from (a warm start, e.g. the previous
+            generation's champion): its weights and codebooks are the starting point instead of the
+            autoencoder warm-up and the k-means initialisation, and its input-space anchor is refined by
+            Lloyd iterations that start at its centroids. Codes therefore keep their meaning, so a
+            retrained model gives most items the codes they had (docs/design.md "New generations").
     """
     cfg = train_config or TrainConfig()
     with deterministic_algorithms(cfg.deterministic):
-        return _fit(x, model_config, cfg, category_ids, list(callbacks))
+        return _fit(x, model_config, cfg, category_ids, list(callbacks), init)
 
 
 def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, category_ids: np.ndarray | None,
-         callbacks: list[Any]) -> FitResult:
+         callbacks: list[Any], init: RQVAE | None = None) -> FitResult:
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D array (N, D) of embeddings, got shape {x.shape}")
     mcfg = model_config or ModelConfig(input_dim=int(x.shape[1]))
@@ -247,9 +253,27 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
                                    cfg.hierarchical_fraction) if cats is not None else None)
     steps = max(1, len(train_np) // cfg.batch_size)
     loop = _build_loop(model, cfg, steps, generator, device, cats)
-    _warm_up_autoencoder(loop, xt, train_idx, steps)
-    _init_codebooks(model, xt, train_idx, cfg, generator)
+    if init is None:
+        _warm_up_autoencoder(loop, xt, train_idx, steps)
+        _init_codebooks(model, xt, train_idx, cfg, generator)
+    else:
+        _start_from(model, init, xt, train_idx, cfg, generator)
     return _run_epochs(loop, xt, train_idx, hold_idx, sampler, callbacks)
+
+
+def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
+                generator: torch.Generator) -> None:
+    """Warm start: ``init``'s weights, codebooks and anchor, the anchor refined on this training set."""
+    if init.config != model.config:
+        raise ValueError(f"cannot warm-start from a model of another shape: {init.config} vs {model.config}")
+    model.load_state_dict(init.state_dict())
+    model.quantizer.steps_unused.zero_()
+    if model.config.anchor_first_level:
+        pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
+        rows = torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+        with torch.no_grad():
+            model.anchor.copy_(kmeans(model.prepare(rows).float(), model.codebook_size, iters=cfg.kmeans_iters,
+                                      seed=cfg.seed, init=model.anchor.float()))
 
 
 def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, steps: int) -> None:

@@ -244,16 +244,25 @@ def test_ids_do_not_depend_on_input_order_or_partitioning(trained, catalog, tmp_
     assert reasons == catalog.rejects
 
 
-def test_encoding_twice_gives_the_same_ids_and_one_delta_version_per_run(trained, catalog, tmp_path) -> None:
+def test_encoding_twice_keeps_every_row_and_full_mode_rewrites_one_version(trained, catalog, tmp_path) -> None:
     out = tmp_path / "tables"
     first = encode_only(trained, catalog.path, out, stages="validate,encode")
     v1, rows1 = delta_version(str(out / SEMANTIC_IDS_TABLE)), first.table(SEMANTIC_IDS_TABLE)
+    # The same model again: auto mode is incremental, nothing is new, so nothing is committed.
     second = encode_only(trained, catalog.path, out, stages="validate,encode")
-    v2, rows2 = delta_version(str(out / SEMANTIC_IDS_TABLE)), second.table(SEMANTIC_IDS_TABLE)
-    assert (v1, v2) == (0, 1)
-    assert helpers.key_rows(rows1) == helpers.key_rows(rows2) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
-    run1, run2 = (set(t.column("mlflow_run_id").to_pylist()) for t in (rows1, rows2))
-    assert len(run1) == len(run2) == 1 and run1 != run2
+    assert "mode: incremental" in second.stdout and "no commit" in second.stdout
+    assert delta_version(str(out / SEMANTIC_IDS_TABLE)) == v1 == 0
+    # --mode full encodes every row again: one new version, every row as it was (issue columns included).
+    rc, stdout, err = helpers.run_main([
+        "--input", catalog.path, "--work-dir", trained.work, "--output", out, "--stages", "validate,encode",
+        "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT, "--mode", "full"])
+    assert rc == 0, err[-3000:]
+    assert "mode: full" in stdout
+    v3, rows3 = delta_version(str(out / SEMANTIC_IDS_TABLE)), helpers.read_delta(out / SEMANTIC_IDS_TABLE)
+    assert v3 == 1
+    assert rows3.sort_by("semantic_id").to_pylist() == rows1.sort_by("semantic_id").to_pylist()
+    assert helpers.key_rows(rows1) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+    assert len(set(rows1.column("mlflow_run_id").to_pylist())) == 1
 
 
 def test_engine_without_materialisation_gives_the_same_tables(trained, catalog, tmp_path, monkeypatch) -> None:
@@ -477,22 +486,3 @@ def test_console_script_entry_point_loads(tmp_path) -> None:
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "jobs.tokenize_catalog"
-
-
-def test_a_recount_that_differs_names_both_counts_and_both_causes() -> None:
-    from jobs.runner import JobFailed, JobResult, _check_counts
-    from jobs.tokenize_catalog import parse_args
-    from pipelines.validate import ValidationCounts
-
-    result = JobResult("sqlite://", "run")
-    result.counts.update(input_rows=10, valid_rows=8, rejected_rows=2)
-    result.reasons = {"zero_vector": 2, "null_embedding": 0}
-    same_totals = ValidationCounts(8, {"zero_vector": 1, "null_embedding": 1})  # the totals alone agree
-    with pytest.raises(JobFailed) as failed:
-        _check_counts(parse_args(["--input", "unused"]), 10, same_totals, result)
-    message = str(failed.value)
-    assert "rejected {'zero_vector': 2} when validated" in message
-    assert "rejected {'zero_vector': 1, 'null_embedding': 1} when encoded" in message
-    assert "catalog changed during the run" in message and "checks disagree" in message
-    _check_counts(parse_args(["--input", "unused"]), 10, ValidationCounts(8, {"zero_vector": 2, "null_embedding": 0}),
-                  result)  # the same counts again: no error

@@ -174,3 +174,28 @@ def test_a_clean_batch_has_no_reasons() -> None:
     assert (row_reason_codes(pa.array(range(50)), embeddings, 4) == -1).all()
     assert (row_reason_codes(pa.array(range(50)), embeddings, 5) == RejectReason.ALL.index(
         RejectReason.WRONG_LENGTH)).all()
+
+
+def test_a_recount_that_differs_names_both_counts_and_both_causes() -> None:
+    from pipelines.validate import RowAccountingError, ValidationCounts, check_counts
+
+    earlier = (10, ValidationCounts(8, {"zero_vector": 2, "null_embedding": 0}))
+    same_totals = ValidationCounts(8, {"zero_vector": 1, "null_embedding": 1})  # the totals alone agree
+    with pytest.raises(RowAccountingError) as failed:
+        check_counts(10, same_totals, 0.5, earlier)
+    message = str(failed.value)
+    assert "rejected {'zero_vector': 2} when validated" in message
+    assert "rejected {'zero_vector': 1, 'null_embedding': 1} when encoded" in message
+    assert "catalog changed during the run" in message and "checks disagree" in message
+    check_counts(10, ValidationCounts(8, {"zero_vector": 2, "null_embedding": 0}), 0.5, earlier)  # same: no error
+
+
+def test_counts_that_do_not_add_up_or_hold_nothing_valid_are_refused() -> None:
+    from pipelines.validate import NoValidRowsError, RowAccountingError, ValidationCounts, check_counts
+
+    with pytest.raises(RowAccountingError, match="10 input rows != 8 valid \\+ 1 rejected"):
+        check_counts(10, ValidationCounts(8, {"zero_vector": 1}), 0.5)
+    with pytest.raises(NoValidRowsError, match="no valid rows"):
+        check_counts(2, ValidationCounts(0, {"zero_vector": 2}), 1.0)
+    with pytest.raises(TooManyRejectsError, match="2 of 10 input rows"):
+        check_counts(10, ValidationCounts(8, {"zero_vector": 2}), 0.1)

@@ -1,0 +1,559 @@
+"""The semantic-ID table as a ledger of every ID ever issued (DESIGN.md "Uniquifying suffix and ID stability").
+
+A row is one issued ID: ``item_id`` -> ``semantic_id``. Rows are never deleted and a ``semantic_id``
+is never issued again, so a downstream model that emits an ID resolves it to the one item it ever
+named. What a run may change on an existing row is its lifecycle and which generation holds it
+(``schema.MUTABLE_COLUMNS``); what was fixed when the ID was issued (codes, suffix, error, run,
+time: ``schema.ISSUE_COLUMNS``) never changes. After every run:
+
+* ``semantic_id`` is unique over all rows, active and retired (new IDs take the next free suffix of
+  their tuple over the whole ledger: :func:`pipelines.uniquify.assign_next_suffixes`);
+* every valid catalog item has exactly one active row, and no other row is active;
+* within a generation (one model) an item keeps its ID: a new item gets a new row, an item that
+  left the catalog (or whose row was rejected) is retired and comes back to its old ID, an item whose
+  embedding changed keeps its ID unless ``--on-changed retokenize`` gives it a new one (the old row
+  is retired, never reissued);
+* a new model starts a new generation on purpose (a full run): an item whose code tuple is the same
+  keeps its row (its generation, model and fingerprint are updated), every other item gets a new row
+  and its old row is retired; the drift report measures it and ``--max-id-churn`` can stop it.
+
+Modes (:func:`choose_mode`): *incremental* encodes only the rows that need codes (new items, and
+changed ones under retokenize) and commits one Delta ``MERGE``; *full* encodes every row and writes
+the whole ledger in one commit (an atomic swap for Parquet).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import io
+from pipelines.encode import Encoded, TokenizerModel
+from pipelines.schema import (
+    ACTIVE,
+    CHANGED_AT,
+    CODES,
+    EMBEDDING_FINGERPRINT,
+    GENERATION,
+    ITEM_ID,
+    MLFLOW_RUN_ID,
+    MODEL_NAME,
+    MODEL_VERSION,
+    MODES,
+    MUTABLE_COLUMNS,
+    NEW_SEMANTIC_ID,
+    OLD_SEMANTIC_ID,
+    ON_CHANGED,
+    QUANTIZATION_ERROR,
+    RETIRED_AT,
+    RETIRED_REASON,
+    SEMANTIC_ID,
+    SEMANTIC_ID_COLUMNS,
+    SEMANTIC_IDS_TABLE,
+    TOKENIZED_AT,
+    RetiredReason,
+    prefix_column,
+)
+from pipelines.uniquify import assign_next_suffixes, assign_suffixes
+from pipelines.validate import RowAccountingError
+
+FULL, INCREMENTAL = "full", "incremental"
+
+# The `change` of an item in a run (a column of Plan.changes, and the keys of ChangeCounts).
+NEW_ITEM = "new_item"  # no row to keep: a new row
+REACTIVATED = "reactivated"  # a row retired as left_catalog/rejected in this generation is active again
+CONFIRMED = "confirmed"  # the row stays; its generation, model and fingerprint are refreshed
+RETOKENIZED = "retokenized"  # embedding changed, --on-changed retokenize, other codes: a new row
+MOVED = "moved"  # new generation, other codes: a new row
+RETIRED_LEFT = "retired_left_catalog"
+RETIRED_REJECTED = "retired_rejected"
+CHANGED_KEPT = "changed_kept"  # embedding changed, the row is kept as it is (--on-changed keep)
+UNCHANGED = "unchanged"  # nothing to do (not staged)
+CHANGE = "change"
+ACTION = "action"  # "insert" (a new row) or "update" (an existing row's mutable columns)
+
+_OLD_SID, _OLD_CODES, _OLD_FP, _OLD_ACTIVE = "__old_sid", "__old_codes", "__old_fp", "__old_active"
+_IN_CATALOG, _REJECTED, _FP_CHANGED = "__in_catalog", "__rejected", "__fp_changed"
+_ISSUING = (NEW_ITEM, RETOKENIZED, MOVED)
+_UPDATING = (REACTIVATED, CONFIRMED, RETOKENIZED, MOVED, RETIRED_LEFT, RETIRED_REJECTED)
+
+
+class ModeError(ValueError):
+    """The requested mode cannot run against this table (the message names the flag to change)."""
+
+
+@dataclass(frozen=True)
+class TableState:
+    """The semantic-ID table as the run found it.
+
+    Attributes:
+        ledger: every row (pinned to ``version`` for Delta), with the lifecycle columns (defaults
+            filled in for a table written before they existed).
+        version: the Delta version read; None for Parquet and catalog tables.
+        model_name, model_version, generation: the current generation (the largest) and its model.
+        num_levels: L of its IDs.
+        has_lifecycle: False for a table written before the lifecycle columns existed.
+        rows, active_rows: row counts.
+    """
+
+    ledger: DataFrame
+    version: int | None
+    model_name: str
+    model_version: str
+    generation: int
+    num_levels: int
+    has_lifecycle: bool
+    rows: int
+    active_rows: int
+
+    def active(self) -> DataFrame:
+        """The rows that hold the current IDs."""
+        return self.ledger.where(F.col(ACTIVE))
+
+    def candidates(self) -> DataFrame:
+        """Per item the row it can keep: its active row, or its row retired (left the catalog or
+        rejected) in the current generation. At most one per item."""
+        reactivatable = F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE) & (
+            F.col(GENERATION) == F.lit(self.generation))
+        return self.ledger.where(F.col(ACTIVE) | reactivatable)
+
+    def known_fingerprints(self) -> DataFrame:
+        """``item_id`` and ``embedding_fingerprint`` of every item with a row it can keep: what an
+        incremental run's encode pass compares the catalog with."""
+        return self.candidates().select(ITEM_ID, EMBEDDING_FINGERPRINT)
+
+    def current_codes(self, items: DataFrame, sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The active codes of the ``items`` (a frame with ``item_id``) the table holds, on the driver.
+
+        Returns:
+            ``positions`` (n,) int64 into ``sorted_ids`` (every id of ``items``, sorted) and ``codes``
+            (n, L) int64 of those items.
+        """
+        held = items.select(ITEM_ID).join(self.active().select(ITEM_ID, CODES), ITEM_ID).toArrow()
+        positions = np.searchsorted(sorted_ids, held.column(ITEM_ID).to_numpy(zero_copy_only=False))
+        codes = np.array(held.column(CODES).to_pylist(), dtype=np.int64).reshape(len(positions), self.num_levels)
+        return positions.astype(np.int64), codes
+
+    def describe(self) -> str:
+        version = f" version {self.version}" if self.version is not None else ""
+        return (f"table{version}: {self.active_rows} active of {self.rows} rows, generation {self.generation}, "
+                f"{self.model_name} version {self.model_version}")
+
+
+def with_lifecycle_defaults(df: DataFrame) -> DataFrame:
+    """A table written before the lifecycle columns existed, as the ledger it describes: generation 1,
+    every row active, fingerprints unknown (null)."""
+    defaults = {
+        GENERATION: F.lit(1), EMBEDDING_FINGERPRINT: F.lit(None).cast("bigint"), ACTIVE: F.lit(True),
+        RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),
+    }
+    missing = {k: v for k, v in defaults.items() if k not in df.columns}
+    return df.withColumns(missing) if missing else df
+
+
+def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableState | None:
+    """The semantic-ID table under ``location`` and its current generation, or None when there is none.
+
+    Reads one small aggregation (rows per generation and model). Delta tables are pinned to the
+    version current now, so the whole run plans against one snapshot and the publish step can tell
+    whether another run committed meanwhile.
+
+    Raises:
+        ValueError: the table's current generation names more than one model (it was not written by
+            this job, or was edited by hand).
+    """
+    if not io.table_exists(spark, location, SEMANTIC_IDS_TABLE):
+        return None
+    version = io.table_version(location, SEMANTIC_IDS_TABLE)
+    raw = io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version)
+    has_lifecycle = all(c in raw.columns for c in SEMANTIC_ID_COLUMNS)
+    ledger = with_lifecycle_defaults(raw)
+    summary = ledger.groupBy(GENERATION, MODEL_NAME, MODEL_VERSION).agg(
+        F.count(F.lit(1)).alias("rows"), F.sum(F.col(ACTIVE).cast("long")).alias("active"),
+        F.max(F.size(CODES)).alias("levels")).collect()
+    if not summary:
+        return None
+    current = max(int(r[GENERATION]) for r in summary)
+    models = [r for r in summary if int(r[GENERATION]) == current]
+    if len(models) != 1:
+        names = ", ".join(f"{r[MODEL_NAME]} version {r[MODEL_VERSION]}" for r in models)
+        raise ValueError(f"{location.of(SEMANTIC_IDS_TABLE)}: generation {current} names several models ({names}); "
+                         "it was not written by this job. Write to another --output.")
+    return TableState(
+        ledger=ledger, version=version, model_name=str(models[0][MODEL_NAME]),
+        model_version=str(models[0][MODEL_VERSION]), generation=current, num_levels=int(models[0]["levels"]),
+        has_lifecycle=has_lifecycle, rows=sum(int(r["rows"]) for r in summary),
+        active_rows=sum(int(r["active"] or 0) for r in summary))
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a run writes the table: ``name`` "full" or "incremental", the ``generation`` its IDs belong
+    to, whether that generation is new, and why (printed)."""
+
+    name: str
+    generation: int
+    new_generation: bool
+    reason: str
+
+
+def choose_mode(requested: str, state: TableState | None, model_name: str, model_version: str) -> Mode:
+    """The run's mode: ``auto`` is incremental when the table's current generation is this model's,
+    full otherwise.
+
+    Raises:
+        ModeError: ``incremental`` against a table of another model (or written before the lifecycle
+            columns existed); the message names ``--mode full``.
+    """
+    if requested not in MODES:
+        raise ModeError(f"unknown --mode {requested!r}; choose one of {', '.join(MODES)}")
+    ours = f"{model_name} version {model_version}"
+    if state is None:
+        mode = INCREMENTAL if requested == INCREMENTAL else FULL
+        return Mode(mode, 1, True, "no semantic-ID table yet: every item is new (generation 1)")
+    same_model = (state.model_name, state.model_version) == (model_name, model_version)
+    theirs = f"{state.model_name} version {state.model_version}"
+    if requested == INCREMENTAL and not same_model:
+        raise ModeError(
+            f"--mode incremental keeps the table's IDs, which {theirs} issued, but this run encodes with {ours}. "
+            f"Encode with --model models:/{state.model_name}/{state.model_version}, or start a new generation "
+            "with --mode full (aligned, measured by the drift report, gated by --max-id-churn).")
+    if requested == INCREMENTAL and not state.has_lifecycle:
+        raise ModeError("the table predates the active/retired_at/embedding_fingerprint columns; run once with "
+                        "--mode full: with the same model it keeps every ID and adds the columns")
+    if same_model and state.has_lifecycle and requested != FULL:
+        return Mode(INCREMENTAL, state.generation, False,
+                    f"the table's generation {state.generation} is {ours}: only new and changed items are encoded")
+    if same_model:
+        why = "--mode full" if requested == FULL else "the table predates the lifecycle columns"
+        return Mode(FULL, state.generation, False,
+                    f"{why}: every item is encoded with {ours}, the table's model; every ID is kept")
+    return Mode(FULL, state.generation + 1, True,
+                f"{ours} is not the table's model ({theirs}): new generation {state.generation + 1}, every item "
+                "encoded; items whose codes stay keep their IDs")
+
+
+@dataclass(frozen=True)
+class ChangeCounts:
+    """Items per change of one run (``valid`` = items of the catalog that passed validation)."""
+
+    valid: int = 0
+    unchanged: int = 0
+    new_item: int = 0
+    reactivated: int = 0
+    confirmed: int = 0
+    retokenized: int = 0
+    moved: int = 0
+    retired_left_catalog: int = 0
+    retired_rejected: int = 0
+    changed_kept: int = 0
+    embedding_changed: int = 0  # items whose fingerprint differs from their row's (kept or not)
+    compared: int = 0  # items active before the run and valid now
+    ids_changed: int = 0  # of those, items whose active semantic_id changes
+
+    @property
+    def issued(self) -> int:
+        return self.new_item + self.retokenized + self.moved
+
+    @property
+    def retired(self) -> int:
+        return self.retired_left_catalog + self.retired_rejected + self.retokenized + self.moved
+
+    @property
+    def churn(self) -> float:
+        """Share of the previously published (active) items still in the catalog whose ID changes."""
+        return self.ids_changed / self.compared if self.compared else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def summary(self) -> str:
+        parts = [f"{self.valid} valid items", f"{self.unchanged} kept their ID", f"{self.new_item} new"]
+        parts += [f"{getattr(self, k)} {label}" for k, label in (
+            ("reactivated", "back with their old ID"), ("confirmed", "confirmed by the new model"),
+            ("moved", "moved to a new ID (new generation)"), ("retokenized", "re-tokenized (embedding changed)"),
+            ("retired_left_catalog", "retired (left the catalog)"), ("retired_rejected", "retired (rejected)"),
+            ("changed_kept", "changed embeddings kept their ID")) if getattr(self, k)]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run writes to the semantic-ID table.
+
+    Attributes:
+        changes: full rows (every table column) of the rows this run inserts (``action`` "insert")
+            or updates (``action`` "update"), each with the ``change`` of its item; materialised
+            when the engine can.
+        counts: items per change.
+        mode: the run's mode.
+        previous: the table as found (None when there was none).
+    """
+
+    changes: DataFrame
+    counts: ChangeCounts
+    mode: Mode
+    previous: TableState | None
+    num_levels: int
+
+    def table(self) -> DataFrame:
+        """The whole ledger after the run: the previous rows, updated where ``changes`` says, plus the new rows."""
+        columns = table_columns(self.num_levels)
+        rows = self.changes.select(*columns)
+        if self.previous is None:
+            return rows
+        kept = self.previous.ledger.join(self.changes.select(SEMANTIC_ID), SEMANTIC_ID, "left_anti")
+        return kept.select(*columns).unionByName(rows)
+
+    def pairs(self) -> DataFrame:
+        """``item_id``, old and new ``codes`` of every item whose active ID this run replaces."""
+        old = self.changes.where((F.col(ACTION) == "update") & F.col(CHANGE).isin(RETOKENIZED, MOVED))
+        new = self.changes.where(F.col(ACTION) == "insert")
+        return old.select(ITEM_ID, F.col(CODES).alias("old_codes")).join(
+            new.select(ITEM_ID, F.col(CODES).alias("new_codes")), ITEM_ID)
+
+
+def table_columns(num_levels: int) -> list[str]:
+    """The semantic-ID table's columns in order: the contract columns, then prefix_1..prefix_L."""
+    return [*SEMANTIC_ID_COLUMNS, *(prefix_column(level) for level in range(1, num_levels + 1))]
+
+
+def plan_changes(
+    state: TableState | None,
+    encoded: Encoded,
+    model: TokenizerModel,
+    mode: Mode,
+    *,
+    on_changed: str,
+    run_id: str,
+    now: dt.datetime,
+    materialize: Callable[[DataFrame], DataFrame | None],
+) -> Plan:
+    """Decide, for every item, what happens to its ID in this run, and build the rows to write.
+
+    Args:
+        state: the table as found, or None.
+        encoded: the catalog encoded for ``mode`` (:func:`pipelines.encode.encode_catalog`): in an
+            incremental run only the rows that may need codes have them.
+        model: the model that encoded it.
+        mode: from :func:`choose_mode`.
+        on_changed: "keep" or "retokenize": what an embedding change does within a generation.
+        run_id: the MLflow run stamped on new rows.
+        now: the run's time (UTC, aware), stamped as ``tokenized_at`` and ``retired_at``.
+        materialize: computes a frame once (``EngineSession.materialize``), or returns None.
+    """
+    if on_changed not in ON_CHANGED:
+        raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
+    if state is not None and state.num_levels != model.num_levels:
+        raise ModeError(f"the table's IDs have {state.num_levels} levels but {model.name} version {model.version} "
+                        f"gives {model.num_levels}: IDs of another length are another vocabulary. Write them to a "
+                        "new table (another --output).")
+    classified = _classify(state, encoded, mode, on_changed)
+    staged = materialize(classified.where(F.col(CHANGE) != UNCHANGED)) or classified.where(
+        F.col(CHANGE) != UNCHANGED)
+    counts = _count_changes(staged, encoded.counts.clean)
+    stamp = _Stamp(model, mode.generation, run_id, now)
+    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp)
+    changes = issued
+    if state is not None:
+        updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
+                                state, stamp, model.num_levels)
+        changes = updated.unionByName(issued)
+    return Plan(materialize(changes) or changes, counts, mode, state, model.num_levels)
+
+
+def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed: str) -> DataFrame:
+    """One row per item of the catalog or the table's candidate rows, with its CHANGE."""
+    new = encoded.codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT,
+                               F.lit(True).alias(_IN_CATALOG))
+    if state is None:
+        return new.withColumns({CHANGE: F.lit(NEW_ITEM), _OLD_SID: F.lit(None).cast("string"),
+                                _OLD_ACTIVE: F.lit(None).cast("boolean"), _FP_CHANGED: F.lit(False)})
+    old = state.candidates().select(ITEM_ID, F.col(SEMANTIC_ID).alias(_OLD_SID), F.col(CODES).alias(_OLD_CODES),
+                                    F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP), F.col(ACTIVE).alias(_OLD_ACTIVE))
+    rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(ITEM_ID).distinct()
+                .withColumn(_REJECTED, F.lit(True)))
+    joined = new.join(old, ITEM_ID, "full_outer").join(rejected, ITEM_ID, "left")
+    in_catalog = F.col(_IN_CATALOG).isNotNull()
+    has_row, was_active = F.col(_OLD_SID).isNotNull(), F.coalesce(F.col(_OLD_ACTIVE), F.lit(False))
+    fp_same = F.col(_OLD_FP).eqNullSafe(F.col(EMBEDDING_FINGERPRINT)) & F.col(_OLD_FP).isNotNull()
+    codes_same = F.coalesce(F.col(_OLD_CODES) == F.col(CODES), F.lit(False))
+    encoded_now = F.col(CODES).isNotNull()
+    if mode.new_generation:
+        both = F.when(codes_same, F.lit(CONFIRMED)).otherwise(F.lit(MOVED))
+    else:
+        kept = F.when(was_active, F.lit(CHANGED_KEPT)).otherwise(F.lit(REACTIVATED))
+        changed = F.when(encoded_now & codes_same, F.lit(CONFIRMED))
+        if on_changed == "retokenize":
+            changed = changed.when(encoded_now, F.lit(RETOKENIZED))
+        both = (F.when(fp_same, F.when(was_active, F.lit(UNCHANGED)).otherwise(F.lit(REACTIVATED)))
+                .otherwise(changed.otherwise(kept)))
+    change = (F.when(in_catalog & ~has_row, F.lit(NEW_ITEM))
+              .when(~in_catalog & was_active & F.col(_REJECTED).isNotNull(), F.lit(RETIRED_REJECTED))
+              .when(~in_catalog & was_active, F.lit(RETIRED_LEFT))
+              .when(~in_catalog, F.lit(UNCHANGED))
+              .otherwise(both))
+    return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same})
+
+
+def _count_changes(staged: DataFrame, valid: int) -> ChangeCounts:
+    """ChangeCounts from the staged (non-unchanged) items and the number of valid catalog items."""
+    rows = staged.groupBy(CHANGE, _OLD_ACTIVE, _IN_CATALOG, _FP_CHANGED).count().collect()
+    per_change: dict[str, int] = {}
+    in_catalog = changed_fp = compared = ids_changed = 0
+    for r in rows:
+        n = int(r["count"])
+        per_change[r[CHANGE]] = per_change.get(r[CHANGE], 0) + n
+        active_before, present = bool(r[_OLD_ACTIVE]), r[_IN_CATALOG] is not None
+        in_catalog += n if present else 0
+        changed_fp += n if r[_FP_CHANGED] else 0
+        compared += n if present and active_before else 0
+        ids_changed += n if active_before and r[CHANGE] in (RETOKENIZED, MOVED) else 0
+    unchanged = valid - in_catalog
+    return ChangeCounts(valid=valid, unchanged=unchanged, embedding_changed=changed_fp,
+                        compared=compared + unchanged, ids_changed=ids_changed,
+                        **{k: v for k, v in per_change.items() if k != UNCHANGED})
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What this run writes on the rows it issues or confirms."""
+
+    model: TokenizerModel
+    generation: int
+    run_id: str
+    now: dt.datetime
+
+    def time(self) -> Column:
+        return F.lit(self.now).cast("timestamp")
+
+    def generation_columns(self) -> dict[str, Column]:
+        return {MODEL_NAME: F.lit(self.model.name), MODEL_VERSION: F.lit(self.model.version),
+                GENERATION: F.lit(self.generation).cast("int")}
+
+
+def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp) -> DataFrame:
+    """New rows (full table columns) for the items that get a new ID."""
+    base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE)
+    numbered = (assign_suffixes(base, num_levels) if state is None
+                else assign_next_suffixes(base, state.ledger, num_levels))
+    return numbered.withColumns({
+        **stamp.generation_columns(), MLFLOW_RUN_ID: F.lit(stamp.run_id), TOKENIZED_AT: stamp.time(),
+        ACTIVE: F.lit(True), RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),
+        ACTION: F.lit("insert"),
+    }).select(*table_columns(num_levels), CHANGE, ACTION)
+
+
+_RETIRE_AS = {RETIRED_LEFT: RetiredReason.LEFT_CATALOG, RETIRED_REJECTED: RetiredReason.REJECTED,
+              RETOKENIZED: RetiredReason.EMBEDDING_CHANGED, MOVED: RetiredReason.NEW_GENERATION}
+
+
+def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_levels: int) -> DataFrame:
+    """The existing rows this run updates, in full, with their mutable columns set by their CHANGE."""
+    spec = updates.select(F.col(_OLD_SID).alias(SEMANTIC_ID), CHANGE,
+                          F.col(EMBEDDING_FINGERPRINT).alias("__new_fp"))
+    rows = state.ledger.join(spec, SEMANTIC_ID)
+    change = F.col(CHANGE)
+    retiring = change.isin(*_RETIRE_AS)
+    reason = F.lit(None).cast("string")
+    for kind, why in _RETIRE_AS.items():
+        reason = F.when(change == kind, F.lit(why)).otherwise(reason)
+    confirmed = change == CONFIRMED
+    values = {
+        ACTIVE: ~retiring,
+        RETIRED_AT: F.when(retiring, stamp.time()).otherwise(F.lit(None).cast("timestamp")),
+        RETIRED_REASON: reason,
+        EMBEDDING_FINGERPRINT: F.when(confirmed, F.col("__new_fp")).otherwise(F.col(EMBEDDING_FINGERPRINT)),
+        **{k: F.when(confirmed, v).otherwise(F.col(k)) for k, v in stamp.generation_columns().items()},
+        ACTION: F.lit("update"),
+    }
+    return rows.withColumns(values).select(*table_columns(num_levels), CHANGE, ACTION)
+
+
+def publish(plan: Plan, location: io.OutputLocation) -> str | None:
+    """Write the plan to the semantic-ID table in one commit; returns the table written, or None when
+    an incremental run had nothing to change.
+
+    An incremental run on Delta is one ``MERGE`` (the rows it does not touch stay byte-identical; an
+    insert whose ID some other run issued meanwhile fails it); anything else writes the whole ledger
+    (:meth:`Plan.table`) as one overwrite commit, or an atomic swap for Parquet.
+
+    Raises:
+        ConcurrentRunError: a Delta table is no longer at the version this run planned against.
+    """
+    previous = plan.previous
+    incremental = plan.mode.name == INCREMENTAL and previous is not None and previous.has_lifecycle
+    if incremental and plan.counts.issued == 0 and not _has_updates(plan.counts):
+        return None
+    check_unchanged_since(previous, location)
+    if incremental and location.fmt == "delta":
+        try:
+            io.merge_into(plan.changes, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID,
+                          update_columns=MUTABLE_COLUMNS, insert_columns=table_columns(plan.num_levels),
+                          action=ACTION)
+        except Exception as e:
+            if _is_commit_conflict(e):
+                raise ConcurrentRunError(_conflict_message(location, str(e))) from e
+            raise
+        return location.of(SEMANTIC_IDS_TABLE)
+    return io.write_table(plan.table(), location, SEMANTIC_IDS_TABLE)
+
+
+def _has_updates(counts: ChangeCounts) -> bool:
+    return bool(counts.reactivated or counts.confirmed or counts.retired_left_catalog or counts.retired_rejected)
+
+
+class ConcurrentRunError(RuntimeError):
+    """Another run committed to the semantic-ID table while this one was planning; nothing was written."""
+
+
+def check_unchanged_since(state: TableState | None, location: io.OutputLocation) -> None:
+    """Raise ConcurrentRunError when the Delta table moved past the version ``state`` was read at."""
+    if state is None or state.version is None:
+        return
+    now = io.table_version(location, SEMANTIC_IDS_TABLE)
+    if now is not None and now != state.version:
+        raise ConcurrentRunError(_conflict_message(
+            location, f"it was at version {state.version} when this run read it and is at {now} now"))
+
+
+def _conflict_message(location: io.OutputLocation, detail: str) -> str:
+    return (f"another run wrote {location.of(SEMANTIC_IDS_TABLE)} while this one was running ({detail.strip()}); "
+            "nothing was written by this run. Run it again: it will plan against the new version.")
+
+
+def _is_commit_conflict(error: Exception) -> bool:
+    text = str(error)
+    return any(word in text for word in ("Failed to commit transaction", "ConcurrentAppend", "ConcurrentModification",
+                                         "ConcurrentDelete", "ConcurrentTransaction", "the table changed during"))
+
+
+def count_active(table: DataFrame, expected: int) -> int:
+    """Active rows of the published table; they must be exactly the run's valid catalog items.
+
+    Raises:
+        RowAccountingError: the count differs from ``expected``.
+    """
+    active = table.where(F.col(ACTIVE)).count()
+    if active != expected:
+        raise RowAccountingError(f"row accounting failed: {expected} valid rows but {active} active IDs")
+    return active
+
+
+def id_changes(ledger: DataFrame) -> DataFrame:
+    """One row per ID that was replaced by another for the same item (a re-tokenized item, or an item a
+    new generation moved): ``item_id``, ``old_semantic_id``, ``new_semantic_id``, the new ID's
+    ``generation``, ``retired_reason`` (why) and ``changed_at``. Derived from the ledger: the old row was
+    retired at the instant the new one was issued."""
+    old = ledger.where(F.col(RETIRED_REASON).isin(RetiredReason.EMBEDDING_CHANGED, RetiredReason.NEW_GENERATION))
+    old = old.select(ITEM_ID, F.col(SEMANTIC_ID).alias(OLD_SEMANTIC_ID), F.col(RETIRED_AT).alias(CHANGED_AT),
+                     RETIRED_REASON)
+    new = ledger.select(ITEM_ID, F.col(SEMANTIC_ID).alias(NEW_SEMANTIC_ID), F.col(TOKENIZED_AT).alias(CHANGED_AT),
+                        GENERATION)
+    return old.join(new, [ITEM_ID, CHANGED_AT]).select(ITEM_ID, OLD_SEMANTIC_ID, NEW_SEMANTIC_ID, GENERATION,
+                                                       RETIRED_REASON, CHANGED_AT)
+
