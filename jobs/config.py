@@ -12,7 +12,7 @@ from rqvae import ModelConfig, TrainConfig
 
 STAGES = ("validate", "train", "encode", "report")
 ALIGN_CHOICES = ("warm-start", "relabel", "none")
-EXIT_BAD_INPUT, EXIT_GATE = 2, 3
+EXIT_BAD_INPUT, EXIT_GATE, EXIT_CONFLICT = 2, 3, 4
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 
-from jobs.config import EXIT_BAD_INPUT, EXIT_GATE, JobConfig
+from jobs.config import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_GATE, JobConfig
 from pipelines import io, ledger, registry
 from pipelines.demo import write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
@@ -63,7 +63,7 @@ from rqvae.taxonomy import category_ids_from_paths
 
 Stage = Callable[[str], Any]
 _EXPECTED = (SchemaError, TooManyRejectsError, RowAccountingError, NoValidRowsError, FileNotFoundError,
-             ledger.ModeError, ledger.ConcurrentRunError)
+             ledger.ModeError)
 
 
 class JobFailed(RuntimeError):
@@ -142,6 +142,8 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
             return job.result
     except _EXPECTED as e:
         raise JobFailed(str(e)) from e
+    except ledger.ConcurrentRunError as e:
+        raise JobFailed(str(e), EXIT_CONFLICT) from e
     finally:
         session.stop()
 

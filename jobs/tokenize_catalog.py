@@ -9,7 +9,7 @@
         --input /data/catalog --output /data/semids            # daily: incremental, no ID moves
 
 Exit codes: 0 success, 2 bad arguments or input, 3 a gate failed (quality, or ID churn): nothing
-published, @champion not moved.
+published, @champion not moved, 4 another run wrote the table meanwhile: nothing published, run again.
 """
 from __future__ import annotations
 

@@ -117,6 +117,7 @@ def row_fingerprints(matrix: np.ndarray) -> np.ndarray:
     """
     import xxhash
 
-    rows = np.ascontiguousarray(matrix, dtype="<f4").view(np.uint8).reshape(len(matrix), -1)
+    values = np.ascontiguousarray(matrix, dtype="<f4")
+    rows = values.view(np.uint8).reshape(len(values), 4 * values.shape[1])  # (N, 4 D) bytes
     digest = xxhash.xxh3_64_intdigest
     return np.fromiter((digest(row.data) for row in rows), dtype=np.uint64, count=len(rows)).view(np.int64)

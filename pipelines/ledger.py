@@ -554,6 +554,6 @@ def id_changes(ledger: DataFrame) -> DataFrame:
                      RETIRED_REASON)
     new = ledger.select(ITEM_ID, F.col(SEMANTIC_ID).alias(NEW_SEMANTIC_ID), F.col(TOKENIZED_AT).alias(CHANGED_AT),
                         GENERATION)
-    return old.join(new, [ITEM_ID, CHANGED_AT]).select(ITEM_ID, OLD_SEMANTIC_ID, NEW_SEMANTIC_ID, GENERATION,
-                                                       RETIRED_REASON, CHANGED_AT)
+    return (old.join(new, [ITEM_ID, CHANGED_AT]).where(F.col(OLD_SEMANTIC_ID) != F.col(NEW_SEMANTIC_ID))
+            .select(ITEM_ID, OLD_SEMANTIC_ID, NEW_SEMANTIC_ID, GENERATION, RETIRED_REASON, CHANGED_AT))
 

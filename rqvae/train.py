@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -222,10 +223,13 @@ def fit(
         init: a trained model of the same shape to start from (a warm start, e.g. the previous
             generation's champion): its weights and codebooks are the starting point instead of the
             autoencoder warm-up and the k-means initialisation, and its input-space anchor is refined by
-            Lloyd iterations that start at its centroids. Codes therefore keep their meaning, so a
-            retrained model gives most items the codes they had (docs/design.md "New generations").
+            Lloyd iterations that start at its centroids; training then runs at ``lr *
+            warm_start_lr_scale``. Codes therefore keep their meaning, so a retrained model gives most
+            items the codes they had (docs/design.md "New generations").
     """
     cfg = train_config or TrainConfig()
+    if init is not None:
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale)
     with deterministic_algorithms(cfg.deterministic):
         return _fit(x, model_config, cfg, category_ids, list(callbacks), init)
 

@@ -89,3 +89,23 @@ def test_non_float_lists_are_a_type_error() -> None:
         embeddings_to_numpy(pa.array([[1, 2]], type=pa.list_(pa.int64())))
     with pytest.raises(TypeError, match="list array"):
         embeddings_to_numpy(pa.array([1.0, 2.0]))
+
+
+def test_row_fingerprints_depend_on_the_float32_values_only() -> None:
+    import xxhash
+
+    from pipelines.arrow_utils import row_fingerprints
+
+    x = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32)
+    fps = row_fingerprints(x)
+    assert fps.dtype == np.int64 and fps.shape == (50,) and len(set(fps.tolist())) == 50
+    # One value, by hand: xxh3-64 of the row's little-endian float32 bytes, as a signed 64-bit int.
+    expected = np.array([xxhash.xxh3_64_intdigest(x[3].astype("<f4").tobytes())], dtype=np.uint64).view(np.int64)
+    assert fps[3] == expected[0]
+    np.testing.assert_array_equal(row_fingerprints(x.astype(np.float64)), fps)  # doubles: cast, same values
+    np.testing.assert_array_equal(row_fingerprints(np.asfortranarray(x)), fps)  # any memory layout
+    np.testing.assert_array_equal(row_fingerprints(x[10:20]), fps[10:20])  # any batch
+    bumped = x.copy()
+    bumped[5, 6] = np.nextafter(bumped[5, 6], np.float32(np.inf))  # one ulp
+    assert (row_fingerprints(bumped) != fps).tolist() == [i == 5 for i in range(50)]
+    assert row_fingerprints(np.zeros((0, 7), dtype=np.float32)).shape == (0,)

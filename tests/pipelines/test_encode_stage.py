@@ -13,7 +13,16 @@ import pipelines.encode as encode
 import rqvae.checkpoint
 from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.encode import encode_embeddings, make_encoder
-from pipelines.schema import CODES, EMBEDDING, ITEM_ID, QUANTIZATION_ERROR, REASON, InputColumns, RejectReason
+from pipelines.schema import (
+    CODES,
+    EMBEDDING,
+    EMBEDDING_FINGERPRINT,
+    ITEM_ID,
+    QUANTIZATION_ERROR,
+    REASON,
+    InputColumns,
+    RejectReason,
+)
 from pipelines.validate import SchemaError, count_reasons, flag_duplicates, validate_catalog
 from rqvae import encode_array, load_checkpoint
 
@@ -192,3 +201,57 @@ def test_a_wrong_length_row_is_flagged_and_the_rest_of_its_batch_encoded(checkpo
     got = {r[ITEM_ID]: r for r in table.to_pylist()}
     assert got["b"] == {ITEM_ID: "b", CODES: None, QUANTIZATION_ERROR: None, REASON: RejectReason.WRONG_LENGTH}
     assert [got["a"][CODES], got["c"][CODES]] == expected.codes[[0, 2]].tolist()
+
+
+def known_batch(vectors: np.ndarray, known: list) -> pa.RecordBatch:
+    b = batch(list(range(len(vectors))), vectors)
+    return b.append_column(encode.KNOWN_FINGERPRINT, pa.array(known, pa.int64()))
+
+
+@pytest.mark.parametrize(("policy", "encoded"), [
+    ("all", [0, 1, 2, 3]), ("new", [0, 3]), ("new_or_changed", [0, 2, 3])])
+def test_policies_encode_only_the_rows_they_name(checkpoint, vectors, expected, policy, encoded) -> None:
+    from pipelines.arrow_utils import row_fingerprints
+
+    fps = row_fingerprints(vectors[:4])
+    known = [None, int(fps[1]), int(fps[2]) + 1, None]  # 0 and 3 new, 1 unchanged, 2 changed
+    out = pa.Table.from_batches(list(make_encoder(checkpoint, DIM, fingerprints=True, policy=policy)(
+        iter([known_batch(vectors[:4], known)]))))
+    assert out.column_names == [ITEM_ID, CODES, QUANTIZATION_ERROR, REASON, EMBEDDING_FINGERPRINT]
+    rows = out.to_pylist()
+    assert [r[EMBEDDING_FINGERPRINT] for r in rows] == fps.tolist()
+    assert [i for i, r in enumerate(rows) if r[CODES] is not None] == encoded
+    assert all((r[QUANTIZATION_ERROR] is None) == (r[CODES] is None) for r in rows)
+    for i in encoded:  # an encoded row has the codes and error of encoding it alone
+        assert rows[i][CODES] == expected.codes[i].tolist()
+        assert rows[i][QUANTIZATION_ERROR] == pytest.approx(float(expected.quantization_error[i]), rel=1e-5)
+
+
+def test_a_policy_that_compares_fingerprints_needs_them(checkpoint) -> None:
+    with pytest.raises(ValueError, match="fingerprints=True"):
+        make_encoder(checkpoint, DIM, policy="new")
+    with pytest.raises(ValueError, match="unknown encode policy"):
+        make_encoder(checkpoint, DIM, fingerprints=True, policy="changed")
+
+
+@pytest.mark.spark
+def test_encode_catalog_encodes_only_unknown_rows_and_counts_them(spark, checkpoint, vectors, expected,
+                                                                  tmp_path) -> None:
+    from pipelines.encode import encode_catalog
+    from pipelines.session import EngineSession
+
+    rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors[:10])] + [("bad", None)]
+    v = validate_catalog(spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>"), dim=DIM)
+    full = encode_catalog(v, checkpoint, materialize=lambda df: None)
+    assert full.counts.clean == 10 and full.encoded_rows is None  # no materialisation: not counted
+    first = {r[ITEM_ID]: r for r in full.codes.collect()}
+    known = spark.createDataFrame([(f"i{i}", first[f"i{i}"][EMBEDDING_FINGERPRINT]) for i in range(6)],
+                                  f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint")
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path))
+    incremental = encode_catalog(v, checkpoint, materialize=scratch.materialize, known=known, policy="new")
+    got = {r[ITEM_ID]: r for r in incremental.codes.collect()}
+    assert incremental.encoded_rows == 4 and sorted(got) == sorted(first)
+    assert [i for i in sorted(got) if got[i][CODES] is not None] == ["i6", "i7", "i8", "i9"]
+    assert got["i7"][CODES] == expected.codes[7].tolist()
+    assert sorted((r[ITEM_ID], r[REASON]) for r in incremental.rejects.collect()) == [
+        ("bad", RejectReason.NULL_EMBEDDING)]

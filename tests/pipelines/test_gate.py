@@ -45,3 +45,12 @@ def test_every_level_is_checked() -> None:
     failures = gate_failures(GOOD, THRESHOLDS, num_levels=3)  # GOOD has no level-3 utilization
     assert failures == ["sample_l3_utilization = None < 0.5 (--gate-min-utilization)"]
     assert len(gate_failures({}, THRESHOLDS, num_levels=3)) == 5
+
+
+def test_churn_gate() -> None:
+    from pipelines.gate import churn_failure
+
+    assert churn_failure(5, 100, 0.05) is None  # at the limit: passes
+    failure = churn_failure(6, 100, 0.05)
+    assert failure is not None and "6 of 100" in failure and "--max-id-churn 0.05" in failure
+    assert churn_failure(100, 100, None) is None and churn_failure(1, 0, 0.0) is None

@@ -90,3 +90,15 @@ def test_same_seed_same_centres_other_seed_other_centres() -> None:
     a, b = kmeans(x, 12, iters=3, seed=5), kmeans(x, 12, iters=3, seed=5)
     assert torch.equal(a, b)
     assert not torch.allclose(a, kmeans(x, 12, iters=3, seed=6))
+
+
+def test_lloyd_from_given_centres_keeps_their_labels() -> None:
+    # Two tight blobs; starting centres in reverse order: centre 0 must become the blob it started near.
+    g = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(50, 2, generator=g) * 0.1 + 5, torch.randn(50, 2, generator=g) * 0.1 - 5])
+    start = torch.tensor([[-4.0, -4.0], [4.0, 4.0]])
+    centres = kmeans(points, 2, iters=5, init=start)
+    assert torch.allclose(centres[0], points[50:].mean(0), atol=1e-5)
+    assert torch.allclose(centres[1], points[:50].mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match=r"init must have shape \(2, 2\)"):
+        kmeans(points, 2, init=start[:1])

@@ -1,0 +1,54 @@
+"""pipelines.drift: per-level prefix changes, flows, and two tables compared (embedded engine)."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.drift import Drift, Flow, compare_tables, drift_table, level_changes
+
+pytestmark = pytest.mark.spark
+
+PAIRS = "old_codes array<int>, new_codes array<int>"
+
+
+def test_level_changes_count_items_per_level_and_rank_flows(spark) -> None:
+    pairs = spark.createDataFrame([
+        ([1, 2, 3], [1, 2, 4]),  # only the last level moved
+        ([1, 2, 3], [1, 5, 3]),  # levels 2 and 3 (the 3-prefix includes level 2)
+        ([1, 2, 3], [1, 5, 3]),
+        ([7, 2, 3], [8, 2, 3]),  # every level
+        ([4, 4, 4], [4, 4, 4]),  # unchanged: counts nowhere
+    ], PAIRS)
+    changed, flows = level_changes(pairs, 3, top_n=2)
+    assert changed == (1, 3, 4)
+    assert flows == (
+        Flow(1, "7", "8", 1),
+        Flow(2, "1_2", "1_5", 2), Flow(2, "7_2", "8_2", 1),
+        Flow(3, "1_2_3", "1_5_3", 2), Flow(3, "1_2_3", "1_2_4", 1),
+    )
+
+
+def test_compare_tables_uses_active_rows_and_counts_added_and_retired(spark) -> None:
+    schema = "item_id string, semantic_id string, codes array<int>, active boolean"
+    old = spark.createDataFrame([
+        ("a", "1_2_0", [1, 2], True), ("b", "1_2_1", [1, 2], True), ("c", "3_3_0", [3, 3], True),
+        ("z", "9_9_0", [9, 9], False),  # retired before: not compared
+    ], schema)
+    new = spark.createDataFrame([
+        ("a", "1_2_0", [1, 2], True), ("b", "1_3_0", [1, 3], True), ("d", "4_4_0", [4, 4], True),
+    ], schema)
+    drift = compare_tables(old, new, None, against="old")
+    assert (drift.compared, drift.ids_changed, drift.ids_added, drift.ids_retired) == (2, 1, 2, 2)
+    assert drift.prefix_changed == (0, 1) and drift.churn == 0.5
+    assert drift.flows == (Flow(2, "1_2", "1_3", 1),)
+    without_active = compare_tables(old.drop("active"), new.drop("active"), 2, against="old")
+    assert without_active.compared == 2 and without_active.ids_retired == 3  # z counts as a current ID there
+
+
+def test_drift_rows_metrics_and_table(spark) -> None:
+    drift = Drift("v3", compared=10, ids_changed=2, ids_added=5, ids_retired=3, prefix_changed=(1, 2),
+                  flows=(Flow(1, "1", "2", 1),))
+    metrics = drift.metrics()
+    assert metrics["drift_id_churn"] == 0.2 and metrics["drift_l2_prefix_changed_share"] == 0.2
+    rows = {(r["metric"], r["level"]): r["value"] for r in drift_table(spark, drift).collect()}
+    assert rows[("id_churn", None)] == 0.2 and rows[("prefix_changed", 1)] == 1.0 and rows[("flow", 1)] == 1.0
+    assert Drift("none", 0, 0, 0, 0, (), ()).churn == 0.0

@@ -1,0 +1,302 @@
+"""pipelines.ledger on the embedded engine: modes, the plan of every ID's fate, MERGE publishing, id_changes.
+
+Tiny hand-made ledgers (L = 2) with the expected outcome written out row by row.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import helpers
+import pytest
+from pyspark.sql import functions as F
+
+from pipelines import io, ledger
+from pipelines.encode import Encoded, TokenizerModel
+from pipelines.schema import (
+    ACTIVE,
+    EMBEDDING_FINGERPRINT,
+    GENERATION,
+    ISSUE_COLUMNS,
+    ITEM_ID,
+    RETIRED_AT,
+    RETIRED_REASON,
+    SEMANTIC_ID,
+    SEMANTIC_IDS_TABLE,
+    RetiredReason,
+)
+from pipelines.validate import RowAccountingError, ValidationCounts
+
+pytestmark = pytest.mark.spark
+
+T_1 = dt.datetime(2025, 12, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
+V1 = TokenizerModel("m", "1", b"", num_levels=2, codebook_size=16, input_dim=4)
+V2 = TokenizerModel("m", "2", b"", num_levels=2, codebook_size=16, input_dim=4)
+SCHEMA = ("item_id string, codes array<int>, suffix int, semantic_id string, quantization_error float, "
+          "model_name string, model_version string, mlflow_run_id string, tokenized_at timestamp, generation int, "
+          "embedding_fingerprint bigint, active boolean, retired_at timestamp, retired_reason string, "
+          "prefix_1 string, prefix_2 string")
+
+
+def row(item: str, codes: list[int], suffix: int, fp: int, *, active: bool = True, reason: str | None = None,
+        error: float = 0.5, generation: int = 1, version: str = "1", at: dt.datetime = T0) -> tuple:
+    sid = "_".join(map(str, codes)) + f"_{suffix}"
+    return (item, codes, suffix, sid, error, "m", version, "run-0", at, generation, fp, active,
+            None if active else T0, reason, str(codes[0]), f"{codes[0]}_{codes[1]}")
+
+
+def utc(value):
+    """Timestamps as aware UTC (Spark hands back naive local times), other values as they are."""
+    return value.astimezone(dt.timezone.utc) if isinstance(value, dt.datetime) else value
+
+
+LEDGER = [
+    row("a", [1, 2], 0, 10),
+    row("b", [1, 2], 1, 11),
+    row("c", [3, 4], 0, 12),
+    row("d", [5, 5], 0, 13, active=False, reason=RetiredReason.LEFT_CATALOG),  # may come back
+    row("e", [6, 6], 0, 14, active=False, reason=RetiredReason.EMBEDDING_CHANGED, at=T_1),  # replaced by 6_7_0
+    row("e", [6, 7], 0, 15),
+]
+
+
+def state_of(spark, rows: list[tuple] = LEDGER, version: int | None = None) -> ledger.TableState:
+    df = spark.createDataFrame(rows, SCHEMA)
+    active = sum(1 for r in rows if r[11])
+    return ledger.TableState(df, version, "m", "1", 1, 2, True, len(rows), active)
+
+
+def encoded(spark, rows: list[tuple], rejected: list[str] = ()) -> Encoded:
+    """(item, codes or None, error or None, fingerprint) per clean catalog row, plus rejected ids."""
+    codes = spark.createDataFrame(rows, "item_id string, codes array<int>, quantization_error float, "
+                                        "embedding_fingerprint bigint")
+    rejects = spark.createDataFrame([(i, "zero_vector") for i in rejected] or [("x", "x")], "item_id string, "
+                                    "reason string")
+    if not rejected:
+        rejects = rejects.limit(0)
+    return Encoded(codes, rejects, ValidationCounts(len(rows), {"zero_vector": len(rejected)}))
+
+
+def plan(spark, state, enc, mode, on_changed="keep", model=V1) -> ledger.Plan:
+    return ledger.plan_changes(state, enc, model, mode, on_changed=on_changed, run_id="run-1", now=NOW,
+                               materialize=lambda df: None)
+
+
+def table_rows(p: ledger.Plan) -> dict[str, dict]:
+    """The whole ledger after the plan, by semantic_id."""
+    rows = {r[SEMANTIC_ID]: {k: utc(v) for k, v in r.asDict().items()} for r in p.table().collect()}
+    assert len(rows) == p.table().count()  # semantic_id is unique
+    return rows
+
+
+INCREMENTAL = ledger.Mode(ledger.INCREMENTAL, 1, False, "test")
+NEW_GENERATION = ledger.Mode(ledger.FULL, 2, True, "test")
+
+# The catalog of the next run: a unchanged, b's embedding changed (not encoded under keep), d back,
+# f/g/h new (g has the lower error: it takes 1_2_2 before f), e gone, c rejected.
+NEXT = [("a", None, None, 10), ("b", None, None, 99), ("d", None, None, 13),
+        ("f", [1, 2], 0.5, 20), ("g", [1, 2], 0.1, 21), ("h", [9, 9], 0.3, 22)]
+
+
+def test_an_incremental_run_keeps_every_id_and_issues_the_next_free_suffixes(spark) -> None:
+    p = plan(spark, state_of(spark), encoded(spark, NEXT, rejected=["c"]), INCREMENTAL)
+    c = p.counts
+    assert (c.valid, c.unchanged, c.new_item, c.reactivated, c.changed_kept) == (6, 1, 3, 1, 1)
+    assert (c.retired_left_catalog, c.retired_rejected, c.embedding_changed, c.compared, c.ids_changed) == (
+        1, 1, 1, 2, 0)
+    rows = table_rows(p)
+    assert {(r[ITEM_ID], sid) for sid, r in rows.items() if r[ACTIVE]} == {
+        ("a", "1_2_0"), ("b", "1_2_1"), ("d", "5_5_0"), ("g", "1_2_2"), ("f", "1_2_3"), ("h", "9_9_0")}
+    assert {sid: r[RETIRED_REASON] for sid, r in rows.items() if not r[ACTIVE]} == {
+        "3_4_0": RetiredReason.REJECTED, "6_6_0": RetiredReason.EMBEDDING_CHANGED,
+        "6_7_0": RetiredReason.LEFT_CATALOG}
+    assert rows["6_7_0"][RETIRED_AT] == rows["3_4_0"][RETIRED_AT] == NOW
+    assert rows["6_6_0"][RETIRED_AT] == T0  # an old retirement is left alone
+    assert rows["5_5_0"][RETIRED_AT] is None and rows["5_5_0"][RETIRED_REASON] is None
+    assert rows["1_2_1"][EMBEDDING_FINGERPRINT] == 11  # kept: the row is as it was
+    new = rows["1_2_2"]
+    assert (new["quantization_error"], new["tokenized_at"], new["mlflow_run_id"], new[GENERATION]) == (
+        pytest.approx(0.1), NOW, "run-1", 1)
+    before = {r[3]: r for r in LEDGER}
+    for sid in ("1_2_0", "1_2_1", "5_5_0", "6_6_0", "6_7_0", "3_4_0"):  # what was issued never changes
+        assert [rows[sid][k] for k in ISSUE_COLUMNS] == [before[sid][i] for i in (0, 1, 2, 3, 4, 7, 8)]
+
+
+def test_nothing_changes_when_the_catalog_did_not(spark) -> None:
+    same = [("a", None, None, 10), ("b", None, None, 11), ("c", None, None, 12), ("e", None, None, 15)]
+    p = plan(spark, state_of(spark), encoded(spark, same), INCREMENTAL)
+    assert p.changes.count() == 0 and p.counts.unchanged == 4 and p.counts.issued == 0
+
+
+def test_retokenize_gives_a_changed_item_a_new_id_unless_its_codes_stayed(spark) -> None:
+    # b changed and moved to 3_4; a changed but kept its codes (its fingerprint is refreshed).
+    changed = [("a", [1, 2], 0.2, 50), ("b", [3, 4], 0.2, 99), ("c", None, None, 12), ("e", None, None, 15)]
+    p = plan(spark, state_of(spark), encoded(spark, changed), INCREMENTAL, on_changed="retokenize")
+    assert (p.counts.retokenized, p.counts.confirmed, p.counts.embedding_changed, p.counts.ids_changed) == (1, 1, 2, 1)
+    rows = table_rows(p)
+    assert rows["1_2_1"][ACTIVE] is False and rows["1_2_1"][RETIRED_REASON] == RetiredReason.EMBEDDING_CHANGED
+    assert rows["3_4_1"][ITEM_ID] == "b" and rows["3_4_1"][ACTIVE]  # after c's 3_4_0
+    assert rows["1_2_0"][EMBEDDING_FINGERPRINT] == 50 and rows["1_2_0"][ACTIVE]
+    changes = {(r[ITEM_ID], r["old_semantic_id"], r["new_semantic_id"])
+               for r in ledger.id_changes(p.table()).collect()}
+    assert changes == {("b", "1_2_1", "3_4_1"), ("e", "6_6_0", "6_7_0")}  # e's is from an earlier run
+    assert p.pairs().count() == 1
+
+
+def test_a_new_generation_keeps_ids_whose_codes_stay_and_moves_the_rest(spark) -> None:
+    every = [("a", [1, 2], 0.4, 10), ("b", [7, 7], 0.4, 11), ("c", [3, 4], 0.9, 12), ("d", [5, 5], 0.1, 13),
+             ("e", [6, 6], 0.1, 15)]
+    p = plan(spark, state_of(spark), encoded(spark, every), NEW_GENERATION, model=V2)
+    c = p.counts
+    assert (c.confirmed, c.moved, c.compared, c.ids_changed) == (3, 2, 4, 2)
+    rows = table_rows(p)
+    for sid, item in (("1_2_0", "a"), ("3_4_0", "c"), ("5_5_0", "d")):  # same codes: same ID, generation 2
+        assert (rows[sid][ITEM_ID], rows[sid][ACTIVE], rows[sid][GENERATION], rows[sid]["model_version"]) == (
+            item, True, 2, "2")
+        assert rows[sid]["quantization_error"] == pytest.approx(0.5)  # the issue columns stay
+    assert rows["7_7_0"][ITEM_ID] == "b" and rows["1_2_1"][RETIRED_REASON] == RetiredReason.NEW_GENERATION
+    # e's codes are those of its retired ID 6_6_0: a retired ID is never reissued, e gets 6_6_1.
+    assert rows["6_6_1"][ITEM_ID] == "e" and rows["6_6_1"][GENERATION] == 2
+    assert rows["6_7_0"][RETIRED_REASON] == RetiredReason.NEW_GENERATION
+    assert {(r[ITEM_ID], r["new_semantic_id"]) for r in ledger.id_changes(p.table()).collect()} == {
+        ("b", "7_7_0"), ("e", "6_6_1"), ("e", "6_7_0")}
+
+
+def test_a_first_run_numbers_every_tuple_from_zero(spark) -> None:
+    p = plan(spark, None, encoded(spark, [("x", [1, 1], 0.2, 1), ("y", [1, 1], 0.1, 2)]),
+             ledger.Mode(ledger.FULL, 1, True, "test"))
+    assert {r[ITEM_ID]: r[SEMANTIC_ID] for r in p.table().collect()} == {"y": "1_1_0", "x": "1_1_1"}
+    assert p.counts.new_item == 2 and p.counts.compared == 0
+
+
+def test_a_table_of_another_code_length_is_refused(spark) -> None:
+    three = TokenizerModel("m", "2", b"", num_levels=3, codebook_size=16, input_dim=4)
+    with pytest.raises(ledger.ModeError, match="2 levels but m version 2 gives 3"):
+        plan(spark, state_of(spark), encoded(spark, []), NEW_GENERATION, model=three)
+
+
+@pytest.mark.parametrize(("requested", "model", "expected"), [
+    ("auto", V1, (ledger.INCREMENTAL, 1, False)),
+    ("full", V1, (ledger.FULL, 1, False)),
+    ("auto", V2, (ledger.FULL, 2, True)),
+    ("full", V2, (ledger.FULL, 2, True)),
+    ("incremental", V1, (ledger.INCREMENTAL, 1, False)),
+])
+def test_choose_mode(spark, requested, model, expected) -> None:
+    mode = ledger.choose_mode(requested, state_of(spark), model.name, model.version)
+    assert (mode.name, mode.generation, mode.new_generation) == expected
+
+
+def test_incremental_with_another_model_names_mode_full(spark) -> None:
+    with pytest.raises(ledger.ModeError, match="--mode full"):
+        ledger.choose_mode("incremental", state_of(spark), "m", "2")
+
+
+def test_without_a_table_every_mode_starts_generation_one(spark) -> None:
+    assert ledger.choose_mode("auto", None, "m", "1").name == ledger.FULL
+    assert ledger.choose_mode("incremental", None, "m", "1").generation == 1
+
+
+def test_a_table_without_lifecycle_columns_is_upgraded_by_a_full_run(spark, tmp_path) -> None:
+    old = spark.createDataFrame([r[:9] + r[14:] for r in LEDGER[:3]],
+                                ", ".join(SCHEMA.split(", ")[:9] + SCHEMA.split(", ")[14:]))
+    location = io.OutputLocation.for_path(str(tmp_path))
+    io.write_table(old, location, SEMANTIC_IDS_TABLE)
+    state = ledger.read_table_state(spark, location)
+    assert state is not None and not state.has_lifecycle and state.active_rows == 3
+    assert ledger.choose_mode("auto", state, "m", "1").name == ledger.FULL
+    with pytest.raises(ledger.ModeError, match="--mode full"):
+        ledger.choose_mode("incremental", state, "m", "1")
+
+
+# --- publishing ------------------------------------------------------------------------------------
+
+def written_ledger(spark, tmp_path: Path) -> tuple[io.OutputLocation, ledger.TableState]:
+    location = io.OutputLocation.for_path(str(tmp_path / "out"))
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), location, SEMANTIC_IDS_TABLE)
+    state = ledger.read_table_state(spark, location)
+    assert state is not None and state.version == 0
+    return location, state
+
+
+def delta_rows(location: io.OutputLocation) -> dict[str, dict]:
+    return {r[SEMANTIC_ID]: {k: utc(v) for k, v in r.items()}
+            for r in helpers.read_delta(location.of(SEMANTIC_IDS_TABLE)).to_pylist()}
+
+
+def test_an_incremental_publish_is_one_merge_that_leaves_other_rows_as_they_were(spark, tmp_path) -> None:
+    location, state = written_ledger(spark, tmp_path)
+    before = delta_rows(location)
+    p = plan(spark, state, encoded(spark, NEXT, rejected=["c"]), INCREMENTAL)
+    assert ledger.publish(p, location) == location.of(SEMANTIC_IDS_TABLE)
+    from deltalake import DeltaTable
+
+    table = DeltaTable(location.of(SEMANTIC_IDS_TABLE))
+    assert table.version() == 1 and table.history()[0]["operation"] == "MERGE"
+    after = delta_rows(location)
+    assert after["1_2_0"] == before["1_2_0"] and after["1_2_1"] == before["1_2_1"]
+    assert after["6_6_0"] == before["6_6_0"]
+    assert set(after) == set(before) | {"1_2_2", "1_2_3", "9_9_0"}
+    planned = table_rows(p)
+    assert planned.keys() == after.keys()
+    for sid, r in after.items():
+        assert {k: v for k, v in r.items() if k != "quantization_error"} == {
+            k: v for k, v in planned[sid].items() if k != "quantization_error"}, sid
+        assert r["quantization_error"] == pytest.approx(planned[sid]["quantization_error"])
+
+
+def test_an_incremental_run_with_nothing_to_change_commits_nothing(spark, tmp_path) -> None:
+    location, state = written_ledger(spark, tmp_path)
+    same = [("a", None, None, 10), ("b", None, None, 11), ("c", None, None, 12), ("e", None, None, 15)]
+    assert ledger.publish(plan(spark, state, encoded(spark, same), INCREMENTAL), location) is None
+    assert io.table_version(location, SEMANTIC_IDS_TABLE) == 0
+
+
+def test_a_table_that_moved_on_since_it_was_read_is_not_written(spark, tmp_path) -> None:
+    location, state = written_ledger(spark, tmp_path)
+    p = plan(spark, state, encoded(spark, NEXT, rejected=["c"]), INCREMENTAL)
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), location, SEMANTIC_IDS_TABLE)  # another run: version 1
+    with pytest.raises(ledger.ConcurrentRunError, match="at version 0 when this run read it and is at 1 now"):
+        ledger.publish(p, location)
+    assert io.table_version(location, SEMANTIC_IDS_TABLE) == 1
+
+
+def test_a_merge_that_would_give_an_id_to_a_second_item_fails_and_commits_nothing(spark, tmp_path) -> None:
+    # What a run meets when another one issued an ID between its version check and its MERGE: an insert
+    # of 1_2_0 (a's ID) for another item.
+    location, _ = written_ledger(spark, tmp_path)
+    clash = spark.createDataFrame([row("zz", [1, 2], 0, 99)], SCHEMA).withColumn(ledger.ACTION, F.lit("insert"))
+    with pytest.raises(Exception, match="1_2_0 already names another item_id"):
+        io.merge_into(clash, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID, update_columns=[ACTIVE],
+                      insert_columns=ledger.table_columns(2), action=ledger.ACTION)
+    gone = spark.createDataFrame([row("zz", [8, 8], 0, 99)], SCHEMA).withColumn(ledger.ACTION, F.lit("update"))
+    with pytest.raises(Exception, match="8_8_0 is no longer"):
+        io.merge_into(gone, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID, update_columns=[ACTIVE],
+                      insert_columns=ledger.table_columns(2), action=ledger.ACTION)
+    assert io.table_version(location, SEMANTIC_IDS_TABLE) == 0
+    assert len(delta_rows(location)) == len(LEDGER)
+
+
+def test_count_active_checks_the_published_rows(spark) -> None:
+    df = spark.createDataFrame(LEDGER, SCHEMA)
+    assert ledger.count_active(df, expected=4) == 4
+    with pytest.raises(RowAccountingError, match="5 valid rows but 4 active IDs"):
+        ledger.count_active(df, expected=5)
+
+
+def test_current_codes_of_sampled_items(spark) -> None:
+    import numpy as np
+
+    state = state_of(spark)
+    items = spark.createDataFrame([("a",), ("d",), ("e",), ("zz",)], "item_id string")
+    positions, codes = state.current_codes(items, np.array(["a", "d", "e", "zz"], dtype=object))
+    assert sorted(zip(positions.tolist(), codes.tolist())) == [(0, [1, 2]), (2, [6, 7])]
+
+
+def test_lifecycle_defaults_of_an_old_table(spark) -> None:
+    df = ledger.with_lifecycle_defaults(spark.createDataFrame([("a", "1_0")], "item_id string, semantic_id string"))
+    r = df.first()
+    assert (r[GENERATION], r[ACTIVE], r[EMBEDDING_FINGERPRINT], r[RETIRED_AT], r[RETIRED_REASON]) == (
+        1, True, None, None, None)

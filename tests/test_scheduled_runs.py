@@ -1,0 +1,295 @@
+"""Scheduled runs end to end on the embedded engine: published IDs never move or get reused.
+
+One trained generation, then rounds that each add ~5% new items, remove ~1%, change ~1% of the
+embeddings and shuffle the input, encoded incrementally with the champion; a kill -9 in the middle
+of the write; two runs at once; a retrain that starts a new generation; the ID churn gate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import helpers
+import numpy as np
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+import pipelines.registry as registry
+from pipelines.arrow_utils import row_fingerprints
+from pipelines.demo import write_demo_catalog
+from pipelines.schema import DRIFT_TABLE, ID_CHANGES_TABLE, SEMANTIC_IDS_TABLE, RetiredReason
+from rqvae.synthetic import CatalogSpec
+
+pytestmark = pytest.mark.spark
+
+MODEL, N_ITEMS, DIM = "csid-scheduled", 1500, 16
+CHAMPION = f"models:/{MODEL}@champion"
+TRAIN = ["--sample-size", "1200", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--model-name", MODEL,
+         "--experiment", MODEL]
+
+
+@dataclasses.dataclass
+class World:
+    work: Path
+    out: Path
+    catalogs: list[Path]  # catalog of each round, [0] the first
+
+    @property
+    def sids(self) -> Path:
+        return self.out / SEMANTIC_IDS_TABLE
+
+    def encode(self, catalog: Path, *extra: str) -> tuple[int, str, str]:
+        return helpers.run_main(["--input", catalog, "--work-dir", self.work, "--output", self.out, "--stages",
+                                 "validate,encode", "--model", CHAMPION, "--model-name", MODEL,
+                                 "--experiment", MODEL, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+def next_catalog(previous: Path, path: Path, seed: int, back: Path | None = None) -> Path:
+    """The previous catalog with ~1% of items removed, ~1% of embeddings changed, ~5% new items, shuffled;
+    with ``back``, the items of that older catalog that ``previous`` lacks return as they were."""
+    table = helpers.read_delta(previous).select(["item_id", "embedding"])
+    rng = np.random.default_rng(seed)
+    kept = table.filter(pa.array(rng.random(table.num_rows) >= 0.01))
+    vectors = np.stack(kept["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    changed = rng.random(len(vectors)) < 0.01
+    vectors[changed] += rng.normal(scale=0.5, size=(int(changed.sum()), DIM)).astype(np.float32)
+    ids = kept["item_id"].to_numpy()
+    start = int(helpers.read_delta(previous)["item_id"].to_numpy().max()) + 1000 * seed  # never an old id
+    new_ids = np.arange(start, start + int(0.05 * table.num_rows))
+    fresh = rng.normal(size=(len(new_ids), DIM)).astype(np.float32)
+    if back is not None:
+        present = set(table["item_id"].to_pylist())
+        gone = [r for r in helpers.read_delta(back).to_pylist() if r["item_id"] not in present]
+        new_ids = np.concatenate([new_ids, [r["item_id"] for r in gone]]).astype(new_ids.dtype)
+        fresh = np.concatenate([fresh, np.array([r["embedding"] for r in gone], dtype=np.float32).reshape(-1, DIM)])
+    order = rng.permutation(len(ids) + len(new_ids))
+    ids, vectors = np.concatenate([ids, new_ids])[order], np.concatenate([vectors, fresh])[order]
+    out = pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors), pa.list_(pa.float32()))})
+    return helpers.write_delta(path, out, parts=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("scheduled")
+    first = root / "catalog-0"
+    write_demo_catalog(first, CatalogSpec(n_items=N_ITEMS, dim=DIM, seed=5))
+    w = World(root / "work", root / "tables", [first])
+    rc, out, err = helpers.run_main(["--input", first, "--work-dir", w.work, "--output", w.out, *TRAIN])
+    assert rc == 0, err[-3000:]
+    assert "mode: full, because no semantic-ID table yet" in out
+    for r in range(1, 5):  # round 3 also brings back the items round 2 removed
+        back = w.catalogs[1] if r == 3 else None
+        w.catalogs.append(next_catalog(w.catalogs[-1], root / f"catalog-{r}", seed=r, back=back))
+    return w
+
+
+def ledger_rows(path: Path, version: int | None = None) -> list[dict]:
+    return DeltaTable(str(path), version=version).to_pyarrow_table().to_pylist()
+
+
+def valid_ids(catalog: Path) -> set:
+    return set(helpers.read_delta(catalog).column("item_id").to_pylist())
+
+
+def fingerprints_changed(rows: list[dict], catalog: Path) -> set:
+    """Items of the catalog whose embedding is not the one their current (or reactivatable) row was
+    tokenized from."""
+    table = helpers.read_delta(catalog)
+    fps = row_fingerprints(np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+    held = {r["item_id"]: r["embedding_fingerprint"] for r in rows
+            if r["active"] or r["retired_reason"] == RetiredReason.LEFT_CATALOG}
+    return {i for i, fp in zip(table["item_id"].to_pylist(), fps.tolist()) if i in held and held[i] != fp}
+
+
+def test_rounds_of_incremental_runs_never_move_or_reuse_a_published_id(world) -> None:
+    owner: dict[str, object] = {}  # every semantic_id ever published -> its item
+    for r in ledger_rows(world.sids):
+        owner[r["semantic_id"]] = r["item_id"]
+    for round_no in range(1, 5):
+        policy = "keep" if round_no <= 2 else "retokenize"
+        before = ledger_rows(world.sids)
+        version = DeltaTable(str(world.sids)).version()
+        catalog = world.catalogs[round_no]
+        changed = fingerprints_changed(before, catalog)
+        rc, out, err = world.encode(catalog, "--on-changed", policy)
+        assert rc == 0, err[-3000:]
+        assert "mode: incremental" in out
+        rows = ledger_rows(world.sids)
+        new_items = valid_ids(catalog) - {r["item_id"] for r in before}
+        returning = (valid_ids(catalog) - valid_ids(world.catalogs[round_no - 1])) - new_items
+        assert bool(returning) == (round_no == 3)
+        retired_before = {r["item_id"]: r["semantic_id"] for r in before if not r["active"]}
+        for item in returning:  # back with its old ID
+            assert {r["semantic_id"] for r in rows if r["active"] and r["item_id"] == item} == {retired_before[item]}
+
+        # Only the new items (and, under retokenize, the changed ones) went through the model.
+        encoded = len(new_items) + (len(changed) if policy == "retokenize" else 0)
+        assert f"{encoded} rows went through the model" in out
+        assert f"embeddings changed: {len(changed)}" in out, (round_no, out[-2500:])
+
+        # Every row published before is still there; nothing but its lifecycle columns moved.
+        now = {r["semantic_id"]: r for r in rows}
+        for old in before:
+            kept = now[old["semantic_id"]]
+            assert kept["item_id"] == old["item_id"]
+            assert {k: kept[k] for k in ("codes", "suffix", "quantization_error", "tokenized_at", "mlflow_run_id")} \
+                == {k: old[k] for k in ("codes", "suffix", "quantization_error", "tokenized_at", "mlflow_run_id")}
+        # A semantic_id names one item, forever: unique over active and retired rows, never reissued.
+        assert len(now) == len(rows)
+        for sid, r in now.items():
+            assert owner.setdefault(sid, r["item_id"]) == r["item_id"], sid
+        # The active rows are exactly the catalog's valid items, one each.
+        active = [r["item_id"] for r in rows if r["active"]]
+        assert sorted(active) == sorted(valid_ids(catalog))
+        # The published ID of every item that stayed is unchanged, except re-tokenized ones.
+        current = {r["item_id"]: r["semantic_id"] for r in rows if r["active"]}
+        previous = {o["item_id"]: o["semantic_id"] for o in before if o["active"]}
+        moved = {i for i, sid in current.items() if i in previous and previous[i] != sid}
+        if policy == "keep":
+            assert not moved
+            check = helpers.run_sid_checker(world.sids, "--levels", "3", "--codebook-size", "16",
+                                            "--previous-version", str(version))
+            assert check.returncode == 0, check.stdout + check.stderr
+        else:
+            retired = {r["item_id"] for r in rows if r["retired_reason"] == RetiredReason.EMBEDDING_CHANGED
+                       and r["semantic_id"] not in {o["semantic_id"] for o in before if not o["active"]}}
+            assert retired <= changed and moved <= changed
+            id_changes = helpers.read_delta(world.out / ID_CHANGES_TABLE).to_pylist()
+            assert {c["item_id"] for c in id_changes} >= retired
+            for c in id_changes:
+                assert owner[c["old_semantic_id"]] == owner[c["new_semantic_id"]] == c["item_id"]
+
+
+def copy_table(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+_KILL_DURING_MERGE = textwrap.dedent("""
+    import os, signal, sys, threading
+    import pipelines.io as io
+    delay = float(sys.argv[1])
+    merge = io.merge_into
+    def killed_merge(*args, **kwargs):
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        merge(*args, **kwargs)
+        threading.Event().wait(60)  # the kill comes here if the MERGE was faster
+    io.merge_into = killed_merge
+    from jobs.tokenize_catalog import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_a_run_killed_during_its_merge_leaves_a_readable_table_and_a_rerun_matches(world, tmp_path) -> None:
+    catalog = next_catalog(world.catalogs[-1], tmp_path / "catalog", seed=9)
+    reference = copy_table(world.out, tmp_path / "reference")
+    rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", world.work, "--output", reference, "--stages",
+                                   "validate,encode", "--model", CHAMPION])
+    assert rc == 0, err[-3000:]
+    expected = {(r["item_id"], r["semantic_id"], r["active"]) for r in ledger_rows(reference / SEMANTIC_IDS_TABLE)}
+    for delay in (0.0, 0.3):
+        out = copy_table(world.out, tmp_path / f"killed-{delay}")
+        sids = out / SEMANTIC_IDS_TABLE
+        version, rows = DeltaTable(str(sids)).version(), ledger_rows(sids)
+        proc = subprocess.run(
+            [sys.executable, "-c", _KILL_DURING_MERGE, str(delay), "--input", str(catalog), "--work-dir",
+             str(world.work), "--output", str(out), "--stages", "validate,encode", "--model", CHAMPION],
+            cwd=tmp_path, env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        now = DeltaTable(str(sids))  # readable, at the old version or (the commit won the race) the new one
+        if now.version() == version:
+            assert now.to_pyarrow_table().to_pylist() == rows
+        rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", world.work, "--output", out, "--stages",
+                                       "validate,encode", "--model", CHAMPION])
+        assert rc == 0, err[-3000:]
+        assert {(r["item_id"], r["semantic_id"], r["active"]) for r in ledger_rows(sids)} == expected
+
+
+def test_two_runs_at_once_never_issue_one_id_twice(world, tmp_path) -> None:
+    out = copy_table(world.out, tmp_path / "tables")
+    catalogs = [next_catalog(world.catalogs[-1], tmp_path / f"catalog-{i}", seed=20 + i) for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, str(helpers.ROOT / "jobs" / "tokenize_catalog.py"), "--input", str(c), "--work-dir",
+         str(world.work), "--output", str(out), "--stages", "validate,encode", "--model", CHAMPION],
+        cwd=tmp_path, env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in catalogs]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    codes = sorted(rc for rc, _, _ in results)
+    assert 0 in codes, results
+    for rc, _, err in results:
+        if rc != 0:
+            assert rc == 4 and "another run wrote" in err and "Run it again" in err, err[-2000:]
+    rows = ledger_rows(out / SEMANTIC_IDS_TABLE)
+    assert len({r["semantic_id"] for r in rows}) == len(rows)
+    active = [r["item_id"] for r in rows if r["active"]]
+    assert len(active) == len(set(active))
+
+
+def test_incremental_with_another_model_is_refused_naming_mode_full(world, tmp_path) -> None:
+    registry.configure_tracking(world.work)
+    other = helpers.untrained_checkpoint(DIM)
+    (tmp_path / "other.pt").write_bytes(other)
+    version = DeltaTable(str(world.sids)).version()
+    rc, _, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", world.out,
+                                   "--stages", "validate,encode", "--model", tmp_path / "other.pt",
+                                   "--mode", "incremental"])
+    assert rc == 2 and "--mode full" in err and "--mode incremental keeps the table's IDs" in err
+    assert DeltaTable(str(world.sids)).version() == version
+
+
+def test_a_retrain_over_the_churn_limit_exits_3_and_moves_nothing(world, tmp_path) -> None:
+    out = copy_table(world.out, tmp_path / "tables")
+    registry.configure_tracking(world.work)
+    champion = registry.alias_version(MODEL, registry.CHAMPION)
+    version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", out,
+                                        *TRAIN, "--seed", "7", "--align", "none", "--max-id-churn", "0.01"])
+    assert rc == 3, err[-3000:]
+    assert "is above --max-id-churn 0.01" in err and "nothing was written" in err
+    assert "new generation 2" in stdout
+    registry.configure_tracking(world.work)
+    assert registry.alias_version(MODEL, registry.CHAMPION) == champion
+    assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
+
+
+def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tmp_path) -> None:
+    out = copy_table(world.out, tmp_path / "tables")
+    before = ledger_rows(out / SEMANTIC_IDS_TABLE)
+    active_before = {r["item_id"]: r for r in before if r["active"]}
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", out,
+                                        *TRAIN, "--seed", "3", "--max-id-churn", "1"])
+    assert rc == 0, err[-3000:]
+    assert "warm start from" in stdout and "new generation 2" in stdout
+    rows = ledger_rows(out / SEMANTIC_IDS_TABLE)
+    current = {r["item_id"]: r for r in rows if r["active"]}
+    assert {r["generation"] for r in current.values()} == {2}
+    stayed = {i for i, r in current.items() if i in active_before and r["semantic_id"] ==
+              active_before[i]["semantic_id"]}
+    moved = {i for i in current if i in active_before} - stayed
+    assert stayed, "no item kept its ID"
+    for i in stayed:  # a kept ID keeps its row: same codes, suffix, issue time
+        assert current[i]["codes"] == active_before[i]["codes"] and current[i]["suffix"] == active_before[i]["suffix"]
+    changes = {(c["item_id"], c["old_semantic_id"], c["new_semantic_id"])
+               for c in helpers.read_delta(out / ID_CHANGES_TABLE).to_pylist() if c["generation"] == 2}
+    assert changes == {(i, active_before[i]["semantic_id"], current[i]["semantic_id"]) for i in moved}
+    drift = {(d["metric"], d["level"]): d["value"] for d in helpers.read_delta(out / DRIFT_TABLE).to_pylist()}
+    assert drift[("ids_changed", None)] == len(moved)
+    assert drift[("compared", None)] == len(set(current) & set(active_before))
+    owners: dict[str, object] = {}
+    for r in before + rows:  # no ID of generation 1 names another item in generation 2
+        assert owners.setdefault(r["semantic_id"], r["item_id"]) == r["item_id"]
+    assert os.path.isdir(out / "report")
