@@ -23,7 +23,7 @@ from jobs.config import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_GATE, JobConfig
 from pipelines import io, ledger, registry
 from pipelines.demo import write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
-from pipelines.encode import ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel, encode_catalog
+from pipelines.encode import Encoded, TokenizerModel, encode_catalog
 from pipelines.gate import churn_failure, gate_failures
 from pipelines.prefix_stats import report_tables
 from pipelines.report import write_report
@@ -156,6 +156,7 @@ def _run_stages(job: _Job) -> None:
             print(f"    {cfg.demo_items} synthetic items x {cfg.demo_dim} dims -> {cfg.input}")
     with stage("validate"):
         catalog, v = _validate(job)
+        cfg = job.cfg  # now with the catalog's D
         state = ledger.read_table_state(job.spark, job.location) if cfg.encodes or cfg.trains else None
         print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.root + ' yet'}")
         # Without training the encode pass counts the reasons itself, so the embedding column is read once.
@@ -381,8 +382,11 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         drift = _drift(job, plan)
         result.drift = drift
         mlflow.log_metrics({**{f"ids_{k}": float(n) for k, n in plan.counts.as_dict().items()}, **drift.metrics()})
-        print(f"    {drift.ids_changed} of {drift.compared} published items change ID (churn {drift.churn:.2%}); "
-              f"prefix changed per level: {', '.join(f'{s:.1%}' for s in drift.prefix_changed_share())}")
+        if drift.compared:
+            print(f"    {drift.ids_changed} of {drift.compared} published items change ID (churn {drift.churn:.2%}); "
+                  f"prefix changed per level: {', '.join(f'{s:.1%}' for s in drift.prefix_changed_share())}")
+        else:
+            print(f"    no published ID to compare with ({drift.against})")
         failure = churn_failure(drift.ids_changed, drift.compared, cfg.max_id_churn)
         mlflow.set_tag("id_churn_gate", "failed" if failure else "passed")
     if failure:
@@ -396,10 +400,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
 def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger.TableState | None,
             mode: ledger.Mode) -> Encoded:
     cfg = job.cfg
-    policy, known = ENCODE_ALL, None
-    if mode.name == ledger.INCREMENTAL and state is not None:
-        policy = ENCODE_NEW_OR_CHANGED if cfg.on_changed == "retokenize" else ENCODE_NEW
-        known = state.known_fingerprints()
+    policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
     return encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
                           batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads)
 
@@ -426,8 +427,8 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift) -> No
     result.tables["id_changes"] = io.write_table(ledger.id_changes(table), location, ID_CHANGES_TABLE)
     result.tables["drift"] = io.write_table(drift_table(job.spark, drift), location, DRIFT_TABLE)
     active = ledger.count_active(table, expected=result.counts["valid_rows"])
-    print(f"    {active} active semantic IDs in {sids} ({plan.counts.issued} issued, {plan.counts.retired} retired "
-          "by this run)")
+    print(f"    {active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
+          f"retired {plan.counts.retired})")
     result.counts["written_rows"] = active
     mlflow.log_metric("written_rows", active)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -35,6 +34,7 @@ from pipelines.schema import (
 )
 from pipelines.uniquify import require_columns
 from pipelines.validate import (
+    RowAccountingError,
     ValidationCounts,
     ValidationResult,
     count_reasons,
@@ -45,7 +45,6 @@ from pipelines.validate import (
 
 _MODELS: dict[str, Any] = {}  # per worker process: checkpoint digest -> model (built once)
 TASK_THREADS = 1  # torch threads per encode task: the engines run one task per core
-KNOWN_FINGERPRINT = "__csid_known_fingerprint"  # input column: the fingerprint a table already holds
 
 ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED = "all", "new", "new_or_changed"
 ENCODE_POLICIES = (ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED)
@@ -68,84 +67,55 @@ def model_for(checkpoint: bytes, digest: str, device: str = "cpu", threads: int 
 
 
 def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, device: str = "cpu",
-                 threads: int | None = TASK_THREADS, fingerprints: bool = False, policy: str = ENCODE_ALL,
+                 threads: int | None = TASK_THREADS, fingerprints: bool = False, encode: bool = True,
                  ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The function given to ``mapInArrow``: batches of (item_id, embedding[, known fingerprint]) ->
-    (item_id, codes, error, reason[, embedding_fingerprint]).
+    """The function given to ``mapInArrow``: batches of (item_id, embedding) -> (item_id, codes, error,
+    reason[, embedding_fingerprint]).
 
     Each row is checked first (:func:`pipelines.validate.row_reason_codes`); a row with a reason is not
     encoded: its codes and error are null. Clean rows get a null reason. With ``fingerprints`` every
-    clean row also gets its :func:`~pipelines.arrow_utils.row_fingerprints` value. ``policy`` says
-    which clean rows are encoded: every one (``"all"``), or, reading the ``KNOWN_FINGERPRINT`` input
-    column, only those without one (``"new"``) or also those whose fingerprint differs from it
-    (``"new_or_changed"``); the others keep null codes. The policies other than "all" need
-    ``fingerprints``.
+    clean row also gets its :func:`~pipelines.arrow_utils.row_fingerprints` value. ``encode`` False
+    checks and fingerprints the rows without running (or even loading) the model: codes and error
+    stay null (an incremental run's first pass).
     """
-    if policy not in ENCODE_POLICIES:
-        raise ValueError(f"unknown encode policy {policy!r}; choose one of {ENCODE_POLICIES}")
-    if policy != ENCODE_ALL and not fingerprints:
-        raise ValueError(f"encode policy {policy!r} compares fingerprints: pass fingerprints=True")
     digest = hashlib.sha256(checkpoint).hexdigest()
     names = _OUTPUT + ([EMBEDDING_FINGERPRINT] if fingerprints else [])
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from rqvae.encode import encode_array
 
-        model = model_for(checkpoint, digest, device, threads)
+        model = model_for(checkpoint, digest, device, threads) if encode else None
         for batch in batches:
             reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
             bad = reasons >= 0
             if bad.any():  # rejects in this batch: they pass through uncoded
                 rejected = batch.filter(pa.array(bad))
-                n = rejected.num_rows
-                extra = [pa.nulls(n, pa.int64())] if fingerprints else []
-                yield pa.RecordBatch.from_arrays(
-                    [rejected.column(ITEM_ID), pa.nulls(n, pa.list_(pa.int32())), pa.nulls(n, pa.float32()),
-                     pa.array(_REASON_NAMES[reasons[bad]], pa.string()), *extra], names=names)
+                yield _uncoded(rejected, pa.array(_REASON_NAMES[reasons[bad]], pa.string()),
+                               pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None)
                 batch = batch.filter(pa.array(~bad))
             if not batch.num_rows:
                 continue
             x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
-            fps = row_fingerprints(x) if fingerprints else None
-            todo = _rows_to_encode(batch, fps, policy)  # (n,) bool, or None = every row
-            columns = _encoded_columns(encode_array, model, x, todo, batch_size)
-            extra = [pa.array(fps, pa.int64())] if fps is not None else []
+            fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
+            if model is None:
+                yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps)
+                continue
+            result = encode_array(model, x, batch_size=batch_size)
             yield pa.RecordBatch.from_arrays(
-                [batch.column(ITEM_ID), *columns, pa.nulls(batch.num_rows, pa.string()), *extra], names=names)
+                [batch.column(ITEM_ID), matrix_to_list_array(result.codes), pa.array(result.quantization_error),
+                 pa.nulls(batch.num_rows, pa.string()), *([fps] if fps is not None else [])], names=names)
 
     return encode_batches
 
 
-def _rows_to_encode(batch: pa.RecordBatch, fps: np.ndarray | None, policy: str) -> np.ndarray | None:
-    """(n,) bool: the clean rows ``policy`` sends through the model; None when that is every row."""
-    if policy == ENCODE_ALL:
-        return None
-    known = batch.column(KNOWN_FINGERPRINT)
-    new = known.is_null().to_numpy(zero_copy_only=False)
-    if policy == ENCODE_NEW:
-        return new
-    known_values = known.fill_null(0).to_numpy(zero_copy_only=False)
-    return new | (known_values != fps)
-
-
-def _encoded_columns(encode_array: Callable[..., Any], model: Any, x: np.ndarray, todo: np.ndarray | None,
-                     batch_size: int | None) -> list[pa.Array]:
-    """Codes (list<int>) and error (float) columns for the rows of x; null where ``todo`` is False."""
-    if todo is None:
-        result = encode_array(model, x, batch_size=batch_size)
-        return [matrix_to_list_array(result.codes), pa.array(result.quantization_error)]
-    n, picked = len(x), np.flatnonzero(todo)
-    if picked.size == 0:
-        return [pa.nulls(n, pa.list_(pa.int32())), pa.nulls(n, pa.float32())]
-    result = encode_array(model, x[picked], batch_size=batch_size)
-    # Scatter the encoded rows back: list i takes codes row rank[i]; rows not encoded are null.
-    rank = np.cumsum(todo) - 1
-    codes = matrix_to_list_array(result.codes).take(pa.array(np.where(todo, rank, 0)))
-    missing = pa.array(~todo)
-    errors = np.zeros(n, dtype=np.float32)
-    errors[picked] = result.quantization_error
-    return [pc.if_else(missing, pa.nulls(n, codes.type), codes),
-            pa.array(errors, mask=~todo)]
+def _uncoded(batch: pa.RecordBatch, reasons: pa.Array, fps: pa.Array | None) -> pa.RecordBatch:
+    """Output rows without codes: the batch's ids, null codes and error, ``reasons`` (and ``fps``)."""
+    n = batch.num_rows
+    columns = [batch.column(ITEM_ID), pa.nulls(n, pa.list_(pa.int32())), pa.nulls(n, pa.float32()), reasons]
+    names = _OUTPUT
+    if fps is not None:
+        columns, names = [*columns, fps], [*_OUTPUT, EMBEDDING_FINGERPRINT]
+    return pa.RecordBatch.from_arrays(columns, names=names)
 
 
 _OUTPUT = [ITEM_ID, CODES, QUANTIZATION_ERROR, REASON]
@@ -154,7 +124,7 @@ _REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
 
 def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size: int | None = None,
                       device: str = "cpu", threads: int | None = TASK_THREADS, fingerprints: bool = False,
-                      policy: str = ENCODE_ALL) -> DataFrame:
+                      encode: bool = True) -> DataFrame:
     """Codes for every row of a catalog, and the reject reason of every row that cannot be encoded.
 
     Args:
@@ -162,9 +132,7 @@ def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size:
             with contract names (:func:`pipelines.validate.select_contract_columns`, or
             ``validate_catalog(...).rows``). Rows are checked inside the UDF with the per-row rules of
             validation (everything but duplicate ids: :func:`pipelines.validate.flag_duplicates` adds
-            those on the output), so one scan of the embeddings yields codes and rejects. With a
-            ``policy`` other than "all", also ``KNOWN_FINGERPRINT`` BIGINT (null for an item the
-            table does not hold).
+            those on the output), so one scan of the embeddings yields codes and rejects.
         checkpoint: model checkpoint bytes (:func:`rqvae.checkpoint_bytes`).
         dim: embedding length D.
         batch_size: rows per model call inside each Arrow batch (None: rqvae's default for the device).
@@ -175,22 +143,21 @@ def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size:
             2 cores: 16.2 s with torch's 2 threads per task, 14.7 s with 1).
         fingerprints: add EMBEDDING_FINGERPRINT BIGINT (xxh3-64 of the row's float32 values) to every
             clean row.
-        policy: which clean rows are encoded ("all", "new", "new_or_changed"; see :func:`make_encoder`).
+        encode: False checks (and fingerprints) the rows without the model: codes and error stay null.
 
     Returns:
         DataFrame with ITEM_ID, CODES ARRAY<INT>, QUANTIZATION_ERROR FLOAT and REASON STRING (null for
-        a clean row; codes and error are null for a rejected one, and for a clean one the policy
-        skipped), then EMBEDDING_FINGERPRINT BIGINT when asked for.
+        a clean row; codes and error are null for a rejected one), then EMBEDDING_FINGERPRINT BIGINT
+        when asked for.
     """
-    needed = [ITEM_ID, EMBEDDING] + ([KNOWN_FINGERPRINT] if policy != ENCODE_ALL else [])
-    require_columns(df, needed, "encode_embeddings")
+    require_columns(df, [ITEM_ID, EMBEDDING], "encode_embeddings")
     id_type = df.schema[ITEM_ID].dataType.simpleString()
     schema = f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float, {REASON} string"
     if fingerprints:
         schema += f", {EMBEDDING_FINGERPRINT} bigint"
     encoder = make_encoder(checkpoint, dim, batch_size=batch_size, device=device, threads=threads,
-                           fingerprints=fingerprints, policy=policy)
-    return df.select(*needed).mapInArrow(encoder, schema)
+                           fingerprints=fingerprints, encode=encode)
+    return df.select(ITEM_ID, EMBEDDING).mapInArrow(encoder, schema)
 
 
 @dataclass(frozen=True)
@@ -215,40 +182,94 @@ class Encoded:
 def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Callable[[DataFrame], DataFrame | None],
                    known: DataFrame | None = None, policy: str = ENCODE_ALL, batch_size: int | None = None,
                    device: str = "cpu", threads: int | None = TASK_THREADS) -> Encoded:
-    """Encode a validated catalog in one scan of its embeddings: codes, fingerprints, rejects and counts.
+    """Encode a validated catalog: codes, fingerprints, rejects and counts.
 
-    The UDF checks every row (rejects pass through uncoded), duplicate ids are flagged on its small
-    output (ids, codes, reasons: ~30 bytes per item) against the catalog's id column, and that output
-    is materialised once; counts, rejects and codes all come from it. When ``materialize`` cannot
-    (returns None), the counts come from validation's SQL pass and the clean rows are encoded after it.
+    ``policy`` "all" (a full run) reads the embeddings once: the UDF checks, fingerprints and encodes
+    every row (rejects pass through uncoded), duplicate ids are flagged on its small output (ids,
+    codes, reasons: ~30 bytes per item) against the catalog's id column, and that output is
+    materialised once; counts, rejects and codes all come from it.
+
+    The other policies (an incremental run) encode only the rows the table cannot keep: a first pass
+    checks and fingerprints every row without the model; its small output is compared with ``known``
+    (the table's fingerprints, on small frames: the embeddings are never shuffled for it), and a
+    second pass encodes just the rows of the ids that need codes (new ids, and with "new_or_changed"
+    ids whose fingerprint differs), selected by a semi-join with that small id list (on Sail the
+    scan then skips what it cannot contain: 10k new rows of a 1M x 256 catalog in 0.2 s, against 4.4 s
+    for the single pass that joins the fingerprints to the embeddings). The second pass must see the
+    same embeddings as the first, or the run stops (the catalog changed under it).
+
+    When ``materialize`` cannot (returns None), the counts come from validation's SQL pass and the
+    frames are recomputed when used.
 
     Args:
         v: :func:`pipelines.validate.validate_catalog` of the catalog.
         checkpoint: model checkpoint bytes.
         materialize: computes a frame once and returns it (``EngineSession.materialize``), or None.
         known: ITEM_ID and EMBEDDING_FINGERPRINT of the items a table already holds (one row per id),
-            needed by the policies other than "all"; broadcast to the scan, so the embeddings are
-            never shuffled.
-        policy: which clean rows are encoded (see :func:`make_encoder`).
+            needed by the policies other than "all".
+        policy: "all", "new" or "new_or_changed".
         batch_size, device, threads: as for :func:`encode_embeddings`.
     """
-    def encode(df: DataFrame) -> DataFrame:
-        if policy != ENCODE_ALL:
-            if known is None:
-                raise ValueError(f"encode policy {policy!r} needs the known fingerprints (known=...)")
-            fps = known.select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(KNOWN_FINGERPRINT))
-            df = df.join(F.broadcast(fps), ITEM_ID, "left")
-        return encode_embeddings(df, checkpoint, v.dim, batch_size=batch_size, device=device, threads=threads,
-                                 fingerprints=True, policy=policy)
+    if policy not in ENCODE_POLICIES:
+        raise ValueError(f"unknown encode policy {policy!r}; choose one of {', '.join(ENCODE_POLICIES)}")
+    if policy != ENCODE_ALL and known is None:
+        raise ValueError(f"encode policy {policy!r} needs the known fingerprints (known=...)")
 
-    # Rows of a duplicated id were encoded before being flagged; their codes are dropped with the REASON filters.
-    staged = materialize(flag_duplicates(encode(v.rows), ids=v.rows))
-    if staged is not None:
-        codes = staged.where(F.col(REASON).isNull()).drop(REASON)
+    def scan(df: DataFrame, encode: bool = True) -> DataFrame:
+        return encode_embeddings(df, checkpoint, v.dim, batch_size=batch_size, device=device, threads=threads,
+                                 fingerprints=True, encode=encode)
+
+    encode_all = policy == ENCODE_ALL
+    # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
+    staged = materialize(flag_duplicates(scan(v.rows, encode=encode_all), ids=v.rows))
+    if staged is None:  # no materialisation: validation's SQL pass counts, the frames are recomputed when used
+        counts, rejects, encoded_rows = validation_counts(v), v.rejects, None
+        clean = scan(v.clean, encode=encode_all).drop(REASON)
+    else:
+        counts = count_reasons(staged)
+        clean = staged.where(F.col(REASON).isNull()).drop(REASON)
         rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
-        return Encoded(codes, rejects, count_reasons(staged), codes.where(F.col(CODES).isNotNull()).count())
-    counts = validation_counts(v)
-    return Encoded(encode(v.clean).drop(REASON), v.rejects, counts)
+        encoded_rows = counts.clean if encode_all else None
+    if encode_all:
+        return Encoded(clean, rejects, counts, encoded_rows)
+    assert known is not None
+    codes, encoded_rows = _encode_needed(v, clean, known, policy, scan, materialize)
+    return Encoded(codes, rejects, counts, encoded_rows)
+
+
+def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, policy: str,
+                   scan: Callable[[DataFrame], DataFrame], materialize: Callable[[DataFrame], DataFrame | None],
+                   ) -> tuple[DataFrame, int | None]:
+    """The second pass of an incremental run: codes for the clean rows that need them, joined back.
+
+    Returns the clean rows (ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT; codes null where
+    not needed) and how many rows went through the model (None without materialisation).
+    """
+    held = known.select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP))
+    marked = clean.select(ITEM_ID, EMBEDDING_FINGERPRINT).join(held, ITEM_ID, "left")
+    needed = F.col(_HELD_FP).isNull()
+    if policy == ENCODE_NEW_OR_CHANGED:
+        needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
+    todo = marked.where(needed).select(ITEM_ID)
+    second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+    coded = materialize(second)
+    encoded_rows = None
+    if coded is not None:
+        wanted = todo.count()
+        same = coded.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
+            clean, ITEM_ID).where(F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
+        if same != wanted:
+            raise RowAccountingError(
+                f"the catalog changed during the run: of the {wanted} rows the encode pass was to read again, "
+                f"{wanted - same} were missing or different. Nothing was written; run again on a stable snapshot "
+                "(e.g. a Delta version).")
+        second, encoded_rows = coded, wanted
+    codes = clean.drop(CODES, QUANTIZATION_ERROR).join(second.select(ITEM_ID, CODES, QUANTIZATION_ERROR), ITEM_ID,
+                                                        "left")
+    return codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT), encoded_rows
+
+
+_HELD_FP = "__csid_held_fingerprint"
 
 
 @dataclass(frozen=True)

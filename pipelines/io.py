@@ -333,7 +333,7 @@ def write_table(
     if location.fmt == "delta" and mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")
     try:
-        _save(writer, location, target, mode)
+        _save(writer, location, target, mode, df)
     except Exception as e:
         if location.fmt == "delta" and _is_missing_delta(e):
             raise DeltaNotAvailableError(
@@ -345,13 +345,13 @@ def write_table(
     return target
 
 
-def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str) -> None:
+def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str, df: DataFrame) -> None:
     """saveAsTable for catalog tables, staging + swap for local Parquet overwrites, else save."""
     local = None if location.is_catalog else local_path(target)
     if location.is_catalog:
         writer.saveAsTable(target)
     elif location.fmt == "parquet" and mode == "overwrite" and local is not None:
-        _save_and_swap(writer, local)
+        _save_and_swap(writer, local, df)
     else:
         if location.fmt == "parquet" and mode == "overwrite":
             log.warning("Parquet overwrite of %s is not atomic; Delta output is", target)
@@ -363,12 +363,14 @@ def _is_missing_delta(error: Exception) -> bool:
     return "DATA_SOURCE_NOT_FOUND" in text or "Failed to find the data source: delta" in text
 
 
-def _save_and_swap(writer: DataFrameWriter, final: Path) -> None:
+def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame) -> None:
     """Write to a hidden staging sibling of ``final``, then swap it in with two renames."""
     token = uuid.uuid4().hex[:12]
     staging = final.with_name(f".{final.name}.staging-{token}")  # the engine creates missing parents
     try:
         writer.save(str(staging))
+        if not staging.is_dir() and df.limit(1).count() == 0:
+            _write_empty_parquet(staging, df)  # Sail writes no folder at all for no rows
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -380,6 +382,17 @@ def _save_and_swap(writer: DataFrameWriter, final: Path) -> None:
             f"remain at {staging} on that filesystem."
         )
     swap_directories(staging, final)
+
+
+def _write_empty_parquet(folder: Path, df: DataFrame) -> None:
+    """A folder with one Parquet file of ``df``'s schema and no rows: an empty table readers can open."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    folder.mkdir(parents=True)
+    schema = to_arrow_schema(df.schema, timezone="UTC")  # Spark timestamps are UTC instants
+    pq.write_table(pa.Table.from_batches([], schema=schema), folder / "part-00000-empty.parquet")
 
 
 def swap_directories(new: Path, final: Path) -> None:

@@ -32,7 +32,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import io
-from pipelines.encode import Encoded, TokenizerModel
+from pipelines.encode import ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel
 from pipelines.schema import (
     ACTIVE,
     CHANGED_AT,
@@ -235,6 +235,15 @@ def choose_mode(requested: str, state: TableState | None, model_name: str, model
     return Mode(FULL, state.generation + 1, True,
                 f"{ours} is not the table's model ({theirs}): new generation {state.generation + 1}, every item "
                 "encoded; items whose codes stay keep their IDs")
+
+
+def rows_to_encode(mode: Mode, state: TableState | None, on_changed: str) -> tuple[str, DataFrame | None]:
+    """The encode policy of a run (:mod:`pipelines.encode`) and the fingerprints it compares with:
+    every row in a full run; in an incremental one the rows the table does not hold, and with
+    ``--on-changed retokenize`` also those whose fingerprint differs from their row's."""
+    if mode.name != INCREMENTAL or state is None:
+        return ENCODE_ALL, None
+    return (ENCODE_NEW_OR_CHANGED if on_changed == "retokenize" else ENCODE_NEW), state.known_fingerprints()
 
 
 @dataclass(frozen=True)
@@ -546,14 +555,16 @@ def count_active(table: DataFrame, expected: int) -> int:
 
 def id_changes(ledger: DataFrame) -> DataFrame:
     """One row per ID that was replaced by another for the same item (a re-tokenized item, or an item a
-    new generation moved): ``item_id``, ``old_semantic_id``, ``new_semantic_id``, the new ID's
-    ``generation``, ``retired_reason`` (why) and ``changed_at``. Derived from the ledger: the old row was
-    retired at the instant the new one was issued."""
-    old = ledger.where(F.col(RETIRED_REASON).isin(RetiredReason.EMBEDDING_CHANGED, RetiredReason.NEW_GENERATION))
-    old = old.select(ITEM_ID, F.col(SEMANTIC_ID).alias(OLD_SEMANTIC_ID), F.col(RETIRED_AT).alias(CHANGED_AT),
-                     RETIRED_REASON)
-    new = ledger.select(ITEM_ID, F.col(SEMANTIC_ID).alias(NEW_SEMANTIC_ID), F.col(TOKENIZED_AT).alias(CHANGED_AT),
-                        GENERATION)
+    new generation moved): ``item_id``, ``old_semantic_id``, ``new_semantic_id``, the ``generation``
+    the change belongs to, ``retired_reason`` (why) and ``changed_at``. Derived from the ledger: the old
+    row was retired at the instant the new one was issued. The generation comes from the old row, which
+    never changes once replaced (the new row's may move on when a later generation confirms it): the old
+    row's own for a re-tokenized item, the next one for a new generation's move."""
+    replaced = F.col(RETIRED_REASON).isin(RetiredReason.EMBEDDING_CHANGED, RetiredReason.NEW_GENERATION)
+    next_one = (F.col(RETIRED_REASON) == RetiredReason.NEW_GENERATION).cast("int")
+    old = ledger.where(replaced).select(ITEM_ID, F.col(SEMANTIC_ID).alias(OLD_SEMANTIC_ID),
+                                        F.col(RETIRED_AT).alias(CHANGED_AT), RETIRED_REASON,
+                                        (F.col(GENERATION) + next_one).alias(GENERATION))
+    new = ledger.select(ITEM_ID, F.col(SEMANTIC_ID).alias(NEW_SEMANTIC_ID), F.col(TOKENIZED_AT).alias(CHANGED_AT))
     return (old.join(new, [ITEM_ID, CHANGED_AT]).where(F.col(OLD_SEMANTIC_ID) != F.col(NEW_SEMANTIC_ID))
             .select(ITEM_ID, OLD_SEMANTIC_ID, NEW_SEMANTIC_ID, GENERATION, RETIRED_REASON, CHANGED_AT))
-

@@ -251,26 +251,32 @@ def test_incremental_with_another_model_is_refused_naming_mode_full(world, tmp_p
     assert DeltaTable(str(world.sids)).version() == version
 
 
+def own_copy(world: World, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the world's tables and MLflow store (registry aliases included) for a test that retrains."""
+    return copy_table(world.out, tmp_path / "tables"), copy_table(world.work, tmp_path / "work")
+
+
 def test_a_retrain_over_the_churn_limit_exits_3_and_moves_nothing(world, tmp_path) -> None:
-    out = copy_table(world.out, tmp_path / "tables")
-    registry.configure_tracking(world.work)
+    out, work = own_copy(world, tmp_path)
+    registry.configure_tracking(work)
     champion = registry.alias_version(MODEL, registry.CHAMPION)
     version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
-    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", out,
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", work, "--output", out,
                                         *TRAIN, "--seed", "7", "--align", "none", "--max-id-churn", "0.01"])
     assert rc == 3, err[-3000:]
     assert "is above --max-id-churn 0.01" in err and "nothing was written" in err
     assert "new generation 2" in stdout
-    registry.configure_tracking(world.work)
+    registry.configure_tracking(work)
     assert registry.alias_version(MODEL, registry.CHAMPION) == champion
     assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
 
 
 def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tmp_path) -> None:
-    out = copy_table(world.out, tmp_path / "tables")
+    out, work = own_copy(world, tmp_path)
     before = ledger_rows(out / SEMANTIC_IDS_TABLE)
     active_before = {r["item_id"]: r for r in before if r["active"]}
-    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", out,
+    held = {r["item_id"]: r for r in before if r["active"] or r["retired_reason"] == RetiredReason.LEFT_CATALOG}
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", work, "--output", out,
                                         *TRAIN, "--seed", "3", "--max-id-churn", "1"])
     assert rc == 0, err[-3000:]
     assert "warm start from" in stdout and "new generation 2" in stdout
@@ -285,7 +291,10 @@ def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tm
         assert current[i]["codes"] == active_before[i]["codes"] and current[i]["suffix"] == active_before[i]["suffix"]
     changes = {(c["item_id"], c["old_semantic_id"], c["new_semantic_id"])
                for c in helpers.read_delta(out / ID_CHANGES_TABLE).to_pylist() if c["generation"] == 2}
-    assert changes == {(i, active_before[i]["semantic_id"], current[i]["semantic_id"]) for i in moved}
+    # Every replaced ID is listed: the moved items', and the old ID of any item that came back with other codes.
+    returned = {i for i in current if i in held and i not in active_before and held[i]["semantic_id"] !=
+                current[i]["semantic_id"]}
+    assert changes == {(i, held[i]["semantic_id"], current[i]["semantic_id"]) for i in moved | returned}
     drift = {(d["metric"], d["level"]): d["value"] for d in helpers.read_delta(out / DRIFT_TABLE).to_pylist()}
     assert drift[("ids_changed", None)] == len(moved)
     assert drift[("compared", None)] == len(set(current) & set(active_before))
@@ -293,3 +302,34 @@ def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tm
     for r in before + rows:  # no ID of generation 1 names another item in generation 2
         assert owners.setdefault(r["semantic_id"], r["item_id"]) == r["item_id"]
     assert os.path.isdir(out / "report")
+
+
+def test_compare_to_measures_drift_against_another_table(world, tmp_path) -> None:
+    out = tmp_path / "tables"
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output", out,
+                                        "--stages", "validate,encode,report", "--model", CHAMPION,
+                                        "--compare-to", world.sids, "--max-id-churn", "1"])
+    assert rc == 0, err[-3000:]
+    now = {r["item_id"]: r["semantic_id"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE)}
+    other = {r["item_id"]: r["semantic_id"] for r in ledger_rows(world.sids) if r["active"]}
+    both = set(now) & set(other)
+    drift = {(d["metric"], d["level"]): d["value"] for d in helpers.read_delta(out / DRIFT_TABLE).to_pylist()}
+    assert drift[("compared", None)] == len(both)
+    assert drift[("ids_changed", None)] == sum(now[i] != other[i] for i in both) > 0  # a fresh table: new suffixes
+    assert "<h2>Drift</h2>" in (out / "report" / "prefix_report.html").read_text(encoding="utf-8")
+
+
+def test_parquet_output_is_rewritten_by_the_staged_swap_in_an_incremental_run(world, tmp_path) -> None:
+    out = tmp_path / "tables"
+    args = ["--work-dir", world.work, "--output", out, "--stages", "validate,encode", "--model", CHAMPION,
+            "--format", "parquet"]
+    rc, _, err = helpers.run_main(["--input", world.catalogs[0], *args])
+    assert rc == 0, err[-3000:]
+    first = {(r["item_id"], r["semantic_id"]) for r in helpers.read_parquet(out / SEMANTIC_IDS_TABLE).to_pylist()}
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[1], *args])
+    assert rc == 0, err[-3000:]
+    assert "mode: incremental" in stdout
+    rows = helpers.read_parquet(out / SEMANTIC_IDS_TABLE).to_pylist()
+    assert first <= {(r["item_id"], r["semantic_id"]) for r in rows}
+    assert sorted(r["item_id"] for r in rows if r["active"]) == sorted(valid_ids(world.catalogs[1]))
+    assert not list(out.glob(".*staging*")) and not list(out.glob(".*backup*"))

@@ -92,3 +92,36 @@ def test_delta_without_any_session_names_the_fix(tmp_path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.search(DELTA_PACKAGES, proc.stderr) and "--format parquet" in proc.stderr
 
+
+
+def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path) -> None:
+    # The ledger's plan (full outer join, window, MERGE-free Parquet rewrite) on classic Spark.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write_parquet(path: Path, ids: np.ndarray, vectors: np.ndarray) -> Path:
+        path.mkdir()
+        pq.write_table(pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors),
+                                                                                pa.list_(pa.float32()))}),
+                       path / "part-0.parquet")
+        return path
+
+    work, out = tmp_path / "work", tmp_path / "tables"
+    catalog = make_catalog(CatalogSpec(300, DIM, seed=4))
+    first = write_parquet(tmp_path / "catalog", catalog.item_ids, catalog.embeddings)
+    base = ["--engine", "spark", "--format", "parquet", "--work-dir", str(work), "--output", str(out),
+            "--shuffle-partitions", "4"]
+    assert main([*base, "--input", str(first), "--sample-size", "300", *helpers.SMALL_MODEL, *helpers.GATE_OFF]) == 0
+    before = {r["item_id"]: r["semantic_id"] for r in helpers.read_parquet(out / "semantic_ids").to_pylist()}
+    extra = make_catalog(CatalogSpec(20, DIM, seed=5))
+    keep = [i for i in range(300) if i % 50]  # 6 items leave
+    ids = np.concatenate([catalog.item_ids[keep], extra.item_ids + 10_000])
+    grown = write_parquet(tmp_path / "grown", ids, np.concatenate([catalog.embeddings[keep], extra.embeddings]))
+    assert main([*base, "--input", str(grown), "--stages", "validate,encode", "--model",
+                 "models:/catalog-semantic-ids@champion"]) == 0
+    rows = helpers.read_parquet(out / "semantic_ids").to_pylist()
+    active = {r["item_id"]: r["semantic_id"] for r in rows if r["active"]}
+    assert sorted(active) == sorted(ids.tolist())
+    assert all(active[i] == before[i] for i in catalog.item_ids[keep].tolist())
+    assert {r["item_id"] for r in rows if r["retired_reason"] == "left_catalog"} == {0, 50, 100, 150, 200, 250}
+    assert len({r["semantic_id"] for r in rows}) == len(rows) == 320

@@ -203,40 +203,24 @@ def test_a_wrong_length_row_is_flagged_and_the_rest_of_its_batch_encoded(checkpo
     assert [got["a"][CODES], got["c"][CODES]] == expected.codes[[0, 2]].tolist()
 
 
-def known_batch(vectors: np.ndarray, known: list) -> pa.RecordBatch:
-    b = batch(list(range(len(vectors))), vectors)
-    return b.append_column(encode.KNOWN_FINGERPRINT, pa.array(known, pa.int64()))
-
-
-@pytest.mark.parametrize(("policy", "encoded"), [
-    ("all", [0, 1, 2, 3]), ("new", [0, 3]), ("new_or_changed", [0, 2, 3])])
-def test_policies_encode_only_the_rows_they_name(checkpoint, vectors, expected, policy, encoded) -> None:
+def test_fingerprints_without_the_model(checkpoint, vectors, counted_loads) -> None:
     from pipelines.arrow_utils import row_fingerprints
 
-    fps = row_fingerprints(vectors[:4])
-    known = [None, int(fps[1]), int(fps[2]) + 1, None]  # 0 and 3 new, 1 unchanged, 2 changed
-    out = pa.Table.from_batches(list(make_encoder(checkpoint, DIM, fingerprints=True, policy=policy)(
-        iter([known_batch(vectors[:4], known)]))))
+    mixed = batch(["a", "b", "c"], [list(vectors[0]), list(vectors[1][:-1]), list(vectors[2])])
+    out = pa.Table.from_batches(list(make_encoder(checkpoint, DIM, fingerprints=True, encode=False)(iter([mixed]))))
     assert out.column_names == [ITEM_ID, CODES, QUANTIZATION_ERROR, REASON, EMBEDDING_FINGERPRINT]
-    rows = out.to_pylist()
-    assert [r[EMBEDDING_FINGERPRINT] for r in rows] == fps.tolist()
-    assert [i for i, r in enumerate(rows) if r[CODES] is not None] == encoded
-    assert all((r[QUANTIZATION_ERROR] is None) == (r[CODES] is None) for r in rows)
-    for i in encoded:  # an encoded row has the codes and error of encoding it alone
-        assert rows[i][CODES] == expected.codes[i].tolist()
-        assert rows[i][QUANTIZATION_ERROR] == pytest.approx(float(expected.quantization_error[i]), rel=1e-5)
-
-
-def test_a_policy_that_compares_fingerprints_needs_them(checkpoint) -> None:
-    with pytest.raises(ValueError, match="fingerprints=True"):
-        make_encoder(checkpoint, DIM, policy="new")
-    with pytest.raises(ValueError, match="unknown encode policy"):
-        make_encoder(checkpoint, DIM, fingerprints=True, policy="changed")
+    got = {r[ITEM_ID]: r for r in out.to_pylist()}
+    assert got["b"][REASON] == RejectReason.WRONG_LENGTH and got["b"][EMBEDDING_FINGERPRINT] is None
+    assert [got[i][EMBEDDING_FINGERPRINT] for i in "ac"] == row_fingerprints(vectors[[0, 2]]).tolist()
+    assert all(got[i][CODES] is None and got[i][QUANTIZATION_ERROR] is None for i in "ac")
+    assert counted_loads == []  # the model was never built
 
 
 @pytest.mark.spark
-def test_encode_catalog_encodes_only_unknown_rows_and_counts_them(spark, checkpoint, vectors, expected,
-                                                                  tmp_path) -> None:
+@pytest.mark.parametrize(("policy", "expected_encoded"), [("new", ["i6", "i7", "i8", "i9"]),
+                                                           ("new_or_changed", ["i0", "i6", "i7", "i8", "i9"])])
+def test_encode_catalog_encodes_only_the_rows_a_policy_needs(spark, checkpoint, vectors, expected, tmp_path,
+                                                              policy, expected_encoded) -> None:
     from pipelines.encode import encode_catalog
     from pipelines.session import EngineSession
 
@@ -245,13 +229,54 @@ def test_encode_catalog_encodes_only_unknown_rows_and_counts_them(spark, checkpo
     full = encode_catalog(v, checkpoint, materialize=lambda df: None)
     assert full.counts.clean == 10 and full.encoded_rows is None  # no materialisation: not counted
     first = {r[ITEM_ID]: r for r in full.codes.collect()}
-    known = spark.createDataFrame([(f"i{i}", first[f"i{i}"][EMBEDDING_FINGERPRINT]) for i in range(6)],
+    assert [first[f"i{i}"][CODES] for i in range(10)] == expected.codes[:10].tolist()
+    # The table holds i0..i5; i0's embedding has changed since.
+    known = spark.createDataFrame([(f"i{i}", first[f"i{i}"][EMBEDDING_FINGERPRINT] + (i == 0)) for i in range(6)],
                                   f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint")
     scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path))
-    incremental = encode_catalog(v, checkpoint, materialize=scratch.materialize, known=known, policy="new")
+    incremental = encode_catalog(v, checkpoint, materialize=scratch.materialize, known=known, policy=policy)
     got = {r[ITEM_ID]: r for r in incremental.codes.collect()}
-    assert incremental.encoded_rows == 4 and sorted(got) == sorted(first)
-    assert [i for i in sorted(got) if got[i][CODES] is not None] == ["i6", "i7", "i8", "i9"]
-    assert got["i7"][CODES] == expected.codes[7].tolist()
+    assert incremental.encoded_rows == len(expected_encoded) and sorted(got) == sorted(first)
+    assert sorted(i for i in got if got[i][CODES] is not None) == expected_encoded
+    for i in expected_encoded:  # the codes and error of encoding the row alone; every fingerprint as before
+        assert got[i][CODES] == first[i][CODES]
+        assert got[i][QUANTIZATION_ERROR] == pytest.approx(first[i][QUANTIZATION_ERROR])
+    assert all(got[i][EMBEDDING_FINGERPRINT] == first[i][EMBEDDING_FINGERPRINT] for i in got)
     assert sorted((r[ITEM_ID], r[REASON]) for r in incremental.rejects.collect()) == [
         ("bad", RejectReason.NULL_EMBEDDING)]
+    assert (incremental.counts.clean, incremental.counts.n_rejected) == (10, 1)
+
+
+def test_encode_catalog_refuses_an_unknown_policy_or_one_without_fingerprints(checkpoint) -> None:
+    from pipelines.encode import encode_catalog
+
+    with pytest.raises(ValueError, match="unknown encode policy"):
+        encode_catalog(None, checkpoint, materialize=lambda df: None, policy="changed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs the known fingerprints"):
+        encode_catalog(None, checkpoint, materialize=lambda df: None, policy="new")  # type: ignore[arg-type]
+
+
+@pytest.mark.spark
+def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, checkpoint, vectors, tmp_path) -> None:
+    from pipelines.encode import encode_catalog
+    from pipelines.session import EngineSession
+    from pipelines.validate import RowAccountingError
+
+    path = tmp_path / "catalog"
+    helpers.write_delta(path, helpers.catalog_table(["a", "b"], vectors[:2]))
+    v = validate_catalog(spark.read.format("delta").load(str(path)), dim=DIM)
+    known = spark.createDataFrame([("a", 0)], f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint").limit(0)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    calls = []
+
+    def materialize_then_change(df):
+        out = scratch.materialize(df)
+        if not calls:  # after the first pass: b's embedding is replaced in a new table version
+            from deltalake import write_deltalake
+
+            write_deltalake(str(path), helpers.catalog_table(["a", "b"], vectors[[0, 5]]), mode="overwrite")
+        calls.append(df)
+        return out
+
+    with pytest.raises(RowAccountingError, match="catalog changed during the run: of the 2 rows"):
+        encode_catalog(v, checkpoint, materialize=materialize_then_change, known=known, policy="new")
