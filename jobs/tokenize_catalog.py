@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "table's: warm-start (default) trains from the table's model and then relabels codes to match "
                    "it; relabel trains from scratch and relabels each level's codes by a one-to-one matching; "
                    "none does neither (every ID may move)")
+    g.add_argument("--warm-start-epochs", type=int, default=3,
+                   help="with --align warm-start, fine-tune at most this many epochs (at a tenth of --lr): each "
+                   "epoch moves more IDs for little gain; raise it when the catalog drifted far")
     g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
                    "instead of the output table's previous version; its churn is what --max-id-churn gates")
     return p
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
                 "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
                 "a new generation")
+    if a.warm_start_epochs < 1:
+        p.error(f"--warm-start-epochs must be at least 1, got {a.warm_start_epochs}")
     if not 0.0 <= a.max_id_churn <= 1.0:
         p.error(f"--max-id-churn must be between 0 and 1, got {a.max_id_churn}")
     hidden = tuple(int(v) for v in a.hidden_dims.split(",") if v)
@@ -157,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                                  num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
                                  shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                 taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16),
+                                 taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16,
+                                 warm_start_epochs=a.warm_start_epochs),
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,

@@ -224,12 +224,14 @@ def fit(
             generation's champion): its weights and codebooks are the starting point instead of the
             autoencoder warm-up and the k-means initialisation, and its input-space anchor is refined by
             Lloyd iterations that start at its centroids; training then runs at ``lr *
-            warm_start_lr_scale``. Codes therefore keep their meaning, so a retrained model gives most
-            items the codes they had (docs/design.md "New generations").
+            warm_start_lr_scale`` for at most ``warm_start_epochs``. Codes therefore keep their
+            meaning, so a retrained model gives most items the codes they had (docs/design.md "New
+            generations").
     """
     cfg = train_config or TrainConfig()
     if init is not None:
-        cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale,
+                                  epochs=min(cfg.epochs, max(1, cfg.warm_start_epochs)))
     with deterministic_algorithms(cfg.deterministic):
         return _fit(x, model_config, cfg, category_ids, list(callbacks), init)
 

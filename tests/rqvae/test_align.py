@@ -142,3 +142,15 @@ def test_warm_start_needs_a_model_of_the_same_shape(generations) -> None:
     other = ModelConfig(input_dim=32, hidden_dims=(32,), latent_dim=8, num_levels=3, codebook_size=16)
     with pytest.raises(ValueError, match="another shape"):
         fit(generations["x"], other, TrainConfig(epochs=1, batch_size=128), init=generations["model"])
+
+
+def test_a_warm_start_trains_at_most_warm_start_epochs(generations) -> None:
+    epochs = []
+
+    class Count:
+        def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+            epochs.append(epoch)
+
+    fit(generations["x"], generations["config"], TrainConfig(epochs=8, batch_size=128, warm_start_epochs=2),
+        init=generations["model"], callbacks=[Count()])
+    assert epochs == [0, 1]
