@@ -203,12 +203,15 @@ def test_a_run_killed_during_its_merge_leaves_a_readable_table_and_a_rerun_match
     expected = {(r["item_id"], r["semantic_id"], r["active"]) for r in ledger_rows(reference / SEMANTIC_IDS_TABLE)}
     for delay in (0.0, 0.3):
         out = copy_table(world.out, tmp_path / f"killed-{delay}")
+        scratch = tmp_path / f"tmp-{delay}"  # the killed engine's scratch folder stays behind: keep it here
+        scratch.mkdir()
         sids = out / SEMANTIC_IDS_TABLE
         version, rows = DeltaTable(str(sids)).version(), ledger_rows(sids)
         proc = subprocess.run(
             [sys.executable, "-c", _KILL_DURING_MERGE, str(delay), "--input", str(catalog), "--work-dir",
              str(world.work), "--output", str(out), "--stages", "validate,encode", "--model", CHAMPION],
-            cwd=tmp_path, env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, env=helpers.subprocess_env(TMPDIR=str(scratch)), capture_output=True, text=True,
+            timeout=300)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         now = DeltaTable(str(sids))  # readable, at the old version or (the commit won the race) the new one
         if now.version() == version:
