@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from pipelines.ledger import Plan
 from pipelines.schema import ACTIVE, CODES, ITEM_ID, LEVEL, SEMANTIC_ID
-from pipelines.uniquify import code_prefix
+from pipelines.uniquify import code_prefix, require_columns
 
 OLD_CODES, NEW_CODES = "old_codes", "new_codes"
 OLD_PREFIX, NEW_PREFIX, ITEMS = "old_prefix", "new_prefix", "items"
@@ -129,11 +129,13 @@ def drift_of_plan(plan: Plan, top_n: int = 10) -> Drift:
 def compare_tables(old: DataFrame, new: DataFrame, num_levels: int | None, against: str, top_n: int = 10) -> Drift:
     """Drift of semantic-ID table ``new`` against ``old`` (their active rows; a table without the
     ``active`` column counts every row as active). ``num_levels`` None reads L from ``new``."""
-    def current(df: DataFrame) -> DataFrame:
+    def current(df: DataFrame, which: str) -> DataFrame:
+        require_columns(df, (ITEM_ID, SEMANTIC_ID, CODES), f"compare_tables({which})")
         return df.where(F.col(ACTIVE)) if ACTIVE in df.columns else df
 
-    a = current(old).select(ITEM_ID, F.col(SEMANTIC_ID).alias("old_id"), F.col(CODES).alias(OLD_CODES))
-    b = current(new).select(ITEM_ID, F.col(SEMANTIC_ID).alias("new_id"), F.col(CODES).alias(NEW_CODES))
+    a = current(old, f"--compare-to {against}").select(ITEM_ID, F.col(SEMANTIC_ID).alias("old_id"),
+                                                       F.col(CODES).alias(OLD_CODES))
+    b = current(new, "the new table").select(ITEM_ID, F.col(SEMANTIC_ID).alias("new_id"), F.col(CODES).alias(NEW_CODES))
     both = a.join(b, ITEM_ID, "full_outer")
     counted = both.agg(
         F.sum((F.col("old_id").isNotNull() & F.col("new_id").isNotNull()).cast("long")).alias("compared"),

@@ -5,6 +5,7 @@ folder under the job's work directory. Encoding resolves an alias to a concrete 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -23,7 +24,9 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A concrete model: registered name + version (or "local" for a checkpoint file) + its bytes."""
+    """A concrete model: registered name + version + its bytes. A checkpoint file is named by its stem and
+    versioned ``local-<first 12 hex digits of its SHA-256>``: a table written with one file is then never
+    taken for the same generation as another file of the same name."""
 
     name: str
     version: str
@@ -101,7 +104,8 @@ def resolve_model(uri: str) -> ResolvedModel:
         if not path.is_file():
             raise ValueError(f"--model {uri!r} is neither models:/<name>@<alias>, models:/<name>/<version> "
                              "nor an existing checkpoint file")
-        return ResolvedModel(path.stem, "local", "", path.read_bytes())
+        data = path.read_bytes()
+        return ResolvedModel(path.stem, f"local-{hashlib.sha256(data).hexdigest()[:12]}", "", data)
     name, alias, version = match.group("name"), match.group("alias"), match.group("version")
     client = MlflowClient()
     try:

@@ -336,3 +336,16 @@ def test_parquet_output_is_rewritten_by_the_staged_swap_in_an_incremental_run(wo
     assert first <= {(r["item_id"], r["semantic_id"]) for r in rows}
     assert sorted(r["item_id"] for r in rows if r["active"]) == sorted(valid_ids(world.catalogs[1]))
     assert not list(out.glob(".*staging*")) and not list(out.glob(".*backup*"))
+
+
+def test_compare_to_a_table_that_is_no_semantic_id_table_names_the_columns(world, tmp_path) -> None:
+    rc, _, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output",
+                                   tmp_path / "tables", "--stages", "validate,encode", "--model", CHAMPION,
+                                   "--compare-to", world.catalogs[0]])
+    assert rc == 2
+    assert "compare_tables(--compare-to" in err and "'semantic_id'" in err
+    missing = tmp_path / "nowhere"
+    rc, _, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output",
+                                   tmp_path / "tables", "--stages", "validate,encode", "--model", CHAMPION,
+                                   "--compare-to", missing])
+    assert rc == 2 and str(missing) in err

@@ -77,8 +77,12 @@ def test_resolve_model_missing_alias_names_the_fix(store) -> None:
 
 
 def test_resolve_model_on_a_local_checkpoint(checkpoints) -> None:
+    import hashlib
+
+    data = checkpoints[0].read_bytes()
     resolved = registry.resolve_model(str(checkpoints[0]))
-    assert resolved == registry.ResolvedModel("first", "local", "", checkpoints[0].read_bytes())
+    # The version names the file's content, so another checkpoint saved under the same name is another model.
+    assert resolved == registry.ResolvedModel("first", f"local-{hashlib.sha256(data).hexdigest()[:12]}", "", data)
 
 
 def test_register_alias_and_resolve_round_trip(store, checkpoints) -> None:
