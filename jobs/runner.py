@@ -86,7 +86,8 @@ class JobResult:
     reasons: dict[str, int] = field(default_factory=dict)  # rejected rows per reason (not printed)
     model: str = ""
     mode: str = ""
-    drift: Drift | None = None
+    drift: Drift | None = None  # against the table version the run started from (what the churn gate measures)
+    comparison: Drift | None = None  # against --compare-to
 
     def summary_lines(self) -> list[str]:
         lines = ["", "==> results"]
@@ -159,6 +160,9 @@ def _run_stages(job: _Job) -> None:
         cfg = job.cfg  # now with the catalog's D
         state = ledger.read_table_state(job.spark, job.location) if cfg.encodes or cfg.trains else None
         print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.root + ' yet'}")
+        if state is not None and state.version is None and job.location.fmt == "delta":
+            print("    WARNING: the table's Delta version cannot be read here, so a run that writes it at the same "
+                  "time is not detected: schedule one run at a time on this output")
         # Without training the encode pass counts the reasons itself, so the embedding column is read once.
         if cfg.trains or not cfg.encodes:
             _check_counts(job, catalog.count(), validation_counts(v))
@@ -250,6 +254,8 @@ def _train(job: _Job, v: ValidationResult, state: ledger.TableState | None) -> T
         cats = category_ids_from_paths(arrays.categories) if arrays.categories else None
         print(f"    {len(arrays.embeddings)} items sampled for training (seed {cfg.seed})")
         mlflow.log_metric("train_sample_items", len(arrays.embeddings))
+    mcfg = cfg.model_config
+    ledger.check_compatible(state, mcfg.num_levels, mcfg.codebook_size, "--levels/--codebook-size")
     previous = _previous_generation(job, sample, arrays, state)
     with stage("train"):
         fitted = fit(arrays.embeddings, cfg.model_config, cfg.train_config, category_ids=cats,
@@ -269,7 +275,6 @@ def _train(job: _Job, v: ValidationResult, state: ledger.TableState | None) -> T
         raise JobFailed(f"quality gate failed for {cfg.model_name} version {version} (alias '{registry.CANDIDATE}' "
                         f"set, '{registry.CHAMPION}' not moved, tables untouched): " + "; ".join(failures), EXIT_GATE)
     print(f"    quality gate passed: {cfg.model_name} version {version} is @{registry.CANDIDATE}")
-    mcfg = cfg.model_config
     return TokenizerModel(cfg.model_name, version, path.read_bytes(), mcfg.num_levels, mcfg.codebook_size, v.dim)
 
 
@@ -365,7 +370,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
                         state: ledger.TableState | None) -> None:
     """Choose the mode, encode what it needs, plan every ID's fate, gate the churn, publish in one commit."""
     cfg, stage, result = job.cfg, job.stage, job.result
-    mode = ledger.choose_mode(cfg.mode, state, model.name, model.version)
+    mode = ledger.choose_mode(cfg.mode, state, model.name, model.version, trained=cfg.trains)
     result.mode = f"{mode.name} (generation {mode.generation})"
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
     with stage("encode"):
@@ -379,9 +384,10 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
             mlflow.log_metric("encoded_rows", encoded.encoded_rows)
         print(f"    embeddings changed: {plan.counts.embedding_changed} (--on-changed {cfg.on_changed})")
     with stage("drift + ID churn gate"):
-        drift = _drift(job, plan)
-        result.drift = drift
+        result.drift = drift = drift_of_plan(plan)
         mlflow.log_metrics({**{f"ids_{k}": float(n) for k, n in plan.counts.as_dict().items()}, **drift.metrics()})
+        if cfg.compare_to:
+            result.comparison = _compare(job, plan.table(), plan.num_levels)
         if drift.compared:
             print(f"    {drift.ids_changed} of {drift.compared} published items change ID (churn {drift.churn:.2%}); "
                   f"prefix changed per level: {', '.join(f'{s:.1%}' for s in drift.prefix_changed_share())}")
@@ -405,17 +411,20 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
                           batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads)
 
 
-def _drift(job: _Job, plan: ledger.Plan) -> Drift:
-    """Drift of the planned table against --compare-to, or against the version the run started from."""
-    if not job.cfg.compare_to:
-        return drift_of_plan(plan)
-    other = io.read_catalog(job.spark, job.cfg.compare_to)
-    return compare_tables(other, plan.table(), plan.num_levels, against=job.cfg.compare_to)
+def _compare(job: _Job, table: DataFrame, num_levels: int | None) -> Drift:
+    """Drift of ``table`` against the --compare-to table: printed, logged as compare_* metrics."""
+    comparison = compare_tables(io.read_catalog(job.spark, str(job.cfg.compare_to)), table, num_levels,
+                                against=str(job.cfg.compare_to))
+    mlflow.log_metrics({k.replace("drift_", "compare_", 1): v for k, v in comparison.metrics().items()})
+    print(f"    against {comparison.against}: {comparison.ids_changed} of {comparison.compared} items have another ID "
+          f"({comparison.churn:.2%})")
+    return comparison
 
 
 def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift) -> None:
     """The semantic-ID table (one commit), then rejects, id_changes and drift; checks the active rows."""
     location, result = job.location, job.result
+    ledger.check_ledger(plan.table(), expected_active=result.counts["valid_rows"])  # before anything is written
     written = ledger.publish(plan, location)
     sids = location.of(SEMANTIC_IDS_TABLE)
     if written is None:
@@ -425,8 +434,9 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift) -> No
     result.tables["rejects"] = io.write_table(rejects, location, REJECTS_TABLE)
     table = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
     result.tables["id_changes"] = io.write_table(ledger.id_changes(table), location, ID_CHANGES_TABLE)
-    result.tables["drift"] = io.write_table(drift_table(job.spark, drift), location, DRIFT_TABLE)
-    active = ledger.count_active(table, expected=result.counts["valid_rows"])
+    drifts = [drift] + ([result.comparison] if result.comparison else [])
+    result.tables["drift"] = io.write_table(drift_table(job.spark, drifts), location, DRIFT_TABLE)
+    active = ledger.verify_published(job.spark, location, expected_active=result.counts["valid_rows"])
     print(f"    {active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
           f"retired {plan.counts.retired})")
     result.counts["written_rows"] = active
@@ -439,16 +449,16 @@ def _report(job: _Job, codebook_size: int) -> None:
     """Prefix-statistics tables, the HTML/JSON report beside them, all logged to the MLflow run."""
     cfg, location, result = job.cfg, job.location, job.result
     sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
-    if result.drift is None and cfg.compare_to:  # a report-only run: the table as it is against another
-        result.drift = compare_tables(io.read_catalog(job.spark, cfg.compare_to), sids, None, cfg.compare_to)
+    if result.comparison is None and cfg.compare_to:  # a report-only run: the table as it is against another
+        result.comparison = _compare(job, sids, None)
     tables = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize)
     result.tables["prefix_stats"] = io.write_table(tables.prefix_stats, location, PREFIX_STATS_TABLE)
     result.tables["level_stats"] = io.write_table(tables.level_stats, location, LEVEL_STATS_TABLE)
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"
-    drift = result.drift.to_dict() if result.drift else None
     result.report = write_report(tables.summary, out_dir, f"Semantic IDs: {cfg.model_name}",
                                  extra={"model": result.model, "mode": result.mode, "mlflow_run_id": result.run_id,
-                                        **result.tables}, drift=drift)
+                                        **result.tables}, drift=result.drift.to_dict() if result.drift else None,
+                                 comparison=result.comparison.to_dict() if result.comparison else None)
     mlflow.log_artifacts(str(out_dir), artifact_path="report")
     summary = tables.summary
     table_metrics = {k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float))}

@@ -89,7 +89,9 @@ class Drift:
         return {**asdict(self), "churn": self.churn, "prefix_changed_share": self.prefix_changed_share()}
 
 
-DRIFT_SCHEMA = f"{METRIC} string, {LEVEL} int, {OLD_PREFIX} string, {NEW_PREFIX} string, {VALUE} double"
+AGAINST = "against"
+DRIFT_SCHEMA = (f"{AGAINST} string, {METRIC} string, {LEVEL} int, {OLD_PREFIX} string, {NEW_PREFIX} string, "
+                f"{VALUE} double")
 
 
 def level_changes(pairs: DataFrame, num_levels: int, top_n: int = 10) -> tuple[tuple[int, ...], tuple[Flow, ...]]:
@@ -156,7 +158,9 @@ def compare_tables(old: DataFrame, new: DataFrame, num_levels: int | None, again
                  prefix_changed=prefix_changed, flows=flows)
 
 
-def drift_table(spark: Any, drift: Drift) -> DataFrame:
-    """The ``drift`` table's rows as a DataFrame (schema :data:`DRIFT_SCHEMA`)."""
-    rows = [tuple(r[c] for c in (METRIC, LEVEL, OLD_PREFIX, NEW_PREFIX, VALUE)) for r in drift.rows()]
+def drift_table(spark: Any, drifts: list[Drift]) -> DataFrame:
+    """The ``drift`` table's rows as a DataFrame (schema :data:`DRIFT_SCHEMA`): each drift's rows, with
+    what it was measured against (the table version the run started from; a ``--compare-to`` table)."""
+    rows = [(d.against, *(r[c] for c in (METRIC, LEVEL, OLD_PREFIX, NEW_PREFIX, VALUE))) for d in drifts
+            for r in d.rows()]
     return spark.createDataFrame(rows, DRIFT_SCHEMA)

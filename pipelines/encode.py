@@ -78,18 +78,18 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
     checks and fingerprints the rows without running (or even loading) the model: codes and error
     stay null (an incremental run's first pass).
     """
+    if not encode:
+        checkpoint = b""  # not shipped with every task of a pass that never builds the model
     digest = hashlib.sha256(checkpoint).hexdigest()
     names = _OUTPUT + ([EMBEDDING_FINGERPRINT] if fingerprints else [])
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from rqvae.encode import encode_array
-
         model = model_for(checkpoint, digest, device, threads) if encode else None
         for batch in batches:
             reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
             bad = reasons >= 0
             if bad.any():  # rejects in this batch: they pass through uncoded
-                rejected = batch.filter(pa.array(bad))
+                rejected = batch.select([ITEM_ID]).filter(pa.array(bad))  # the ids only: no copy of the embeddings
                 yield _uncoded(rejected, pa.array(_REASON_NAMES[reasons[bad]], pa.string()),
                                pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None)
                 batch = batch.filter(pa.array(~bad))
@@ -100,6 +100,8 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
             if model is None:
                 yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps)
                 continue
+            from rqvae.encode import encode_array  # torch: imported by the workers that encode only
+
             result = encode_array(model, x, batch_size=batch_size)
             yield pa.RecordBatch.from_arrays(
                 [batch.column(ITEM_ID), matrix_to_list_array(result.codes), pa.array(result.quantization_error),
@@ -255,17 +257,18 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     coded = materialize(second)
     encoded_rows = None
     if coded is not None:
-        wanted = todo.count()
+        wanted, read = todo.count(), coded.count()
         same = coded.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
             clean, ITEM_ID).where(F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
-        if same != wanted:
+        if not same == read == wanted:
             raise RowAccountingError(
-                f"the catalog changed during the run: of the {wanted} rows the encode pass was to read again, "
-                f"{wanted - same} were missing or different. Nothing was written; run again on a stable snapshot "
+                f"the catalog changed during the run: the encode pass was to read {wanted} rows again and read "
+                f"{read}, {same} of them as the first pass had. Nothing was written; run again on a stable snapshot "
                 "(e.g. a Delta version).")
         second, encoded_rows = coded, wanted
-    codes = clean.drop(CODES, QUANTIZATION_ERROR).join(second.select(ITEM_ID, CODES, QUANTIZATION_ERROR), ITEM_ID,
-                                                        "left")
+    # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes.
+    coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR)
+    codes = clean.drop(CODES, QUANTIZATION_ERROR).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
     return codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT), encoded_rows
 
 

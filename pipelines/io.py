@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -224,12 +224,29 @@ def table_exists(spark: SparkSession, location: OutputLocation, name: str) -> bo
         return False
 
 
-def table_version(location: OutputLocation, name: str) -> int | None:
-    """Current Delta version of output table ``name`` (delta-rs), or None (Parquet, catalog tables, or
-    a store delta-rs cannot open here)."""
-    if location.is_catalog or location.fmt != "delta":
+def table_version(location: OutputLocation, name: str, spark: SparkSession | None = None) -> int | None:
+    """Current Delta version of output table ``name``: delta-rs for a path it can open, else (given the
+    session) ``DESCRIBE HISTORY`` on engines that have it (classic Spark with Delta, Databricks: catalog
+    tables, stores only the cluster can read); None for Parquet or when neither can tell."""
+    if location.fmt != "delta":
         return None
-    return delta_version(location.of(name))
+    version = None if location.is_catalog else delta_version(location.of(name))
+    if version is None and spark is not None:
+        try:
+            row = spark.sql(f"DESCRIBE HISTORY {_table_reference(location, name)} LIMIT 1").first()
+            version = int(row["version"]) if row is not None else None
+        except Exception:  # noqa: BLE001 - the embedded engine has no DESCRIBE HISTORY
+            version = None
+    return version
+
+
+def interrupted_swap(location: OutputLocation, name: str) -> Path | None:
+    """The backup a Parquet swap left when it was killed between its two renames (the table itself is
+    then missing), or None."""
+    local = None if location.is_catalog else local_path(location.of(name))
+    if local is None or location.fmt != "parquet":
+        return None
+    return next(iter(sorted(local.parent.glob(f".{local.name}.backup-*"))), None)
 
 
 def merge_into(
@@ -238,32 +255,36 @@ def merge_into(
     name: str,
     *,
     key: str,
-    owner: str,
     update_columns: Sequence[str],
     insert_columns: Sequence[str],
     action: str,
+    expected: Mapping[str, str],
 ) -> None:
     """One Delta ``MERGE`` of ``source`` into table ``name``: update rows that match on ``key``, insert the rest.
 
-    ``source`` rows carry ``action``: "update" rows set ``update_columns`` of the row with the same
-    ``key``; "insert" rows add a row of ``insert_columns``. A matching row whose ``owner`` column
-    differs (an insert whose key another row already holds, e.g. an ID another run issued meanwhile)
-    fails the statement with an error naming the key, and so does an "update" row whose key is gone;
-    nothing is committed then. Rows the statement does not touch stay as they are (byte-identical).
+    ``source`` rows carry ``action``: an "update" row sets ``update_columns`` of the row with the same
+    ``key``, but only while that row still holds what the source expects of it (``expected`` maps a
+    target column to the source column with its expected value, compared null-safely); an "insert"
+    row adds a row of ``insert_columns``. Anything else fails the whole statement with an error naming
+    the key, and nothing is committed: an insert whose key some row already holds (another run issued
+    it meanwhile), an update whose row changed since it was read, an update whose row is gone. Rows
+    the statement does not touch stay as they are (byte-identical).
     """
     view = f"csid_merge_source_{uuid.uuid4().hex[:12]}"
     source.createOrReplaceTempView(view)
+
     def fail(what: str) -> str:
         return (f"cast(raise_error(concat('{key} ', cast(s.{_quote(key)} as string), ' {what} in {name}: the "
                 "table changed during this run (another run?); nothing was committed, run again')) as string)")
 
+    guard = " AND ".join(f"t.{_quote(t)} <=> s.{_quote(src)}" for t, src in expected.items()) or "true"
     sets = ", ".join(f"{_quote(c)} = s.{_quote(c)}" for c in update_columns)
     columns = ", ".join(_quote(c) for c in insert_columns)
     values = ", ".join(f"s.{_quote(c)}" for c in insert_columns)
     statement = (
         f"MERGE INTO {_table_reference(location, name)} AS t USING {view} AS s ON t.{_quote(key)} = s.{_quote(key)} "
-        f"WHEN MATCHED AND t.{_quote(owner)} = s.{_quote(owner)} THEN UPDATE SET {sets} "
-        f"WHEN MATCHED THEN UPDATE SET {_quote(key)} = {fail('already names another ' + owner)} "
+        f"WHEN MATCHED AND s.{_quote(action)} = 'update' AND {guard} THEN UPDATE SET {sets} "
+        f"WHEN MATCHED THEN UPDATE SET {_quote(key)} = {fail('was issued or changed by another run')} "
         f"WHEN NOT MATCHED AND s.{_quote(action)} = 'insert' THEN INSERT ({columns}) VALUES ({values}) "
         f"WHEN NOT MATCHED THEN INSERT ({_quote(key)}) VALUES ({fail('is no longer')})"
     )
@@ -307,6 +328,7 @@ def write_table(
     name: str,
     mode: str = "overwrite",
     partition_by: Sequence[str] | None = None,
+    must_not_exist: bool = False,
 ) -> str:
     """Write ``df`` as table ``name`` under ``location``; overwrites are atomic (see module doc).
 
@@ -319,21 +341,28 @@ def write_table(
         name: table name, e.g. ``SEMANTIC_IDS_TABLE``.
         mode: "overwrite" (default), "append", "error" or "ignore" (Spark save modes).
         partition_by: partition columns, if any.
+        must_not_exist: write only if the table does not exist (a first write that must not replace a
+            table another writer created meanwhile): Delta's save mode "error" (its first commit is
+            atomic), or for a local Parquet overwrite a check just before the swap.
 
     Returns:
         The path or fully qualified table name written.
 
     Raises:
         DeltaNotAvailableError: Delta was asked for on a session without Delta support.
+        FileExistsError: ``must_not_exist`` and a Parquet table appeared (Delta raises the engine's
+            "already exists" error).
     """
     target = location.of(name)
+    if must_not_exist and location.fmt == "delta":
+        mode = "error"
     writer = df.write.format(location.fmt).mode(mode)
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if location.fmt == "delta" and mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")
     try:
-        _save(writer, location, target, mode, df)
+        _save(writer, location, target, mode, df, must_not_exist)
     except Exception as e:
         if location.fmt == "delta" and _is_missing_delta(e):
             raise DeltaNotAvailableError(
@@ -345,13 +374,14 @@ def write_table(
     return target
 
 
-def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str, df: DataFrame) -> None:
+def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str, df: DataFrame,
+          must_not_exist: bool = False) -> None:
     """saveAsTable for catalog tables, staging + swap for local Parquet overwrites, else save."""
     local = None if location.is_catalog else local_path(target)
     if location.is_catalog:
         writer.saveAsTable(target)
     elif location.fmt == "parquet" and mode == "overwrite" and local is not None:
-        _save_and_swap(writer, local, df)
+        _save_and_swap(writer, local, df, must_not_exist)
     else:
         if location.fmt == "parquet" and mode == "overwrite":
             log.warning("Parquet overwrite of %s is not atomic; Delta output is", target)
@@ -363,7 +393,7 @@ def _is_missing_delta(error: Exception) -> bool:
     return "DATA_SOURCE_NOT_FOUND" in text or "Failed to find the data source: delta" in text
 
 
-def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame) -> None:
+def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame, must_not_exist: bool = False) -> None:
     """Write to a hidden staging sibling of ``final``, then swap it in with two renames."""
     token = uuid.uuid4().hex[:12]
     staging = final.with_name(f".{final.name}.staging-{token}")  # the engine creates missing parents
@@ -374,6 +404,9 @@ def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if must_not_exist and final.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(f"{final} was created by someone else while this run wrote it")
     if not staging.is_dir():
         raise RuntimeError(
             f"Spark did not write the staging copy to the local directory {staging}: the path seems to "

@@ -77,6 +77,9 @@ CHANGE = "change"
 ACTION = "action"  # "insert" (a new row) or "update" (an existing row's mutable columns)
 
 _OLD_SID, _OLD_CODES, _OLD_FP, _OLD_ACTIVE = "__old_sid", "__old_codes", "__old_fp", "__old_active"
+# On the rows of Plan.changes: what an updated row held when the run read it (null on new rows). The
+# MERGE updates a row only while it still holds that, and the drift counts moves of active IDs only.
+WAS = {ACTIVE: "__was_active", GENERATION: "__was_generation", RETIRED_REASON: "__was_retired_reason"}
 _IN_CATALOG, _REJECTED, _FP_CHANGED = "__in_catalog", "__rejected", "__fp_changed"
 _ISSUING = (NEW_ITEM, RETOKENIZED, MOVED)
 _UPDATING = (REACTIVATED, CONFIRMED, RETOKENIZED, MOVED, RETIRED_LEFT, RETIRED_REJECTED)
@@ -95,7 +98,7 @@ class TableState:
             filled in for a table written before they existed).
         version: the Delta version read; None for Parquet and catalog tables.
         model_name, model_version, generation: the current generation (the largest) and its model.
-        num_levels: L of its IDs.
+        num_levels: L of its IDs; max_code: the largest code in them (codes are < K).
         has_lifecycle: False for a table written before the lifecycle columns existed.
         rows, active_rows: row counts.
     """
@@ -109,6 +112,7 @@ class TableState:
     has_lifecycle: bool
     rows: int
     active_rows: int
+    max_code: int = 0
 
     def active(self) -> DataFrame:
         """The rows that hold the current IDs."""
@@ -163,31 +167,57 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableS
     whether another run committed meanwhile.
 
     Raises:
-        ValueError: the table's current generation names more than one model (it was not written by
-            this job, or was edited by hand).
+        ModeError: the table's current generation names more than one model (it was not written by
+            this job, or was edited by hand), or a Parquet table is missing but an interrupted swap
+            left its previous copy beside it (a new table would reissue its IDs).
     """
     if not io.table_exists(spark, location, SEMANTIC_IDS_TABLE):
+        backup = io.interrupted_swap(location, SEMANTIC_IDS_TABLE)
+        if backup is not None:
+            raise ModeError(f"{location.of(SEMANTIC_IDS_TABLE)} is missing but an interrupted write left its previous "
+                            f"copy at {backup}: rename it back to {SEMANTIC_IDS_TABLE} and run again (a new table "
+                            "would give its IDs to other items)")
         return None
-    version = io.table_version(location, SEMANTIC_IDS_TABLE)
+    version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
     raw = io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version)
     has_lifecycle = all(c in raw.columns for c in SEMANTIC_ID_COLUMNS)
     ledger = with_lifecycle_defaults(raw)
     summary = ledger.groupBy(GENERATION, MODEL_NAME, MODEL_VERSION).agg(
         F.count(F.lit(1)).alias("rows"), F.sum(F.col(ACTIVE).cast("long")).alias("active"),
-        F.max(F.size(CODES)).alias("levels")).collect()
+        F.max(F.size(CODES)).alias("levels"), F.max(F.array_max(CODES)).alias("max_code")).collect()
     if not summary:
         return None
     current = max(int(r[GENERATION]) for r in summary)
     models = [r for r in summary if int(r[GENERATION]) == current]
     if len(models) != 1:
         names = ", ".join(f"{r[MODEL_NAME]} version {r[MODEL_VERSION]}" for r in models)
-        raise ValueError(f"{location.of(SEMANTIC_IDS_TABLE)}: generation {current} names several models ({names}); "
-                         "it was not written by this job. Write to another --output.")
+        raise ModeError(f"{location.of(SEMANTIC_IDS_TABLE)}: generation {current} names several models ({names}); "
+                        "it was not written by this job. Write to another --output.")
     return TableState(
         ledger=ledger, version=version, model_name=str(models[0][MODEL_NAME]),
         model_version=str(models[0][MODEL_VERSION]), generation=current, num_levels=int(models[0]["levels"]),
         has_lifecycle=has_lifecycle, rows=sum(int(r["rows"]) for r in summary),
-        active_rows=sum(int(r["active"] or 0) for r in summary))
+        active_rows=sum(int(r["active"] or 0) for r in summary),
+        max_code=max(int(r["max_code"] or 0) for r in summary))
+
+
+def check_compatible(state: TableState | None, num_levels: int, codebook_size: int, model: str) -> None:
+    """Refuse a model whose IDs cannot extend the table's: another code length L, or a codebook too
+    small for the codes it holds. Checked before training and again before planning.
+
+    Raises:
+        ModeError: naming another ``--output`` (a new vocabulary is a new table).
+    """
+    if state is None:
+        return
+    if state.num_levels != num_levels:
+        raise ModeError(f"the table's IDs have {state.num_levels} levels but {model} gives {num_levels}: IDs of "
+                        "another length are another vocabulary. Write them to a new table (another --output), or "
+                        f"keep --levels {state.num_levels}.")
+    if state.max_code >= codebook_size:
+        raise ModeError(f"the table holds code {state.max_code} but {model} has {codebook_size} codes per level: "
+                        "another codebook size is another vocabulary. Write to a new table (another --output), or "
+                        "keep the table's --codebook-size.")
 
 
 @dataclass(frozen=True)
@@ -201,13 +231,16 @@ class Mode:
     reason: str
 
 
-def choose_mode(requested: str, state: TableState | None, model_name: str, model_version: str) -> Mode:
+def choose_mode(requested: str, state: TableState | None, model_name: str, model_version: str,
+                trained: bool = False) -> Mode:
     """The run's mode: ``auto`` is incremental when the table's current generation is this model's,
-    full otherwise.
+    full otherwise; but only a run that trained its model (against the table, so aligned to it) starts
+    a new generation on its own.
 
     Raises:
         ModeError: ``incremental`` against a table of another model (or written before the lifecycle
-            columns existed); the message names ``--mode full``.
+            columns existed); ``auto`` with a given model (``--model``) that is not the table's: a new
+            generation is started on purpose only. The messages name ``--mode full``.
     """
     if requested not in MODES:
         raise ModeError(f"unknown --mode {requested!r}; choose one of {', '.join(MODES)}")
@@ -228,6 +261,13 @@ def choose_mode(requested: str, state: TableState | None, model_name: str, model
     if same_model and state.has_lifecycle and requested != FULL:
         return Mode(INCREMENTAL, state.generation, False,
                     f"the table's generation {state.generation} is {ours}: only new and changed items are encoded")
+    if requested != FULL and not trained and not same_model:
+        raise ModeError(
+            f"this run encodes with {ours} but the table's generation {state.generation} is {theirs}; a run that "
+            f"does not train starts a new generation only when asked. Encode with the table's model (--model "
+            f"models:/{state.model_name}/{state.model_version}), or pass --mode full to start generation "
+            f"{state.generation + 1} with {ours}. (If a retrain published the table but did not finish, run it "
+            "again.)")
     if same_model:
         why = "--mode full" if requested == FULL else "the table predates the lifecycle columns"
         return Mode(FULL, state.generation, False,
@@ -320,7 +360,8 @@ class Plan:
 
     def pairs(self) -> DataFrame:
         """``item_id``, old and new ``codes`` of every item whose active ID this run replaces."""
-        old = self.changes.where((F.col(ACTION) == "update") & F.col(CHANGE).isin(RETOKENIZED, MOVED))
+        old = self.changes.where((F.col(ACTION) == "update") & F.col(CHANGE).isin(RETOKENIZED, MOVED)
+                                 & F.col(WAS[ACTIVE]))
         new = self.changes.where(F.col(ACTION) == "insert")
         return old.select(ITEM_ID, F.col(CODES).alias("old_codes")).join(
             new.select(ITEM_ID, F.col(CODES).alias("new_codes")), ITEM_ID)
@@ -357,10 +398,7 @@ def plan_changes(
     """
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
-    if state is not None and state.num_levels != model.num_levels:
-        raise ModeError(f"the table's IDs have {state.num_levels} levels but {model.name} version {model.version} "
-                        f"gives {model.num_levels}: IDs of another length are another vocabulary. Write them to a "
-                        "new table (another --output).")
+    check_compatible(state, model.num_levels, model.codebook_size, f"{model.name} version {model.version}")
     classified = _classify(state, encoded, mode, on_changed)
     staged = materialize(classified.where(F.col(CHANGE) != UNCHANGED)) or classified.where(
         F.col(CHANGE) != UNCHANGED)
@@ -454,7 +492,8 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
         **stamp.generation_columns(), MLFLOW_RUN_ID: F.lit(stamp.run_id), TOKENIZED_AT: stamp.time(),
         ACTIVE: F.lit(True), RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),
         ACTION: F.lit("insert"),
-    }).select(*table_columns(num_levels), CHANGE, ACTION)
+        **{was: F.lit(None).cast(kind) for was, kind in zip(WAS.values(), ("boolean", "int", "string"))},
+    }).select(*table_columns(num_levels), CHANGE, ACTION, *WAS.values())
 
 
 _RETIRE_AS = {RETIRED_LEFT: RetiredReason.LEFT_CATALOG, RETIRED_REJECTED: RetiredReason.REJECTED,
@@ -465,7 +504,7 @@ def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_leve
     """The existing rows this run updates, in full, with their mutable columns set by their CHANGE."""
     spec = updates.select(F.col(_OLD_SID).alias(SEMANTIC_ID), CHANGE,
                           F.col(EMBEDDING_FINGERPRINT).alias("__new_fp"))
-    rows = state.ledger.join(spec, SEMANTIC_ID)
+    rows = state.ledger.join(spec, SEMANTIC_ID).withColumns({was: F.col(c) for c, was in WAS.items()})
     change = F.col(CHANGE)
     retiring = change.isin(*_RETIRE_AS)
     reason = F.lit(None).cast("string")
@@ -480,36 +519,39 @@ def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_leve
         **{k: F.when(confirmed, v).otherwise(F.col(k)) for k, v in stamp.generation_columns().items()},
         ACTION: F.lit("update"),
     }
-    return rows.withColumns(values).select(*table_columns(num_levels), CHANGE, ACTION)
+    return rows.withColumns(values).select(*table_columns(num_levels), CHANGE, ACTION, *WAS.values())
 
 
 def publish(plan: Plan, location: io.OutputLocation) -> str | None:
     """Write the plan to the semantic-ID table in one commit; returns the table written, or None when
     an incremental run had nothing to change.
 
-    An incremental run on Delta is one ``MERGE`` (the rows it does not touch stay byte-identical; an
-    insert whose ID some other run issued meanwhile fails it); anything else writes the whole ledger
-    (:meth:`Plan.table`) as one overwrite commit, or an atomic swap for Parquet.
+    An incremental run on Delta is one ``MERGE``: the rows it does not touch stay byte-identical, and it
+    fails as a whole if another run issued one of its new IDs or changed one of the rows it updates.
+    Anything else writes the whole ledger (:meth:`Plan.table`) as one overwrite commit (an atomic swap
+    for Parquet); a first run (no table when it started) writes only if there still is none.
 
     Raises:
-        ConcurrentRunError: a Delta table is no longer at the version this run planned against.
+        ConcurrentRunError: another run wrote the table since this one read it (nothing was written).
     """
     previous = plan.previous
     incremental = plan.mode.name == INCREMENTAL and previous is not None and previous.has_lifecycle
     if incremental and plan.counts.issued == 0 and not _has_updates(plan.counts):
         return None
     check_unchanged_since(previous, location)
-    if incremental and location.fmt == "delta":
-        try:
-            io.merge_into(plan.changes, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID,
-                          update_columns=MUTABLE_COLUMNS, insert_columns=table_columns(plan.num_levels),
-                          action=ACTION)
-        except Exception as e:
-            if _is_commit_conflict(e):
-                raise ConcurrentRunError(_conflict_message(location, str(e))) from e
-            raise
-        return location.of(SEMANTIC_IDS_TABLE)
-    return io.write_table(plan.table(), location, SEMANTIC_IDS_TABLE)
+    try:
+        if incremental and location.fmt == "delta":
+            io.merge_into(plan.changes, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, update_columns=MUTABLE_COLUMNS,
+                          insert_columns=table_columns(plan.num_levels), action=ACTION,
+                          expected={ITEM_ID: ITEM_ID, **WAS})
+            return location.of(SEMANTIC_IDS_TABLE)
+        return io.write_table(plan.table(), location, SEMANTIC_IDS_TABLE, must_not_exist=previous is None)
+    except FileExistsError as e:
+        raise ConcurrentRunError(_conflict_message(location, "the table did not exist when this run started")) from e
+    except Exception as e:
+        if _is_commit_conflict(e):
+            raise ConcurrentRunError(_conflict_message(location, str(e).splitlines()[0][:300])) from e
+        raise
 
 
 def _has_updates(counts: ChangeCounts) -> bool:
@@ -524,8 +566,8 @@ def check_unchanged_since(state: TableState | None, location: io.OutputLocation)
     """Raise ConcurrentRunError when the Delta table moved past the version ``state`` was read at."""
     if state is None or state.version is None:
         return
-    now = io.table_version(location, SEMANTIC_IDS_TABLE)
-    if now is not None and now != state.version:
+    now = io.table_version(location, SEMANTIC_IDS_TABLE, state.ledger.sparkSession)
+    if now != state.version:
         raise ConcurrentRunError(_conflict_message(
             location, f"it was at version {state.version} when this run read it and is at {now} now"))
 
@@ -538,19 +580,44 @@ def _conflict_message(location: io.OutputLocation, detail: str) -> str:
 def _is_commit_conflict(error: Exception) -> bool:
     text = str(error)
     return any(word in text for word in ("Failed to commit transaction", "ConcurrentAppend", "ConcurrentModification",
-                                         "ConcurrentDelete", "ConcurrentTransaction", "the table changed during"))
+                                         "ConcurrentDelete", "ConcurrentTransaction", "the table changed during",
+                                         "already exists"))
 
 
-def count_active(table: DataFrame, expected: int) -> int:
-    """Active rows of the published table; they must be exactly the run's valid catalog items.
+def check_ledger(table: DataFrame, expected_active: int) -> int:
+    """The ledger's invariants, in one aggregation: every ``semantic_id`` once over all rows, and the active
+    rows exactly ``expected_active`` distinct items (the run's valid catalog items). Run on the planned
+    table before it is committed, and on the committed version after.
+
+    Returns the number of active rows.
 
     Raises:
-        RowAccountingError: the count differs from ``expected``.
+        RowAccountingError: an invariant does not hold; the message gives the counts.
     """
-    active = table.where(F.col(ACTIVE)).count()
-    if active != expected:
-        raise RowAccountingError(f"row accounting failed: {expected} valid rows but {active} active IDs")
-    return active
+    active = F.col(ACTIVE)
+    r = table.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(SEMANTIC_ID).alias("ids"),
+                  F.sum(active.cast("long")).alias("active"),
+                  F.countDistinct(F.when(active, F.col(ITEM_ID))).alias("items")).first()
+    assert r is not None
+    rows, ids, n_active, items = int(r["rows"]), int(r["ids"]), int(r["active"] or 0), int(r["items"])
+    if ids != rows or not n_active == items == expected_active:
+        raise RowAccountingError(
+            f"row accounting failed: {rows} rows hold {ids} distinct semantic IDs, and {n_active} active rows name "
+            f"{items} items where the catalog has {expected_active} valid items")
+    return n_active
+
+
+def verify_published(spark: SparkSession, location: io.OutputLocation, expected_active: int) -> int:
+    """:func:`check_ledger` on the table as committed (the version current now); a failure means another
+    run's commit interleaved with this one's (ConcurrentRunError, with the version to go back to)."""
+    version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
+    try:
+        return check_ledger(io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version), expected_active)
+    except RowAccountingError as e:
+        before = f"version {version - 1}" if version else "the version before it"
+        raise ConcurrentRunError(
+            f"{location.of(SEMANTIC_IDS_TABLE)} as committed breaks the ledger's invariants ({e}): another run's "
+            f"commit interleaved with this one's. Restore {before} (Delta time travel) and run again.") from e
 
 
 def id_changes(ledger: DataFrame) -> DataFrame:

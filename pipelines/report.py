@@ -33,7 +33,7 @@ img { max-width: 100%; }
 
 
 def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None = None,
-                drift: dict[str, Any] | None = None) -> str:
+                drift: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None) -> str:
     """One self-contained HTML page describing ``summary``.
 
     Sections: run details (``extra`` as a key/value table), overall metrics, per-level metrics,
@@ -46,6 +46,7 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
         extra: optional details such as model name/version, run id, table locations (escaped).
         drift: optional ``pipelines.drift.Drift.to_dict()`` of the run: a "Drift" section with the
             ID counts, the share of items whose prefix changed per level and the largest flows.
+        comparison: the same against another table (``--compare-to``): a "Comparison" section.
 
     Returns:
         The HTML document as a string.
@@ -63,19 +64,21 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
               _img(_histogram_figure(summary.group_size_histogram), "group-size histogram")]
     parts += ["<h2>Top prefixes</h2>", _top_prefix_tables(summary)]
     if drift is not None:
-        parts += _drift_section(drift)
+        parts += _drift_section("Drift", drift)
+    if comparison is not None:
+        parts += _drift_section("Comparison", comparison)
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
 def write_report(
     summary: PrefixSummary, out_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
-    drift: dict[str, Any] | None = None,
+    drift: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write ``prefix_report.html`` and ``prefix_summary.json`` into ``out_dir`` (created if needed).
 
-    The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}`` (and ``"drift"``
-    when given); values of ``extra`` that JSON cannot hold are written as strings.
+    The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}`` (and ``"drift"``,
+    ``"comparison"`` when given); values of ``extra`` that JSON cannot hold are written as strings.
 
     Returns:
         ``{"html": path, "json": path}``.
@@ -83,10 +86,9 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / REPORT_HTML, out / SUMMARY_JSON
-    html_path.write_text(render_html(summary, title, extra, drift), encoding="utf-8")
+    html_path.write_text(render_html(summary, title, extra, drift, comparison), encoding="utf-8")
     document = {"title": title, "extra": extra or {}, "summary": summary.to_dict()}
-    if drift is not None:
-        document["drift"] = drift
+    document.update({k: v for k, v in (("drift", drift), ("comparison", comparison)) if v is not None})
     json_path.write_text(json.dumps(document, indent=2, default=str, allow_nan=False), encoding="utf-8")
     return {"html": str(html_path), "json": str(json_path)}
 
@@ -131,13 +133,13 @@ def _top_prefix_tables(s: PrefixSummary) -> str:
     return "\n".join(out)
 
 
-def _drift_section(drift: dict[str, Any]) -> list[str]:
-    """Drift against the previous tokenization: ID counts, prefix changes per level, largest flows."""
+def _drift_section(heading: str, drift: dict[str, Any]) -> list[str]:
+    """Drift against another tokenization: ID counts, prefix changes per level, largest flows."""
     counts = [(k, drift[k]) for k in ("against", "compared", "ids_changed", "churn", "ids_added", "ids_retired")]
     levels = [(level, n, share) for level, (n, share) in
               enumerate(zip(drift["prefix_changed"], drift["prefix_changed_share"]), start=1)]
     flows = [(f["level"], f["old_prefix"], f["new_prefix"], f["items"]) for f in drift["flows"]]
-    return ["<h2>Drift</h2>", _table(["metric", "value"], counts),
+    return [f"<h2>{_esc(heading)}</h2>", _table(["metric", "value"], counts),
             _table(["level", "items whose prefix changed", "share"], levels),
             "<h3>Largest flows</h3>", _table(["level", "old prefix", "new prefix", "items"], flows, key_columns=3)]
 

@@ -242,15 +242,17 @@ def test_two_runs_at_once_never_issue_one_id_twice(world, tmp_path) -> None:
     assert len(active) == len(set(active))
 
 
-def test_incremental_with_another_model_is_refused_naming_mode_full(world, tmp_path) -> None:
-    registry.configure_tracking(world.work)
+def test_another_given_model_is_refused_unless_a_new_generation_is_asked_for(world, tmp_path) -> None:
     other = helpers.untrained_checkpoint(DIM)
     (tmp_path / "other.pt").write_bytes(other)
     version = DeltaTable(str(world.sids)).version()
-    rc, _, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output", world.out,
-                                   "--stages", "validate,encode", "--model", tmp_path / "other.pt",
-                                   "--mode", "incremental"])
-    assert rc == 2 and "--mode full" in err and "--mode incremental keeps the table's IDs" in err
+    for mode in ("incremental", "auto"):
+        rc, _, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", world.work, "--output",
+                                       world.out, "--stages", "validate,encode", "--model", tmp_path / "other.pt",
+                                       "--mode", mode])
+        assert rc == 2 and "--mode full" in err, err[-2000:]
+        assert ("--mode incremental keeps the table's IDs" in err) == (mode == "incremental")
+        assert ("starts a new generation only when asked" in err) == (mode == "auto")
     assert DeltaTable(str(world.sids)).version() == version
 
 
@@ -316,10 +318,14 @@ def test_compare_to_measures_drift_against_another_table(world, tmp_path) -> Non
     now = {r["item_id"]: r["semantic_id"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE)}
     other = {r["item_id"]: r["semantic_id"] for r in ledger_rows(world.sids) if r["active"]}
     both = set(now) & set(other)
-    drift = {(d["metric"], d["level"]): d["value"] for d in helpers.read_delta(out / DRIFT_TABLE).to_pylist()}
+    rows = helpers.read_delta(out / DRIFT_TABLE).to_pylist()
+    drift = {(d["metric"], d["level"]): d["value"] for d in rows if d["against"] == str(world.sids)}
     assert drift[("compared", None)] == len(both)
     assert drift[("ids_changed", None)] == sum(now[i] != other[i] for i in both) > 0  # a fresh table: new suffixes
-    assert "<h2>Drift</h2>" in (out / "report" / "prefix_report.html").read_text(encoding="utf-8")
+    own = {(d["metric"], d["level"]): d["value"] for d in rows if d["against"] != str(world.sids)}
+    assert own[("compared", None)] == 0  # the run's own drift: a first run, nothing published before
+    html = (out / "report" / "prefix_report.html").read_text(encoding="utf-8")
+    assert "<h2>Drift</h2>" in html and "<h2>Comparison</h2>" in html
 
 
 def test_parquet_output_is_rewritten_by_the_staged_swap_in_an_incremental_run(world, tmp_path) -> None:

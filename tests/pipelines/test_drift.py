@@ -49,6 +49,8 @@ def test_drift_rows_metrics_and_table(spark) -> None:
                   flows=(Flow(1, "1", "2", 1),))
     metrics = drift.metrics()
     assert metrics["drift_id_churn"] == 0.2 and metrics["drift_l2_prefix_changed_share"] == 0.2
-    rows = {(r["metric"], r["level"]): r["value"] for r in drift_table(spark, drift).collect()}
-    assert rows[("id_churn", None)] == 0.2 and rows[("prefix_changed", 1)] == 1.0 and rows[("flow", 1)] == 1.0
+    other = Drift("other table", 4, 4, 0, 0, (4, 4), ())
+    rows = {(r["against"], r["metric"], r["level"]): r["value"] for r in drift_table(spark, [drift, other]).collect()}
+    assert rows[("v3", "id_churn", None)] == 0.2 and rows[("v3", "prefix_changed", 1)] == 1.0
+    assert rows[("v3", "flow", 1)] == 1.0 and rows[("other table", "id_churn", None)] == 1.0
     assert Drift("none", 0, 0, 0, 0, (), ()).churn == 0.0

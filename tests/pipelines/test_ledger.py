@@ -4,6 +4,7 @@ Tiny hand-made ledgers (L = 2) with the expected outcome written out row by row.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -180,16 +181,32 @@ def test_a_table_of_another_code_length_is_refused(spark) -> None:
         plan(spark, state_of(spark), encoded(spark, []), NEW_GENERATION, model=three)
 
 
-@pytest.mark.parametrize(("requested", "model", "expected"), [
-    ("auto", V1, (ledger.INCREMENTAL, 1, False)),
-    ("full", V1, (ledger.FULL, 1, False)),
-    ("auto", V2, (ledger.FULL, 2, True)),
-    ("full", V2, (ledger.FULL, 2, True)),
-    ("incremental", V1, (ledger.INCREMENTAL, 1, False)),
+@pytest.mark.parametrize(("requested", "model", "trained", "expected"), [
+    ("auto", V1, False, (ledger.INCREMENTAL, 1, False)),
+    ("full", V1, False, (ledger.FULL, 1, False)),
+    ("auto", V2, True, (ledger.FULL, 2, True)),  # a retrain starts the next generation
+    ("full", V2, False, (ledger.FULL, 2, True)),  # so does a given model, when asked for
+    ("incremental", V1, False, (ledger.INCREMENTAL, 1, False)),
 ])
-def test_choose_mode(spark, requested, model, expected) -> None:
-    mode = ledger.choose_mode(requested, state_of(spark), model.name, model.version)
+def test_choose_mode(spark, requested, model, trained, expected) -> None:
+    mode = ledger.choose_mode(requested, state_of(spark), model.name, model.version, trained=trained)
     assert (mode.name, mode.generation, mode.new_generation) == expected
+
+
+def test_a_given_model_that_is_not_the_tables_starts_no_generation_by_itself(spark) -> None:
+    # e.g. @champion still on version 1 after a retrain published generation 2 but died before moving it
+    with pytest.raises(ledger.ModeError, match=r"--model models:/m/1\), or pass --mode full to start generation 2"):
+        ledger.choose_mode("auto", state_of(spark), "m", "2")
+
+
+def test_a_model_of_another_code_length_or_a_smaller_codebook_is_refused(spark) -> None:
+    state = dataclasses.replace(state_of(spark), max_code=9)
+    ledger.check_compatible(state, 2, 16, "m")  # fits
+    with pytest.raises(ledger.ModeError, match="2 levels but m gives 3.*--levels 2"):
+        ledger.check_compatible(state, 3, 16, "m")
+    with pytest.raises(ledger.ModeError, match="holds code 9 but m has 8 codes per level"):
+        ledger.check_compatible(state, 2, 8, "m")
+    ledger.check_compatible(None, 3, 8, "m")  # no table: anything goes
 
 
 def test_incremental_with_another_model_names_mode_full(spark) -> None:
@@ -266,27 +283,66 @@ def test_a_table_that_moved_on_since_it_was_read_is_not_written(spark, tmp_path)
     assert io.table_version(location, SEMANTIC_IDS_TABLE) == 1
 
 
-def test_a_merge_that_would_give_an_id_to_a_second_item_fails_and_commits_nothing(spark, tmp_path) -> None:
-    # What a run meets when another one issued an ID between its version check and its MERGE: an insert
-    # of 1_2_0 (a's ID) for another item.
+def merge(spark, location, rows: list[tuple], action: str, was_active: bool | None = None) -> None:
+    source = spark.createDataFrame(rows, SCHEMA).withColumns({
+        ledger.ACTION: F.lit(action), ledger.WAS[ACTIVE]: F.lit(was_active).cast("boolean"),
+        ledger.WAS[GENERATION]: F.lit(1 if was_active is not None else None).cast("int"),
+        ledger.WAS[RETIRED_REASON]: F.lit(None).cast("string")})
+    io.merge_into(source, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, update_columns=[ACTIVE, RETIRED_AT],
+                  insert_columns=ledger.table_columns(2), action=ledger.ACTION,
+                  expected={ITEM_ID: ITEM_ID, **ledger.WAS})
+
+
+def test_a_merge_meeting_another_runs_writes_fails_and_commits_nothing(spark, tmp_path) -> None:
     location, _ = written_ledger(spark, tmp_path)
-    clash = spark.createDataFrame([row("zz", [1, 2], 0, 99)], SCHEMA).withColumn(ledger.ACTION, F.lit("insert"))
-    with pytest.raises(Exception, match="1_2_0 already names another item_id"):
-        io.merge_into(clash, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID, update_columns=[ACTIVE],
-                      insert_columns=ledger.table_columns(2), action=ledger.ACTION)
-    gone = spark.createDataFrame([row("zz", [8, 8], 0, 99)], SCHEMA).withColumn(ledger.ACTION, F.lit("update"))
+    # Another run issued 1_2_0 meanwhile (here: a's ID, inserted for another item).
+    with pytest.raises(Exception, match="1_2_0 was issued or changed by another run"):
+        merge(spark, location, [row("zz", [1, 2], 0, 99)], "insert")
+    # Another run retired c (3_4_0) meanwhile: this run read it active.
+    with pytest.raises(Exception, match="3_4_0 was issued or changed by another run"):
+        merge(spark, location, [row("c", [3, 4], 0, 12, active=False, reason="left_catalog")], "update",
+              was_active=False)
+    # A row this run would update is gone.
     with pytest.raises(Exception, match="8_8_0 is no longer"):
-        io.merge_into(gone, location, SEMANTIC_IDS_TABLE, key=SEMANTIC_ID, owner=ITEM_ID, update_columns=[ACTIVE],
-                      insert_columns=ledger.table_columns(2), action=ledger.ACTION)
+        merge(spark, location, [row("zz", [8, 8], 0, 99)], "update", was_active=True)
     assert io.table_version(location, SEMANTIC_IDS_TABLE) == 0
     assert len(delta_rows(location)) == len(LEDGER)
+    merge(spark, location, [row("c", [3, 4], 0, 12, active=False, reason="left_catalog")], "update", was_active=True)
+    assert delta_rows(location)["3_4_0"][ACTIVE] is False  # as read: applied
 
 
-def test_count_active_checks_the_published_rows(spark) -> None:
+def test_a_first_run_does_not_replace_a_table_another_run_created(spark, tmp_path) -> None:
+    location = io.OutputLocation.for_path(str(tmp_path / "out"))
+    p = plan(spark, None, encoded(spark, [("x", [1, 1], 0.2, 1)]), ledger.Mode(ledger.FULL, 1, True, "test"))
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), location, SEMANTIC_IDS_TABLE)  # the other run
+    with pytest.raises(ledger.ConcurrentRunError, match="did not exist when this run started|already exists"):
+        ledger.publish(p, location)
+    assert len(delta_rows(location)) == len(LEDGER)
+    parquet = io.OutputLocation.for_path(str(tmp_path / "pq"), "parquet")
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), parquet, SEMANTIC_IDS_TABLE)
+    with pytest.raises(ledger.ConcurrentRunError, match="did not exist when this run started"):
+        ledger.publish(p, parquet)
+
+
+def test_a_parquet_table_lost_in_an_interrupted_swap_is_not_started_again(spark, tmp_path) -> None:
+    parquet = io.OutputLocation.for_path(str(tmp_path), "parquet")
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), parquet, SEMANTIC_IDS_TABLE)
+    (tmp_path / SEMANTIC_IDS_TABLE).rename(tmp_path / f".{SEMANTIC_IDS_TABLE}.backup-0123abcd")
+    with pytest.raises(ledger.ModeError, match=r"rename it back to semantic_ids"):
+        ledger.read_table_state(spark, parquet)
+
+
+def test_check_ledger_counts_ids_and_active_items(spark) -> None:
     df = spark.createDataFrame(LEDGER, SCHEMA)
-    assert ledger.count_active(df, expected=4) == 4
-    with pytest.raises(RowAccountingError, match="5 valid rows but 4 active IDs"):
-        ledger.count_active(df, expected=5)
+    assert ledger.check_ledger(df, expected_active=4) == 4
+    with pytest.raises(RowAccountingError, match="4 active rows name 4 items where the catalog has 5 valid items"):
+        ledger.check_ledger(df, expected_active=5)
+    two_for_a = spark.createDataFrame(LEDGER + [row("a", [9, 9], 0, 10)], SCHEMA)  # a: two active IDs
+    with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
+        ledger.check_ledger(two_for_a, expected_active=5)
+    reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
+    with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
+        ledger.check_ledger(reissued, expected_active=4)
 
 
 def test_current_codes_of_sampled_items(spark) -> None:
@@ -303,3 +359,14 @@ def test_lifecycle_defaults_of_an_old_table(spark) -> None:
     r = df.first()
     assert (r[GENERATION], r[ACTIVE], r[EMBEDDING_FINGERPRINT], r[RETIRED_AT], r[RETIRED_REASON]) == (
         1, True, None, None, None)
+
+
+def test_the_drift_of_a_new_generation_counts_moves_of_active_ids_only(spark) -> None:
+    # d had left the catalog (its row is retired) and comes back with other codes: it gets a new ID, which
+    # id_changes lists, but no published, active ID moved with it.
+    every = [("a", [1, 2], 0.4, 10), ("b", [7, 7], 0.4, 11), ("c", [3, 4], 0.9, 12), ("d", [5, 6], 0.1, 13),
+             ("e", [6, 7], 0.1, 15)]
+    p = plan(spark, state_of(spark), encoded(spark, every), NEW_GENERATION, model=V2)
+    assert (p.counts.moved, p.counts.ids_changed, p.counts.compared) == (2, 1, 4)
+    assert [(r[ITEM_ID], r["old_codes"], r["new_codes"]) for r in p.pairs().collect()] == [("b", [1, 2], [7, 7])]
+    assert {r[ITEM_ID] for r in ledger.id_changes(p.table()).collect() if r[GENERATION] == 2} == {"b", "d"}
