@@ -84,7 +84,12 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
     names = _OUTPUT + ([EMBEDDING_FINGERPRINT] if fingerprints else [])
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = model_for(checkpoint, digest, device, threads) if encode else None
+        model: Any = None
+        encode_array: Callable[..., Any] | None = None
+        if encode:  # torch: imported (and the model built) by the workers that encode only
+            from rqvae.encode import encode_array as encode_rows
+
+            model, encode_array = model_for(checkpoint, digest, device, threads), encode_rows
         for batch in batches:
             reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
             bad = reasons >= 0
@@ -97,11 +102,9 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
                 continue
             x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
             fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
-            if model is None:
+            if model is None or encode_array is None:
                 yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps)
                 continue
-            from rqvae.encode import encode_array  # torch: imported by the workers that encode only
-
             result = encode_array(model, x, batch_size=batch_size)
             yield pa.RecordBatch.from_arrays(
                 [batch.column(ITEM_ID), matrix_to_list_array(result.codes), pa.array(result.quantization_error),

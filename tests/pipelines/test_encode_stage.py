@@ -256,8 +256,25 @@ def test_encode_catalog_refuses_an_unknown_policy_or_one_without_fingerprints(ch
         encode_catalog(None, checkpoint, materialize=lambda df: None, policy="new")  # type: ignore[arg-type]
 
 
+def replace_b(path, vectors) -> None:
+    """b's embedding is replaced in a new table version."""
+    from deltalake import write_deltalake
+
+    write_deltalake(str(path), helpers.catalog_table(["a", "b"], vectors[[0, 5]]), mode="overwrite")
+
+
+def append_second_b(path, vectors) -> None:
+    """A second row for the new id b, with another embedding."""
+    helpers.write_delta(path, helpers.catalog_table(["b"], vectors[5:6]))
+
+
 @pytest.mark.spark
-def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, checkpoint, vectors, tmp_path) -> None:
+@pytest.mark.parametrize(("change", "message"), [
+    (replace_b, "to read 2 rows again and read 2, 1 of them as the first pass had"),
+    (append_second_b, "to read 2 rows again and read 3"),
+])
+def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, checkpoint, vectors, tmp_path, change,
+                                                                     message) -> None:
     from pipelines.encode import encode_catalog
     from pipelines.session import EngineSession
     from pipelines.validate import RowAccountingError
@@ -271,37 +288,10 @@ def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, chec
 
     def materialize_then_change(df):
         out = scratch.materialize(df)
-        if not calls:  # after the first pass: b's embedding is replaced in a new table version
-            from deltalake import write_deltalake
-
-            write_deltalake(str(path), helpers.catalog_table(["a", "b"], vectors[[0, 5]]), mode="overwrite")
+        if not calls:  # after the first pass
+            change(path, vectors)
         calls.append(df)
         return out
 
-    with pytest.raises(RowAccountingError, match="to read 2 rows again and read 2, 1 of them as the first pass had"):
+    with pytest.raises(RowAccountingError, match=message):
         encode_catalog(v, checkpoint, materialize=materialize_then_change, known=known, policy="new")
-
-
-@pytest.mark.spark
-def test_a_second_row_of_a_new_id_appearing_between_the_passes_stops_the_run(spark, checkpoint, vectors,
-                                                                            tmp_path) -> None:
-    from pipelines.encode import encode_catalog
-    from pipelines.session import EngineSession
-    from pipelines.validate import RowAccountingError
-
-    path = tmp_path / "catalog"
-    helpers.write_delta(path, helpers.catalog_table(["a", "b"], vectors[:2]))
-    v = validate_catalog(spark.read.format("delta").load(str(path)), dim=DIM)
-    known = spark.createDataFrame([("a", 0)], f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint").limit(0)
-    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
-    calls = []
-
-    def materialize_then_append(df):
-        out = scratch.materialize(df)
-        if not calls:  # after the first pass: a second row for the new id b, with another embedding
-            helpers.write_delta(path, helpers.catalog_table(["b"], vectors[5:6]))
-        calls.append(df)
-        return out
-
-    with pytest.raises(RowAccountingError, match="to read 2 rows again and read 3"):
-        encode_catalog(v, checkpoint, materialize=materialize_then_append, known=known, policy="new")
