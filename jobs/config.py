@@ -12,7 +12,7 @@ from rqvae import ModelConfig, TrainConfig
 
 STAGES = ("validate", "train", "encode", "report")
 ALIGN_CHOICES = ("warm-start", "relabel", "none")
-EXIT_BAD_INPUT, EXIT_GATE, EXIT_CONFLICT = 2, 3, 4
+EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_GATE, EXIT_CONFLICT = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class JobConfig:
     compare_to: str | None = None
     max_id_churn: float | None = None
     align: str = "warm-start"
+    debug: bool = False
 
     @property
     def trains(self) -> bool:

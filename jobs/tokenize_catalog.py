@@ -5,27 +5,136 @@
     spark-submit jobs/tokenize_catalog.py --engine spark --input main.shop.items --output-table-prefix main.semids
     python jobs/tokenize_catalog.py --stages encode,report --model models:/catalog-semantic-ids@champion ...
 
-    python jobs/tokenize_catalog.py --stages validate,encode,report --model models:/catalog-semantic-ids@champion \
-        --input /data/catalog --output /data/semids            # daily: incremental, no ID moves
+    python jobs/tokenize_catalog.py --model models:/catalog-semantic-ids@champion \
+        --input /data/catalog --output /data/semids            # daily: incremental, no ID moves, no training
 
-Exit codes: 0 success, 2 bad arguments or input, 3 a gate failed (quality, or ID churn): nothing
-published, @champion not moved, 4 another run wrote the table meanwhile: nothing published, run again.
+Exit codes: 0 success; 1 an unexpected error (a bug: rerun with --debug and report it); 2 bad
+arguments or input, the message names the fix; 3 a gate failed (quality, or ID churn); 4 another run
+wrote the table meanwhile, run again. On any failure, and when the job is killed, the published set
+(semantic_ids, rejects, prefix statistics...) stays the previous run's and @champion does not move.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python/spark-submit jobs/tokenize_catalog.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.config import ALIGN_CHOICES, STAGES, JobConfig
+from jobs.config import ALIGN_CHOICES, EXIT_UNEXPECTED, STAGES, JobConfig
 from pipelines.gate import GateThresholds
 from pipelines.schema import MODES, ON_CHANGED
 from rqvae import ModelConfig, TrainConfig
+
+# --- argument types: each names its flag's rule; argparse adds the flag and exits 2 ------------------
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its own messages
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {value:g}")
+    return value
+
+
+def _cosine(text: str) -> float:
+    value = _number(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a cosine between -1 and 1, got {value:g}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value:g}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths such as 512,256,128, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
+
+
+def _model_name(text: str) -> str:
+    if not _MODEL_NAME.match(text) or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a usable registered model name: start with a letter or digit, then letters, digits, "
+            "spaces, '.', '_' or '-' (no '/', ':' or '@': they separate the parts of models:/<name>@<alias>)")
+    return text
+
+
+def _device(flag: str, *names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text in names or ("cuda" in names and re.fullmatch(r"cuda:\d+", text)):
+            return text
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(names)}" + (" (or cuda:N)" if "cuda" in names
+                                                                                else "") + f", got {text!r}")
+
+    return parse
+
+
+def _missing_device(device: str) -> str | None:
+    """Why ``device`` cannot be used on this machine (None when it can, or when it is auto/cpu)."""
+    if not (device.startswith("cuda") or device == "mps"):
+        return None
+    import torch
+
+    if device == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no MPS (Apple GPU) device"
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device (torch.cuda.is_available() is False)"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s), so there is no {device}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read --input (auto: Delta if it has _delta_log, else Parquet, else a table name)")
     g.add_argument("--demo", action="store_true",
                    help="first write the synthetic demo catalog to <work-dir>/demo_catalog and use it as --input")
-    g.add_argument("--demo-items", type=int, default=100_000, help="items in the demo catalog")
-    g.add_argument("--demo-dim", type=int, default=256, help="embedding length of the demo catalog")
+    g.add_argument("--demo-items", type=_at_least(1), default=100_000, help="items in the demo catalog")
+    g.add_argument("--demo-dim", type=_at_least(1), default=256, help="embedding length of the demo catalog")
     g.add_argument("--id-col", default="item_id", help="item id column (STRING or BIGINT, unique)")
     g.add_argument("--embedding-col", default="embedding", help="embedding column (ARRAY<FLOAT|DOUBLE>)")
-    g.add_argument("--embedding-dim", type=int,
+    g.add_argument("--embedding-dim", type=_at_least(1),
                    help="embedding length D; default: the most common length among the first 10,000 rows "
                         "(rows of any other length are rejected either way)")
     g.add_argument("--category-col", default="",
@@ -57,51 +166,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: embedded Sail (no JVM); spark: the active/classic session (spark-submit); "
                         "remote: Spark Connect (--remote)")
     g.add_argument("--remote", help="Spark Connect URL, e.g. sc://host:15002 (implies --engine remote)")
-    g.add_argument("--shuffle-partitions", type=int, help="spark.sql.shuffle.partitions for this job")
+    g.add_argument("--debug", action="store_true",
+                   help="print the Python traceback of a failure (by default only its message and the exit code)")
+    g.add_argument("--shuffle-partitions", type=_at_least(1), help="spark.sql.shuffle.partitions for this job")
     g = p.add_argument_group("stages and model")
-    g.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of {','.join(STAGES)} (validate always runs when a later stage "
-                        "needs the catalog)")
-    g.add_argument("--model", help="skip training: models:/<name>@<alias>, models:/<name>/<version> or a .pt file")
-    g.add_argument("--model-name", default="catalog-semantic-ids", help="registered MLflow model name")
-    g.add_argument("--experiment", default="catalog-semantic-ids", help="MLflow experiment name")
-    g.add_argument("--max-reject-share", type=float, default=0.05,
+    g.add_argument("--stages",
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all of them; with --model: "
+                   f"{','.join(s for s in STAGES if s != 'train')}). validate always runs when a later stage needs "
+                   "the catalog")
+    g.add_argument("--model", help="use this model and do not train (unless --stages names train explicitly): "
+                   "models:/<name>@<alias>, models:/<name>/<version> or a .pt checkpoint file")
+    g.add_argument("--model-name", type=_model_name, default="catalog-semantic-ids",
+                   help="registered MLflow model name (letters, digits, '-', '_', '.', spaces)")
+    g.add_argument("--experiment", type=_nonempty, default="catalog-semantic-ids",
+                   help="MLflow experiment name")
+    g.add_argument("--max-reject-share", type=_share, default=0.05,
                    help="fail when more than this share of input rows is rejected (before training, and always "
                    "before any table is written)")
     g = p.add_argument_group("training")
-    g.add_argument("--sample-size", type=int, default=200_000, help="items sampled (by id hash) for training")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling and training")
-    g.add_argument("--levels", type=int, default=3, help="L, code levels")
-    g.add_argument("--codebook-size", type=int, default=256, help="K, codes per level")
-    g.add_argument("--hidden-dims", default="512,256,128", help="encoder hidden widths (decoder mirrors)")
-    g.add_argument("--latent-dim", type=int, default=32, help="latent (codeword) width")
+    g.add_argument("--sample-size", type=_at_least(2), default=200_000, help="items sampled (by id hash) for training")
+    g.add_argument("--seed", type=_at_least(0), default=0, help="seed for sampling and training")
+    g.add_argument("--levels", type=_at_least(1), default=3, help="L, code levels")
+    g.add_argument("--codebook-size", type=_at_least(2), default=256, help="K, codes per level")
+    g.add_argument("--hidden-dims", type=_widths, default="512,256,128", help="encoder hidden widths (decoder mirrors)")
+    g.add_argument("--latent-dim", type=_at_least(1), default=32, help="latent (codeword) width")
     g.add_argument("--estimator", default="ste", choices=["ste", "rotation"], help="gradient estimator")
     g.add_argument("--shared-codebook", action="store_true", help="one codebook for all levels")
     g.add_argument("--no-anchor", action="store_true",
                    help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
                         "k-means centroids (docs/design.md explains the trade-off)")
-    g.add_argument("--epochs", type=int, default=30, help="maximum epochs")
-    g.add_argument("--batch-size", type=int, default=1024, help="training batch size")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    g.add_argument("--taxonomy-weight", type=float, default=0.0,
+    g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
+    g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
+    g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
+    g.add_argument("--taxonomy-weight", type=_non_negative, default=0.0,
                    help="lambda of the catalog-tree contrastive regularizer (needs --category-col; ~0.01)")
-    g.add_argument("--device", default="auto", help="training device: auto (cuda > mps > cpu), cpu, cuda")
+    g.add_argument("--device", type=_device("--device", "auto", "cpu", "cuda", "mps"), default="auto",
+                   help="training device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps; asking for one this "
+                   "machine lacks fails at once")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
     g = p.add_argument_group("quality gate (held-out sample)")
-    g.add_argument("--gate-min-utilization", type=float, default=0.5, help="minimum code utilization per level")
-    g.add_argument("--gate-min-unique-rate", type=float, default=0.5, help="minimum distinct-tuple rate")
-    g.add_argument("--gate-min-recon-cosine", type=float, default=0.5, help="minimum mean reconstruction cosine")
+    g.add_argument("--gate-min-utilization", type=_share, default=0.5, help="minimum code utilization per level")
+    g.add_argument("--gate-min-unique-rate", type=_share, default=0.5, help="minimum distinct-tuple rate")
+    g.add_argument("--gate-min-recon-cosine", type=_cosine, default=0.5, help="minimum mean reconstruction cosine")
     g = p.add_argument_group("encoding and report")
-    g.add_argument("--encode-batch-size", type=int, default=None,
+    g.add_argument("--encode-batch-size", type=_at_least(1), default=None,
                    help="rows per model call in the UDF (default: 2048 on CPU, 8192 on a GPU; on CPU small "
                    "batches are faster)")
-    g.add_argument("--encode-device", default="cpu", help="torch device on the workers (cpu or cuda)")
-    g.add_argument("--encode-threads", type=int, default=1,
+    g.add_argument("--encode-device", type=_device("--encode-device", "cpu", "cuda"), default="cpu",
+                   help="torch device on the workers: cpu or cuda (cuda:N); cuda is checked on the driver at start")
+    g.add_argument("--encode-threads", type=_at_least(0), default=1,
                    help="torch threads per encode task (default 1: the engine runs one task per core; raise "
                    "it together with spark.task.cpus for fewer, fatter tasks; 0 = torch's default). 1 or a "
                    "power of two keeps each quantization error the same bits however the rows are batched; "
                    "other counts can change the last bit of a few, and so the suffix order of near ties")
-    g.add_argument("--suffix-budget", type=int, default=16, help="suffixes beyond this count as overflow")
+    g.add_argument("--suffix-budget", type=_at_least(0), default=16, help="suffixes beyond this count as overflow")
     g = p.add_argument_group("scheduled runs: ID stability and generations (docs/scheduling.md)")
     g.add_argument("--mode", default="auto", choices=MODES,
                    help="auto (default): incremental when the output table exists and its current generation "
@@ -114,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an item whose embedding changed (fingerprint differs) within a generation: keep its ID "
                    "(default), or retokenize it: a new ID if its codes changed, the old one retired and never "
                    "reissued. Either way the run reports how many changed")
-    g.add_argument("--max-id-churn", type=float, default=0.5,
+    g.add_argument("--max-id-churn", type=_share, default=0.5,
                    help="fail the run (exit 3, nothing written, @champion not moved) when more than this share "
                    "of the previously published items still in the catalog would get another semantic_id "
                    "(default 0.5; 1 turns the gate off)")
@@ -123,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "table's: warm-start (default) trains from the table's model and then relabels codes to match "
                    "it; relabel trains from scratch and relabels each level's codes by a one-to-one matching; "
                    "none does neither (every ID may move)")
-    g.add_argument("--warm-start-epochs", type=int, default=3,
+    g.add_argument("--warm-start-epochs", type=_at_least(1), default=3,
                    help="with --align warm-start, fine-tune at most this many epochs (at a tenth of --lr): each "
                    "epoch moves more IDs for little gain; raise it when the catalog drifted far")
     g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
@@ -134,10 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     p = build_parser()
     a = p.parse_args(argv)
-    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
+    if a.stages is None:  # --model means "use this model": no training unless asked for by name
+        stages = tuple(s for s in STAGES if not (a.model and s == "train"))
+    else:
+        stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         p.error(f"--stages: unknown {bad or 'empty'}; choose from {','.join(STAGES)}")
+    if a.model and "train" in stages:
+        p.error("--model names the model to use, but --stages asks to train a new one: drop train from --stages to "
+                "encode with --model, or drop --model to train (a training run warm-starts from the output table's "
+                "own model by itself, see --align)")
     if not (a.input or a.demo):
         p.error("--input is required (or --demo for the synthetic catalog)")
     if "train" not in stages and "encode" in stages and not a.model:
@@ -150,11 +275,21 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error(f"--warm-start-epochs must be at least 1, got {a.warm_start_epochs}")
     if not 0.0 <= a.max_id_churn <= 1.0:
         p.error(f"--max-id-churn must be between 0 and 1, got {a.max_id_churn}")
-    hidden = tuple(int(v) for v in a.hidden_dims.split(",") if v)
+    if a.taxonomy_weight > 0 and not (a.category_col or a.demo):
+        p.error("--taxonomy-weight needs the catalog's taxonomy: pass --category-col COLUMN (ARRAY<STRING>)")
+    engine = "remote" if a.remote else a.engine
+    for flag, device, needed in (("--device", a.device, "train" in stages),
+                                 # on a cluster the workers' GPUs are not the driver's: checked where they run
+                                 ("--encode-device", a.encode_device, "encode" in stages and engine == "local")):
+        missing = _missing_device(device) if needed else None
+        if missing:
+            p.error(f"{flag} {device}: {missing}. Use {flag} {'auto' if flag == '--device' else 'cpu'}, or run on a "
+                    "machine with that device")
+    hidden = a.hidden_dims
     return JobConfig(
         input=a.input, input_format=a.input_format, demo=a.demo, demo_items=a.demo_items, demo_dim=a.demo_dim,
         output=a.output, output_table_prefix=a.output_table_prefix, format=a.format, work_dir=a.work_dir,
-        engine="remote" if a.remote else a.engine, remote=a.remote, stages=stages, model=a.model,
+        engine=engine, remote=a.remote, stages=stages, model=a.model,
         model_name=a.model_name, experiment=a.experiment, id_col=a.id_col, embedding_col=a.embedding_col,
         category_col=a.category_col, embedding_dim=a.embedding_dim,
         max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
@@ -169,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
         encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
         shuffle_partitions=a.shuffle_partitions, mode=a.mode, on_changed=a.on_changed, compare_to=a.compare_to,
-        max_id_churn=a.max_id_churn, align=a.align,
+        max_id_churn=a.max_id_churn, align=a.align, debug=a.debug,
     )
 
 
@@ -184,13 +319,23 @@ def stage(name: str):  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    debug = cfg.debug
     from jobs.runner import JobFailed, run_job
 
     try:
         result = run_job(cfg, stage)
     except JobFailed as e:
+        if debug:
+            traceback.print_exc()
         print(f"\nFAILED: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:500]
+        print(f"\nFAILED with an unexpected {type(e).__name__}: {first}\nNothing was published unless the output "
+              "above says so. Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+        return EXIT_UNEXPECTED
     for line in result.summary_lines():
         print(line)
     return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class InputColumns:
@@ -92,8 +94,24 @@ class RejectReason:
     NULL_ELEMENT = "null_in_embedding"
     NON_FINITE = "nan_or_inf_in_embedding"
     ZERO_VECTOR = "zero_vector"
+    # |values| too large for the float32 L2 norm (its square overflows) or too small for it to reach the
+    # normalisation's epsilon: such a vector would not become unit-length and would get the zero vector's codes.
+    NORM_OUT_OF_RANGE = "embedding_norm_out_of_range"
 
-    ALL = (NULL_ID, DUPLICATE_ID, NULL_EMBEDDING, WRONG_LENGTH, NULL_ELEMENT, NON_FINITE, ZERO_VECTOR)
+    ALL = (NULL_ID, DUPLICATE_ID, NULL_EMBEDDING, WRONG_LENGTH, NULL_ELEMENT, NON_FINITE, ZERO_VECTOR,
+           NORM_OUT_OF_RANGE)
+
+
+def magnitude_limits(dim: int) -> tuple[float, float]:
+    """(smallest, largest) allowed largest absolute value of a D-long float32 embedding.
+
+    Below the smallest (1e-12, ``F.normalize``'s epsilon) the norm cannot reach the epsilon, so the
+    vector is not normalised to unit length; above the largest, ``D * max|x|^2`` may overflow float32,
+    so the norm may be Inf and the vector normalises to zeros. The bound is on max |x| (not on the norm)
+    so that the SQL check needs only ``array_max``/``array_min`` and agrees bit for bit with the Arrow one.
+    """
+    largest = float(np.float32(np.sqrt(float(np.finfo(np.float32).max) / max(dim, 1)) / 2))
+    return 1e-12, largest
 
 
 # How a run writes the semantic-ID table (--mode) and what an embedding change does (--on-changed).

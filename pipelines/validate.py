@@ -35,6 +35,7 @@ from pipelines.schema import (
     REJECTED_AT,
     InputColumns,
     RejectReason,
+    magnitude_limits,
 )
 
 DEFAULT_COLUMNS = InputColumns()
@@ -148,6 +149,7 @@ def reject_reason(dim: int) -> Column:
     :func:`flag_duplicates` adds it on top. :func:`row_reason_codes` is the same rule on Arrow batches.
     """
     largest, smallest = F.array_max(EMBEDDING), F.array_min(EMBEDDING)
+    low, high = magnitude_limits(dim)
     checks = [
         (F.col(ITEM_ID).isNull(), RejectReason.NULL_ID),
         (F.col(EMBEDDING).isNull(), RejectReason.NULL_EMBEDDING),
@@ -158,6 +160,8 @@ def reject_reason(dim: int) -> Column:
         (~((largest <= F.lit(_FLOAT_MAX).cast("float")) & (smallest >= -F.lit(_FLOAT_MAX).cast("float"))),
          RejectReason.NON_FINITE),
         ((largest == 0) & (smallest == 0), RejectReason.ZERO_VECTOR),
+        ((F.greatest(largest, -smallest) < F.lit(low).cast("float"))
+         | (F.greatest(largest, -smallest) > F.lit(high).cast("float")), RejectReason.NORM_OUT_OF_RANGE),
     ]
     reason = F.when(checks[0][0], F.lit(checks[0][1]))
     for condition, name in checks[1:]:
@@ -198,15 +202,18 @@ def row_reason_codes(item_ids: pa.Array, embeddings: pa.Array, dim: int) -> np.n
     else:
         bad.append(np.zeros(n, dtype=bool))
     checked = ~(bad[0] | bad[1] | bad[2])  # every such row has D values, none null
-    non_finite, zero = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    non_finite, zero, out_of_range = (np.zeros(n, dtype=bool) for _ in range(3))
     if checked.any():
         largest, smallest = _row_extremes(values, starts, checked, dim, uniform=bool(checked.all()))
         non_finite[checked] = ~((largest <= _F32_MAX) & (smallest >= -_F32_MAX))  # NaN fails both bounds
         zero[checked] = (largest == 0) & (smallest == 0)
+        low, high = (np.float32(b) for b in magnitude_limits(dim))
+        magnitude = np.maximum(largest, -smallest)
+        out_of_range[checked] = (magnitude < low) | (magnitude > high)
     by_reason = {RejectReason.NULL_ID: item_ids.is_null().to_numpy(zero_copy_only=False),
                  RejectReason.NULL_EMBEDDING: bad[0], RejectReason.WRONG_LENGTH: bad[1],
                  RejectReason.NULL_ELEMENT: bad[2], RejectReason.NON_FINITE: non_finite,
-                 RejectReason.ZERO_VECTOR: zero}
+                 RejectReason.ZERO_VECTOR: zero, RejectReason.NORM_OUT_OF_RANGE: out_of_range}
     for index in reversed(range(len(RejectReason.ALL))):  # the first reason in order wins
         mask = by_reason.get(RejectReason.ALL[index])
         if mask is not None:

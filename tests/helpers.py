@@ -65,7 +65,12 @@ REJECT_CASES: list[tuple[Any, Any, str | None]] = [
     ("beyond-float", [1e300, 1.0, 1.0], "nan_or_inf_in_embedding"),
     ("zero", [0.0, -0.0, 0.0], "zero_vector"),
     ("negative", [-1.0, -2.0, -3.0], None),
-    ("tiny", [0.0, -1e-30, 0.0], None),
+    ("tiny", [0.0, -1e-30, 0.0], "embedding_norm_out_of_range"),  # float32 norm < 1e-12: not unit after normalising
+    ("denormal", [1e-42, 2e-42, 0.0], "embedding_norm_out_of_range"),
+    ("huge", [1e20, 1.0, 1.0], "embedding_norm_out_of_range"),  # finite, but its norm overflows float32
+    ("huge-negative", [1.0, -1e20, 1.0], "embedding_norm_out_of_range"),
+    ("large", [1e18, 1.0, 1.0], None),  # norm^2 = 1e36 is still a float32
+    ("small", [1e-11, 0.0, 0.0], None),
 ]
 
 

@@ -42,7 +42,7 @@ def test_clean_rows_use_contract_names_and_float_arrays(result) -> None:
     assert result.clean.schema[EMBEDDING].dataType.simpleString() == "array<float>"
     rows = {r[ITEM_ID]: r[EMBEDDING] for r in result.clean.collect()}
     assert rows == {"ok-1": [1.0, 2.0, 3.0], "ok-2": [0.0, 0.0, pytest.approx(1e-3)], "negative": [-1.0, -2.0, -3.0],
-                    "tiny": [0.0, pytest.approx(-1e-30), 0.0]}
+                    "large": [pytest.approx(1e18), 1.0, 1.0], "small": [pytest.approx(1e-11), 0.0, 0.0]}
     assert result.rejects.schema[ITEM_ID].dataType.simpleString() == "string"
 
 
@@ -112,7 +112,7 @@ def test_check_reject_share() -> None:
 @pytest.mark.spark
 def test_validation_counts_match_the_clean_and_rejects_frames(result) -> None:
     counts = validation_counts(result)
-    assert counts.clean == result.clean.count() == sum(1 for _, _, reason in CASES if reason is None) == 4
+    assert counts.clean == result.clean.count() == sum(1 for _, _, reason in CASES if reason is None) == 5
     expected = {reason: 0 for reason in RejectReason.ALL}
     for _, _, reason in CASES:
         if reason:
