@@ -257,6 +257,13 @@ def _train(job: _Job, v: ValidationResult, state: ledger.TableState | None) -> T
     mcfg = cfg.model_config
     ledger.check_compatible(state, mcfg.num_levels, mcfg.codebook_size, "--levels/--codebook-size")
     previous = _previous_generation(job, sample, arrays, state)
+    with job.session.kept_alive():  # training can outlast the engine's idle timeout
+        return _fit_and_register(job, v, arrays, cats, previous)
+
+
+def _fit_and_register(job: _Job, v: ValidationResult, arrays: TrainingArrays, cats: np.ndarray | None,
+                      previous: _Previous) -> TokenizerModel:
+    cfg, stage, mcfg = job.cfg, job.stage, job.cfg.model_config
     with stage("train"):
         fitted = fit(arrays.embeddings, cfg.model_config, cfg.train_config, category_ids=cats,
                      callbacks=[ProgressPrinter(), _MlflowEpochLogger()], init=previous.init)

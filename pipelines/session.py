@@ -14,7 +14,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +89,38 @@ class EngineSession:
                         "pass over the input", self.engine, str(e).splitlines()[0][:200] if str(e) else type(e))
             return None
 
+    @contextmanager
+    def kept_alive(self, every_s: float | None = None) -> Iterator[None]:
+        """Keep the session from timing out while the driver works without it (training).
+
+        Spark Connect servers drop a session idle for a while (Sail: 900 s by default,
+        ``SAIL_SPARK__SESSION_TIMEOUT_SECS``; Apache Spark: an hour), so a long training would leave the
+        job with a dead session. A daemon thread runs a trivial query every ``every_s`` seconds (default:
+        a quarter of Sail's timeout, at most 60 s). Classic sessions do not time out: nothing is started.
+        """
+        if self.engine == "spark":
+            yield
+            return
+        if every_s is None:
+            timeout = _float_env("SAIL_SPARK__SESSION_TIMEOUT_SECS", 900.0)
+            every_s = max(0.5, min(60.0, timeout / 4))
+        stop = threading.Event()
+
+        def ping() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.spark.sql("SELECT 1").collect()
+                except Exception as e:  # noqa: BLE001 - the job's next real call reports a dead session
+                    log.warning("keep-alive query failed: %s", str(e).splitlines()[0][:200] if str(e) else e)
+
+        thread = threading.Thread(target=ping, name="csid-session-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
     def __enter__(self) -> EngineSession:
         return self
 
@@ -135,6 +170,13 @@ def start_session(
             "or write Parquet with --format parquet."
         )
     return es
+
+
+def _float_env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def _is_unsupported(error: Exception) -> bool:

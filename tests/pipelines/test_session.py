@@ -65,3 +65,39 @@ def test_a_failing_computation_is_not_mistaken_for_a_missing_feature(spark) -> N
     classic_like = EngineSession(spark, "remote", True, _owns_session=False)
     with pytest.raises(RuntimeError, match="boom"):
         classic_like.materialize(_Refusing("boom: injected failure"))  # type: ignore[arg-type]
+
+
+_IDLE = """
+import json, os, sys, time
+from contextlib import nullcontext
+from pipelines.session import start_session
+es = start_session("local")
+es.spark.range(1).count()  # the engine's session exists from the first request on
+with (es.kept_alive() if sys.argv[1] == "kept" else nullcontext()):
+    time.sleep(6)  # the driver trains; the engine sees no request
+try:
+    print(json.dumps({"rows": es.spark.range(3).count()}))
+except Exception as e:
+    print(json.dumps({"error": str(e).splitlines()[0][:300]}))
+sys.stdout.flush()
+os._exit(0)  # a client whose session the server dropped can keep the interpreter from exiting
+"""
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-alive", "idle"])
+def test_a_session_outlives_a_long_training_only_when_kept_alive(tmp_path, kept) -> None:
+    """Sail drops a session idle for SAIL_SPARK__SESSION_TIMEOUT_SECS (900 s by default): a training longer than
+    that used to leave the job with a dead session at encode. Here the timeout is 2 s and the idle time 6 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SAIL_SPARK__SESSION_TIMEOUT_SECS": "2", "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", _IDLE, "kept" if kept else "idle"], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if kept:
+        assert result == {"rows": 3}
+    else:  # the control: without the keep-alive the session really is gone
+        assert "error" in result and "not running" in result["error"], result
