@@ -5,10 +5,13 @@ folder under the job's work directory. Encoding resolves an alias to a concrete 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,17 +49,40 @@ def configure_tracking(work_dir: str | Path) -> str:
 
 
 def use_experiment(name: str, work_dir: str | Path) -> str:
-    """Create (with a local artifact folder when tracking is local sqlite) or reuse an experiment."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        artifacts = None
-        if mlflow.get_tracking_uri().startswith("sqlite:"):
-            artifacts = (Path(work_dir).resolve() / "mlartifacts").as_uri()
-        experiment_id = str(mlflow.create_experiment(name, artifact_location=artifacts))
-    else:
-        experiment_id = str(experiment.experiment_id)
+    """Create (with a local artifact folder when tracking is local sqlite) or reuse an experiment.
+
+    With local sqlite tracking, jobs started together on one work directory take turns (a file lock):
+    the first creates the database and the experiment, the others then find them. Without the lock two
+    of them could run the database's schema migrations at once, and one would fail.
+    """
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
+    with _work_dir_lock(work_dir) if local else nullcontext():
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = (Path(work_dir).resolve() / "mlartifacts").as_uri() if local else None
+            try:
+                experiment_id = str(mlflow.create_experiment(name, artifact_location=artifacts))
+            except mlflow.exceptions.MlflowException:
+                experiment = mlflow.get_experiment_by_name(name)  # another job (not ours) made it meanwhile
+                if experiment is None:
+                    raise
+                experiment_id = str(experiment.experiment_id)
+        else:
+            experiment_id = str(experiment.experiment_id)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+@contextmanager
+def _work_dir_lock(work_dir: str | Path) -> Iterator[None]:
+    """An exclusive lock on ``<work_dir>/.mlflow.lock`` (POSIX ``flock``; released if the process dies)."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(work_dir) / ".mlflow.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def log_and_register(checkpoint_path: Path, model_name: str, input_example: Any = None) -> str:

@@ -128,3 +128,26 @@ def test_use_experiment_activates_a_new_experiment(store) -> None:
         pass
     assert run.info.experiment_id == experiment
     assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
+
+
+_START = """
+import sys
+from pipelines import registry
+registry.configure_tracking(sys.argv[1])
+print(registry.use_experiment("race", sys.argv[1]))
+"""
+
+
+def test_jobs_started_together_on_a_fresh_work_dir_share_one_store(tmp_path) -> None:
+    """Jobs started at once on one new work dir used to race on creating mlflow.db; the loser exited 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
+    procs = [subprocess.Popen([sys.executable, "-c", _START, str(tmp_path / "work")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stdout.read().strip(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    assert [rc for rc, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
+    assert len({out for _, out, _ in results}) == 1  # one experiment, found by all
