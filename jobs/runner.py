@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import platform
+import shutil
+import signal
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +24,13 @@ import pandas as pd
 from pyspark.sql import DataFrame
 
 from jobs.config import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_GATE, JobConfig
-from pipelines import io, ledger, registry
+from pipelines import io, ledger, publish, registry
 from pipelines.demo import write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
 from pipelines.encode import Encoded, TokenizerModel, encode_catalog
 from pipelines.gate import churn_failure, gate_failures
-from pipelines.prefix_stats import report_tables
-from pipelines.report import write_report
+from pipelines.prefix_stats import PrefixSummary, report_tables
+from pipelines.report import REPORT_HTML, SUMMARY_JSON, write_report
 from pipelines.sample import TrainingArrays, collect_training_arrays, sample_for_training
 from pipelines.schema import (
     CATEGORY,
@@ -35,6 +39,8 @@ from pipelines.schema import (
     LEVEL_STATS_TABLE,
     PREFIX_STATS_TABLE,
     REJECTS_TABLE,
+    RUN_REJECTS_TABLE,
+    RUNS_TABLE,
     SEMANTIC_IDS_TABLE,
     InputColumns,
 )
@@ -114,6 +120,8 @@ class _Job:
     result: JobResult
     stage: Stage
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))  # aware: UTC in Spark
+    publishing: bool = False  # the set is being written: a failure now rolls it back
+    summary: PrefixSummary | None = None  # of the published table (the report renders it)
 
     @property
     def spark(self) -> Any:
@@ -134,19 +142,46 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
                                     shuffle_partitions=cfg.shuffle_partitions)
     except (ValueError, DeltaNotAvailableError) as e:
         raise JobFailed(str(e)) from e
-    tracking = registry.configure_tracking(work)
-    registry.use_experiment(cfg.experiment, work)
     try:
-        with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}") as run:
+        tracking = registry.configure_tracking(work)
+        experiment_id = registry.use_experiment(cfg.experiment, work)
+        for stale in registry.fail_abandoned_runs(experiment_id):
+            print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")
+        with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
+                              tags=registry.process_tags()) as run:
             job = _Job(cfg, session, location, JobResult(tracking, run.info.run_id), stage)
-            _run_stages(job)
+            # A run that publishes holds the output for its whole length, so no other run half-publishes
+            # beside it, and what a killed run left is put right before anything is read.
+            with publish.writer_lock(location) if cfg.encodes else nullcontext():
+                if cfg.encodes:
+                    _recover(job)
+                try:
+                    _run_stages(job)
+                except BaseException:
+                    if job.publishing:  # a failure between the first write of the set and its entry
+                        _recover(job)
+                    raise
             return job.result
     except _EXPECTED as e:
         raise JobFailed(str(e)) from e
-    except ledger.ConcurrentRunError as e:
+    except (ledger.ConcurrentRunError, publish.OutputBusyError) as e:
         raise JobFailed(str(e), EXIT_CONFLICT) from e
     finally:
         session.stop()
+
+
+def _recover(job: _Job) -> None:
+    """Put back the published set a killed or failed run left half-written (pipelines/publish.py)."""
+    io.remove_leftovers(job.location, publish.SET_TABLES)
+    recovery = publish.recover(job.spark, job.location, job.result.run_id)
+    if recovery is None:
+        return
+    print(f"    recovered {job.location.root}: {recovery.action}")
+    mlflow.set_tag("recovered", recovery.action[:5000])
+    if recovery.champion is not None:
+        name, version = recovery.champion
+        registry.set_alias(name, registry.CHAMPION, version)
+        print(f"    {name} version {version} is now @{registry.CHAMPION} (the move that run did not get to make)")
 
 
 def _run_stages(job: _Job) -> None:
@@ -165,20 +200,19 @@ def _run_stages(job: _Job) -> None:
                   "time is not detected: schedule one run at a time on this output")
         # Without training the encode pass counts the reasons itself, so the embedding column is read once.
         if cfg.trains or not cfg.encodes:
-            _check_counts(job, catalog.count(), validation_counts(v))
+            _check_counts(job, catalog.count(), validation_counts(v), v.rejects)
     model = _train(job, v, state) if cfg.trains else _resolve(cfg.model, v.dim) if cfg.model else None
     if model is not None:
         job.result.model = f"{model.name} version {model.version}"
     if cfg.encodes and model is not None:
         _encode_and_publish(job, catalog, v, model, state)
-    elif "validate" in cfg.stages:
-        rejects = stamp_rejects(v.rejects, job.result.run_id, job.now, n_rejected=job.result.counts["rejected_rows"])
-        job.result.tables["rejects"] = io.write_table(rejects, job.location, REJECTS_TABLE)
-    if cfg.trains and model is not None:
-        registry.set_alias(model.name, registry.CHAMPION, model.version)  # after the tables: nothing half-done
+    elif "validate" in cfg.stages:  # not a published set: this run's rejects go beside it
+        job.result.tables["run_rejects"] = _write_run_rejects(job, v.rejects)
+    if cfg.trains and model is not None and not cfg.encodes:  # a training-only run (else: when published)
+        registry.set_alias(model.name, registry.CHAMPION, model.version)
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
     if "report" in cfg.stages:
-        with stage("prefix statistics + report"):
+        with stage("report"):
             _report(job, model.codebook_size if model else cfg.model_config.codebook_size)
 
 
@@ -216,11 +250,19 @@ def _log_lineage(cfg: JobConfig, engine: str) -> None:
                      "package_version": version("catalog-semantic-ids")})
 
 
-def _check_counts(job: _Job, n_input: int, counts: ValidationCounts) -> None:
+def _write_run_rejects(job: _Job, rejects: DataFrame) -> str:
+    """This run's rejects as the ``run_rejects`` table (a run that publishes nothing: ``--stages validate``,
+    or one stopped by ``--max-reject-share``), beside the published set and not part of it."""
+    stamped = stamp_rejects(rejects, job.result.run_id, job.now, n_rejected=job.result.counts.get("rejected_rows"))
+    return io.write_table(stamped, job.location, RUN_REJECTS_TABLE)
+
+
+def _check_counts(job: _Job, n_input: int, counts: ValidationCounts, rejects: DataFrame) -> None:
     """Print and log the counts, and check them (row accounting, reject share, something valid).
 
     Called once before anything is written; a training run counts before sampling and again in the
-    encode pass, and the two must agree.
+    encode pass, and the two must agree. When too many rows are rejected, they are written to the
+    ``run_rejects`` table before the run stops, so the user can see which.
     """
     result = job.result
     earlier = None
@@ -233,7 +275,12 @@ def _check_counts(job: _Job, n_input: int, counts: ValidationCounts) -> None:
         result.reasons = dict(counts.rejected)
         mlflow.log_metrics({"input_rows": n_input, "valid_rows": counts.clean, "rejected_rows": counts.n_rejected,
                             **{f"rejected_{k}": c for k, c in counts.rejected.items()}})
-    check_counts(n_input, counts, job.cfg.max_reject_share, earlier)
+    try:
+        check_counts(n_input, counts, job.cfg.max_reject_share, earlier)
+    except TooManyRejectsError as e:
+        where = _write_run_rejects(job, rejects)
+        raise TooManyRejectsError(f"{e} The rejected rows of this run, with their reasons, are in {where} (the "
+                                  "published tables are as they were).") from e
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -382,7 +429,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
     with stage("encode"):
         encoded = _encode(job, v, model, state, mode)
-        _check_counts(job, catalog.count(), encoded.counts)
+        _check_counts(job, catalog.count(), encoded.counts, encoded.rejects)
         plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
                                    now=job.now, materialize=job.materialize)
         print(f"    {plan.counts.summary()}")
@@ -407,7 +454,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
                         "the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it.",
                         EXIT_GATE)
     with stage("publish"):
-        _publish(job, plan, encoded, drift)
+        _publish(job, plan, encoded, drift, model)
 
 
 def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger.TableState | None,
@@ -428,47 +475,82 @@ def _compare(job: _Job, table: DataFrame, num_levels: int | None) -> Drift:
     return comparison
 
 
-def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift) -> None:
-    """The semantic-ID table (one commit), then rejects, id_changes and drift; checks the active rows."""
-    location, result = job.location, job.result
-    ledger.check_ledger(plan.table(), expected_active=result.counts["valid_rows"])  # before anything is written
-    written = ledger.publish(plan, location)
+def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model: TokenizerModel) -> None:
+    """Publish the run's set in one step (pipelines/publish.py): every table computed first, the describing
+    tables written, a pending entry, the one semantic-ID commit, the checks, the published entry."""
+    cfg, location, result, spark = job.cfg, job.location, job.result, job.spark
+    table = plan.table()
+    ledger.check_ledger(table, expected_active=result.counts["valid_rows"])  # before anything is written
+    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize)
+    drifts = [drift] + ([result.comparison] if result.comparison else [])
+    frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
+                                           n_rejected=result.counts["rejected_rows"]),
+              ID_CHANGES_TABLE: ledger.id_changes(table), DRIFT_TABLE: drift_table(spark, drifts),
+              PREFIX_STATS_TABLE: stats.prefix_stats, LEVEL_STATS_TABLE: stats.level_stats}
+    history = publish.entries(spark, location)
+    sids_before = publish.token(spark, location, SEMANTIC_IDS_TABLE)
+    job.publishing = True
+    describing = publish.write_describing(spark, location, frames, result.run_id)
+    boundary("describing-written")
+    publish.record(spark, location, history, result.run_id, publish.PENDING, describing,
+                   model=(model.name, model.version), moves_champion=cfg.trains, semantic_ids_before=sids_before)
+    boundary("pending-recorded")
+    written = ledger.publish(plan, location, run_id=result.run_id)
+    boundary("semantic-ids-committed")
     sids = location.of(SEMANTIC_IDS_TABLE)
     if written is None:
         print(f"    nothing to change in {sids}: no commit")
-    result.tables["semantic_ids"] = sids
-    rejects = stamp_rejects(encoded.rejects, result.run_id, job.now, n_rejected=result.counts["rejected_rows"])
-    result.tables["rejects"] = io.write_table(rejects, location, REJECTS_TABLE)
-    table = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
-    result.tables["id_changes"] = io.write_table(ledger.id_changes(table), location, ID_CHANGES_TABLE)
-    drifts = [drift] + ([result.comparison] if result.comparison else [])
-    result.tables["drift"] = io.write_table(drift_table(job.spark, drifts), location, DRIFT_TABLE)
-    active = ledger.verify_published(job.spark, location, expected_active=result.counts["valid_rows"])
+    active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"])
+    if cfg.trains:  # the IDs are out and checked: the model that issued them is the one daily runs use
+        registry.set_alias(model.name, registry.CHAMPION, model.version)
+        print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
+    publish.record(spark, location, history, result.run_id, publish.PUBLISHED, publish.tokens(spark, location),
+                   model=(model.name, model.version), moves_champion=cfg.trains, semantic_ids_before=sids_before)
+    job.publishing = False
+    publish.finish(location, result.run_id)
+    boundary("published")
+    for name in (SEMANTIC_IDS_TABLE, *frames):
+        result.tables[name] = location.of(name)
+    job.summary = stats.summary
     print(f"    {active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
-          f"retired {plan.counts.retired})")
+          f"retired {plan.counts.retired}), with {', '.join(frames)}: published together as run {result.run_id} "
+          f"(the {RUNS_TABLE} table)")
     result.counts["written_rows"] = active
     mlflow.log_metric("written_rows", active)
+
+
+def boundary(name: str) -> None:
+    """Fault injection for tests: ``CSID_KILL_AT=<name>`` kills the job here (SIGKILL, as an OOM killer
+    or a preempted node would). Does nothing otherwise. Called between the publish steps and, by the
+    CLI's stage banner, after every stage (``after-<first word of the stage>``)."""
+    if os.environ.get("CSID_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- report ---------------------------------------------------------------------------------------------
 
 def _report(job: _Job, codebook_size: int) -> None:
-    """Prefix-statistics tables, the HTML/JSON report beside them, all logged to the MLflow run."""
+    """The HTML/JSON report of the published table (the prefix statistics this run published, or for a
+    report-only run those of the table as it is), swapped in whole and logged to the MLflow run."""
     cfg, location, result = job.cfg, job.location, job.result
-    sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
-    if result.comparison is None and cfg.compare_to:  # a report-only run: the table as it is against another
-        result.comparison = _compare(job, sids, None)
-    tables = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize)
-    result.tables["prefix_stats"] = io.write_table(tables.prefix_stats, location, PREFIX_STATS_TABLE)
-    result.tables["level_stats"] = io.write_table(tables.level_stats, location, LEVEL_STATS_TABLE)
+    summary = job.summary
+    if summary is None:  # a report-only run: the table as it is (nothing is written to the set)
+        sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
+        if result.comparison is None and cfg.compare_to:
+            result.comparison = _compare(job, sids, None)
+        summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize).summary
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"
-    result.report = write_report(tables.summary, out_dir, f"Semantic IDs: {cfg.model_name}",
-                                 extra={"model": result.model, "mode": result.mode, "mlflow_run_id": result.run_id,
-                                        **result.tables}, drift=result.drift.to_dict() if result.drift else None,
-                                 comparison=result.comparison.to_dict() if result.comparison else None)
+    staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}-{result.run_id}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_report(summary, staging, f"Semantic IDs: {cfg.model_name}",
+                 extra={"model": result.model, "mode": result.mode, "mlflow_run_id": result.run_id, **result.tables},
+                 drift=result.drift.to_dict() if result.drift else None,
+                 comparison=result.comparison.to_dict() if result.comparison else None)
+    io.swap_directories(staging, out_dir)  # a reader sees the previous report or this one, whole
+    result.report = {kind: str(out_dir / Path(path).name) for kind, path in
+                     (("html", staging / REPORT_HTML), ("json", staging / SUMMARY_JSON))}
     mlflow.log_artifacts(str(out_dir), artifact_path="report")
-    summary = tables.summary
     table_metrics = {k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float))}
     mlflow.log_metrics({f"table_{k}": float(v) for k, v in table_metrics.items()})
     print(f"    unique_rate {summary.unique_rate:.4f}, max group {summary.max_group_size}, "
-          f"suffix overflow {summary.suffix_overflow} (budget {cfg.suffix_budget})")
+          f"suffix overflow {summary.suffix_overflow} (budget {cfg.suffix_budget}); report of run {result.run_id}")

@@ -311,10 +311,13 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
 @contextmanager
 def stage(name: str):  # type: ignore[no-untyped-def]
     """Banner before and after a stage, with its wall time."""
+    from jobs.runner import boundary
+
     print(f"\n==> {name}", flush=True)
     start = time.perf_counter()
     yield
     print(f"    {name} done in {time.perf_counter() - start:.1f}s", flush=True)
+    boundary(f"after-{name.split()[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 
-from pipelines.session import DeltaNotAvailableError
+from pipelines.session import DeltaNotAvailableError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,7 @@ def write_table(
     mode: str = "overwrite",
     partition_by: Sequence[str] | None = None,
     must_not_exist: bool = False,
+    run_id: str | None = None,
 ) -> str:
     """Write ``df`` as table ``name`` under ``location``; overwrites are atomic (see module doc).
 
@@ -352,6 +353,10 @@ def write_table(
         DeltaNotAvailableError: Delta was asked for on a session without Delta support.
         FileExistsError: ``must_not_exist`` and a Parquet table appeared (Delta raises the engine's
             "already exists" error).
+
+    ``run_id``: for a local Parquet overwrite, the run is written into the table's folder
+    (:data:`RUN_FILE`, which Spark readers skip) and the previous copy is kept as
+    ``.<name>.backup-<run_id>`` until :func:`drop_backups` (so a half-published set can be rolled back).
     """
     target = location.of(name)
     if must_not_exist and location.fmt == "delta":
@@ -362,7 +367,7 @@ def write_table(
     if location.fmt == "delta" and mode == "overwrite":
         writer = writer.option("overwriteSchema", "true")
     try:
-        _save(writer, location, target, mode, df, must_not_exist)
+        _save(writer, location, target, mode, df, must_not_exist, run_id)
     except Exception as e:
         if location.fmt == "delta" and _is_missing_delta(e):
             raise DeltaNotAvailableError(
@@ -375,13 +380,13 @@ def write_table(
 
 
 def _save(writer: DataFrameWriter, location: OutputLocation, target: str, mode: str, df: DataFrame,
-          must_not_exist: bool = False) -> None:
+          must_not_exist: bool = False, run_id: str | None = None) -> None:
     """saveAsTable for catalog tables, staging + swap for local Parquet overwrites, else save."""
     local = None if location.is_catalog else local_path(target)
     if location.is_catalog:
         writer.saveAsTable(target)
     elif location.fmt == "parquet" and mode == "overwrite" and local is not None:
-        _save_and_swap(writer, local, df, must_not_exist)
+        _save_and_swap(writer, local, df, must_not_exist, run_id)
     else:
         if location.fmt == "parquet" and mode == "overwrite":
             log.warning("Parquet overwrite of %s is not atomic; Delta output is", target)
@@ -393,14 +398,18 @@ def _is_missing_delta(error: Exception) -> bool:
     return "DATA_SOURCE_NOT_FOUND" in text or "Failed to find the data source: delta" in text
 
 
-def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame, must_not_exist: bool = False) -> None:
+def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame, must_not_exist: bool = False,
+                   run_id: str | None = None) -> None:
     """Write to a hidden staging sibling of ``final``, then swap it in with two renames."""
     token = uuid.uuid4().hex[:12]
-    staging = final.with_name(f".{final.name}.staging-{token}")  # the engine creates missing parents
+    # The pid lets a later run remove what a killed one left (remove_leftovers); the engine creates parents.
+    staging = final.with_name(f".{final.name}.staging-{os.getpid()}-{token}")
     try:
         writer.save(str(staging))
         if not staging.is_dir() and df.limit(1).count() == 0:
             _write_empty_parquet(staging, df)  # Sail writes no folder at all for no rows
+        if run_id is not None and staging.is_dir():
+            (staging / RUN_FILE).write_text(run_id, encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -414,7 +423,56 @@ def _save_and_swap(writer: DataFrameWriter, final: Path, df: DataFrame, must_not
             "--format delta (atomic anywhere) or a fully qualified output URI. The staged copy may "
             f"remain at {staging} on that filesystem."
         )
-    swap_directories(staging, final)
+    swap_directories(staging, final, keep_backup_as=None if run_id is None else backup_path(final, run_id))
+
+
+def remove_leftovers(location: OutputLocation, names: Sequence[str]) -> list[str]:
+    """Delete the staging copies that killed jobs left beside local Parquet tables (their process is gone)."""
+    removed: list[str] = []
+    for name in names:
+        local = None if location.is_catalog else local_path(location.of(name))
+        if local is None or not local.parent.is_dir():
+            continue
+        for staging in local.parent.glob(f".{local.name}.staging-*"):
+            pid = staging.name.rsplit(".staging-", 1)[1].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(str(staging))
+    return removed
+
+
+RUN_FILE = "_csid_run"  # a local Parquet table's writer run (Spark readers skip names starting with "_")
+
+
+def backup_path(final: Path, run_id: str) -> Path:
+    """Where the copy that run ``run_id`` replaced is kept until the run is published."""
+    return final.with_name(f".{final.name}.backup-{run_id}")
+
+
+def parquet_run(location: OutputLocation, name: str) -> str | None:
+    """The run that wrote local Parquet table ``name`` (its :data:`RUN_FILE`), or None."""
+    local = None if location.is_catalog else local_path(location.of(name))
+    try:
+        return (local / RUN_FILE).read_text(encoding="utf-8").strip() if local is not None else None
+    except OSError:
+        return None
+
+
+def drop_backups(location: OutputLocation, names: Sequence[str], run_id: str) -> None:
+    """Delete the previous copies kept by run ``run_id``'s Parquet overwrites (once the run is published)."""
+    for name in names:
+        local = None if location.is_catalog else local_path(location.of(name))
+        if local is not None:
+            shutil.rmtree(backup_path(local, run_id), ignore_errors=True)
+
+
+def restore_backup(location: OutputLocation, name: str, run_id: str) -> bool:
+    """Put back the copy of Parquet table ``name`` that run ``run_id`` replaced; False when none was kept."""
+    local = None if location.is_catalog else local_path(location.of(name))
+    if local is None or not backup_path(local, run_id).is_dir():
+        return False
+    swap_directories(backup_path(local, run_id), local)
+    return True
 
 
 def _write_empty_parquet(folder: Path, df: DataFrame) -> None:
@@ -428,12 +486,15 @@ def _write_empty_parquet(folder: Path, df: DataFrame) -> None:
     pq.write_table(pa.Table.from_batches([], schema=schema), folder / "part-00000-empty.parquet")
 
 
-def swap_directories(new: Path, final: Path) -> None:
-    """Replace directory ``final`` by ``new``: final -> backup, new -> final, delete backup.
+def swap_directories(new: Path, final: Path, keep_backup_as: Path | None = None) -> None:
+    """Replace directory ``final`` by ``new``: final -> backup, new -> final, delete backup (or keep it
+    as ``keep_backup_as``).
 
     If the second rename fails the backup is renamed back, so ``final`` keeps the old data.
     """
-    backup = final.with_name(f".{final.name}.backup-{uuid.uuid4().hex[:12]}")
+    if keep_backup_as is not None:
+        shutil.rmtree(keep_backup_as, ignore_errors=True)
+    backup = keep_backup_as or final.with_name(f".{final.name}.backup-{uuid.uuid4().hex[:12]}")
     had_old = final.exists()
     if had_old:
         os.rename(final, backup)
@@ -443,6 +504,6 @@ def swap_directories(new: Path, final: Path) -> None:
         if had_old:
             os.rename(backup, final)
         raise
-    if had_old:
+    if had_old and keep_backup_as is None:
         shutil.rmtree(backup, ignore_errors=True)
 

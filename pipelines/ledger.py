@@ -522,7 +522,7 @@ def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_leve
     return rows.withColumns(values).select(*table_columns(num_levels), CHANGE, ACTION, *WAS.values())
 
 
-def publish(plan: Plan, location: io.OutputLocation) -> str | None:
+def publish(plan: Plan, location: io.OutputLocation, run_id: str | None = None) -> str | None:
     """Write the plan to the semantic-ID table in one commit; returns the table written, or None when
     an incremental run had nothing to change.
 
@@ -530,6 +530,8 @@ def publish(plan: Plan, location: io.OutputLocation) -> str | None:
     fails as a whole if another run issued one of its new IDs or changed one of the rows it updates.
     Anything else writes the whole ledger (:meth:`Plan.table`) as one overwrite commit (an atomic swap
     for Parquet); a first run (no table when it started) writes only if there still is none.
+
+    ``run_id``: written into a local Parquet table's folder (pipelines/publish.py tells runs apart by it).
 
     Raises:
         ConcurrentRunError: another run wrote the table since this one read it (nothing was written).
@@ -545,7 +547,8 @@ def publish(plan: Plan, location: io.OutputLocation) -> str | None:
                           insert_columns=table_columns(plan.num_levels), action=ACTION,
                           expected={ITEM_ID: ITEM_ID, **WAS})
             return location.of(SEMANTIC_IDS_TABLE)
-        return io.write_table(plan.table(), location, SEMANTIC_IDS_TABLE, must_not_exist=previous is None)
+        return io.write_table(plan.table(), location, SEMANTIC_IDS_TABLE, must_not_exist=previous is None,
+                              run_id=run_id if location.fmt == "parquet" else None)
     except FileExistsError as e:
         raise ConcurrentRunError(_conflict_message(location, "the table did not exist when this run started")) from e
     except Exception as e:

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT, SemanticIdModel, signature
+from pipelines.session import pid_alive
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -37,15 +39,29 @@ class ResolvedModel:
     checkpoint: bytes
 
 
+_SET_HERE: dict[str, str] = {}  # the URIs this module set: mlflow.set_*_uri also export them to os.environ
+
+
 def configure_tracking(work_dir: str | Path) -> str:
-    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or at ``<work_dir>/mlflow.db``; returns the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or at ``<work_dir>/mlflow.db``; returns the URI.
+
+    ``mlflow.set_tracking_uri`` writes the URI into ``os.environ`` as well, so a value this function set
+    for an earlier job in the same process (a notebook, the tests) is not taken for the user's.
+    """
+    uri = _users("MLFLOW_TRACKING_URI")
     if not uri:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+    registry_uri = _users("MLFLOW_REGISTRY_URI") or uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    mlflow.set_registry_uri(registry_uri)
+    _SET_HERE.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": registry_uri})
     return uri
+
+
+def _users(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if not value or value == _SET_HERE.get(name) else value
 
 
 def use_experiment(name: str, work_dir: str | Path) -> str:
@@ -143,3 +159,30 @@ def resolve_model(uri: str) -> ResolvedModel:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
         checkpoint = next(Path(local).rglob("*.pt")).read_bytes()
     return ResolvedModel(name, str(mv.version), mv.run_id or "", checkpoint)
+
+
+_PID, _HOST = "csid.pid", "csid.host"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that let a later job tell whether this run's process is still alive (:func:`fail_abandoned_runs`)."""
+    return {_PID: str(os.getpid()), _HOST: socket.gethostname()}
+
+
+def fail_abandoned_runs(experiment_id: str) -> list[str]:
+    """End as FAILED the RUNNING runs of the active experiment whose job was killed: started on this host by a
+    process that no longer exists. Returns their run ids. (A run killed on another host stays RUNNING until
+    a job on that host starts.)"""
+    client = MlflowClient()
+    host, ended = socket.gethostname(), []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=1000)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(_HOST) != host or not tags.get(_PID, "").isdigit() or pid_alive(int(tags[_PID])):
+            continue
+        client.set_tag(run.info.run_id, "killed", "the job's process ended without finishing the run")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
+

@@ -125,6 +125,8 @@ PREFIX_STATS_TABLE = "prefix_stats"
 LEVEL_STATS_TABLE = "level_stats"
 ID_CHANGES_TABLE = "id_changes"
 DRIFT_TABLE = "drift"
+RUN_REJECTS_TABLE = "run_rejects"  # rejects of a run that published nothing (validate only, too many)
+RUNS_TABLE = "runs"  # one entry per run that published (or was rolled back): pipelines/publish.py
 
 # id_changes: one row per ID that was replaced (item_id, old -> new), derived from the ledger.
 OLD_SEMANTIC_ID = "old_semantic_id"

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -172,6 +173,31 @@ def start_session(
     return es
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_abandoned_scratch() -> list[str]:
+    """Delete the embedded engine's scratch folders whose process is gone (a killed job's); returns them."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*"):
+        pid = folder.name[len(_SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
+
+
+_SCRATCH_PREFIX = "csid-engine-"
+
+
 def _float_env(name: str, default: float) -> float:
     try:
         return float(os.environ.get(name, default))
@@ -215,7 +241,9 @@ def _start_sail() -> EngineSession:
     host, port = server.listening_address
     # create(), not getOrCreate(): another Connect session in this process must not be taken over.
     spark = SparkSession.builder.remote(f"sc://{host}:{port}").create()
-    return EngineSession(spark, "local", True, _server=server, _scratch=tempfile.mkdtemp(prefix="csid-engine-"))
+    remove_abandoned_scratch()  # what killed jobs left
+    scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")  # the pid: see remove_abandoned_scratch
+    return EngineSession(spark, "local", True, _server=server, _scratch=scratch)
 
 
 def _start_classic(app_name: str, want_delta: bool) -> EngineSession:

@@ -1,0 +1,243 @@
+"""Publish a run's tables as one set, and put back a consistent set after a run that was killed mid-way.
+
+The set: ``semantic_ids`` and the tables that describe it (``rejects``, ``id_changes``, ``drift``,
+``prefix_stats``, ``level_stats``). A run computes all of them before it writes any, then:
+
+1. writes the describing tables (each one atomic overwrite);
+2. appends a ``pending`` entry to the ``runs`` table: the run, its model, each table's token (Delta
+   version, or for local Parquet the run written into the folder) and the ``semantic_ids`` token it
+   expects to replace;
+3. commits ``semantic_ids`` (one Delta commit or MERGE, or one folder swap): the only step that
+   issues IDs;
+4. checks the committed table; a training run moves ``@champion`` to its model now (the runner);
+5. appends a ``published`` entry with every token.
+
+The last ``published`` entry of ``runs`` names the published set. A reader who must never see a
+half-written set reads the tables at the versions it names (``versionAsOf``); every table's latest
+version is that set again once the next run has started, because a run's first step is
+:func:`recover`:
+
+* the last entry is ``pending`` and ``semantic_ids`` moved past the token it expected: the run
+  committed its IDs and died before saying so. IDs, once committed, are never taken back, so the set
+  is completed instead (rolled forward): a ``published`` entry is appended, and the runner moves
+  ``@champion`` if the run would have (again, if it had);
+* otherwise every describing table whose token is not the last published one is rolled back to it
+  (Delta: its rows at that version written as a new version; Parquet: the copy the run kept aside).
+
+Runs that write a local output hold an exclusive lock on it for their whole length (:func:`writer_lock`):
+a second run on the same output fails at once (exit 4), so recovery never meets a run in progress.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+from pyspark.sql import SparkSession
+
+from pipelines import io
+from pipelines.schema import (
+    DRIFT_TABLE,
+    ID_CHANGES_TABLE,
+    LEVEL_STATS_TABLE,
+    PREFIX_STATS_TABLE,
+    REJECTS_TABLE,
+    RUNS_TABLE,
+    SEMANTIC_IDS_TABLE,
+)
+
+DESCRIBING = (REJECTS_TABLE, ID_CHANGES_TABLE, DRIFT_TABLE, PREFIX_STATS_TABLE, LEVEL_STATS_TABLE)
+SET_TABLES = (SEMANTIC_IDS_TABLE, *DESCRIBING)
+PENDING, PUBLISHED, ROLLED_BACK = "pending", "published", "rolled_back"
+RUNS_SCHEMA = ("entry BIGINT, mlflow_run_id STRING, status STRING, recorded_at TIMESTAMP, model_name STRING, "
+               "model_version STRING, moves_champion BOOLEAN, semantic_ids_before STRING, tokens STRING")
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the output's writer lock."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the ``runs`` table."""
+
+    entry: int
+    run_id: str
+    status: str
+    model_name: str | None
+    model_version: str | None
+    moves_champion: bool
+    semantic_ids_before: str | None
+    tokens: dict[str, str | None]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` did: a sentence for the log, and the model whose ``@champion`` move the
+    killed run did not get to make (rolled forward runs only)."""
+
+    action: str
+    champion: tuple[str, str] | None = None
+
+
+def token(spark: SparkSession, location: io.OutputLocation, name: str) -> str | None:
+    """What identifies table ``name``'s current content: its Delta version, or the run written into a
+    local Parquet table's folder; None when it does not exist (or, for Parquet elsewhere, cannot tell)."""
+    if location.fmt == "delta":
+        version = io.table_version(location, name, spark)
+        return None if version is None else str(version)
+    return io.parquet_run(location, name)
+
+
+def tokens(spark: SparkSession, location: io.OutputLocation, names: tuple[str, ...] = SET_TABLES
+           ) -> dict[str, str | None]:
+    return {name: token(spark, location, name) for name in names}
+
+
+def entries(spark: SparkSession, location: io.OutputLocation) -> list[Entry]:
+    """Every entry of the ``runs`` table, oldest first (none when there is no such table)."""
+    if not io.table_exists(spark, location, RUNS_TABLE):
+        return []
+    rows = io.read_table(spark, location, RUNS_TABLE).collect()
+    return sorted((Entry(int(r["entry"]), r["mlflow_run_id"], r["status"], r["model_name"], r["model_version"],
+                         bool(r["moves_champion"]), r["semantic_ids_before"], json.loads(r["tokens"] or "{}"))
+                   for r in rows), key=lambda e: e.entry)
+
+
+def last_published(history: list[Entry]) -> Entry | None:
+    """The entry of the run whose set is published now."""
+    return next((e for e in reversed(history) if e.status == PUBLISHED), None)
+
+
+def reference(history: list[Entry]) -> Entry | None:
+    """The entry whose tokens the tables must show now: the last published one, or the roll-back after it
+    (a Delta roll-back writes the published rows again, as new versions)."""
+    return next((e for e in reversed(history) if e.status in (PUBLISHED, ROLLED_BACK)), None)
+
+
+def record(spark: SparkSession, location: io.OutputLocation, history: list[Entry], run_id: str, status: str,
+           table_tokens: Mapping[str, str | None], *, model: tuple[str, str] | None = None,
+           moves_champion: bool = False, semantic_ids_before: str | None = None) -> Entry:
+    """Append one entry to the ``runs`` table (and to ``history``)."""
+    entry = Entry((history[-1].entry + 1) if history else 1, run_id, status, model[0] if model else None,
+                  model[1] if model else None, moves_champion, semantic_ids_before, dict(table_tokens))
+    row = (entry.entry, run_id, status, dt.datetime.now(dt.timezone.utc), entry.model_name, entry.model_version,
+           moves_champion, semantic_ids_before, json.dumps(entry.tokens, sort_keys=True))
+    df = spark.createDataFrame([row], RUNS_SCHEMA)
+    io.write_table(df, location, RUNS_TABLE, mode="append")
+    history.append(entry)
+    return entry
+
+
+def recover(spark: SparkSession, location: io.OutputLocation, run_id: str) -> Recovery | None:
+    """Make the latest version of every table of the set the last published run's again (see the module
+    doc); ``run_id`` is the run doing it (named in a rolled-back entry). None when nothing was to do."""
+    if location.is_catalog and location.fmt == "parquet":
+        return None  # catalog Parquet tables have no token to check
+    history = entries(spark, location)
+    if not history:
+        return None
+    last, published, expected = history[-1], last_published(history), reference(history)
+    now = tokens(spark, location)
+    if last.status == PENDING and now[SEMANTIC_IDS_TABLE] != last.semantic_ids_before:
+        # The killed run committed its IDs: complete its set (its describing tables were written first).
+        record(spark, location, history, last.run_id, PUBLISHED, now,
+               model=(last.model_name or "", last.model_version or ""), moves_champion=last.moves_champion)
+        io.drop_backups(location, DESCRIBING, last.run_id)
+        champion = (last.model_name, last.model_version) if last.moves_champion else None
+        return Recovery(f"run {last.run_id} committed {SEMANTIC_IDS_TABLE} but was stopped before it finished "
+                        "publishing: its set is now marked published", champion)  # type: ignore[arg-type]
+    if published is None or expected is None:
+        return None  # nothing was ever published here: a later run overwrites what a killed first run left
+    stale = [n for n in DESCRIBING if now[n] != expected.tokens.get(n)]
+    if not stale and last.status != PENDING:
+        return None
+    for name in stale:
+        _roll_back(spark, location, name, expected.tokens.get(name), now[name])
+    killed = last.run_id if last.status == PENDING else "a run stopped before its pending entry"
+    record(spark, location, history, run_id, ROLLED_BACK, tokens(spark, location))
+    return Recovery(f"{', '.join(stale) or 'no table'} rolled back to the set run {published.run_id} published "
+                    f"(left half-written by {killed})")
+
+
+def _roll_back(spark: SparkSession, location: io.OutputLocation, name: str, published: str | None,
+               current: str | None) -> None:
+    if location.fmt == "parquet":
+        if current is None or not io.restore_backup(location, name, current):
+            print(f"    WARNING: {location.of(name)} was rewritten by an unpublished run and its previous copy is "
+                  "gone; the next successful run rewrites it")
+        return
+    if published is None:  # the table did not exist when the set was published: leave it empty
+        old = io.read_table(spark, location, name).limit(0)
+    else:
+        old = io.read_table(spark, location, name, version=int(published))
+    io.write_table(old, location, name)
+
+
+def write_describing(spark: SparkSession, location: io.OutputLocation, frames: Mapping[str, Any], run_id: str
+                     ) -> dict[str, str | None]:
+    """Write the describing tables (in :data:`DESCRIBING` order); returns their tokens after."""
+    for name in DESCRIBING:
+        if name in frames:
+            io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
+    return tokens(spark, location, DESCRIBING)
+
+
+def finish(location: io.OutputLocation, run_id: str) -> None:
+    """After the published entry: drop the previous Parquet copies the run kept aside."""
+    io.drop_backups(location, SET_TABLES, run_id)
+
+
+def consistent(spark: SparkSession, location: io.OutputLocation) -> list[str]:
+    """Tables of the set whose latest version is not the last published run's (empty: consistent)."""
+    expected = reference(entries(spark, location))
+    if expected is None:
+        return []
+    now = tokens(spark, location)
+    return [n for n in SET_TABLES if n in expected.tokens and now[n] != expected.tokens[n]]
+
+
+# --- one writer per output ------------------------------------------------------------------------------
+
+@contextmanager
+def writer_lock(location: io.OutputLocation) -> Iterator[None]:
+    """Hold an exclusive lock on a local output for the whole run; raise OutputBusyError when another run
+    holds it (its pid and host are in the message). Outputs that are not local paths (object stores,
+    catalog tables) have no lock: schedule one run at a time there (the commit checks still stop a
+    second writer, with exit 4)."""
+    root = None if location.is_catalog else io.local_path(location.root)
+    if root is None:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".csid-writer.lock"
+    with open(path, "a+") as handle:
+        if not _try_lock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputBusyError(f"another run is writing {location.root} ({holder}); nothing was written by this "
+                                  "run. Run it again when that one has finished (runs on one output take turns).")
+        handle.seek(0)
+        handle.truncate()
+        since = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}"
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since} UTC")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _try_lock(handle: IO[str]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
