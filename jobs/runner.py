@@ -68,8 +68,9 @@ from rqvae.synthetic import CatalogSpec
 from rqvae.taxonomy import category_ids_from_paths
 
 Stage = Callable[[str], Any]
+MIN_TRAIN_ITEMS = 16  # fit needs a held-out part and evaluation more than 10 neighbours
 _EXPECTED = (SchemaError, TooManyRejectsError, RowAccountingError, NoValidRowsError, FileNotFoundError,
-             ledger.ModeError)
+             ledger.ModeError, io.CatalogFormatError, ledger.NotWhereStatedError)
 
 
 class JobFailed(RuntimeError):
@@ -136,15 +137,15 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     work = Path(cfg.work_dir)
     try:
         location = io.resolve_output(cfg.output or (None if cfg.output_table_prefix else str(work / "tables")),
-                                     cfg.output_table_prefix, cfg.format)
+                                     cfg.output_table_prefix, cfg.format, engine=cfg.engine)
         with stage(f"start engine ({cfg.engine})"):
             session = start_session(cfg.engine, cfg.remote, want_delta=cfg.format == "delta",
                                     shuffle_partitions=cfg.shuffle_partitions)
     except (ValueError, DeltaNotAvailableError) as e:
         raise JobFailed(str(e)) from e
     try:
-        tracking = registry.configure_tracking(work)
-        experiment_id = registry.use_experiment(cfg.experiment, work)
+        _check_output(cfg, session, location)
+        tracking, experiment_id = _open_tracking(cfg, work)
         for stale in registry.fail_abandoned_runs(experiment_id):
             print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")
         with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
@@ -170,13 +171,42 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
         session.stop()
 
 
+def _check_output(cfg: JobConfig, session: EngineSession, location: io.OutputLocation) -> None:
+    """Fail at start, not after a training, on an output the run could never write."""
+    if not location.is_catalog:
+        return
+    if session.engine == "local":
+        raise JobFailed(f"--output-table-prefix {location.root}: the embedded engine's catalog lives only as long as "
+                        "the job, so its tables would be gone (and every ID issued anew) by the next run. Use --output "
+                        "PATH here, or --engine spark / --remote with a persistent catalog (Hive metastore, Unity "
+                        "Catalog)")
+    try:
+        exists = session.spark.catalog.databaseExists(location.root)
+    except Exception:  # noqa: BLE001 - a catalog that cannot say: the write will tell
+        return
+    if not exists:
+        raise JobFailed(f"--output-table-prefix {location.root}: no such schema (database). Create it first "
+                        f"(CREATE SCHEMA {location.root}) or name an existing one")
+
+
+def _open_tracking(cfg: JobConfig, work: Path) -> tuple[str, str]:
+    """The MLflow store and experiment; a store that cannot be opened is exit 2 with the fix."""
+    try:
+        tracking = registry.configure_tracking(work)
+        return tracking, registry.use_experiment(cfg.experiment, work)
+    except Exception as e:  # noqa: BLE001 - mlflow and sqlalchemy raise many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise JobFailed(f"cannot open the MLflow tracking store ({first}). Fix MLFLOW_TRACKING_URI, or move the broken "
+                        f"{Path(work) / 'mlflow.db'} aside (the local default) and run again") from e
+
+
 def _recover(job: _Job) -> None:
     """Put back the published set a killed or failed run left half-written (pipelines/publish.py)."""
     io.remove_leftovers(job.location, publish.SET_TABLES)
     recovery = publish.recover(job.spark, job.location, job.result.run_id)
     if recovery is None:
         return
-    print(f"    recovered {job.location.root}: {recovery.action}")
+    print(f"    recovered {job.location.shown_root}: {recovery.action}")
     mlflow.set_tag("recovered", recovery.action[:5000])
     if recovery.champion is not None:
         name, version = recovery.champion
@@ -190,18 +220,19 @@ def _run_stages(job: _Job) -> None:
         with stage("write demo catalog"):
             job.cfg = cfg = _with_demo_catalog(cfg)
             print(f"    {cfg.demo_items} synthetic items x {cfg.demo_dim} dims -> {cfg.input}")
+    given = _load_model(cfg.model) if cfg.model and not cfg.trains else None  # a bad --model fails before the scan
     with stage("validate"):
         catalog, v = _validate(job)
         cfg = job.cfg  # now with the catalog's D
         state = ledger.read_table_state(job.spark, job.location) if cfg.encodes or cfg.trains else None
-        print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.root + ' yet'}")
+        print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.shown_root + ' yet'}")
         if state is not None and state.version is None and job.location.fmt == "delta":
             print("    WARNING: the table's Delta version cannot be read here, so a run that writes it at the same "
                   "time is not detected: schedule one run at a time on this output")
         # Without training the encode pass counts the reasons itself, so the embedding column is read once.
         if cfg.trains or not cfg.encodes:
             _check_counts(job, catalog.count(), validation_counts(v), v.rejects)
-    model = _train(job, v, state) if cfg.trains else _resolve(cfg.model, v.dim) if cfg.model else None
+    model = _train(job, v, state) if cfg.trains else _with_dim(given, cfg.model, v.dim) if given else None
     if model is not None:
         job.result.model = f"{model.name} version {model.version}"
     if cfg.encodes and model is not None:
@@ -226,13 +257,23 @@ def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
 def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     """The catalog and its (lazy) validation: schema checked, D known, the run's params logged."""
     cfg = job.cfg
-    catalog = io.read_catalog(job.spark, str(cfg.input), cfg.input_format)
+    catalog = io.read_catalog(job.spark, _engine_path(job, str(cfg.input)), cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
     job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
     print(f"    schema ok, D = {v.dim}")
     _log_lineage(job.cfg, job.session.engine)
     return catalog, v
+
+
+def _engine_path(job: _Job, path: str) -> str:
+    """A user's input path as the engine must be given it (pipelines/io.engine_path); a table name as it is."""
+    if io.local_path(path) is not None and "/" not in path and not os.path.exists(path):
+        return path  # a table name such as main.shop.items
+    try:
+        return io.engine_path(path, job.session.engine)
+    except ValueError as e:
+        raise JobFailed(str(e)) from e
 
 
 def _log_lineage(cfg: JobConfig, engine: str) -> None:
@@ -244,7 +285,9 @@ def _log_lineage(cfg: JobConfig, engine: str) -> None:
     for name, prefix in nested.items():
         params.update({f"{prefix}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, name)).items()})
     mlflow.log_params({k: str(v) for k, v in params.items()})
-    delta = io.delta_version(cfg.input) if cfg.input and cfg.input_format in ("auto", "delta") else None
+    delta = None
+    if cfg.input and cfg.input_format in ("auto", "delta"):
+        delta = io.delta_version(io.engine_path(cfg.input, engine))
     mlflow.set_tags({"input": cfg.input, "input_delta_version": str(delta), "engine": engine,
                      "sample_size": str(cfg.sample_size), "seed": str(cfg.seed), "python": platform.python_version(),
                      "package_version": version("catalog-semantic-ids")})
@@ -254,7 +297,8 @@ def _write_run_rejects(job: _Job, rejects: DataFrame) -> str:
     """This run's rejects as the ``run_rejects`` table (a run that publishes nothing: ``--stages validate``,
     or one stopped by ``--max-reject-share``), beside the published set and not part of it."""
     stamped = stamp_rejects(rejects, job.result.run_id, job.now, n_rejected=job.result.counts.get("rejected_rows"))
-    return io.write_table(stamped, job.location, RUN_REJECTS_TABLE)
+    io.write_table(stamped, job.location, RUN_REJECTS_TABLE)
+    return job.location.shown_of(RUN_REJECTS_TABLE)
 
 
 def _check_counts(job: _Job, n_input: int, counts: ValidationCounts, rejects: DataFrame) -> None:
@@ -300,6 +344,10 @@ def _train(job: _Job, v: ValidationResult, state: ledger.TableState | None) -> T
         arrays = collect_training_arrays(sample, v.dim, category_col=CATEGORY if cfg.category_col else None)
         cats = category_ids_from_paths(arrays.categories) if arrays.categories else None
         print(f"    {len(arrays.embeddings)} items sampled for training (seed {cfg.seed})")
+        if len(arrays.embeddings) < MIN_TRAIN_ITEMS:
+            raise JobFailed(f"only {len(arrays.embeddings)} valid items to train on; a model needs at least "
+                            f"{MIN_TRAIN_ITEMS}. Raise --sample-size, train on a larger catalog, or encode this one "
+                            "with a model trained elsewhere (--model)")
         mlflow.log_metric("train_sample_items", len(arrays.embeddings))
     mcfg = cfg.model_config
     ledger.check_compatible(state, mcfg.num_levels, mcfg.codebook_size, "--levels/--codebook-size")
@@ -334,7 +382,8 @@ def _fit_and_register(job: _Job, v: ValidationResult, arrays: TrainingArrays, ca
 
 def _evaluate(fitted: Any, arrays: TrainingArrays, cats: np.ndarray | None, codebook_size: int) -> dict[str, float]:
     """Held-out metrics, plus code usage over the whole sample (a small held-out part cannot show K codes)."""
-    hold = fitted.holdout_index if len(fitted.holdout_index) >= 2 else slice(None)
+    # The neighbourhood metrics need more than k = 10 items: a smaller held-out part is replaced by the sample.
+    hold = fitted.holdout_index if len(fitted.holdout_index) > 10 else slice(None)
     metrics = evaluate_model(fitted.model, arrays.embeddings[hold], category_ids=None if cats is None else cats[hold])
     codes = encode_array(fitted.model, arrays.embeddings).codes
     for lv, usage in enumerate(level_usage(codes, codebook_size), start=1):
@@ -403,19 +452,23 @@ def _shares(agreement: Agreement) -> str:
     return "/".join(f"{share:.1%}" for share in agreement.prefix)
 
 
-def _resolve(uri: str, dim: int) -> TokenizerModel:
-    """A registered model (alias resolved to a version once) or a checkpoint file."""
+def _load_model(uri: str) -> TokenizerModel:
+    """A registered model (alias resolved to a version once) or a checkpoint file; its D is checked against
+    the catalog's by :func:`_with_dim`."""
     try:
         resolved = registry.resolve_model(uri)
         model = load_checkpoint(resolved.checkpoint)
     except ValueError as e:
         raise JobFailed(str(e)) from e
-    input_dim = model.config.input_dim
-    if input_dim != dim:
-        raise JobFailed(f"model {uri} expects {input_dim}-d embeddings but the catalog has D = {dim}")
     print(f"    using {resolved.name} version {resolved.version}")
     return TokenizerModel(resolved.name, resolved.version, resolved.checkpoint, model.num_levels, model.codebook_size,
-                          dim)
+                          model.config.input_dim)
+
+
+def _with_dim(model: TokenizerModel, uri: str | None, dim: int) -> TokenizerModel:
+    if model.input_dim != dim:
+        raise JobFailed(f"model {uri} expects {model.input_dim}-d embeddings but the catalog has D = {dim}")
+    return model
 
 
 # --- encode, plan, gate, publish ----------------------------------------------------------------------
@@ -467,8 +520,8 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
 
 def _compare(job: _Job, table: DataFrame, num_levels: int | None) -> Drift:
     """Drift of ``table`` against the --compare-to table: printed, logged as compare_* metrics."""
-    comparison = compare_tables(io.read_catalog(job.spark, str(job.cfg.compare_to)), table, num_levels,
-                                against=str(job.cfg.compare_to))
+    other = io.read_catalog(job.spark, _engine_path(job, str(job.cfg.compare_to)))
+    comparison = compare_tables(other, table, num_levels, against=str(job.cfg.compare_to))
     mlflow.log_metrics({k.replace("drift_", "compare_", 1): v for k, v in comparison.metrics().items()})
     print(f"    against {comparison.against}: {comparison.ids_changed} of {comparison.compared} items have another ID "
           f"({comparison.churn:.2%})")
@@ -497,7 +550,7 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     boundary("pending-recorded")
     written = ledger.publish(plan, location, run_id=result.run_id)
     boundary("semantic-ids-committed")
-    sids = location.of(SEMANTIC_IDS_TABLE)
+    sids = location.shown_of(SEMANTIC_IDS_TABLE)
     if written is None:
         print(f"    nothing to change in {sids}: no commit")
     active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"])
@@ -510,7 +563,7 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     publish.finish(location, result.run_id)
     boundary("published")
     for name in (SEMANTIC_IDS_TABLE, *frames):
-        result.tables[name] = location.of(name)
+        result.tables[name] = location.shown_of(name)
     job.summary = stats.summary
     print(f"    {active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
           f"retired {plan.counts.retired}), with {', '.join(frames)}: published together as run {result.run_id} "
@@ -539,7 +592,7 @@ def _report(job: _Job, codebook_size: int) -> None:
         if result.comparison is None and cfg.compare_to:
             result.comparison = _compare(job, sids, None)
         summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize).summary
-    out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.root) / "report"
+    out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.shown_root) / "report"
     staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}-{result.run_id}")
     shutil.rmtree(staging, ignore_errors=True)
     write_report(summary, staging, f"Semantic IDs: {cfg.model_name}",

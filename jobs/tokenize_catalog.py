@@ -88,7 +88,7 @@ def _non_negative(text: str) -> float:
 
 
 def _widths(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive widths such as 512,256,128, got {text!r}")
     return tuple(int(p) for p in parts)
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this share of input rows is rejected (before training, and always "
                    "before any table is written)")
     g = p.add_argument_group("training")
-    g.add_argument("--sample-size", type=_at_least(2), default=200_000, help="items sampled (by id hash) for training")
+    g.add_argument("--sample-size", type=_at_least(16), default=200_000, help="items sampled (by id hash) for training")
     g.add_argument("--seed", type=_at_least(0), default=0, help="seed for sampling and training")
     g.add_argument("--levels", type=_at_least(1), default=3, help="L, code levels")
     g.add_argument("--codebook-size", type=_at_least(2), default=256, help="K, codes per level")

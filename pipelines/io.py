@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
@@ -41,6 +43,10 @@ class CatalogNotFoundError(FileNotFoundError):
     """The input catalog path (or table name) does not exist."""
 
 
+class CatalogFormatError(ValueError):
+    """The input exists but is not a table the job reads (CSV, an empty folder, Delta read as Parquet...)."""
+
+
 @dataclass(frozen=True)
 class OutputLocation:
     """Where the output tables go: a directory/URI or a catalog schema, and their format.
@@ -55,6 +61,7 @@ class OutputLocation:
     root: str
     fmt: str = "delta"
     is_catalog: bool = False
+    shown: str | None = None  # the user's spelling of ``root`` (``root`` may be a safe link to it: engine_path)
 
     def __post_init__(self) -> None:
         if self.fmt not in OUTPUT_FORMATS:
@@ -76,14 +83,95 @@ class OutputLocation:
         """Path or fully qualified table name of table ``name`` (e.g. ``SEMANTIC_IDS_TABLE``)."""
         return f"{self.root}.{name}" if self.is_catalog else table_path(self.root, name)
 
+    def shown_of(self, name: str) -> str:
+        """:meth:`of` as the user wrote the location: for messages."""
+        return f"{self.root}.{name}" if self.is_catalog else table_path(self.shown or self.root, name)
 
-def resolve_output(output: str | None, table_prefix: str | None, fmt: str = "delta") -> OutputLocation:
-    """Map the ``--output`` / ``--output-table-prefix`` flags onto an :class:`OutputLocation`."""
+    @property
+    def shown_root(self) -> str:
+        return self.shown or self.root
+
+
+# --- user paths -> paths every reader of them agrees on ---------------------------------------------------
+
+# Characters the embedded engine (Sail) and delta-rs both take literally in a local path. Sail URL-encodes
+# others (space, '#', '%', non-ASCII... land in percent-encoded siblings), cuts Delta paths at '?' and '*',
+# and classic Spark and Sail treat '*?[]{}\' as glob patterns on read; delta-rs decodes '%XX'.
+_SAFE_LOCAL = re.compile(r"[A-Za-z0-9/._\-+=,@!$&'();:]*")
+_GLOB = frozenset("*?[]{}\\")
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_LINKS = "csid-paths"
+
+
+def engine_path(path: str, engine: str = "local", create: bool = False) -> str:
+    """The form of a user's table path that the engine, delta-rs and Python all read at that very place.
+
+    * Object-store and other non-local URIs (``s3://``, ``abfss://``, ``dbfs:/``) and every path on a
+      remote (Spark Connect) engine are the server's to resolve: returned as given.
+    * ``file:`` URIs are local paths (as in Hadoop: the rest is taken literally, not percent-decoded).
+    * Local paths become absolute (Sail resolves relative ones against the cwd of each call). One with a
+      character outside ``[A-Za-z0-9/._-+=,@!$&'();:]`` (a space, '#', '%', '?', non-ASCII...) is reached
+      through a symbolic link of a safe name under ``$TMPDIR/csid-paths-<uid>/`` that points at it: the
+      engine writes through the link into the stated folder. With ``create`` (an output folder) the
+      folder is created first; a missing input is returned as it is, to be reported by its own name.
+
+    Raises:
+        ValueError: a glob character in a path that is not local (no link can hide it there), or a local path
+            with ``%`` and two hex digits (delta-rs decodes them, whatever form it is given).
+    """
+    if engine == "remote" or _is_remote_uri(path):
+        bad = "".join(sorted(_GLOB & set(path)))
+        if bad:
+            raise ValueError(f"path {path!r} contains {bad!r}, which Spark reads as a glob pattern: rename it")
+        return path
+    local = local_path(path)
+    assert local is not None
+    absolute = os.path.abspath(local)
+    escape = _PERCENT_ESCAPE.search(absolute)
+    if escape:
+        raise ValueError(f"path {path!r} contains {escape.group()!r}: delta-rs (and so every reader outside Spark) "
+                         f"decodes it as an escaped character and would look elsewhere; rename the folder")
+    if _SAFE_LOCAL.fullmatch(absolute):
+        return absolute
+    if create:
+        Path(absolute).mkdir(parents=True, exist_ok=True)
+    elif not os.path.exists(absolute):
+        return absolute
+    return str(_safe_link(absolute))
+
+
+def _is_remote_uri(path: str) -> bool:
+    return local_path(path) is None
+
+
+def _safe_link(target: str) -> Path:
+    """A symbolic link with a safe name that points at ``target`` (created, or reused when it already does)."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"{_LINKS}-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(target.rstrip("/")))[:40] or "path"
+    link = folder / f"{readable}-{hashlib.sha256(target.encode()).hexdigest()[:12]}"
+    if os.path.islink(link) and os.readlink(link) == target:
+        return link
+    temporary = folder / f".{link.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.symlink(target, temporary)
+    os.replace(temporary, link)  # atomic: a concurrent run sees the old link or this one
+    return link
+
+
+def resolve_output(output: str | None, table_prefix: str | None, fmt: str = "delta",
+                   engine: str | None = None) -> OutputLocation:
+    """Map the ``--output`` / ``--output-table-prefix`` flags onto an :class:`OutputLocation`; given the
+    engine, a path goes through :func:`engine_path` (created if missing)."""
     if bool(output) == bool(table_prefix):
         raise ValueError("pass exactly one of --output PATH and --output-table-prefix CATALOG.SCHEMA")
     if table_prefix:
         return OutputLocation.for_catalog(table_prefix, fmt)
-    return OutputLocation.for_path(str(output), fmt)
+    if engine is None:
+        return OutputLocation.for_path(str(output), fmt)
+    return OutputLocation(engine_path(str(output), engine, create=True), fmt, shown=str(output))
 
 
 def table_path(output: str, name: str) -> str:
@@ -124,11 +212,22 @@ def read_catalog(spark: SparkSession, source: str, fmt: str = "auto") -> DataFra
     if fmt == "table":
         return spark.read.table(source)
     path = local_path(source)
-    if fmt == "delta" and path is not None and path.is_dir() and not (path / DELTA_LOG).is_dir():
-        raise ValueError(
-            f"{source!r} is not a Delta table (no {DELTA_LOG} directory); read it with format 'parquet'"
-        )
-    return load_path(spark, source, fmt)
+    if path is not None and path.exists():
+        is_delta = (path / DELTA_LOG).is_dir()
+        if fmt == "delta" and not is_delta:
+            raise CatalogFormatError(f"{source!r} is not a Delta table (no {DELTA_LOG} folder): pass --input-format "
+                                     "parquet (or auto)")
+        if fmt == "parquet" and is_delta:
+            raise CatalogFormatError(f"{source!r} is a Delta table: reading its Parquet files directly would also read "
+                                     "rows Delta has deleted or replaced. Pass --input-format delta (or auto)")
+    df = load_path(spark, source, fmt)
+    try:
+        df.schema  # noqa: B018 - resolves the files on Connect, where load() is lazy
+    except Exception as e:  # noqa: BLE001 - the engine's reason goes into the message
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CatalogFormatError(f"cannot read {source!r} as {fmt} ({reason}): the job reads Delta or Parquet "
+                                 "tables; check --input and --input-format") from e
+    return df
 
 
 def load_path(spark: SparkSession, source: str, fmt: str) -> DataFrame:
@@ -164,9 +263,13 @@ def detect_format(spark: SparkSession, source: str) -> str:
             return "delta"
         if path.suffix == ".parquet" or (path.is_dir() and next(path.rglob("*.parquet"), None)):
             return "parquet"
-        raise ValueError(
-            f"cannot tell the format of {source!r}: no {DELTA_LOG} directory and no .parquet files; "
-            "pass the format explicitly (delta, parquet or table)"
+        if path.is_dir() and not any(path.iterdir()):
+            raise CatalogFormatError(f"{source!r} is an empty folder, not a table: check --input")
+        raise CatalogFormatError(
+            f"{source!r} is neither a Delta table (no {DELTA_LOG} folder) nor Parquet (no .parquet files): the job "
+            "reads Delta or Parquet tables, or a table name. Convert the catalog first (e.g. "
+            "spark.read.csv(...).write.format('delta').save(...)), or pass --input-format parquet for Parquet files "
+            "without the .parquet suffix"
         )
     if "/" not in source and os.sep not in source:
         if _table_missing(spark, source):
@@ -303,6 +406,31 @@ def _table_reference(location: OutputLocation, name: str) -> str:
 
 def _quote(identifier: str) -> str:
     return "`" + identifier.replace("`", "``") + "`"
+
+
+def read_independently(location: OutputLocation, name: str, columns: Sequence[str]) -> Any:
+    """Table ``name``'s ``columns`` read without the engine (delta-rs for Delta, pyarrow for Parquet) at the
+    local path the location states: a pyarrow Table, or None when it is not local (or is a catalog table).
+
+    Raises:
+        CatalogNotFoundError: there is no readable table at that path.
+    """
+    local = None if location.is_catalog else local_path(location.of(name))
+    if local is None:
+        return None
+    try:
+        if location.fmt == "delta":
+            from deltalake import DeltaTable
+
+            return DeltaTable(str(local)).to_pyarrow_table(columns=list(columns))
+        import pyarrow.dataset as ds
+
+        return ds.dataset(str(local), format="parquet", ignore_prefixes=[".", "_"]).to_table(columns=list(columns))
+    except BaseException as e:  # noqa: BLE001 - delta-rs raises PanicException (a BaseException) on odd paths
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CatalogNotFoundError(f"{location.shown_of(name)} cannot be read back at the stated place: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
 
 
 def delta_version(path: str) -> int | None:

@@ -561,6 +561,10 @@ def _has_updates(counts: ChangeCounts) -> bool:
     return bool(counts.reactivated or counts.confirmed or counts.retired_left_catalog or counts.retired_rejected)
 
 
+class NotWhereStatedError(RuntimeError):
+    """The table read back at the stated location (not through the engine) does not hold the run's rows."""
+
+
 class ConcurrentRunError(RuntimeError):
     """Another run committed to the semantic-ID table while this one was planning; nothing was written."""
 
@@ -614,6 +618,14 @@ def verify_published(spark: SparkSession, location: io.OutputLocation, expected_
     """:func:`check_ledger` on the table as committed (the version current now); a failure means another
     run's commit interleaved with this one's (ConcurrentRunError, with the version to go back to)."""
     version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
+    independent = io.read_independently(location, SEMANTIC_IDS_TABLE, [ACTIVE])
+    if independent is not None:  # what any other reader finds at the stated place (delta-rs / pyarrow)
+        found = sum(bool(a) for a in independent.column(ACTIVE).to_pylist())
+        if found != expected_active:
+            raise NotWhereStatedError(
+                f"after the write, {location.shown_of(SEMANTIC_IDS_TABLE)} read directly holds {found} active IDs, not "
+                f"the {expected_active} this run wrote: the engine wrote somewhere else (a path it rewrote?). Check "
+                "for a percent-encoded sibling folder, and pass an output path without unusual characters")
     try:
         return check_ledger(io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version), expected_active)
     except RowAccountingError as e:

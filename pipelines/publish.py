@@ -149,7 +149,7 @@ def recover(spark: SparkSession, location: io.OutputLocation, run_id: str) -> Re
         # The killed run committed its IDs: complete its set (its describing tables were written first).
         record(spark, location, history, last.run_id, PUBLISHED, now,
                model=(last.model_name or "", last.model_version or ""), moves_champion=last.moves_champion)
-        io.drop_backups(location, DESCRIBING, last.run_id)
+        io.drop_backups(location, SET_TABLES, last.run_id)
         champion = (last.model_name, last.model_version) if last.moves_champion else None
         return Recovery(f"run {last.run_id} committed {SEMANTIC_IDS_TABLE} but was stopped before it finished "
                         "publishing: its set is now marked published", champion)  # type: ignore[arg-type]

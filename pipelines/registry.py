@@ -39,7 +39,8 @@ class ResolvedModel:
     checkpoint: bytes
 
 
-_SET_HERE: dict[str, str] = {}  # the URIs this module set: mlflow.set_*_uri also export them to os.environ
+# The work-dir default URIs this module set: mlflow.set_*_uri also export them to os.environ.
+_SET_HERE: dict[str, set[str]] = {}
 
 
 def configure_tracking(work_dir: str | Path) -> str:
@@ -48,20 +49,30 @@ def configure_tracking(work_dir: str | Path) -> str:
     ``mlflow.set_tracking_uri`` writes the URI into ``os.environ`` as well, so a value this function set
     for an earlier job in the same process (a notebook, the tests) is not taken for the user's.
     """
-    uri = _users("MLFLOW_TRACKING_URI")
-    if not uri:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+    given = _users("MLFLOW_TRACKING_URI")
+    default = not given
+    uri = given or f"sqlite:///{Path(local_work_dir(work_dir)) / 'mlflow.db'}"
     registry_uri = _users("MLFLOW_REGISTRY_URI") or uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri)
-    _SET_HERE.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": registry_uri})
+    if default:  # only the work-dir defaults: a URI the user exported stays the user's on every call
+        _SET_HERE.setdefault("MLFLOW_TRACKING_URI", set()).add(uri)
+        _SET_HERE.setdefault("MLFLOW_REGISTRY_URI", set()).add(registry_uri)
     return uri
+
+
+def local_work_dir(work_dir: str | Path) -> str:
+    """The work directory, created, as a path a SQLite URL and a file URI can hold (a safe link to it when
+    its name has characters such as '?' or '#' that URLs give a meaning: pipelines.io.engine_path)."""
+    from pipelines.io import engine_path
+
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return engine_path(str(work_dir), "local", create=True)
 
 
 def _users(name: str) -> str | None:
     value = os.environ.get(name)
-    return None if not value or value == _SET_HERE.get(name) else value
+    return None if not value or value in _SET_HERE.get(name, set()) else value
 
 
 def use_experiment(name: str, work_dir: str | Path) -> str:
@@ -75,7 +86,7 @@ def use_experiment(name: str, work_dir: str | Path) -> str:
     with _work_dir_lock(work_dir) if local else nullcontext():
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            artifacts = (Path(work_dir).resolve() / "mlartifacts").as_uri() if local else None
+            artifacts = (Path(local_work_dir(work_dir)) / "mlartifacts").as_uri() if local else None
             try:
                 experiment_id = str(mlflow.create_experiment(name, artifact_location=artifacts))
             except mlflow.exceptions.MlflowException:

@@ -254,7 +254,7 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
     so a wrong guess loses nothing silently; pass ``--embedding-dim`` to state D outright.
 
     Raises:
-        ValueError: no row has a non-null embedding, so there is nothing to infer from.
+        NoValidRowsError: the catalog is empty, or no row has a non-null embedding to infer from.
     """
     top = (
         rows.where(F.col(EMBEDDING).isNotNull())
@@ -267,10 +267,12 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
         .collect()
     )
     if not top:
-        raise ValueError(
-            f"cannot infer the embedding length: column {input_name!r} has no non-null values; "
-            "check --embedding-col (or pass --embedding-dim)"
-        )
+        empty = rows.limit(1).count() == 0
+        raise NoValidRowsError(
+            "the catalog has no rows: nothing to tokenize. Check --input (and that the table was written)"
+            if empty else f"column {input_name!r} has no non-null values in the first {sample_rows} rows, so no "
+            "row can be tokenized: check --embedding-col (or pass --embedding-dim to have every such row rejected "
+            "with a reason)")
     return int(top[0]["length"])
 
 

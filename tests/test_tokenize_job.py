@@ -352,10 +352,10 @@ def test_failed_gate_keeps_champion_and_tables(trained, catalog, capsys) -> None
 
     rc = main_with(["--input", catalog.path, "--work-dir", trained.work, "--model-name", MODEL,
                     "--experiment", EXPERIMENT, "--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF,
-                    "--gate-min-unique-rate", "1.01"])
+                    "--gate-min-recon-cosine", "1"])
     assert rc == 3
     err = capsys.readouterr().err
-    assert "quality gate failed" in err and "--gate-min-unique-rate" in err and "unique_rate" in err
+    assert "quality gate failed" in err and "--gate-min-recon-cosine" in err and "recon_cos_mean" in err
 
     registry.configure_tracking(trained.work)
     versions = {v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'")}

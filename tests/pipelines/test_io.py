@@ -69,7 +69,7 @@ def test_read_catalog_errors_name_the_path(spark, tmp_path) -> None:
     with pytest.raises(CatalogNotFoundError, match="'no_such_table' is neither an existing path nor a table"):
         read_catalog(spark, "no_such_table")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="cannot tell the format of .*empty"):
+    with pytest.raises(ValueError, match="empty.* is an empty folder, not a table"):
         read_catalog(spark, str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="not a Delta table"):
         read_catalog(spark, str(tmp_path / "empty"), fmt="delta")

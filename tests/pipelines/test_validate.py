@@ -96,7 +96,7 @@ def test_schema_errors_name_the_column_and_the_flag(catalog, item_id, embedding,
 @pytest.mark.spark
 def test_dim_cannot_be_inferred_without_embeddings(spark) -> None:
     df = spark.createDataFrame([("a", None)], "item_id string, embedding array<float>")
-    with pytest.raises(ValueError, match="cannot infer the embedding length"):
+    with pytest.raises(ValueError, match="column 'embedding' has no non-null values"):
         validate_catalog(df)
 
 
