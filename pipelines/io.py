@@ -180,10 +180,14 @@ def table_path(output: str, name: str) -> str:
 
 
 def local_path(path: str) -> Path | None:
-    """The local filesystem path of a plain path or ``file:`` URI; None for other URIs (s3://...)."""
+    """The local filesystem path of a plain path or ``file:`` URI; None for other URIs (s3://...).
+
+    The rest of a ``file:`` URI is taken literally, as Hadoop does: ``file:///data/a b#1`` is the folder
+    ``/data/a b#1`` (no percent-decoding, no fragment)."""
+    if path.startswith("file:"):
+        rest = path[len("file:"):]
+        return Path(rest[2:] if rest.startswith("///") else rest)
     parsed = urlparse(path)
-    if parsed.scheme == "file":
-        return Path(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, still local
         return None
     return Path(path)

@@ -37,6 +37,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from pyspark.sql import SparkSession
@@ -241,3 +242,67 @@ def _try_lock(handle: IO[str]) -> bool:
     except BlockingIOError:
         return False
 
+
+
+# --- the checker: the published set read back without Spark (delta-rs / pyarrow) ---------------------
+
+def check_files(root: str) -> tuple[list[str], list[str]]:
+    """Check the set under a local output folder without Spark: (problems, notes).
+
+    Problems: no ``runs`` table; the published set, read at the versions its entry names, is not one
+    run's (``rejects`` of another run, ``prefix_stats``/``level_stats`` that do not count the active IDs of
+    ``semantic_ids``). Notes: tables whose latest version is not the published one (a killed run's; the
+    next run puts them right), and a report of another run.
+    """
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    base = Path(io.engine_path(root))
+    parquet = not (base / RUNS_TABLE / io.DELTA_LOG).is_dir()
+    if not (base / RUNS_TABLE).is_dir():
+        return [f"{root}: no {RUNS_TABLE} table, so no published set (not written by this job, or never published)"], []
+
+    def read(name: str, version: str | None = None) -> Any:
+        if parquet:
+            return ds.dataset(str(base / name), format="parquet", ignore_prefixes=[".", "_"]).to_table()
+        return DeltaTable(str(base / name), version=None if version is None else int(version)).to_pyarrow_table()
+
+    rows = read(RUNS_TABLE).to_pylist()
+    published = max((r for r in rows if r["status"] == PUBLISHED), key=lambda r: r["entry"], default=None)
+    if published is None:
+        return [f"{root}: the {RUNS_TABLE} table has no published entry"], []
+    run, at = published["mlflow_run_id"], json.loads(published["tokens"])
+    problems, notes = [], []
+    pinned = {name: (None if parquet else at.get(name)) for name in SET_TABLES}
+    if parquet:  # no versions: the folders must still be the published run's (or a run that changed nothing)
+        stale = [n for n in SET_TABLES if at.get(n) and (base / n / io.RUN_FILE).is_file()
+                 and (base / n / io.RUN_FILE).read_text().strip() != at[n]]
+        problems += [f"{n} is not the published run's (Parquet keeps no versions): run the job to repair it"
+                     for n in stale]
+    else:
+        latest = {n: str(DeltaTable(str(base / n)).version()) for n in SET_TABLES if (base / n).is_dir()}
+        expected = max((r for r in rows if r["status"] in (PUBLISHED, ROLLED_BACK)), key=lambda r: r["entry"])
+        want = json.loads(expected["tokens"])
+        notes += [f"{n}: latest version {latest.get(n)} is not the published set's {want.get(n)} (left by a "
+                  "stopped run; read at the published versions, or start a run to repair it)"
+                  for n in SET_TABLES if n in want and latest.get(n) != want[n]]
+    ledger = read(SEMANTIC_IDS_TABLE, pinned[SEMANTIC_IDS_TABLE]).select(["active", "codes"]).to_pylist()
+    active = [r["codes"] for r in ledger if r["active"]]
+    rejects = {r for r in read(REJECTS_TABLE, pinned[REJECTS_TABLE]).column("mlflow_run_id").to_pylist()}
+    if rejects - {run}:
+        problems.append(f"{REJECTS_TABLE} holds rows of run(s) {sorted(rejects - {run})}, not of the published {run}")
+    prefix = read(PREFIX_STATS_TABLE, pinned[PREFIX_STATS_TABLE]).to_pylist()
+    counted = sum(r["item_count"] for r in prefix if r["level"] == 1)
+    if counted != len(active):
+        problems.append(f"{PREFIX_STATS_TABLE} counts {counted} items at level 1, {SEMANTIC_IDS_TABLE} has "
+                        f"{len(active)} active IDs")
+    used = {r["level"]: r["used_codes"] for r in read(LEVEL_STATS_TABLE, pinned[LEVEL_STATS_TABLE]).to_pylist()}
+    levels = len(active[0]) if active else 0
+    if used != {lv: len({codes[lv - 1] for codes in active}) for lv in range(1, levels + 1)}:
+        problems.append(f"{LEVEL_STATS_TABLE} does not match the codes of the active IDs")
+    report = base / "report" / "prefix_summary.json"
+    if report.is_file():
+        named = json.loads(report.read_text()).get("extra", {}).get("mlflow_run_id")
+        if named != run:
+            notes.append(f"the report is of run {named}, the published set of run {run}: rerun with --stages report")
+    return problems, notes

@@ -154,12 +154,17 @@ def test_a_run_killed_anywhere_leaves_one_runs_set_and_a_rerun_completes_it(base
     if killed_run is None and point != "semantic-ids-committed":
         assert entry["mlflow_run_id"] == first_run and at == before  # nothing of the killed run is published
     assert any(scratch.iterdir())  # the killed engine's scratch folder
+    problems, notes = publish.check_files(str(tables))  # the checker (delta-rs) agrees, and sees the stale tables
+    assert problems == [], problems
+    # notes: tables a stopped run rewrote, or (once its set is published) a report still of the run before
+    assert bool(notes) == (point not in ("after-validate", "after-encode", "after-drift", "after-train")), notes
 
     # The next start puts the latest versions right; then the rerun publishes what an uninterrupted run does.
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the rerun's engine scratch goes where the killed one's is
     rc, out, err = helpers.run_main(job_args(base, tables, work, train))
     assert rc == 0, err[-3000:]
     assert check_set(tables) == published_entry(tables)["mlflow_run_id"]
+    assert publish.check_files(str(tables)) == ([], [])  # latest versions and report: the published run's
     rows = {(r["item_id"], r["semantic_id"], r["active"])
             for r in DeltaTable(str(tables / SEMANTIC_IDS_TABLE)).to_pyarrow_table().to_pylist()}
     if point == "semantic-ids-committed":  # the killed run's IDs were committed: its set was completed
@@ -177,3 +182,43 @@ def test_a_run_killed_anywhere_leaves_one_runs_set_and_a_rerun_completes_it(base
         assert registry.alias_version(MODEL, registry.CHAMPION) == "3"  # and the rerun's retrain after it
     assert not list(tables.glob(".*staging*")) and not list(tables.glob(".*backup*"))
     assert not (tables / RUN_REJECTS_TABLE).exists()
+
+
+@pytest.fixture(scope="module")
+def parquet_base(base, tmp_path_factory) -> dict[str, Path]:
+    """The same first generation written as Parquet (tables in folders, no versions)."""
+    root = tmp_path_factory.mktemp("parquet")
+    rc, _, err = helpers.run_main(["--input", base["root"] / "catalog-0", "--work-dir", root / "work", "--output",
+                                   root / "tables", "--format", "parquet", *TRAIN])
+    assert rc == 0, err[-3000:]
+    return {**base, "root": root, "work": root / "work", "tables": root / "tables"}
+
+
+def parquet_rows(tables: Path) -> set:
+    return {(r["item_id"], r["semantic_id"], r["active"])
+            for r in helpers.read_parquet(tables / SEMANTIC_IDS_TABLE).to_pylist()}
+
+
+@pytest.mark.parametrize("point", ["describing-written", "semantic-ids-committed"])
+def test_a_killed_parquet_run_is_rolled_back_from_the_copies_it_kept(parquet_base, tmp_path, point) -> None:
+    """Parquet has no versions: a run keeps each folder it replaces until its set is published, so the next
+    start can put them back (or drop them, once the IDs are committed)."""
+    reference, work = copy_world(parquet_base, tmp_path / "reference")
+    args = [*job_args(parquet_base, reference, work, False), "--format", "parquet"]
+    assert helpers.run_main(args)[0] == 0
+    tables, work = copy_world(parquet_base, tmp_path / "killed")
+    before = parquet_rows(tables)
+    args = [*job_args(parquet_base, tables, work, False), "--format", "parquet"]
+    proc = subprocess.run([sys.executable, str(helpers.ROOT / "jobs" / "tokenize_catalog.py"), *map(str, args)],
+                          cwd=tmp_path, env=helpers.subprocess_env(CSID_KILL_AT=point), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in tables.iterdir() if ".backup-" in p.name]  # the folders the killed run replaced
+    if point == "describing-written":
+        assert parquet_rows(tables) == before and publish.check_files(str(tables))[0]  # rejects: not the set's
+    rc, out, err = helpers.run_main(args)
+    assert rc == 0, err[-3000:]
+    assert ("rolled back" if point == "describing-written" else "is now marked published") in out, out[-3000:]
+    assert publish.check_files(str(tables)) == ([], [])
+    assert parquet_rows(tables) == parquet_rows(reference)
+    assert not [p.name for p in tables.iterdir() if ".backup-" in p.name or ".staging-" in p.name]

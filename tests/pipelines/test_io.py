@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,22 @@ def test_catalog_output_uses_save_as_table(spark, tmp_path, monkeypatch) -> None
 def test_delta_version_of_missing_path_is_none(tmp_path) -> None:
     assert delta_version(str(tmp_path / "missing")) is None
 
+
+
+def test_engine_path_leaves_safe_paths_and_links_odd_ones(tmp_path) -> None:
+    from pipelines.io import engine_path, local_path
+
+    safe = tmp_path / "plain-name_1.x"
+    assert engine_path(str(safe)) == str(safe)
+    odd = tmp_path / "a b#1 50% ?é"
+    linked = engine_path(str(odd), create=True)
+    assert odd.is_dir() and Path(linked).is_symlink() and os.readlink(linked) == str(odd)
+    assert re.fullmatch(r"[A-Za-z0-9/._-]+", linked)
+    assert engine_path(f"file://{odd}") == linked  # a file: URI is the same folder, taken literally
+    assert local_path(f"file://{odd}") == odd
+    assert engine_path(str(tmp_path / "missing dir")) == str(tmp_path / "missing dir")  # reported by its own name
+    assert engine_path("s3://bucket/semids out") == "s3://bucket/semids out"
+    with pytest.raises(ValueError, match="'%41'.*rename the folder"):
+        engine_path(str(tmp_path / "a%41b"))
+    with pytest.raises(ValueError, match="glob pattern"):
+        engine_path("s3://bucket/semids*")
