@@ -115,7 +115,7 @@ def mlflow_status(work: Path, run_id: str) -> str:
 # (kill point, retrain?): every stage boundary of a daily run, every publish step, and a retrain's own points.
 KILL_POINTS = [("after-validate", False), ("after-encode", False), ("after-drift", False),
                ("describing-written", False), ("pending-recorded", False), ("semantic-ids-committed", False),
-               ("published", False), ("after-publish", False), ("after-train", True),
+               ("published", False), ("after-publish", False), ("after-train", True), ("after-evaluate", True),
                ("semantic-ids-committed", True)]
 
 
@@ -154,10 +154,13 @@ def test_a_run_killed_anywhere_leaves_one_runs_set_and_a_rerun_completes_it(base
     if killed_run is None and point != "semantic-ids-committed":
         assert entry["mlflow_run_id"] == first_run and at == before  # nothing of the killed run is published
     assert any(scratch.iterdir())  # the killed engine's scratch folder
+    registry.configure_tracking(work)  # a model registered but not published is @candidate, never @champion
+    assert registry.alias_version(MODEL, registry.CHAMPION) == "1"
     problems, notes = publish.check_files(str(tables))  # the checker (delta-rs) agrees, and sees the stale tables
     assert problems == [], problems
     # notes: tables a stopped run rewrote, or (once its set is published) a report still of the run before
-    assert bool(notes) == (point not in ("after-validate", "after-encode", "after-drift", "after-train")), notes
+    assert bool(notes) == (point not in ("after-validate", "after-encode", "after-drift", "after-train",
+                                         "after-evaluate")), notes
 
     # The next start puts the latest versions right; then the rerun publishes what an uninterrupted run does.
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the rerun's engine scratch goes where the killed one's is
