@@ -1,0 +1,206 @@
+"""Semantic-ID quality on a real catalog, our tokenizer and its peers side by side, one metric code for all.
+
+    HF_HUB_OFFLINE=1 python bench/real_catalog.py                 # once: WordNet nouns x MiniLM (cached)
+    python bench/quality_real.py                                  # every method at 3 x 256, ~82k items
+    python bench/quality_real.py --items 20000 --methods ours,faiss_kmeans_residual --json out.json
+
+Needs bench/requirements-bench.txt for the peers (a missing package only drops its rows). Prints a
+Markdown table for bench/RESULTS.md. Columns (all computed here, from codes and reconstructions):
+
+* collision-free %: items whose full code tuple no other item has; distinct %: distinct tuples / items;
+  largest: the largest group of items sharing a tuple.
+* util l1/l2/l3 and ppl l1/l2/l3: share of the K codes used, and perplexity, per level.
+* recon cos: mean cosine of x and the reconstruction (our decoder's output; the sum of centroids for
+  k-means peers).
+* P1 nn / P1 rand: share of items whose exact nearest neighbour (cosine) has the same level-1 code, and
+  the same for a random other item; P2 nn: the same for the 2-prefix. NN-code@5: mean share of an item's
+  5 nearest neighbours that share its 2-prefix.
+* NMI1 / pur1: level-1 codes against WordNet's lexicographer file (26 noun files); NMI2 / pur2:
+  2-prefixes against the hypernym path cut at depth 5 (entity > ... 4 levels below).
+* fit s and encode items/s on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import peers  # noqa: E402  (bench/peers.py)
+
+from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit  # noqa: E402
+from rqvae.metrics import (  # noqa: E402
+    _cluster_class_agreement,
+    _prefix_ids,
+    level_usage,
+    nearest_neighbours,
+    prefix_coincidence,
+)
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent / ".cache" / "wordnet_nouns.parquet"
+NMI2_DEPTH = 5
+
+
+def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (N, D) float32, lexname ids (N,), hypernym-path-prefix ids at NMI2_DEPTH (N,) (-1: shallower)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        sys.exit(f"{path} is missing: build it with HF_HUB_OFFLINE=1 python bench/real_catalog.py")
+    table = pq.read_table(path, columns=["embedding", "lexname", "category"])
+    if items and items < table.num_rows:
+        pick = np.sort(np.random.default_rng(seed).choice(table.num_rows, items, replace=False))
+        table = table.take(pick)
+    x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    lex = np.unique(np.asarray(table["lexname"].to_pylist()), return_inverse=True)[1]
+    paths = ["/".join(p[:NMI2_DEPTH]) if len(p) >= NMI2_DEPTH else "" for p in table["category"].to_pylist()]
+    ids = np.unique(np.asarray(paths), return_inverse=True)[1].astype(np.int64)
+    ids[np.asarray(paths) == ""] = -1
+    return x, lex.astype(np.int64), ids
+
+
+def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, lex: np.ndarray,
+          deep: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Every column of the table for one method's codes (N, L) and reconstruction (N, D) or None."""
+    n, levels = codes.shape
+    full = _prefix_ids(codes)[-1]
+    counts = np.bincount(full)
+    out: dict[str, float] = {
+        "collision_free_pct": 100.0 * float((counts[full] == 1).mean()),
+        "distinct_pct": 100.0 * len(np.unique(full)) / n,
+        "largest": float(counts.max()),
+    }
+    for lv, usage in enumerate(level_usage(codes, k), start=1):
+        out[f"util_l{lv}"], out[f"ppl_l{lv}"] = usage.utilization, usage.perplexity
+    if recon is not None:
+        a = x / np.linalg.norm(x, axis=1, keepdims=True)
+        b = recon / np.maximum(np.linalg.norm(recon, axis=1, keepdims=True), 1e-12)
+        out["recon_cos"] = float((a * b).sum(axis=1).mean())
+    pc = prefix_coincidence(x, codes, n_queries=4000, seed=seed)
+    out["p1_nn"], out["p1_random"], out["p2_nn"] = pc.nn[0], pc.random[0], pc.nn[1]
+    queries = np.random.default_rng(seed).choice(n, min(n, 4000), replace=False)
+    nn5 = nearest_neighbours(x, queries, 5)
+    prefix2 = _prefix_ids(codes)[1]
+    out["nn_code_at_5"] = float((prefix2[nn5] == prefix2[queries][:, None]).mean())
+    level1 = _prefix_ids(codes)[0]
+    one = _cluster_class_agreement(1, level1, lex)
+    known = deep >= 0
+    two = _cluster_class_agreement(2, prefix2[known], deep[known])
+    out["nmi1"], out["pur1"], out["nmi2"], out["pur2"] = one.nmi, one.purity, two.nmi, two.purity
+    return out
+
+
+Method = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray | None, float, float]]
+
+
+def ours(**changes: object) -> Method:
+    """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs."""
+    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+        model_keys = set(ModelConfig.__dataclass_fields__)
+        mcfg = ModelConfig(input_dim=x.shape[1], hidden_dims=(512, 256, 128), latent_dim=32, num_levels=levels,
+                           codebook_size=k, **{a: b for a, b in changes.items() if a in model_keys})  # type: ignore[arg-type]
+        tcfg = TrainConfig(epochs=30, batch_size=1024, lr=1e-3, seed=seed,
+                           **{a: b for a, b in changes.items() if a not in model_keys})  # type: ignore[arg-type]
+        start = time.perf_counter()
+        model = fit(x, mcfg, tcfg).model.eval()
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        codes = encode_array(model, x).codes
+        enc = len(x) / (time.perf_counter() - start)
+        with torch.no_grad():
+            recon = np.concatenate([model.decode_codes(torch.as_tensor(codes[i:i + 8192], dtype=torch.long)).numpy()
+                                    for i in range(0, len(codes), 8192)])
+        return codes, recon, fit_s, enc
+    return run
+
+
+def our_rqkmeans(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    start = time.perf_counter()
+    model = RQKMeans.fit(x, RQKMeansConfig(input_dim=x.shape[1], num_levels=levels, codebook_size=k), seed=seed)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    codes = encode_array(model, x).codes
+    enc = len(x) / (time.perf_counter() - start)
+    with torch.no_grad():
+        recon = model.decode_codes(torch.as_tensor(codes, dtype=torch.long)).numpy()
+    return codes, recon, fit_s, enc
+
+
+def peer(fn: Callable[..., peers.PeerResult]) -> Method:
+    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+        r = fn(x, levels=levels, codebook_size=k, seed=seed)
+        return r.codes, r.reconstruction, r.fit_seconds, r.encode_items_per_s
+    return run
+
+
+METHODS: dict[str, Method] = {
+    "ours": ours(),
+    "ours_plain_rqvae": ours(anchor_first_level=False),
+    "ours_rqkmeans": our_rqkmeans,
+    "semantic_id_rqkmeans": peer(peers.fit_semantic_id_rqkmeans),
+    "vqtorch_residual_vq": peer(peers.fit_vqtorch_residual_vq),
+    "faiss_residual_quantizer": peer(peers.fit_faiss_residual_quantizer),
+    "faiss_kmeans_residual": peer(peers.fit_faiss_kmeans_residual),
+}
+COLUMNS = ["collision_free_pct", "distinct_pct", "largest", "util_l1", "util_l2", "util_l3", "ppl_l1", "ppl_l2",
+           "ppl_l3", "recon_cos", "p1_nn", "p1_random", "p2_nn", "nn_code_at_5", "nmi1", "pur1", "nmi2", "pur2",
+           "fit_s", "encode_items_per_s"]
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    head = "| method | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, r in rows.items():
+        cells = []
+        for c in COLUMNS:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.0f}" if c in ("largest", "encode_items_per_s") else
+                         f"{v:.1f}" if c in ("collision_free_pct", "distinct_pct", "fit_s") or c.startswith("ppl")
+                         else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="bench/real_catalog.py's Parquet file")
+    p.add_argument("--items", type=int, help="a random subset of this many items (default: all)")
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    x, lex, deep = load_catalog(a.catalog, a.items, a.seed)
+    print(f"{len(x)} items x {x.shape[1]}, {a.levels} x {a.codebook_size}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", flush=True)
+    rows: dict[str, dict[str, float]] = {}
+    for name in a.methods.split(","):
+        try:
+            codes, recon, fit_s, enc = METHODS[name](x, a.levels, a.codebook_size, a.seed)
+        except ImportError as e:
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
+        rows[name] = {**score(x, np.asarray(codes, dtype=np.int64), recon, a.codebook_size, lex, deep, a.seed),
+                      "fit_s": fit_s, "encode_items_per_s": enc}
+        print(f"{name}: fit {fit_s:.1f}s, " + ", ".join(f"{c} {rows[name][c]:.3f}" for c in COLUMNS[:3] + ["recon_cos",
+              "p2_nn", "nmi1"] if c in rows[name]), flush=True)
+    print()
+    print(table(rows))
+    if a.json:
+        a.json.write_text(json.dumps({"items": len(x), "versions": peers.peer_versions(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
