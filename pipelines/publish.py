@@ -195,15 +195,6 @@ def finish(location: io.OutputLocation, run_id: str) -> None:
     io.drop_backups(location, SET_TABLES, run_id)
 
 
-def consistent(spark: SparkSession, location: io.OutputLocation) -> list[str]:
-    """Tables of the set whose latest version is not the last published run's (empty: consistent)."""
-    expected = reference(entries(spark, location))
-    if expected is None:
-        return []
-    now = tokens(spark, location)
-    return [n for n in SET_TABLES if n in expected.tokens and now[n] != expected.tokens[n]]
-
-
 # --- one writer per output ------------------------------------------------------------------------------
 
 @contextmanager
