@@ -158,9 +158,13 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
                     _recover(job)
                 try:
                     _run_stages(job)
-                except BaseException:
+                except Exception:
                     if job.publishing:  # a failure between the first write of the set and its entry
-                        _recover(job)
+                        try:
+                            _recover(job)
+                        except Exception as e:  # noqa: BLE001 - the next start recovers; report the first error
+                            print(f"    could not roll back now ({str(e).splitlines()[0][:200] if str(e) else e}); "
+                                  "the next run on this output will")
                     raise
             return job.result
     except _EXPECTED as e:
