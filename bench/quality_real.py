@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,10 +107,12 @@ def ours(**changes: object) -> Method:
     """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs."""
     def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         model_keys = set(ModelConfig.__dataclass_fields__)
-        mcfg = ModelConfig(input_dim=x.shape[1], hidden_dims=(512, 256, 128), latent_dim=32, num_levels=levels,
-                           codebook_size=k, **{a: b for a, b in changes.items() if a in model_keys})  # type: ignore[arg-type]
-        tcfg = TrainConfig(epochs=30, batch_size=1024, lr=1e-3, seed=seed,
-                           **{a: b for a, b in changes.items() if a not in model_keys})  # type: ignore[arg-type]
+        model_args: dict[str, Any] = {"input_dim": x.shape[1], "hidden_dims": (512, 256, 128), "latent_dim": 32,
+                                      "num_levels": levels, "codebook_size": k}
+        train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed}
+        for key, value in changes.items():
+            (model_args if key in model_keys else train_args)[key] = value
+        mcfg, tcfg = ModelConfig(**model_args), TrainConfig(**train_args)
         start = time.perf_counter()
         model = fit(x, mcfg, tcfg).model.eval()
         fit_s = time.perf_counter() - start
@@ -145,6 +148,10 @@ def peer(fn: Callable[..., peers.PeerResult]) -> Method:
 METHODS: dict[str, Method] = {
     "ours": ours(),
     "ours_plain_rqvae": ours(anchor_first_level=False),
+    # variants tried (issue 12's "table of everything tried"; bench/RESULTS.md)
+    "ours_latent64": ours(latent_dim=64),
+    "ours_epochs60": ours(epochs=60),
+    "ours_rotation": ours(estimator="rotation"),
     "ours_rqkmeans": our_rqkmeans,
     "semantic_id_rqkmeans": peer(peers.fit_semantic_id_rqkmeans),
     "vqtorch_residual_vq": peer(peers.fit_vqtorch_residual_vq),
