@@ -17,3 +17,14 @@ def spark() -> Iterator:
     es = start_session("local", shuffle_partitions=4)
     yield es.spark
     es.stop()
+
+
+@pytest.fixture(scope="module")
+def job_isolation(tmp_path_factory) -> Iterator[None]:
+    """For a module that runs the job in-process: local MLflow stores only, a UTC clock, and its own cwd
+    (MLflow's Default experiment writes ./mlruns), so no test writes into the repository or another's store."""
+    import helpers
+
+    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield

@@ -20,7 +20,7 @@ from pipelines.demo import write_demo_catalog
 from pipelines.schema import REJECTS_TABLE, RUN_REJECTS_TABLE, RUNS_TABLE, SEMANTIC_IDS_TABLE
 from rqvae.synthetic import CatalogSpec
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.usefixtures("job_isolation")]
 
 MODEL, DIM = "csid-hostile", 16
 CHAMPION = f"models:/{MODEL}@champion"
@@ -28,12 +28,6 @@ TRAIN = ["--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--mod
 # Every character the engine used to mangle (percent-encoded siblings, '?' cutting the path), and unicode.
 ODD = "prev out #1 50% ?é ü"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield
 
 
 @pytest.fixture(scope="module")

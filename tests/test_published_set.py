@@ -36,19 +36,13 @@ from pipelines.schema import (
 )
 from rqvae.synthetic import CatalogSpec
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.usefixtures("job_isolation")]
 
 MODEL, DIM = "csid-set", 16
 CHAMPION = f"models:/{MODEL}@champion"
 TRAIN = ["--sample-size", "800", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--model-name", MODEL, "--experiment", MODEL,
          "--max-id-churn", "1"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pipelines.demo import write_demo_catalog
 from pipelines.schema import DRIFT_TABLE, ID_CHANGES_TABLE, SEMANTIC_IDS_TABLE, RetiredReason
 from rqvae.synthetic import CatalogSpec
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.usefixtures("job_isolation")]
 
 MODEL, N_ITEMS, DIM = "csid-scheduled", 1500, 16
 CHAMPION = f"models:/{MODEL}@champion"
@@ -50,12 +50,6 @@ class World:
                                  "validate,encode", "--model", CHAMPION, "--model-name", MODEL,
                                  "--experiment", MODEL, *extra])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield
 
 
 def next_catalog(previous: Path, path: Path, seed: int, back: Path | None = None) -> Path:

@@ -38,7 +38,7 @@ from pipelines.schema import (
 from rqvae import encode_array, load_checkpoint
 from rqvae.synthetic import CatalogSpec
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.usefixtures("job_isolation")]
 
 MODEL, EXPERIMENT = "csid-job-test", "csid-job-test"
 N_ITEMS, DIM, LEVELS, K = 1200, 16, 3, 16
@@ -81,13 +81,6 @@ def _bad_rows(v: np.ndarray) -> list[tuple[str | None, list | None, str]]:
         ("zero", [0.0] * DIM, RejectReason.ZERO_VECTOR),
     ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated(tmp_path_factory):
-    """Local MLflow stores only, UTC clock, no writes to the repo's cwd."""
-    with pytest.MonkeyPatch.context() as mp, helpers.fresh_mlflow_globals(), helpers.local_timezone("UTC"):
-        mp.chdir(tmp_path_factory.mktemp("cwd"))  # MLflow's Default experiment writes ./mlruns
-        yield
 
 
 @pytest.fixture(scope="module")
