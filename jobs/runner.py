@@ -261,12 +261,13 @@ def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
 def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     """The catalog and its (lazy) validation: schema checked, D known, the run's params logged."""
     cfg = job.cfg
-    catalog = io.read_catalog(job.spark, _engine_path(job, str(cfg.input)), cfg.input_format)
+    source = _engine_path(job, str(cfg.input))
+    catalog = io.read_catalog(job.spark, source, cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
     job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
     print(f"    schema ok, D = {v.dim}")
-    _log_lineage(job.cfg, job.session.engine)
+    _log_lineage(job.cfg, job.session.engine, source)
     return catalog, v
 
 
@@ -280,7 +281,7 @@ def _engine_path(job: _Job, path: str) -> str:
         raise JobFailed(str(e)) from e
 
 
-def _log_lineage(cfg: JobConfig, engine: str) -> None:
+def _log_lineage(cfg: JobConfig, engine: str, source: str) -> None:
     """Params (the full config, nested configs as model.* / train.* / gate.*) and lineage tags."""
     from importlib.metadata import version
 
@@ -289,9 +290,8 @@ def _log_lineage(cfg: JobConfig, engine: str) -> None:
     for name, prefix in nested.items():
         params.update({f"{prefix}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, name)).items()})
     mlflow.log_params({k: str(v) for k, v in params.items()})
-    delta = None
-    if cfg.input and cfg.input_format in ("auto", "delta"):
-        delta = io.delta_version(io.engine_path(cfg.input, engine))
+    # ``source``: the input as the engine read it (a safe link for an odd path, which delta-rs reads too)
+    delta = io.delta_version(source) if cfg.input_format in ("auto", "delta") else None
     mlflow.set_tags({"input": cfg.input, "input_delta_version": str(delta), "engine": engine,
                      "sample_size": str(cfg.sample_size), "seed": str(cfg.seed), "python": platform.python_version(),
                      "package_version": version("catalog-semantic-ids")})
