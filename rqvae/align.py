@@ -94,7 +94,7 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
     """Rename the model's codes in place: afterwards it gives ``perms[l][c]`` where it gave code c at level l.
 
     ``perms`` has one permutation per codebook (:func:`code_permutations`). The anchor, which picks
-    level 1, follows the first codebook's permutation.
+    the first levels, follows those levels' codebooks' permutations.
     """
     quantizer = model.quantizer
     if len(perms) != quantizer.codebooks.shape[0]:
@@ -103,8 +103,9 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
         index = _inverse(perm, quantizer.codebook_size, quantizer.codebooks.device)
         quantizer.codebooks.data[book] = quantizer.codebooks.data[book][index]
         quantizer.steps_unused[book] = quantizer.steps_unused[book][index]
-    if model.config.anchor_first_level:
-        model.anchor.copy_(model.anchor[_inverse(perms[0], model.codebook_size, model.anchor.device)])
+    for level in range(model.config.anchored):
+        book = model.anchor_book(level)
+        book.copy_(book[_inverse(perms[min(level, len(perms) - 1)], model.codebook_size, book.device)])
 
 
 def _inverse(perm: np.ndarray, k: int, device: torch.device) -> torch.Tensor:

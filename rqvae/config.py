@@ -48,7 +48,16 @@ class ModelConfig(DictConfig):
             learned latent. A narrow latent keeps the highest-variance directions, which need not
             be the ones that decide who is whose neighbour; anchoring keeps coarse prefixes as
             coherent as RQ-KMeans while the finer levels keep the RQ-VAE's spread.
+        anchor_levels: how many leading levels the input-space anchor names when
+            ``anchor_first_level`` is set: 1 (level 1 only) or more, each further level a k-means
+            of the input-space residual the previous anchor levels left (residual k-means). Must be
+            below ``num_levels``: at least the last level stays learned.
         dropout: dropout probability in the encoder/decoder hidden layers.
+        collision_alternatives: when > 0, an item whose full code tuple another item fits better
+            takes the nearest free one of its this-many nearest last-level codes before a suffix is
+            needed (:func:`rqvae.resolve.spread_last_level`; the job applies it when it issues IDs).
+            0 keeps every item on its nearest code. Part of the model because it decides its IDs:
+            every run with the model issues them the same way.
     """
 
     input_dim: int
@@ -60,13 +69,26 @@ class ModelConfig(DictConfig):
     estimator: str = "ste"
     normalize_inputs: bool = True
     anchor_first_level: bool = True
+    anchor_levels: int = 1
     dropout: float = 0.0
+    collision_alternatives: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.collision_alternatives <= self.codebook_size:
+            raise ValueError(f"collision_alternatives must be between 0 and codebook_size = {self.codebook_size}, "
+                             f"got {self.collision_alternatives}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if min(self.input_dim, self.latent_dim, self.num_levels, self.codebook_size) < 1:
             raise ValueError("input_dim, latent_dim, num_levels and codebook_size must be >= 1")
+        if not 1 <= self.anchor_levels < max(2, self.num_levels):
+            raise ValueError(f"anchor_levels must be between 1 and num_levels - 1 = {self.num_levels - 1}, "
+                             f"got {self.anchor_levels}")
+
+    @property
+    def anchored(self) -> int:
+        """Number of leading levels the input-space anchor decides (0 without an anchor)."""
+        return self.anchor_levels if self.anchor_first_level else 0
 
 
 @dataclass(frozen=True)

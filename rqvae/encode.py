@@ -21,7 +21,7 @@ class Tokenizer(Protocol):
     @property
     def codebook_size(self) -> int: ...
 
-    def quantize(self, x: torch.Tensor) -> Quantized: ...
+    def quantize(self, x: torch.Tensor, alternatives: int = 0) -> Quantized: ...
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor: ...
 
@@ -30,10 +30,13 @@ class Tokenizer(Protocol):
 
 
 class EncodeResult(NamedTuple):
-    """codes: int32 (N, L); quantization_error: float32 (N,)."""
+    """codes: int32 (N, L); quantization_error: float32 (N,); with ``alternatives=k`` also the k best
+    last-level codes, int32 (N, k) nearest first, and their errors, float32 (N, k)."""
 
     codes: np.ndarray
     quantization_error: np.ndarray
+    alternatives: np.ndarray | None = None
+    alternative_errors: np.ndarray | None = None
 
 
 def model_device(model: Tokenizer) -> torch.device:
@@ -112,25 +115,34 @@ def _fixed_shape_batches(x: np.ndarray, batch_size: int,
         yield start, rows, block
 
 
-def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None = None) -> EncodeResult:
+def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None = None,
+                 alternatives: int = 0) -> EncodeResult:
     """Codes and quantization errors for x (N, D), in model calls of exactly ``batch_size`` rows.
 
     Memory beyond the output is bounded by one batch whatever N is. Runs on the model's device;
     ``batch_size`` None takes :func:`default_batch_size` for it. Each row's result depends on that
     row alone (within the limits in :func:`_fixed_shape_batches`: same batch size and device, 1 or
     a power-of-two torch threads), so any split of a catalog gives the same codes and errors.
+    ``alternatives`` > 0 adds the ranked last-level codes that :func:`rqvae.resolve.spread_last_level`
+    chooses from.
     """
     x = _as_float32(x)
     device = model_device(model)
     batch_size = batch_size or default_batch_size(device)
     codes = np.empty((len(x), model.num_levels), dtype=np.int32)
     errors = np.empty(len(x), dtype=np.float32)
+    k = min(max(0, alternatives), model.codebook_size)
+    alt = np.empty((len(x), k), dtype=np.int32) if k else None
+    alt_errors = np.empty((len(x), k), dtype=np.float32) if k else None
     with _eval_mode(model), torch.inference_mode():
         for start, rows, block in _fixed_shape_batches(x, batch_size, device):
-            q = model.quantize(block)
+            q = model.quantize(block, alternatives=k) if k else model.quantize(block)
             codes[start:start + rows] = q.codes[:rows].to(torch.int32).cpu().numpy()
             errors[start:start + rows] = q.error[:rows].float().cpu().numpy()
-    return EncodeResult(codes, errors)
+            if alt is not None and alt_errors is not None and q.alternatives is not None:
+                alt[start:start + rows] = q.alternatives[:rows].to(torch.int32).cpu().numpy()
+                alt_errors[start:start + rows] = q.alternative_errors[:rows].float().cpu().numpy()
+    return EncodeResult(codes, errors, alt, alt_errors)
 
 
 def reconstruct_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:

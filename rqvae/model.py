@@ -9,14 +9,20 @@ from torch import nn
 
 from rqvae.config import ModelConfig
 from rqvae.kmeans import nearest
-from rqvae.quantizer import QuantizerOutput, ResidualQuantizer
+from rqvae.quantizer import QuantizerOutput, ResidualQuantizer, ranked_codes
 
 
 class Quantized(NamedTuple):
-    """Codes of a batch: codes (B, L) int64; error (B,) float32 = |latent - sum of its codewords|."""
+    """Codes of a batch: codes (B, L) int64; error (B,) float32 = |latent - sum of its codewords|.
+
+    With ``quantize(x, alternatives=k)`` also the k best last-level codes (B, k) int64, nearest first
+    (column 0 is ``codes[:, -1]``), and the error each would give (B, k) float32.
+    """
 
     codes: torch.Tensor
     error: torch.Tensor
+    alternatives: torch.Tensor | None = None
+    alternative_errors: torch.Tensor | None = None
 
 
 class RQVAEOutput(NamedTuple):
@@ -47,6 +53,7 @@ class RQVAE(nn.Module):
     """
 
     anchor: torch.Tensor  # (K, D) input-space level-1 centroids, when config.anchor_first_level
+    anchor_deeper: torch.Tensor  # (A - 1, K, D) input-space residual centroids of levels 2..A, when A > 1
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -61,6 +68,9 @@ class RQVAE(nn.Module):
         if config.anchor_first_level:
             # Random until fit() replaces it with k-means centroids, like the latent codebooks.
             self.register_buffer("anchor", torch.randn(config.codebook_size, config.input_dim) * 0.01)
+            if config.anchored > 1:
+                self.register_buffer("anchor_deeper", torch.randn(
+                    config.anchored - 1, config.codebook_size, config.input_dim) * 0.01)
 
     @property
     def num_levels(self) -> int:
@@ -78,15 +88,28 @@ class RQVAE(nn.Module):
         """Encoder output z (B, d) for raw embeddings x (B, D)."""
         return self.encoder(self.prepare(x))
 
+    def anchor_book(self, level: int) -> torch.Tensor:
+        """(K, D) input-space centroids of anchored ``level`` (0-based, below ``config.anchored``)."""
+        return self.anchor if level == 0 else self.anchor_deeper[level - 1]
+
     @torch.no_grad()
     def anchor_codes(self, x: torch.Tensor, *, prepared: bool = False) -> torch.Tensor | None:
-        """(B,) level-1 codes from the input-space anchor, or None when the model has none.
+        """(B, A) codes of the A anchored levels (residual k-means in input space), or None without
+        an anchor.
 
         ``prepared``: x is already :meth:`prepare`'s output (saves normalising it twice).
         """
-        if not self.config.anchor_first_level:
+        if not self.config.anchored:
             return None
-        return nearest((x if prepared else self.prepare(x)).float(), self.anchor)[0]
+        residual = (x if prepared else self.prepare(x)).float()
+        codes = []
+        for level in range(self.config.anchored):
+            book = self.anchor_book(level).float()
+            idx = nearest(residual, book)[0]
+            codes.append(idx)
+            if level + 1 < self.config.anchored:
+                residual = residual - book[idx]
+        return torch.stack(codes, dim=1)
 
     def _latent_and_anchor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder output z (B, d) and anchor codes for x (B, D), normalising x once for both."""
@@ -105,10 +128,14 @@ class RQVAE(nn.Module):
         return self.quantizer.assign(z.float(), first)
 
     @torch.no_grad()
-    def quantize(self, x: torch.Tensor) -> Quantized:
-        """Codes (B, L) and quantization error (B,) for raw embeddings x (B, D)."""
-        codes, _, residual = self.assign(x)
-        return Quantized(codes, residual.norm(dim=-1))
+    def quantize(self, x: torch.Tensor, alternatives: int = 0) -> Quantized:
+        """Codes (B, L) and quantization error (B,) for raw embeddings x (B, D); with
+        ``alternatives`` > 0 also that many ranked last-level codes (see :class:`Quantized`)."""
+        codes, inputs, residual = self.assign(x)
+        if alternatives <= 0:
+            return Quantized(codes, residual.norm(dim=-1))
+        ranked, errors = ranked_codes(inputs[-1], self.quantizer.codebook(self.num_levels - 1).float(), alternatives)
+        return Quantized(codes, residual.norm(dim=-1), ranked, errors)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,20 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     return torch.where(counts > 0, sums / counts.clamp_min(1.0), x.mean(0, keepdim=True))
 
 
+@torch.no_grad()
+def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest codewords of ``book`` (K, d) to each residual (B, d), nearest first (ties by
+    code number, so column 0 is :func:`nearest`'s choice): codes (B, k) int64 and the norm of what
+    each leaves, |r - c| (B, k)."""
+    order = squared_distances(residual, book).sort(dim=1, stable=True).indices[:, :min(k, book.shape[0])]
+    return order, (residual.unsqueeze(1) - book[order]).norm(dim=-1)
+
+
+def _forced(first: torch.Tensor | None, level: int) -> bool:
+    """Whether ``level``'s codes are given (by an anchor's (B, A) codes) rather than chosen here."""
+    return first is not None and level < first.shape[1]
+
+
 class ResidualQuantizer(nn.Module):
     """L-level residual quantizer with independent or shared codebooks of K codewords of size d."""
 
@@ -93,15 +107,15 @@ class ResidualQuantizer(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Greedy residual assignment without gradients.
 
-        z: (B, d); ``first``: optional (B,) level-1 codes decided elsewhere (the input-space
-        anchor), used instead of the nearest level-1 codeword.
+        z: (B, d); ``first``: optional (B, A) codes of the first A levels decided elsewhere (the
+        input-space anchor), used instead of the nearest codewords at those levels.
         Returns codes (B, L) int64, level inputs (L, B, d), final residual (B, d).
         """
         residual = z.detach().float()
         codes, inputs = [], []
         for level in range(self.num_levels):
             book = self.codebook(level).detach().float()
-            idx = first if level == 0 and first is not None else nearest(residual, book)[0]
+            idx = first[:, level] if _forced(first, level) else nearest(residual, book)[0]
             inputs.append(residual)
             codes.append(idx)
             residual = residual - book[idx]
@@ -121,7 +135,7 @@ class ResidualQuantizer(nn.Module):
         for level in range(self.num_levels):
             selected = self.codebook(level)[codes[:, level]]  # (B, d), grad to the codebook
             r = z - offsets
-            if self.training and not (level == 0 and first is not None):  # anchored level: usage is fixed
+            if self.training and not _forced(first, level):  # anchored level: usage is fixed
                 usage_loss = usage_loss + usage_entropy_gap(r, self.codebook(level)) / self.num_levels
             codebook_loss = codebook_loss + F.mse_loss(selected, r.detach())
             if self.commitment == "levels":
@@ -146,32 +160,34 @@ class ResidualQuantizer(nn.Module):
         """Initialise codebooks by k-means on z (N, d), level by level on the residuals.
 
         With a shared codebook the first level's k-means seeds it (later residuals are smaller
-        and would otherwise pull every codeword towards zero). With ``first`` (B,) level-1 codes
-        fixed by an anchor, level 1's codewords start at the mean latent of each anchor cluster.
+        and would otherwise pull every codeword towards zero). With ``first`` (B, A) codes fixed by
+        an anchor, the anchored levels' codewords start at the mean latent residual of each anchor
+        cluster.
         """
         residual = z.detach().float()
         for level in range(1 if self.shared else self.num_levels):
-            if level == 0 and first is not None:
-                centers = cluster_means(residual, first, self.codebook_size)
+            if _forced(first, level):
+                centers = cluster_means(residual, first[:, level], self.codebook_size)
             else:
                 centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
             self.codebooks.data[level] = centers.to(self.codebooks.dtype)
-            idx, _ = nearest(residual, centers)
+            idx = first[:, level] if _forced(first, level) else nearest(residual, centers)[0]
             residual = residual - centers[idx]
         self.steps_unused.zero_()
 
     @torch.no_grad()
     def reset_dead_codes(self, level_inputs: torch.Tensor, codes: torch.Tensor, window: int,
-                         generator: torch.Generator | None = None, anchored: bool = False) -> int:
+                         generator: torch.Generator | None = None, anchored: int = 0) -> int:
         """Re-seed codes unused for ``window`` steps from the worst-quantized residuals.
 
         level_inputs: (L, B, d) residuals each level saw in a recent batch; codes: (B, L).
-        ``anchored``: level 1's assignment comes from the input-space anchor, so its book is left
-        alone (re-seeding a latent codeword cannot change which items the anchor sends to it).
+        ``anchored``: the first ``anchored`` levels' assignments come from the input-space anchor, so
+        their books are left alone (re-seeding a latent codeword cannot change which items the
+        anchor sends to it).
         Returns the number of codes re-seeded.
         """
         total = 0
-        for book in range(1 if anchored else 0, self.codebooks.shape[0]):
+        for book in range(int(anchored), self.codebooks.shape[0]):
             dead = (self.steps_unused[book] >= window).nonzero().squeeze(1)
             if dead.numel() == 0:
                 continue

@@ -15,7 +15,7 @@ import torch
 
 from rqvae.callbacks import call
 from rqvae.config import ModelConfig, TrainConfig
-from rqvae.kmeans import kmeans
+from rqvae.kmeans import kmeans, nearest
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
@@ -127,7 +127,7 @@ class _Loop:
             with torch.no_grad():
                 codes, inputs, _ = self.model.assign(x)
                 self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator,
-                                                      anchored=self.model.config.anchor_first_level)
+                                                      anchored=self.model.config.anchored)
         return {k: v.detach() for k, v in terms.items()}
 
 
@@ -162,14 +162,12 @@ def _evaluate(loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, floa
 def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
                     generator: torch.Generator) -> None:
     """k-means on up to ``kmeans_init_size`` training items: the input-space anchor (when the model
-    has one), then the latent codebooks level by level on the residuals."""
-    pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
-    rows = torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+    has one, residual k-means over its levels), then the latent codebooks level by level on the
+    residuals."""
+    rows = _init_rows(x, train_idx, cfg, generator)
     with torch.no_grad():
         model.eval()
-        if model.config.anchor_first_level:
-            model.anchor.copy_(kmeans(model.prepare(rows).float(), model.codebook_size,
-                                      iters=cfg.kmeans_iters, seed=cfg.seed))
+        _fit_anchor(model, rows, cfg)
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
         first = model.anchor_codes(rows)
     model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first)
@@ -274,12 +272,28 @@ def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Ten
         raise ValueError(f"cannot warm-start from a model of another shape: {init.config} vs {model.config}")
     model.load_state_dict(init.state_dict())
     model.quantizer.steps_unused.zero_()
-    if model.config.anchor_first_level:
-        pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
-        rows = torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+    if model.config.anchored:
         with torch.no_grad():
-            model.anchor.copy_(kmeans(model.prepare(rows).float(), model.codebook_size, iters=cfg.kmeans_iters,
-                                      seed=cfg.seed, init=model.anchor.float()))
+            _fit_anchor(model, _init_rows(x, train_idx, cfg, generator), cfg, refine=True)
+
+
+def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+               ) -> torch.Tensor:
+    """Up to ``kmeans_init_size`` training rows drawn with ``generator``."""
+    pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
+    return torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+
+
+def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, *, refine: bool = False) -> None:
+    """Residual k-means of the input-space anchor on ``rows``, level by level; with ``refine`` the
+    Lloyd iterations start at the model's current centroids (a warm start keeps their meaning)."""
+    residual = model.prepare(rows).float()
+    for level in range(model.config.anchored):
+        book = model.anchor_book(level)
+        centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
+                         init=book.float() if refine else None)
+        book.copy_(centers)
+        residual = residual - centers[nearest(residual, centers)[0]]
 
 
 def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, steps: int) -> None:

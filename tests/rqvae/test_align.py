@@ -50,19 +50,20 @@ def test_code_permutations_map_new_names_to_old_ones() -> None:
     assert co_assignment(new[:, 0], old[:, 0], 8).sum() == 500
 
 
-def small_model(shared: bool, anchor: bool, seed: int = 0) -> RQVAE:
+def small_model(shared: bool, anchor: int, seed: int = 0) -> RQVAE:
+    """``anchor``: anchored levels (0: none)."""
     torch.manual_seed(seed)
     model = RQVAE(ModelConfig(input_dim=12, hidden_dims=(24,), latent_dim=6, num_levels=3, codebook_size=8,
-                              shared_codebook=shared, anchor_first_level=anchor))
+                              shared_codebook=shared, anchor_first_level=anchor > 0, anchor_levels=max(1, anchor)))
     with torch.no_grad():
         model.quantizer.codebooks.normal_()
-        if anchor:
-            model.anchor.normal_()
+        for level in range(anchor):
+            model.anchor_book(level).normal_()
     return model.eval()
 
 
-@pytest.mark.parametrize(("shared", "anchor"), [(False, True), (False, False), (True, True), (True, False)])
-def test_relabelling_renames_codes_and_changes_nothing_else(shared: bool, anchor: bool) -> None:
+@pytest.mark.parametrize(("shared", "anchor"), [(False, 1), (False, 0), (True, 1), (True, 0), (False, 2), (True, 2)])
+def test_relabelling_renames_codes_and_changes_nothing_else(shared: bool, anchor: int) -> None:
     model = small_model(shared, anchor)
     x = np.random.default_rng(2).normal(size=(300, 12)).astype(np.float32)
     before = encode_array(model, x, batch_size=64)
@@ -76,7 +77,7 @@ def test_relabelling_renames_codes_and_changes_nothing_else(shared: bool, anchor
 
 
 def test_relabelling_needs_one_permutation_per_codebook() -> None:
-    model = small_model(False, True)
+    model = small_model(False, 1)
     with pytest.raises(ValueError, match="need 3 permutations"):
         relabel_codes(model, [np.arange(8)])
     with pytest.raises(ValueError, match="not a permutation"):
@@ -84,7 +85,7 @@ def test_relabelling_needs_one_permutation_per_codebook() -> None:
 
 
 def test_align_to_undoes_a_renaming_of_the_same_model() -> None:
-    model = small_model(False, True)
+    model = small_model(False, 1)
     x = np.random.default_rng(4).normal(size=(400, 12)).astype(np.float32)
     old = encode_array(model, x).codes
     relabel_codes(model, [np.random.default_rng(5).permutation(8) for _ in range(3)])

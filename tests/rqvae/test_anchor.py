@@ -64,4 +64,25 @@ def test_assign_normalises_once_with_the_same_bits_as_each_part_on_its_own(ancho
         codes, inputs, residual = model.assign(x)
         parts = model.quantizer.assign(model.encode_latent(x).float(), model.anchor_codes(x))
     assert torch.equal(codes, parts[0]) and torch.equal(inputs, parts[1]) and torch.equal(residual, parts[2])
-    assert torch.equal(codes[:, 0], model.anchor_codes(torch.nn.functional.normalize(x, dim=-1), prepared=True))
+    assert torch.equal(codes[:, :1], model.anchor_codes(torch.nn.functional.normalize(x, dim=-1), prepared=True))
+
+
+def test_two_anchored_levels_are_residual_k_means_in_input_space_and_survive_a_checkpoint() -> None:
+    cfg = ModelConfig(input_dim=24, hidden_dims=(32,), latent_dim=8, num_levels=3, codebook_size=16,
+                      anchor_levels=2)
+    model = fit(CATALOG.embeddings, cfg, TRAIN).model.eval()
+    x = torch.nn.functional.normalize(torch.from_numpy(CATALOG.embeddings), dim=-1)
+    first = torch.cdist(x, model.anchor).argmin(1)
+    second = torch.cdist(x - model.anchor[first], model.anchor_deeper[0]).argmin(1)
+    codes = encode_array(model, CATALOG.embeddings).codes
+    np.testing.assert_array_equal(codes[:, 0], first.numpy())
+    np.testing.assert_array_equal(codes[:, 1], second.numpy())
+    assert len(np.unique(codes[:, 1])) > 8  # the second anchor level is fitted, not left random
+    restored = load_checkpoint(checkpoint_bytes(model))
+    np.testing.assert_array_equal(encode_array(restored, CATALOG.embeddings).codes, codes)
+
+
+@pytest.mark.parametrize("levels", [0, 3])
+def test_anchor_levels_must_leave_a_learned_level(levels: int) -> None:
+    with pytest.raises(ValueError, match="anchor_levels must be between 1 and num_levels - 1 = 2"):
+        ModelConfig(input_dim=24, num_levels=3, anchor_levels=levels)

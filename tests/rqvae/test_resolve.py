@@ -1,0 +1,91 @@
+"""Collision-aware last level (rqvae.resolve.spread_last_level)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rqvae import RQKMeans, RQKMeansConfig, encode_array
+from rqvae.resolve import spread_last_level
+from rqvae.synthetic import CatalogSpec, make_catalog
+
+
+def hand_made() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Items 0-2 share tuple (1, 5); item 3 alone on (1, 7); item 4 alone on (2, 5)."""
+    codes = np.array([[1, 5], [1, 5], [1, 5], [1, 7], [2, 5]])
+    errors = np.array([0.3, 0.1, 0.2, 0.5, 0.4], dtype=np.float32)
+    alternatives = np.array([[5, 7, 6], [5, 7, 6], [5, 7, 8], [7, 5, 6], [5, 6, 7]])
+    alt_errors = np.array([[0.3, 0.35, 0.4], [0.1, 0.6, 0.7], [0.2, 0.25, 0.9], [0.5, 0.6, 0.7], [0.4, 0.5, 0.6]],
+                          dtype=np.float32)
+    return codes, errors, alternatives, alt_errors
+
+
+def test_only_colliding_items_move_and_the_best_fit_keeps_its_tuple() -> None:
+    codes, errors, alternatives, alt_errors = hand_made()
+    out = spread_last_level(codes, errors, alternatives, alt_errors)
+    # Item 1 (error 0.1) keeps (1, 5). Item 2 (0.2) goes first among the others: 7 is held by item 3,
+    # so it takes 8. Item 0 (0.3): 7 held, 6 free.
+    np.testing.assert_array_equal(out.codes, [[1, 6], [1, 5], [1, 8], [1, 7], [2, 5]])
+    np.testing.assert_allclose(out.quantization_error, [0.4, 0.1, 0.9, 0.5, 0.4])
+    np.testing.assert_array_equal(out.moved, [True, False, True, False, False])
+    np.testing.assert_array_equal(out.codes[:, :-1], codes[:, :-1])  # prefixes never change
+
+
+def test_an_item_without_a_free_alternative_keeps_its_code() -> None:
+    codes, errors, alternatives, alt_errors = hand_made()
+    out = spread_last_level(codes, errors, alternatives[:, :2], alt_errors[:, :2])  # only 5 and 7 offered
+    np.testing.assert_array_equal(out.codes[:, 1], [5, 5, 5, 7, 5])
+    assert not out.moved.any()
+
+
+def test_issued_tuples_are_never_handed_out_again() -> None:
+    codes, errors, alternatives, alt_errors = hand_made()
+    out = spread_last_level(codes, errors, alternatives, alt_errors, taken=np.array([[1, 6], [2, 5]]))
+    # (1, 6) is issued: item 0 cannot take it and keeps (1, 5) beside item 1 (a suffix tells them apart).
+    # (2, 5) is issued: item 4 moves to 6.
+    np.testing.assert_array_equal(out.codes, [[1, 5], [1, 5], [1, 8], [1, 7], [2, 6]])
+    assert {tuple(r) for r in out.codes[out.moved]}.isdisjoint({(1, 6), (2, 5)})
+
+
+def test_the_result_does_not_depend_on_row_order_and_tiebreak_orders_equal_errors() -> None:
+    codes, errors, alternatives, alt_errors = hand_made()
+    errors = np.full(5, 0.2, dtype=np.float32)
+    ids = np.array([40, 10, 30, 20, 50])
+    out = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids)
+    perm = np.random.default_rng(1).permutation(5)
+    shuffled = spread_last_level(codes[perm], errors[perm], alternatives[perm], alt_errors[perm], tiebreak=ids[perm])
+    np.testing.assert_array_equal(shuffled.codes, out.codes[perm])
+    assert tuple(out.codes[1]) == (1, 5)  # the smallest key keeps the tuple
+
+
+def test_on_a_crowded_catalog_it_gives_more_distinct_tuples_and_moves_only_within_alternatives() -> None:
+    cat = make_catalog(CatalogSpec(n_items=4000, dim=16, seed=5))
+    model = RQKMeans.fit(cat.embeddings, RQKMeansConfig(input_dim=16, num_levels=2, codebook_size=96), seed=0)
+    r = encode_array(model, cat.embeddings, alternatives=8)
+    out = spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors)
+    before, after = len(np.unique(r.codes, axis=0)), len(np.unique(out.codes, axis=0))
+    assert after > before * 1.05, (before, after)
+    assert after - before == out.moved.sum()  # each move frees nothing and fills one new tuple
+    # Every moved item holds a tuple of its own, taken from its own alternatives.
+    _, inverse, counts = np.unique(out.codes, axis=0, return_inverse=True, return_counts=True)
+    assert (counts[inverse.reshape(-1)][out.moved] == 1).all()
+    assert all(out.codes[i, -1] in r.alternatives[i, 1:] for i in np.flatnonzero(out.moved))
+    # Each moved item's error is that alternative's error, never below its nearest code's.
+    assert (out.quantization_error[out.moved] >= r.quantization_error[out.moved]).all()
+
+
+def test_it_refuses_alternatives_that_do_not_start_with_the_items_code() -> None:
+    codes, errors, alternatives, alt_errors = hand_made()
+    with pytest.raises(ValueError, match="nearest first"):
+        spread_last_level(codes, errors, alternatives[:, ::-1], alt_errors)
+
+
+def test_ranked_alternatives_start_with_the_encoded_code_and_rank_by_error() -> None:
+    cat = make_catalog(CatalogSpec(n_items=600, dim=16, seed=2))
+    model = RQKMeans.fit(cat.embeddings, RQKMeansConfig(input_dim=16, num_levels=3, codebook_size=32), seed=0)
+    plain = encode_array(model, cat.embeddings)
+    r = encode_array(model, cat.embeddings, alternatives=5)
+    np.testing.assert_array_equal(r.codes, plain.codes)
+    np.testing.assert_array_equal(r.quantization_error, plain.quantization_error)
+    np.testing.assert_array_equal(r.alternatives[:, 0], r.codes[:, -1])
+    np.testing.assert_allclose(r.alternative_errors[:, 0], r.quantization_error, rtol=1e-5, atol=1e-6)
+    assert (np.diff(r.alternative_errors, axis=1) >= -1e-6).all()
