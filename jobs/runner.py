@@ -381,7 +381,8 @@ def _fit_and_register(job: _Job, v: ValidationResult, arrays: TrainingArrays, ca
         raise JobFailed(f"quality gate failed for {cfg.model_name} version {version} (alias '{registry.CANDIDATE}' "
                         f"set, '{registry.CHAMPION}' not moved, tables untouched): " + "; ".join(failures), EXIT_GATE)
     print(f"    quality gate passed: {cfg.model_name} version {version} is @{registry.CANDIDATE}")
-    return TokenizerModel(cfg.model_name, version, path.read_bytes(), mcfg.num_levels, mcfg.codebook_size, v.dim)
+    return TokenizerModel(cfg.model_name, version, path.read_bytes(), mcfg.num_levels, mcfg.codebook_size, v.dim,
+                          mcfg.collision_alternatives)
 
 
 def _evaluate(fitted: Any, arrays: TrainingArrays, cats: np.ndarray | None, codebook_size: int) -> dict[str, float]:
@@ -466,7 +467,7 @@ def _load_model(uri: str) -> TokenizerModel:
         raise JobFailed(str(e)) from e
     print(f"    using {resolved.name} version {resolved.version}")
     return TokenizerModel(resolved.name, resolved.version, resolved.checkpoint, model.num_levels, model.codebook_size,
-                          model.config.input_dim)
+                          model.config.input_dim, getattr(model.config, "collision_alternatives", 0))
 
 
 def _with_dim(model: TokenizerModel, uri: str | None, dim: int) -> TokenizerModel:
@@ -519,7 +520,8 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
     cfg = job.cfg
     policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
     return encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
-                          batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads)
+                          batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads,
+                          alternatives=model.collision_alternatives)
 
 
 def _compare(job: _Job, table: DataFrame, num_levels: int | None) -> Drift:

@@ -100,6 +100,9 @@ def _nonempty(text: str) -> str:
     return text
 
 
+# The tokenizer defaults measured best on the real catalog (bench/RESULTS.md, "Quality on a real catalog").
+DEFAULT_ANCHOR_LEVELS = 1
+DEFAULT_COLLISION_ALTERNATIVES = 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
 
@@ -195,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-anchor", action="store_true",
                    help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
                         "k-means centroids (docs/design.md explains the trade-off)")
+    g.add_argument("--anchor-levels", type=_at_least(1), default=DEFAULT_ANCHOR_LEVELS,
+                   help="leading levels chosen by input-space residual k-means (the anchor); the rest are learned. "
+                        "Must be below --levels (docs/design.md)")
+    g.add_argument("--collision-alternatives", type=_at_least(0), default=DEFAULT_COLLISION_ALTERNATIVES,
+                   help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
+                        "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
     g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
@@ -271,6 +280,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
                 "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
                 "a new generation")
+    if not a.no_anchor and a.anchor_levels >= max(2, a.levels):
+        p.error(f"--anchor-levels {a.anchor_levels} leaves no learned level: use at most --levels - 1 = {a.levels - 1}, "
+                "or --no-anchor")
+    if a.collision_alternatives > a.codebook_size:
+        p.error(f"--collision-alternatives {a.collision_alternatives} is more than the --codebook-size "
+                f"{a.codebook_size} codes there are; use at most {a.codebook_size} (0 turns it off)")
     if a.warm_start_epochs < 1:
         p.error(f"--warm-start-epochs must be at least 1, got {a.warm_start_epochs}")
     if not 0.0 <= a.max_id_churn <= 1.0:
@@ -295,7 +310,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         max_reject_share=a.max_reject_share, sample_size=a.sample_size, seed=a.seed,
         model_config=ModelConfig(input_dim=a.embedding_dim or 1, hidden_dims=hidden, latent_dim=a.latent_dim,
                                  num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
-                                 shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor),
+                                 shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor,
+                                 anchor_levels=a.anchor_levels if not a.no_anchor else 1,
+                                 collision_alternatives=a.collision_alternatives),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                  taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16,
                                  warm_start_epochs=a.warm_start_epochs),

@@ -24,6 +24,8 @@ from pyspark.sql import functions as F
 
 from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array, row_fingerprints
 from pipelines.schema import (
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
     CODES,
     EMBEDDING,
     EMBEDDING_FINGERPRINT,
@@ -68,20 +70,21 @@ def model_for(checkpoint: bytes, digest: str, device: str = "cpu", threads: int 
 
 def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, device: str = "cpu",
                  threads: int | None = TASK_THREADS, fingerprints: bool = False, encode: bool = True,
-                 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+                 alternatives: int = 0) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function given to ``mapInArrow``: batches of (item_id, embedding) -> (item_id, codes, error,
-    reason[, embedding_fingerprint]).
+    reason[, alternatives, alternative errors][, embedding_fingerprint]).
 
     Each row is checked first (:func:`pipelines.validate.row_reason_codes`); a row with a reason is not
     encoded: its codes and error are null. Clean rows get a null reason. With ``fingerprints`` every
     clean row also gets its :func:`~pipelines.arrow_utils.row_fingerprints` value. ``encode`` False
     checks and fingerprints the rows without running (or even loading) the model: codes and error
-    stay null (an incremental run's first pass).
+    stay null (an incremental run's first pass). ``alternatives`` > 0 adds each coded row's that-many
+    nearest last-level codes and their errors (``rqvae.encode_array(..., alternatives=k)``).
     """
     if not encode:
         checkpoint = b""  # not shipped with every task of a pass that never builds the model
     digest = hashlib.sha256(checkpoint).hexdigest()
-    names = _OUTPUT + ([EMBEDDING_FINGERPRINT] if fingerprints else [])
+    names = _output_names(fingerprints, alternatives)
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model: Any = None
@@ -96,31 +99,42 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
             if bad.any():  # rejects in this batch: they pass through uncoded
                 rejected = batch.select([ITEM_ID]).filter(pa.array(bad))  # the ids only: no copy of the embeddings
                 yield _uncoded(rejected, pa.array(_REASON_NAMES[reasons[bad]], pa.string()),
-                               pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None)
+                               pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None, alternatives)
                 batch = batch.filter(pa.array(~bad))
             if not batch.num_rows:
                 continue
             x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
             fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
             if model is None or encode_array is None:
-                yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps)
+                yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps, alternatives)
                 continue
-            result = encode_array(model, x, batch_size=batch_size)
+            if alternatives:
+                result = encode_array(model, x, batch_size=batch_size, alternatives=alternatives)
+                ranked = [matrix_to_list_array(result.alternatives), matrix_to_list_array(result.alternative_errors)]
+            else:
+                result, ranked = encode_array(model, x, batch_size=batch_size), []
             yield pa.RecordBatch.from_arrays(
                 [batch.column(ITEM_ID), matrix_to_list_array(result.codes), pa.array(result.quantization_error),
-                 pa.nulls(batch.num_rows, pa.string()), *([fps] if fps is not None else [])], names=names)
+                 pa.nulls(batch.num_rows, pa.string()), *ranked, *([fps] if fps is not None else [])], names=names)
 
     return encode_batches
 
 
-def _uncoded(batch: pa.RecordBatch, reasons: pa.Array, fps: pa.Array | None) -> pa.RecordBatch:
-    """Output rows without codes: the batch's ids, null codes and error, ``reasons`` (and ``fps``)."""
+def _output_names(fingerprints: bool, alternatives: int) -> list[str]:
+    return [*_OUTPUT, *([ALTERNATIVES, ALTERNATIVE_ERRORS] if alternatives else []),
+            *([EMBEDDING_FINGERPRINT] if fingerprints else [])]
+
+
+def _uncoded(batch: pa.RecordBatch, reasons: pa.Array, fps: pa.Array | None, alternatives: int = 0) -> pa.RecordBatch:
+    """Output rows without codes: the batch's ids, null codes, error (and alternatives), ``reasons`` (and
+    ``fps``)."""
     n = batch.num_rows
     columns = [batch.column(ITEM_ID), pa.nulls(n, pa.list_(pa.int32())), pa.nulls(n, pa.float32()), reasons]
-    names = _OUTPUT
+    if alternatives:
+        columns += [pa.nulls(n, pa.list_(pa.int32())), pa.nulls(n, pa.list_(pa.float32()))]
     if fps is not None:
-        columns, names = [*columns, fps], [*_OUTPUT, EMBEDDING_FINGERPRINT]
-    return pa.RecordBatch.from_arrays(columns, names=names)
+        columns.append(fps)
+    return pa.RecordBatch.from_arrays(columns, names=_output_names(fps is not None, alternatives))
 
 
 _OUTPUT = [ITEM_ID, CODES, QUANTIZATION_ERROR, REASON]
@@ -129,7 +143,7 @@ _REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
 
 def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size: int | None = None,
                       device: str = "cpu", threads: int | None = TASK_THREADS, fingerprints: bool = False,
-                      encode: bool = True) -> DataFrame:
+                      encode: bool = True, alternatives: int = 0) -> DataFrame:
     """Codes for every row of a catalog, and the reject reason of every row that cannot be encoded.
 
     Args:
@@ -149,19 +163,23 @@ def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size:
         fingerprints: add EMBEDDING_FINGERPRINT BIGINT (xxh3-64 of the row's float32 values) to every
             clean row.
         encode: False checks (and fingerprints) the rows without the model: codes and error stay null.
+        alternatives: the model's ``collision_alternatives``; > 0 adds ALTERNATIVES ARRAY<INT> and
+            ALTERNATIVE_ERRORS ARRAY<FLOAT> (the ranked last-level codes) to every coded row.
 
     Returns:
         DataFrame with ITEM_ID, CODES ARRAY<INT>, QUANTIZATION_ERROR FLOAT and REASON STRING (null for
-        a clean row; codes and error are null for a rejected one), then EMBEDDING_FINGERPRINT BIGINT
-        when asked for.
+        a clean row; codes and error are null for a rejected one), then the alternatives and
+        EMBEDDING_FINGERPRINT BIGINT when asked for.
     """
     require_columns(df, [ITEM_ID, EMBEDDING], "encode_embeddings")
     id_type = df.schema[ITEM_ID].dataType.simpleString()
     schema = f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float, {REASON} string"
+    if alternatives:
+        schema += f", {ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>"
     if fingerprints:
         schema += f", {EMBEDDING_FINGERPRINT} bigint"
     encoder = make_encoder(checkpoint, dim, batch_size=batch_size, device=device, threads=threads,
-                           fingerprints=fingerprints, encode=encode)
+                           fingerprints=fingerprints, encode=encode, alternatives=alternatives)
     return df.select(ITEM_ID, EMBEDDING).mapInArrow(encoder, schema)
 
 
@@ -186,7 +204,7 @@ class Encoded:
 
 def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Callable[[DataFrame], DataFrame | None],
                    known: DataFrame | None = None, policy: str = ENCODE_ALL, batch_size: int | None = None,
-                   device: str = "cpu", threads: int | None = TASK_THREADS) -> Encoded:
+                   device: str = "cpu", threads: int | None = TASK_THREADS, alternatives: int = 0) -> Encoded:
     """Encode a validated catalog: codes, fingerprints, rejects and counts.
 
     ``policy`` "all" (a full run) reads the embeddings once: the UDF checks, fingerprints and encodes
@@ -213,7 +231,8 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
         known: ITEM_ID and EMBEDDING_FINGERPRINT of the items a table already holds (one row per id),
             needed by the policies other than "all".
         policy: "all", "new" or "new_or_changed".
-        batch_size, device, threads: as for :func:`encode_embeddings`.
+        batch_size, device, threads, alternatives: as for :func:`encode_embeddings` (the alternatives
+            ride along in ``Encoded.codes``, null where a row was not encoded).
     """
     if policy not in ENCODE_POLICIES:
         raise ValueError(f"unknown encode policy {policy!r}; choose one of {', '.join(ENCODE_POLICIES)}")
@@ -222,7 +241,7 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
 
     def scan(df: DataFrame, encode: bool = True) -> DataFrame:
         return encode_embeddings(df, checkpoint, v.dim, batch_size=batch_size, device=device, threads=threads,
-                                 fingerprints=True, encode=encode)
+                                 fingerprints=True, encode=encode, alternatives=alternatives)
 
     encode_all = policy == ENCODE_ALL
     # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
@@ -247,8 +266,8 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
                    ) -> tuple[DataFrame, int | None]:
     """The second pass of an incremental run: codes for the clean rows that need them, joined back.
 
-    Returns the clean rows (ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT; codes null where
-    not needed) and how many rows went through the model (None without materialisation).
+    Returns the clean rows (ITEM_ID, CODES, QUANTIZATION_ERROR[, the alternatives], EMBEDDING_FINGERPRINT;
+    codes null where not needed) and how many rows went through the model (None without materialisation).
     """
     held = known.select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP))
     marked = clean.select(ITEM_ID, EMBEDDING_FINGERPRINT).join(held, ITEM_ID, "left")
@@ -270,9 +289,10 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
                 "(e.g. a Delta version).")
         second, encoded_rows = coded, wanted
     # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes.
-    coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR)
-    codes = clean.drop(CODES, QUANTIZATION_ERROR).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
-    return codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT), encoded_rows
+    carried = [c for c in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS) if c in second.columns]
+    coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, *carried)
+    codes = clean.drop(*carried).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
+    return codes.select(ITEM_ID, *carried, EMBEDDING_FINGERPRINT), encoded_rows
 
 
 _HELD_FP = "__csid_held_fingerprint"
@@ -289,3 +309,4 @@ class TokenizerModel:
     num_levels: int
     codebook_size: int
     input_dim: int
+    collision_alternatives: int = 0

@@ -35,6 +35,8 @@ from pipelines import io
 from pipelines.encode import ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel
 from pipelines.schema import (
     ACTIVE,
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
     CHANGED_AT,
     CODES,
     EMBEDDING_FINGERPRINT,
@@ -58,7 +60,7 @@ from pipelines.schema import (
     RetiredReason,
     prefix_column,
 )
-from pipelines.uniquify import assign_next_suffixes, assign_suffixes
+from pipelines.uniquify import assign_next_suffixes, assign_suffixes, spread_collisions
 from pipelines.validate import RowAccountingError
 
 FULL, INCREMENTAL = "full", "incremental"
@@ -415,7 +417,8 @@ def plan_changes(
 
 def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed: str) -> DataFrame:
     """One row per item of the catalog or the table's candidate rows, with its CHANGE."""
-    new = encoded.codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT,
+    ranked = _alternatives_in(encoded.codes)
+    new = encoded.codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, *ranked,
                                F.lit(True).alias(_IN_CATALOG))
     if state is None:
         return new.withColumns({CHANGE: F.lit(NEW_ITEM), _OLD_SID: F.lit(None).cast("string"),
@@ -429,6 +432,8 @@ def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed
     has_row, was_active = F.col(_OLD_SID).isNotNull(), F.coalesce(F.col(_OLD_ACTIVE), F.lit(False))
     fp_same = F.col(_OLD_FP).eqNullSafe(F.col(EMBEDDING_FINGERPRINT)) & F.col(_OLD_FP).isNotNull()
     codes_same = F.coalesce(F.col(_OLD_CODES) == F.col(CODES), F.lit(False))
+    if ranked:  # an item moved off a collision earlier keeps its tuple while it stays among its alternatives
+        codes_same = codes_same | F.coalesce(_still_among_alternatives(), F.lit(False))
     encoded_now = F.col(CODES).isNotNull()
     if mode.new_generation:
         both = F.when(codes_same, F.lit(CONFIRMED)).otherwise(F.lit(MOVED))
@@ -445,6 +450,19 @@ def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed
               .when(~in_catalog, F.lit(UNCHANGED))
               .otherwise(both))
     return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same})
+
+
+def _alternatives_in(df: DataFrame) -> list[str]:
+    """The ranked last-level columns ``df`` carries (a model with ``collision_alternatives``), or []."""
+    return [c for c in (ALTERNATIVES, ALTERNATIVE_ERRORS) if c in df.columns]
+
+
+def _still_among_alternatives() -> Column:
+    """The item's old tuple has its new prefix and a last code among its new ranked alternatives."""
+    old, new = F.col(_OLD_CODES), F.col(CODES)
+    levels = F.size(new)
+    return ((F.size(old) == levels) & (F.slice(old, 1, levels - 1) == F.slice(new, 1, levels - 1))
+            & F.array_contains(F.col(ALTERNATIVES), F.element_at(old, -1)))
 
 
 def _count_changes(staged: DataFrame, valid: int) -> ChangeCounts:
@@ -485,7 +503,10 @@ class _Stamp:
 
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp) -> DataFrame:
     """New rows (full table columns) for the items that get a new ID."""
-    base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE)
+    ranked = _alternatives_in(to_issue)
+    base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
+    if ranked:  # the model's collision-aware last level, away from every tuple ever issued
+        base = spread_collisions(base, num_levels, state.ledger if state is not None else None)
     numbered = (assign_suffixes(base, num_levels) if state is None
                 else assign_next_suffixes(base, state.ledger, num_levels))
     return numbered.withColumns({

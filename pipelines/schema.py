@@ -34,6 +34,10 @@ CODES = "codes"
 SUFFIX = "suffix"
 SEMANTIC_ID = "semantic_id"
 QUANTIZATION_ERROR = "quantization_error"
+# Working columns of a run (never written): the model's ranked last-level codes and their errors,
+# for the collision-aware last level (rqvae.resolve, pipelines.uniquify.spread_collisions).
+ALTERNATIVES = "__csid_alternatives"
+ALTERNATIVE_ERRORS = "__csid_alternative_errors"
 MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 MLFLOW_RUN_ID = "mlflow_run_id"

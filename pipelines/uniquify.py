@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from pipelines.schema import (
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
     CODE_SEPARATOR,
     CODES,
     ITEM_ID,
@@ -29,6 +33,11 @@ from pipelines.validate import SchemaError
 
 _TUPLE_KEY = "__csid_tuple_key"
 _NEXT_SUFFIX = "__csid_next_suffix"
+_PREFIX_KEY = "__csid_prefix_key"
+_HELD = "__csid_held"
+_RANK = "__csid_rank"
+_CLAIMED = "__csid_claimed"
+_LAST_CODE = "__csid_last_code"
 
 
 def require_columns(df: DataFrame, columns: Iterable[str], where: str) -> None:
@@ -161,6 +170,76 @@ def assign_next_suffixes(new_df: DataFrame, existing_df: DataFrame, num_levels: 
         SUFFIX, (first + F.row_number().over(in_group) - 1).cast("int")
     )
     return _with_ids(ranked, num_levels).select(*_output_columns(new_df.columns, num_levels))
+
+
+def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None = None) -> DataFrame:
+    """The collision-aware last level (:mod:`rqvae.resolve`) on a DataFrame, before the suffixes.
+
+    In every group of items sharing a full tuple the best-fitting one (the suffix order: error, then
+    item id) keeps it; the others take, in that order, the nearest of their ranked alternatives that
+    no item of their prefix holds, and keep their code (and get a suffix later) when none is free. A
+    tuple of ``issued`` (the ledger: every ID ever issued, active or retired) is never given out, and
+    an item whose nearest tuple is issued moves too. Items that do not collide are not touched; the
+    prefix (levels 1..L-1) never changes. Only the prefixes that have movers are grouped (one pandas
+    call per prefix), so the cost follows the collisions, not the catalog.
+
+    Args:
+        df: ``item_id`` (unique), ``codes``, ``quantization_error``, ALTERNATIVES ARRAY<INT> and
+            ALTERNATIVE_ERRORS ARRAY<FLOAT> (:func:`pipelines.encode.encode_embeddings` with
+            ``alternatives``); other columns are carried through.
+        num_levels: L.
+        issued: ``codes`` of every tuple already issued, or None (a first run).
+
+    Returns:
+        ``df``'s columns without the alternatives; ``codes`` and ``quantization_error`` are the moved
+        items' new ones.
+    """
+    _check_levels(num_levels)
+    require_columns(df, (ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS), "spread_collisions")
+    out_columns = [c for c in df.columns if c not in (ALTERNATIVES, ALTERNATIVE_ERRORS)]
+    last = F.element_at(F.col(CODES), num_levels)
+    keyed = df.withColumn(CODES, checked_codes(num_levels)).withColumns(
+        {_TUPLE_KEY: code_prefix(num_levels), _PREFIX_KEY: code_prefix(num_levels - 1)})
+    if issued is not None:
+        held = issued.select(code_prefix(num_levels).alias(_TUPLE_KEY)).distinct().withColumn(_HELD, F.lit(True))
+        keyed = keyed.join(held, _TUPLE_KEY, "left")
+    else:
+        keyed = keyed.withColumn(_HELD, F.lit(None).cast("boolean"))
+    ranked = keyed.withColumn(_RANK, F.row_number().over(Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())))
+    keeps = (F.col(_RANK) == 1) & F.col(_HELD).isNull()
+    keepers, movers = ranked.where(keeps), ranked.where(~keeps)
+    claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
+    if issued is not None:
+        claims = claims.unionByName(issued.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY),
+                                                  last.alias(_LAST_CODE)))
+    claimed = (claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
+               .groupBy(_PREFIX_KEY).agg(F.collect_set(_LAST_CODE).alias(_CLAIMED)))
+    id_type = df.schema[ITEM_ID].dataType.simpleString()
+    moved = (movers.select(_PREFIX_KEY, ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)
+             .join(claimed, _PREFIX_KEY, "left")
+             .groupBy(_PREFIX_KEY)
+             .applyInPandas(_spread_group, f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"))
+    kept_columns = [c for c in out_columns if c not in (CODES, QUANTIZATION_ERROR)]
+    movers_out = movers.select(*kept_columns).join(moved, ITEM_ID).select(*out_columns)
+    return keepers.select(*out_columns).unionByName(movers_out)
+
+
+def _spread_group(pdf: pd.DataFrame) -> pd.DataFrame:
+    """One prefix's movers -> their (item_id, codes, quantization_error) after :func:`rqvae.resolve`."""
+    from rqvae.resolve import spread_last_level  # numpy only, but imported where the group runs
+
+    codes = np.stack([np.asarray(c, dtype=np.int64) for c in pdf[CODES]])
+    claimed = pdf[_CLAIMED].iloc[0]
+    claimed = np.asarray([] if claimed is None else list(claimed), dtype=np.int64)
+    taken = np.column_stack([np.repeat(codes[:1, :-1], len(claimed), axis=0), claimed])
+    ids = pdf[ITEM_ID].to_numpy()
+    tie = ids.astype(str) if ids.dtype == object else ids
+    out = spread_last_level(codes, pdf[QUANTIZATION_ERROR].to_numpy(np.float32),
+                            np.stack([np.asarray(a, dtype=np.int64) for a in pdf[ALTERNATIVES]]),
+                            np.stack([np.asarray(a, dtype=np.float32) for a in pdf[ALTERNATIVE_ERRORS]]),
+                            tiebreak=tie, taken=taken)
+    return pd.DataFrame({ITEM_ID: pdf[ITEM_ID].to_numpy(), CODES: list(out.codes),
+                         QUANTIZATION_ERROR: out.quantization_error})
 
 
 def _suffix_order() -> list[Column]:

@@ -246,3 +246,18 @@ def assert_suffix_contract(rows: Sequence[dict[str, Any]]) -> int:
         ordered = sorted(group, key=lambda r: (r["quantization_error"], r["item_id"]))
         assert [r["suffix"] for r in ordered] == list(range(len(group))), f"tuple {codes}: {ordered}"
     return len(groups)
+
+
+def issued_codes(model: Any, x: np.ndarray, ids: Sequence[Any]) -> Any:
+    """The codes the job issues for a first run of catalog ``x`` (rows named by ``ids``), computed
+    in-process: ``rqvae.encode_array`` with the model's ranked last-level alternatives, then
+    ``rqvae.resolve.spread_last_level`` (ties by item id). A :class:`rqvae.resolve.Spread`."""
+    from rqvae import encode_array
+    from rqvae.resolve import spread_last_level
+
+    ranked = encode_array(model, x, alternatives=model.config.collision_alternatives)
+    if ranked.alternatives is None:
+        return spread_last_level(ranked.codes, ranked.quantization_error, ranked.codes[:, -1:],
+                                 ranked.quantization_error[:, None], tiebreak=np.asarray(ids))
+    return spread_last_level(ranked.codes, ranked.quantization_error, ranked.alternatives,
+                             ranked.alternative_errors, tiebreak=np.asarray(ids))

@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import pipelines.registry as registry
+from jobs.tokenize_catalog import DEFAULT_COLLISION_ALTERNATIVES
 from pipelines.demo import write_demo_catalog
 from pipelines.io import delta_version
 from pipelines.report import REPORT_HTML, SUMMARY_JSON
@@ -209,12 +210,20 @@ def test_udf_codes_equal_batch_encoding_of_the_registered_model(trained, catalog
     assert (resolved.name, resolved.version) == (MODEL, "1")
     run_id = trained.table(SEMANTIC_IDS_TABLE).column("mlflow_run_id")[0].as_py()
     assert resolved.checkpoint == (trained.work / "checkpoints" / f"{run_id}.pt").read_bytes()
-    expected = encode_array(load_checkpoint(resolved.checkpoint), catalog.valid_embeddings)
+    model = load_checkpoint(resolved.checkpoint)
+    assert model.config.collision_alternatives == DEFAULT_COLLISION_ALTERNATIVES > 0  # the default travels with it
+    # The table holds the model's codes with colliding items spread over free last-level codes.
+    expected = spread_codes(model, catalog)
+    assert expected.moved.any()
     rows = helpers.by_item(trained.table(SEMANTIC_IDS_TABLE))
     codes = np.array([rows[i]["codes"] for i in catalog.valid_ids], dtype=np.int32)
     errors = np.array([rows[i]["quantization_error"] for i in catalog.valid_ids], dtype=np.float32)
     np.testing.assert_array_equal(codes, expected.codes)
     np.testing.assert_allclose(errors, expected.quantization_error, rtol=1e-5, atol=1e-6)
+
+
+def spread_codes(model, catalog):  # type: ignore[no-untyped-def]
+    return helpers.issued_codes(model, catalog.valid_embeddings, catalog.valid_ids)
 
 
 def test_training_run_is_in_its_experiment_with_local_artifacts(trained) -> None:
@@ -306,10 +315,18 @@ def _predict_in_fresh_process(run: Run, catalog: Catalog, tmp_path: Path, mode: 
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
+    # The served model gives each item its nearest codes: the table's, except for the items the job
+    # moved off a collision (their table tuple is then one of the model's alternatives).
+    registry.configure_tracking(run.work)
+    model = load_checkpoint(registry.resolve_model(CHAMPION).checkpoint)
+    nearest = encode_array(model, catalog.valid_embeddings[pick])
+    assert got["codes"] == nearest.codes.tolist()
+    np.testing.assert_allclose(got["errors"], nearest.quantization_error, rtol=1e-5, atol=1e-6)
     rows = helpers.by_item(run.table(SEMANTIC_IDS_TABLE))
-    expected = [rows[catalog.valid_ids[i]] for i in pick]
-    assert got["codes"] == [r["codes"] for r in expected]
-    np.testing.assert_allclose(got["errors"], [r["quantization_error"] for r in expected], rtol=1e-5, atol=1e-6)
+    moved = spread_codes(model, catalog).moved[pick]
+    assert not moved.all()
+    assert [rows[catalog.valid_ids[i]]["codes"] for i, m in zip(pick, moved) if not m] == [
+        c for c, m in zip(got["codes"], moved) if not m]
 
 
 def test_registered_model_reproduces_the_table_in_a_fresh_process(trained, catalog, tmp_path) -> None:

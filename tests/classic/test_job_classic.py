@@ -17,7 +17,7 @@ import pytest
 
 from jobs.tokenize_catalog import main
 from pipelines.session import DeltaNotAvailableError, start_session
-from rqvae import encode_array, load_checkpoint
+from rqvae import load_checkpoint
 from rqvae.synthetic import CatalogSpec, make_catalog
 
 pytestmark = [pytest.mark.spark, pytest.mark.classic]
@@ -51,7 +51,8 @@ def test_spark_submit_writes_parquet_tables(tmp_path) -> None:
     assert {(r["model_name"], r["model_version"]) for r in rows.values()} == {("catalog-semantic-ids", "1")}
     helpers.assert_suffix_contract(list(rows.values()))
     (checkpoint,) = (work / "checkpoints").glob("*.pt")
-    expected = encode_array(load_checkpoint(checkpoint), make_catalog(CatalogSpec(N_ITEMS, DIM, seed=0)).embeddings)
+    x = make_catalog(CatalogSpec(N_ITEMS, DIM, seed=0)).embeddings
+    expected = helpers.issued_codes(load_checkpoint(checkpoint), x, list(range(N_ITEMS)))
     np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in range(N_ITEMS)]), expected.codes)
     assert helpers.read_parquet(tables / "rejects").num_rows == 0
     assert (tables / "report" / "prefix_summary.json").is_file()

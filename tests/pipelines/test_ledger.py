@@ -16,6 +16,8 @@ from pipelines import io, ledger
 from pipelines.encode import Encoded, TokenizerModel
 from pipelines.schema import (
     ACTIVE,
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
     EMBEDDING_FINGERPRINT,
     GENERATION,
     ISSUE_COLUMNS,
@@ -370,3 +372,43 @@ def test_the_drift_of_a_new_generation_counts_moves_of_active_ids_only(spark) ->
     assert (p.counts.moved, p.counts.ids_changed, p.counts.compared) == (2, 1, 4)
     assert [(r[ITEM_ID], r["old_codes"], r["new_codes"]) for r in p.pairs().collect()] == [("b", [1, 2], [7, 7])]
     assert {r[ITEM_ID] for r in ledger.id_changes(p.table()).collect() if r[GENERATION] == 2} == {"b", "d"}
+
+
+def encoded_ranked(spark, rows: list[tuple]) -> Encoded:
+    """(item, codes, error, fingerprint, ranked last-level codes) per clean row: a model with
+    collision_alternatives (each alternative's error is the item's error + 0.1 per rank)."""
+    full = [(i, c, e, fp, alts, None if alts is None else [e + 0.1 * r for r in range(len(alts))])
+            for i, c, e, fp, alts in rows]
+    codes = spark.createDataFrame(full, f"item_id string, codes array<int>, quantization_error float, "
+                                        f"embedding_fingerprint bigint, {ALTERNATIVES} array<int>, "
+                                        f"{ALTERNATIVE_ERRORS} array<float>")
+    rejects = spark.createDataFrame([("x", "x")], "item_id string, reason string").limit(0)
+    return Encoded(codes, rejects, ValidationCounts(len(rows), {}))
+
+
+def test_new_items_take_a_free_tuple_among_their_alternatives_before_a_suffix(spark) -> None:
+    # 1_2 is issued (a, b): f and g would be 1_2_2 and 1_2_3. With alternatives g (the better fit)
+    # takes 1_3 first, so f takes 1_6; h's 9_9 is free and stays. 5_5 was d's (retired): k, new, is
+    # kept off it (a retired ID's tuple is never handed out) and takes 5_4.
+    nxt = [("a", None, None, 10, None), ("b", None, None, 11, None), ("c", None, None, 12, None),
+           ("e", None, None, 15, None), ("f", [1, 2], 0.5, 20, [2, 3, 6, 8]), ("g", [1, 2], 0.1, 21, [2, 3, 8, 9]),
+           ("h", [9, 9], 0.3, 22, [9, 1, 2, 3]), ("k", [5, 5], 0.2, 23, [5, 4, 1, 2])]
+    p = plan(spark, state_of(spark), encoded_ranked(spark, nxt), INCREMENTAL)
+    rows = table_rows(p)
+    assert {(r[ITEM_ID], sid) for sid, r in rows.items() if r[ACTIVE]} == {
+        ("a", "1_2_0"), ("b", "1_2_1"), ("c", "3_4_0"), ("e", "6_7_0"), ("g", "1_3_0"), ("f", "1_6_0"),
+        ("h", "9_9_0"), ("k", "5_4_0")}
+    assert rows["1_3_0"]["quantization_error"] == pytest.approx(0.2)  # g's error on the code it took
+    assert rows["5_5_0"][ACTIVE] is False  # d's retired ID stays d's
+
+
+def test_a_new_generation_confirms_an_id_whose_tuple_is_still_among_the_items_alternatives(spark) -> None:
+    # a's nearest tuple is now 1_5, but its ID's tuple 1_2 is its second choice: it keeps 1_2_0. b's
+    # prefix changed: it moves (to 7_7, free).
+    every = [("a", [1, 5], 0.4, 10, [5, 2]), ("b", [7, 7], 0.4, 11, [7, 2]), ("c", [3, 4], 0.9, 12, [4, 0]),
+             ("d", [5, 5], 0.1, 13, [5, 1]), ("e", [6, 7], 0.1, 15, [7, 6])]
+    p = plan(spark, state_of(spark), encoded_ranked(spark, every), NEW_GENERATION, model=V2)
+    assert (p.counts.confirmed, p.counts.moved) == (4, 1)
+    rows = table_rows(p)
+    assert rows["1_2_0"][ITEM_ID] == "a" and rows["1_2_0"][ACTIVE] and rows["1_2_0"][GENERATION] == 2
+    assert rows["7_7_0"][ITEM_ID] == "b" and rows["1_2_1"][RETIRED_REASON] == RetiredReason.NEW_GENERATION

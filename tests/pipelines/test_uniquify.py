@@ -1,11 +1,22 @@
 """assign_suffixes / assign_suffixes_incremental on the embedded (Sail) engine; expectations by hand."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from pipelines.schema import CODES, ITEM_ID, QUANTIZATION_ERROR, SEMANTIC_ID, SUFFIX, prefix_column
-from pipelines.uniquify import assign_suffixes, assign_suffixes_incremental
+from pipelines.schema import (
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
+    CODES,
+    ITEM_ID,
+    QUANTIZATION_ERROR,
+    SEMANTIC_ID,
+    SUFFIX,
+    prefix_column,
+)
+from pipelines.uniquify import assign_suffixes, assign_suffixes_incremental, spread_collisions
 from pipelines.validate import SchemaError
+from rqvae.resolve import spread_last_level
 
 pytestmark = pytest.mark.spark
 
@@ -119,3 +130,48 @@ def test_incremental_with_nothing_new_returns_existing(spark):
     existing = assign_suffixes(spark.createDataFrame(ITEMS, SCHEMA), num_levels=3)
     new = spark.createDataFrame(ITEMS[:2], SCHEMA)
     assert rows(assign_suffixes_incremental(new, existing, num_levels=3), COLUMNS) == EXPECTED
+
+
+# The collision-aware last level. Group 1_2_3 = {a .5, b .1, c .1}: b keeps it (lowest error, then id);
+# c then a move in that order. 1_2_4 is d's, so c skips 4 and takes 5; a takes 6. g keeps 7_2_3, f moves.
+RANKED = {"a": [3, 4, 6], "b": [3, 4, 5], "c": [3, 4, 5], "d": [4, 3, 5], "e": [3, 4, 5], "f": [3, 9, 8],
+          "g": [3, 2, 1]}
+SPREAD_SCHEMA = (f"item_id string, codes array<int>, quantization_error float, extra string, "
+                 f"{ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>")
+
+
+def ranked_items():
+    return [(*item, RANKED[item[0]], [item[2], item[2] + 0.1, item[2] + 0.2]) for item in ITEMS]
+
+
+def test_spread_moves_only_colliding_items_to_free_alternatives(spark):
+    out = spread_collisions(spark.createDataFrame(ranked_items(), SPREAD_SCHEMA), num_levels=3)
+    assert out.columns == [ITEM_ID, CODES, QUANTIZATION_ERROR, "extra"]
+    got = {r[ITEM_ID]: (list(r[CODES]), round(r[QUANTIZATION_ERROR], 4), r["extra"]) for r in out.collect()}
+    assert got == {"a": ([1, 2, 6], 0.7, "xa"), "b": ([1, 2, 3], 0.1, "xb"), "c": ([1, 2, 5], 0.3, "xc"),
+                   "d": ([1, 2, 4], 0.2, "xd"), "e": ([1, 5, 3], 0.3, "xe"), "f": ([7, 2, 9], 1.0, "xf"),
+                   "g": ([7, 2, 3], 0.4, "xg")}
+
+
+def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark):
+    rng = np.random.default_rng(4)
+    n, k = 400, 6
+    codes = np.column_stack([rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(0, 5, n)])
+    alternatives = np.array([[c, *[x for x in rng.permutation(12) if x != c][:k - 1]] for c in codes[:, 2]])
+    errors = rng.random(n).astype(np.float32)
+    alt_errors = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+    alt_errors[:, 0] = errors
+    ids = np.array([f"i{j:04d}" for j in rng.permutation(n)])
+    issued = np.array([[0, 0, 7], [1, 1, 0], [2, 0, 3]])
+    rows_in = [(str(ids[j]), codes[j].tolist(), float(errors[j]), "x", alternatives[j].tolist(),
+                alt_errors[j].tolist()) for j in range(n)]
+    ledger = spark.createDataFrame([(c.tolist(),) for c in issued], "codes array<int>")
+    out = spread_collisions(spark.createDataFrame(rows_in, SPREAD_SCHEMA), 3, issued=ledger)
+    got = {r[ITEM_ID]: list(r[CODES]) for r in out.collect()}
+    expected = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids, taken=issued).codes
+    assert got == {str(ids[j]): expected[j].tolist() for j in range(n)}
+    # An item on an issued tuple is one whose nearest tuple it is and that found no free alternative.
+    nearest = {str(ids[j]): codes[j].tolist() for j in range(n)}
+    assert all(got[i] == nearest[i] for i, c in got.items() if c in issued.tolist())
+    # 6 prefixes x 12 codes for 400 items: the crowded prefixes fill up to the codes their items rank.
+    assert sum(got[i] != nearest[i] for i in got) > 30
