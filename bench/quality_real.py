@@ -38,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peers  # noqa: E402  (bench/peers.py)
 
+from jobs.tokenize_catalog import (  # noqa: E402
+    DEFAULT_ANCHOR_LEVELS,
+    DEFAULT_ANCHOR_RECONSTRUCTION,
+    DEFAULT_COLLISION_ALTERNATIVES,
+)
 from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit  # noqa: E402
 from rqvae.metrics import (  # noqa: E402
     _cluster_class_agreement,
@@ -46,6 +51,7 @@ from rqvae.metrics import (  # noqa: E402
     nearest_neighbours,
     prefix_coincidence,
 )
+from rqvae.resolve import spread_last_level  # noqa: E402
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent / ".cache" / "wordnet_nouns.parquet"
 NMI2_DEPTH = 5
@@ -103,12 +109,25 @@ def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, le
 Method = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray | None, float, float]]
 
 
+def encode_spread(model: Any, x: np.ndarray, spread: int) -> np.ndarray:
+    """Codes (N, L); with ``spread`` > 0, colliding items moved to free last-level codes among their
+    ``spread`` nearest (rqvae.resolve, as the job does), ties by row number."""
+    if spread <= 0:
+        return encode_array(model, x).codes
+    r = encode_array(model, x, alternatives=spread)
+    return spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors).codes
+
+
 def ours(**changes: object) -> Method:
-    """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs."""
+    """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs
+    (``collision_alternatives=0`` turns the collision-aware last level off)."""
     def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         model_keys = set(ModelConfig.__dataclass_fields__)
         model_args: dict[str, Any] = {"input_dim": x.shape[1], "hidden_dims": (512, 256, 128), "latent_dim": 32,
-                                      "num_levels": levels, "codebook_size": k}
+                                      "num_levels": levels, "codebook_size": k,
+                                      "anchor_levels": DEFAULT_ANCHOR_LEVELS,
+                                      "anchor_reconstruction": DEFAULT_ANCHOR_RECONSTRUCTION,
+                                      "collision_alternatives": DEFAULT_COLLISION_ALTERNATIVES}
         train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed}
         for key, value in changes.items():
             (model_args if key in model_keys else train_args)[key] = value
@@ -117,7 +136,7 @@ def ours(**changes: object) -> Method:
         model = fit(x, mcfg, tcfg).model.eval()
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
-        codes = encode_array(model, x).codes
+        codes = encode_spread(model, x, mcfg.collision_alternatives)
         enc = len(x) / (time.perf_counter() - start)
         with torch.no_grad():
             recon = np.concatenate([model.decode_codes(torch.as_tensor(codes[i:i + 8192], dtype=torch.long)).numpy()
@@ -126,16 +145,18 @@ def ours(**changes: object) -> Method:
     return run
 
 
-def our_rqkmeans(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
-    start = time.perf_counter()
-    model = RQKMeans.fit(x, RQKMeansConfig(input_dim=x.shape[1], num_levels=levels, codebook_size=k), seed=seed)
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    codes = encode_array(model, x).codes
-    enc = len(x) / (time.perf_counter() - start)
-    with torch.no_grad():
-        recon = model.decode_codes(torch.as_tensor(codes, dtype=torch.long)).numpy()
-    return codes, recon, fit_s, enc
+def our_rqkmeans(spread: int = 0) -> Method:
+    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+        start = time.perf_counter()
+        model = RQKMeans.fit(x, RQKMeansConfig(input_dim=x.shape[1], num_levels=levels, codebook_size=k), seed=seed)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        codes = encode_spread(model, x, spread)
+        enc = len(x) / (time.perf_counter() - start)
+        with torch.no_grad():
+            recon = model.decode_codes(torch.as_tensor(codes, dtype=torch.long)).numpy()
+        return codes, recon, fit_s, enc
+    return run
 
 
 def peer(fn: Callable[..., peers.PeerResult]) -> Method:
@@ -145,14 +166,24 @@ def peer(fn: Callable[..., peers.PeerResult]) -> Method:
     return run
 
 
+# The job's defaults before issue 12's changes: level 1 anchored, decoder-only reconstruction, no spreading.
+BEFORE = {"anchor_levels": 1, "anchor_reconstruction": False, "collision_alternatives": 0}
+
 METHODS: dict[str, Method] = {
     "ours": ours(),
-    "ours_plain_rqvae": ours(anchor_first_level=False),
+    "ours_plain_rqvae": ours(**{**BEFORE, "anchor_first_level": False}),
     # variants tried (issue 12's "table of everything tried"; bench/RESULTS.md)
+    "ours_before": ours(**BEFORE),
+    "ours_before_spread16": ours(**{**BEFORE, "collision_alternatives": 16}),
+    "ours_anchor2_spread16": ours(**{**BEFORE, "anchor_levels": 2, "collision_alternatives": 16}),
+    "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),
+    "ours_no_spread": ours(collision_alternatives=0),
+    "ours_spread4": ours(collision_alternatives=4),
     "ours_latent64": ours(latent_dim=64),
     "ours_epochs60": ours(epochs=60),
     "ours_rotation": ours(estimator="rotation"),
-    "ours_rqkmeans": our_rqkmeans,
+    "ours_rqkmeans": our_rqkmeans(),
+    "ours_rqkmeans_spread16": our_rqkmeans(spread=16),
     "semantic_id_rqkmeans": peer(peers.fit_semantic_id_rqkmeans),
     "vqtorch_residual_vq": peer(peers.fit_vqtorch_residual_vq),
     "faiss_residual_quantizer": peer(peers.fit_faiss_residual_quantizer),

@@ -101,7 +101,8 @@ def _nonempty(text: str) -> str:
 
 
 # The tokenizer defaults measured best on the real catalog (bench/RESULTS.md, "Quality on a real catalog").
-DEFAULT_ANCHOR_LEVELS = 1
+DEFAULT_ANCHOR_LEVELS = 2
+DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
@@ -198,9 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-anchor", action="store_true",
                    help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
                         "k-means centroids (docs/design.md explains the trade-off)")
-    g.add_argument("--anchor-levels", type=_at_least(1), default=DEFAULT_ANCHOR_LEVELS,
-                   help="leading levels chosen by input-space residual k-means (the anchor); the rest are learned. "
-                        "Must be below --levels (docs/design.md)")
+    g.add_argument("--anchor-levels", type=_at_least(1), default=None,
+                   help=f"leading levels chosen by input-space residual k-means (the anchor); the rest are learned. "
+                        f"Must be below --levels; default {DEFAULT_ANCHOR_LEVELS}, or --levels - 1 when that is fewer "
+                        "(docs/design.md)")
+    g.add_argument("--anchor-reconstruction", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_ANCHOR_RECONSTRUCTION,
+                   help="reconstruct an item as its anchored centroids plus the decoder's output, so the decoder "
+                        "learns what the anchor leaves (ignored with --no-anchor)")
     g.add_argument("--collision-alternatives", type=_at_least(0), default=DEFAULT_COLLISION_ALTERNATIVES,
                    help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
                         "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
@@ -280,7 +286,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
                 "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
                 "a new generation")
-    if not a.no_anchor and a.anchor_levels >= max(2, a.levels):
+    if a.anchor_levels is None:
+        a.anchor_levels = max(1, min(DEFAULT_ANCHOR_LEVELS, a.levels - 1))
+    elif not a.no_anchor and a.anchor_levels >= max(2, a.levels):
         p.error(f"--anchor-levels {a.anchor_levels} leaves no learned level: use at most --levels - 1 = {a.levels - 1}, "
                 "or --no-anchor")
     if a.collision_alternatives > a.codebook_size:
@@ -312,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                                  num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
                                  shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor,
                                  anchor_levels=a.anchor_levels if not a.no_anchor else 1,
+                                 anchor_reconstruction=a.anchor_reconstruction and not a.no_anchor,
                                  collision_alternatives=a.collision_alternatives),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                  taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16,

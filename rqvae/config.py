@@ -52,6 +52,9 @@ class ModelConfig(DictConfig):
             ``anchor_first_level`` is set: 1 (level 1 only) or more, each further level a k-means
             of the input-space residual the previous anchor levels left (residual k-means). Must be
             below ``num_levels``: at least the last level stays learned.
+        anchor_reconstruction: the reconstruction is the anchored levels' input-space centroids
+            plus the decoder's output, so the decoder learns what the anchor leaves (needs
+            ``anchor_first_level``).
         dropout: dropout probability in the encoder/decoder hidden layers.
         collision_alternatives: when > 0, an item whose full code tuple another item fits better
             takes the nearest free one of its this-many nearest last-level codes before a suffix is
@@ -70,6 +73,7 @@ class ModelConfig(DictConfig):
     normalize_inputs: bool = True
     anchor_first_level: bool = True
     anchor_levels: int = 1
+    anchor_reconstruction: bool = False
     dropout: float = 0.0
     collision_alternatives: int = 0
 
@@ -84,6 +88,9 @@ class ModelConfig(DictConfig):
         if not 1 <= self.anchor_levels < max(2, self.num_levels):
             raise ValueError(f"anchor_levels must be between 1 and num_levels - 1 = {self.num_levels - 1}, "
                              f"got {self.anchor_levels}")
+
+        if self.anchor_reconstruction and not self.anchor_first_level:
+            raise ValueError("anchor_reconstruction adds the anchor's centroids, so it needs anchor_first_level")
 
     @property
     def anchored(self) -> int:

@@ -111,6 +111,11 @@ class RQVAE(nn.Module):
                 residual = residual - book[idx]
         return torch.stack(codes, dim=1)
 
+    def anchor_sum(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, D) sum of the anchored levels' input-space centroids named by ``codes`` (B, >= A)."""
+        return sum((self.anchor_book(level)[codes[:, level]] for level in range(self.config.anchored)),
+                   torch.zeros(codes.shape[0], self.config.input_dim, device=codes.device))
+
     def _latent_and_anchor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder output z (B, d) and anchor codes for x (B, D), normalising x once for both."""
         p = self.prepare(x)
@@ -119,7 +124,10 @@ class RQVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> RQVAEOutput:
         z, first = self._latent_and_anchor(x)
         quant = self.quantizer(z.float(), first)
-        return RQVAEOutput(self.decoder(quant.quantized), z, quant)
+        reconstruction = self.decoder(quant.quantized)
+        if self.config.anchor_reconstruction and first is not None:
+            reconstruction = reconstruction + self.anchor_sum(first)
+        return RQVAEOutput(reconstruction, z, quant)
 
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,4 +148,5 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, D) of items from their codes (B, L)."""
-        return self.decoder(self.quantizer.codes_to_latent(codes))
+        out = self.decoder(self.quantizer.codes_to_latent(codes))
+        return out + self.anchor_sum(codes) if self.config.anchor_reconstruction else out

@@ -86,3 +86,19 @@ def test_two_anchored_levels_are_residual_k_means_in_input_space_and_survive_a_c
 def test_anchor_levels_must_leave_a_learned_level(levels: int) -> None:
     with pytest.raises(ValueError, match="anchor_levels must be between 1 and num_levels - 1 = 2"):
         ModelConfig(input_dim=24, num_levels=3, anchor_levels=levels)
+
+
+def test_anchor_reconstruction_adds_the_anchor_centroids_to_the_decoder_output() -> None:
+    cfg = ModelConfig(input_dim=24, hidden_dims=(32,), latent_dim=8, num_levels=3, codebook_size=16,
+                      anchor_levels=2, anchor_reconstruction=True)
+    model = fit(CATALOG.embeddings, cfg, TRAIN).model.eval()
+    codes = torch.from_numpy(encode_array(model, CATALOG.embeddings).codes.astype(np.int64))
+    with torch.no_grad():
+        decoded = model.decode_codes(codes)
+        by_hand = (model.decoder(model.quantizer.codes_to_latent(codes)) + model.anchor[codes[:, 0]]
+                   + model.anchor_deeper[0][codes[:, 1]])
+        forward = model(torch.from_numpy(CATALOG.embeddings)).reconstruction
+    torch.testing.assert_close(decoded, by_hand)
+    torch.testing.assert_close(forward, decoded)
+    with pytest.raises(ValueError, match="needs anchor_first_level"):
+        ModelConfig(input_dim=24, anchor_first_level=False, anchor_reconstruction=True)
