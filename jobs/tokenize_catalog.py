@@ -289,8 +289,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     if a.anchor_levels is None:
         a.anchor_levels = max(1, min(DEFAULT_ANCHOR_LEVELS, a.levels - 1))
     elif not a.no_anchor and a.anchor_levels >= max(2, a.levels):
-        p.error(f"--anchor-levels {a.anchor_levels} leaves no learned level: use at most --levels - 1 = {a.levels - 1}, "
-                "or --no-anchor")
+        p.error(f"--anchor-levels {a.anchor_levels} leaves no learned level: use at most --levels - 1 = "
+                f"{a.levels - 1}, or --no-anchor")
     if a.collision_alternatives > a.codebook_size:
         p.error(f"--collision-alternatives {a.collision_alternatives} is more than the --codebook-size "
                 f"{a.codebook_size} codes there are; use at most {a.codebook_size} (0 turns it off)")

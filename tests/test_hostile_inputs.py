@@ -108,6 +108,10 @@ BAD_ARGUMENTS = [
     (["--device", "tpu"], "argument --device: choose one of auto, cpu, cuda, mps (or cuda:N), got 'tpu'"),
     (["--model", "x.pt", "--stages", "validate,train,encode"], "--model names the model to use, but --stages asks"),
     (["--taxonomy-weight", "0.1"], "--taxonomy-weight needs the catalog's taxonomy: pass --category-col"),
+    (["--anchor-levels", "3"], "--anchor-levels 3 leaves no learned level: use at most --levels - 1 = 2"),
+    (["--anchor-levels", "0"], "argument --anchor-levels: must be at least 1, got 0"),
+    (["--collision-alternatives", "300"], "--collision-alternatives 300 is more than the --codebook-size 256 codes"),
+    (["--collision-alternatives", "-1"], "argument --collision-alternatives: must be at least 0, got -1"),
 ]
 
 
