@@ -104,8 +104,8 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
         quantizer.codebooks.data[book] = quantizer.codebooks.data[book][index]
         quantizer.steps_unused[book] = quantizer.steps_unused[book][index]
     for level in range(model.config.anchored):
-        book = model.anchor_book(level)
-        book.copy_(book[_inverse(perms[min(level, len(perms) - 1)], model.codebook_size, book.device)])
+        centroids = model.anchor_book(level)
+        centroids.copy_(centroids[_inverse(perms[min(level, len(perms) - 1)], model.codebook_size, centroids.device)])
 
 
 def _inverse(perm: np.ndarray, k: int, device: torch.device) -> torch.Tensor:

@@ -139,7 +139,8 @@ def encode_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None = No
             q = model.quantize(block, alternatives=k) if k else model.quantize(block)
             codes[start:start + rows] = q.codes[:rows].to(torch.int32).cpu().numpy()
             errors[start:start + rows] = q.error[:rows].float().cpu().numpy()
-            if alt is not None and alt_errors is not None and q.alternatives is not None:
+            if (alt is not None and alt_errors is not None and q.alternatives is not None
+                    and q.alternative_errors is not None):
                 alt[start:start + rows] = q.alternatives[:rows].to(torch.int32).cpu().numpy()
                 alt_errors[start:start + rows] = q.alternative_errors[:rows].float().cpu().numpy()
     return EncodeResult(codes, errors, alt, alt_errors)

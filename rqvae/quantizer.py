@@ -78,9 +78,9 @@ def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[to
     return order, (residual.unsqueeze(1) - book[order]).norm(dim=-1)
 
 
-def _forced(first: torch.Tensor | None, level: int) -> bool:
-    """Whether ``level``'s codes are given (by an anchor's (B, A) codes) rather than chosen here."""
-    return first is not None and level < first.shape[1]
+def _forced(first: torch.Tensor | None, level: int) -> torch.Tensor | None:
+    """``level``'s codes (B,) when an anchor's (B, A) codes give them, else None (chosen here)."""
+    return first[:, level] if first is not None and level < first.shape[1] else None
 
 
 class ResidualQuantizer(nn.Module):
@@ -115,7 +115,8 @@ class ResidualQuantizer(nn.Module):
         codes, inputs = [], []
         for level in range(self.num_levels):
             book = self.codebook(level).detach().float()
-            idx = first[:, level] if _forced(first, level) else nearest(residual, book)[0]
+            given = _forced(first, level)
+            idx = given if given is not None else nearest(residual, book)[0]
             inputs.append(residual)
             codes.append(idx)
             residual = residual - book[idx]
@@ -135,7 +136,7 @@ class ResidualQuantizer(nn.Module):
         for level in range(self.num_levels):
             selected = self.codebook(level)[codes[:, level]]  # (B, d), grad to the codebook
             r = z - offsets
-            if self.training and not _forced(first, level):  # anchored level: usage is fixed
+            if self.training and _forced(first, level) is None:  # anchored level: usage is fixed
                 usage_loss = usage_loss + usage_entropy_gap(r, self.codebook(level)) / self.num_levels
             codebook_loss = codebook_loss + F.mse_loss(selected, r.detach())
             if self.commitment == "levels":
@@ -166,12 +167,13 @@ class ResidualQuantizer(nn.Module):
         """
         residual = z.detach().float()
         for level in range(1 if self.shared else self.num_levels):
-            if _forced(first, level):
-                centers = cluster_means(residual, first[:, level], self.codebook_size)
+            given = _forced(first, level)
+            if given is not None:
+                centers = cluster_means(residual, given, self.codebook_size)
             else:
                 centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
             self.codebooks.data[level] = centers.to(self.codebooks.dtype)
-            idx = first[:, level] if _forced(first, level) else nearest(residual, centers)[0]
+            idx = given if given is not None else nearest(residual, centers)[0]
             residual = residual - centers[idx]
         self.steps_unused.zero_()
 

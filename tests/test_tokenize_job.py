@@ -144,7 +144,12 @@ def test_every_valid_item_gets_one_unique_semantic_id(trained, catalog) -> None:
         assert r["semantic_id"] == "_".join(map(str, codes)) + f"_{r['suffix']}"
         assert [r[p] for p in prefixes] == ["_".join(map(str, codes[:lv])) for lv in range(1, LEVELS + 1)]
     tuples = helpers.assert_suffix_contract(rows)
-    assert tuples < len(rows), "no collisions: the suffix ordering was not exercised"
+    # The model's own codes collide; the job spread colliding items over free last-level codes, so the
+    # table has more distinct tuples than the model gives (the suffix order within groups that still
+    # collide is tested in tests/pipelines/test_uniquify.py and by the scheduled-runs rounds).
+    registry.configure_tracking(trained.work)
+    nearest = encode_array(load_checkpoint(registry.resolve_model(CHAMPION).checkpoint), catalog.valid_embeddings)
+    assert len({tuple(c) for c in nearest.codes.tolist()}) < tuples
     assert {(r["model_name"], r["model_version"]) for r in rows} == {(MODEL, "1")}
     assert len({r["mlflow_run_id"] for r in rows}) == 1
     types = {f.name: str(f.type) for f in sids.schema}
