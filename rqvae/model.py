@@ -121,8 +121,13 @@ class RQVAE(nn.Module):
         p = self.prepare(x)
         return self.encoder(p), self.anchor_codes(p, prepared=True)
 
-    def forward(self, x: torch.Tensor) -> RQVAEOutput:
-        z, first = self._latent_and_anchor(x)
+    def forward(self, x: torch.Tensor, first: torch.Tensor | None = None) -> RQVAEOutput:
+        """Training pass for x (B, D); ``first``: the anchored codes (B, A) when known already (they
+        are the anchor's: computed here when None)."""
+        if first is None:
+            z, first = self._latent_and_anchor(x)
+        else:
+            z = self.encode_latent(x)
         quant = self.quantizer(z.float(), first)
         reconstruction = self.decoder(quant.quantized)
         if self.config.anchor_reconstruction and first is not None:

@@ -82,6 +82,7 @@ class _Loop:
     step: int = 0
     quantize: bool = True
     forward: Any = None  # the model, or torch.compile(model); checkpoints always come from ``model``
+    anchor_codes: torch.Tensor | None = None  # (N, A) every item's anchored codes: the anchor is fixed in training
 
     def loss(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, D); ``idx`` selects category rows for the regularizer."""
@@ -91,7 +92,8 @@ class _Loop:
                 x_hat = self.model.decoder(self.model.encode_latent(x)).float()
                 recon = reconstruction_loss(self.model.prepare(x), x_hat, self.cfg.reconstruction_loss)
                 return {"recon": recon, "loss": recon}
-            out = (self.model if self.forward is None else self.forward)(x)
+            first = self.anchor_codes[idx] if self.anchor_codes is not None and idx is not None else None
+            out = (self.model if self.forward is None else self.forward)(x, first)
         recon = reconstruction_loss(self.model.prepare(x), out.reconstruction.float(), self.cfg.reconstruction_loss)
         q = out.quant
         total = (recon + self.cfg.codebook_weight * q.codebook_loss + self.cfg.beta * q.commitment_loss
@@ -262,6 +264,9 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
         _init_codebooks(model, xt, train_idx, cfg, generator)
     else:
         _start_from(model, init, xt, train_idx, cfg, generator)
+    if mcfg.anchored:  # the anchor does not change while the epochs run: its codes are computed once
+        with torch.no_grad():
+            loop.anchor_codes = torch.cat([model.anchor_codes(part) for part in xt.split(8192)])
     return _run_epochs(loop, xt, train_idx, hold_idx, sampler, callbacks)
 
 
