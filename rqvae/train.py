@@ -266,7 +266,8 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
         _start_from(model, init, xt, train_idx, cfg, generator)
     if mcfg.anchored:  # the anchor does not change while the epochs run: its codes are computed once
         with torch.no_grad():
-            loop.anchor_codes = torch.cat([model.anchor_codes(part) for part in xt.split(8192)])
+            parts = [model.anchor_codes(part) for part in xt.split(8192)]
+            loop.anchor_codes = torch.cat([p for p in parts if p is not None])
     return _run_epochs(loop, xt, train_idx, hold_idx, sampler, callbacks)
 
 
