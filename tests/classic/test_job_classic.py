@@ -12,6 +12,7 @@ from pathlib import Path
 
 import helpers
 import numpy as np
+import pyarrow as pa
 import pyspark
 import pytest
 
@@ -82,17 +83,59 @@ def test_start_session_raises_the_typed_error(classic_spark) -> None:
     assert classic_spark.range(1).count() == 1
 
 
-def test_delta_without_any_session_names_the_fix(tmp_path) -> None:
-    env = helpers.subprocess_env()
+def run_job(*args: str | Path, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python jobs/tokenize_catalog.py ARGS`` in a fresh process (its own JVM when --engine spark)."""
+    env = helpers.subprocess_env(SPARK_MASTER="local[2]", SPARK_DRIVER_MEMORY="1g", **(extra_env or {}))
     env.pop("PYSPARK_SUBMIT_ARGS", None)
-    proc = subprocess.run(
-        [sys.executable, str(JOB), "--engine", "spark", "--format", "delta", "--demo", "--demo-items", "50",
-         "--demo-dim", "4", "--work-dir", str(tmp_path / "work")],
-        cwd=tmp_path, env={**env, "SPARK_MASTER": "local[1]"}, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert re.search(DELTA_PACKAGES, proc.stderr) and "--format parquet" in proc.stderr
+    return subprocess.run([sys.executable, str(JOB), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=580)
 
+
+def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp_path) -> None:
+    # The job builds its own classic session with the Delta jars (delta-spark's pip helper fetches the
+    # jars that match the pinned pyspark from Maven), writes Delta on the JVM, and then runs
+    # incrementally: the ledger's MERGE on the JVM.
+    demo = ["--demo", "--demo-items", N_ITEMS, "--demo-dim", DIM, "--sample-size", 600, *helpers.SMALL_MODEL,
+            *helpers.GATE_OFF]
+    classic = run_job("--engine", "spark", "--shuffle-partitions", 4, *demo, "--work-dir", tmp_path / "classic",
+                      cwd=tmp_path)
+    assert classic.returncode == 0, (classic.stdout + classic.stderr)[-5000:]
+    embedded = run_job("--engine", "local", *demo, "--work-dir", tmp_path / "embedded", cwd=tmp_path)
+    assert embedded.returncode == 0, (embedded.stdout + embedded.stderr)[-5000:]
+    tables = tmp_path / "classic" / "tables"
+    on_jvm = helpers.by_item(helpers.read_delta(tables / "semantic_ids"))
+    on_sail = helpers.by_item(helpers.read_delta(tmp_path / "embedded" / "tables" / "semantic_ids"))
+    assert len(on_jvm) == N_ITEMS
+    assert {i: r["semantic_id"] for i, r in on_jvm.items()} == {i: r["semantic_id"] for i, r in on_sail.items()}
+    if helpers.CHECK_SID_TABLE.is_file():
+        check = helpers.run_sid_checker(tables / "semantic_ids", "--catalog", tmp_path / "classic" / "demo_catalog",
+                                        "--rejects", tables / "rejects")
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    from deltalake import DeltaTable
+
+    published = DeltaTable(str(tables / "semantic_ids")).version()
+    catalog = DeltaTable(str(tmp_path / "classic" / "demo_catalog")).to_pyarrow_table()
+    keep = [i for i in range(catalog.num_rows) if catalog.column("item_id")[i].as_py() % 40]  # 20 leave
+    extra = make_catalog(CatalogSpec(15, DIM, seed=9))
+    grown = helpers.write_delta(tmp_path / "grown", pa.concat_tables([
+        catalog.take(keep).select(["item_id", "embedding"]),
+        helpers.catalog_table((extra.item_ids + 10_000).tolist(), extra.embeddings,
+                              list_type=catalog.schema.field("embedding").type,
+                              id_type=catalog.schema.field("item_id").type)]))
+    again = run_job("--engine", "spark", "--shuffle-partitions", 4, "--input", grown, "--output", tables,
+                    "--mode", "incremental", "--model", "models:/catalog-semantic-ids@champion",
+                    "--work-dir", tmp_path / "classic", cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    rows = helpers.read_delta(tables / "semantic_ids").to_pylist()
+    active = {r["item_id"]: r["semantic_id"] for r in rows if r["active"]}
+    assert len(active) == len(keep) + 15
+    assert all(active[i] == on_jvm[i]["semantic_id"] for i in active if i < 10_000)  # no published ID moved
+    assert len({r["semantic_id"] for r in rows}) == len(rows) == N_ITEMS + 15
+    assert DeltaTable(str(tables / "semantic_ids")).version() == published + 1  # one MERGE commit
+    if helpers.CHECK_SID_TABLE.is_file():
+        check = helpers.run_sid_checker(tables / "semantic_ids", "--previous-version", published)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path) -> None:
