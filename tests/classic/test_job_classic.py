@@ -17,7 +17,7 @@ import pyspark
 import pytest
 
 from jobs.tokenize_catalog import main
-from pipelines.session import DeltaNotAvailableError, start_session
+from pipelines.session import DeltaNotAvailableError, delta_maven_coordinate, start_session
 from rqvae import load_checkpoint
 from rqvae.synthetic import CatalogSpec, make_catalog
 
@@ -92,13 +92,21 @@ def run_job(*args: str | Path, cwd: Path, extra_env: dict[str, str] | None = Non
 
 
 def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp_path) -> None:
-    # The job builds its own classic session with the Delta jars (delta-spark's pip helper fetches the
-    # jars that match the pinned pyspark from Maven), writes Delta on the JVM, and then runs
-    # incrementally: the ledger's MERGE on the JVM.
+    # spark-submit with the Delta jars that match pyspark (as the README says), Delta written on the
+    # JVM; then an incremental run from plain python, where the job builds its own session and
+    # delta-spark's pip helper fetches the jars: the ledger's MERGE on the JVM.
     demo = ["--demo", "--demo-items", N_ITEMS, "--demo-dim", DIM, "--sample-size", 600, *helpers.SMALL_MODEL,
             *helpers.GATE_OFF]
-    classic = run_job("--engine", "spark", "--shuffle-partitions", 4, *demo, "--work-dir", tmp_path / "classic",
-                      cwd=tmp_path)
+    env = helpers.subprocess_env(PYSPARK_PYTHON=sys.executable)
+    env.pop("PYSPARK_SUBMIT_ARGS", None)
+    classic = subprocess.run(
+        [str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+         "--conf", "spark.driver.memory=1g", "--packages", delta_maven_coordinate(),
+         "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+         "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+         str(JOB), "--engine", "spark", "--shuffle-partitions", "4", *map(str, demo),
+         "--work-dir", str(tmp_path / "classic")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580)
     assert classic.returncode == 0, (classic.stdout + classic.stderr)[-5000:]
     embedded = run_job("--engine", "local", *demo, "--work-dir", tmp_path / "embedded", cwd=tmp_path)
     assert embedded.returncode == 0, (embedded.stdout + embedded.stderr)[-5000:]
