@@ -5,6 +5,7 @@ Runs only inside ``tests/test_classic_engine.py``'s subprocess (``CSID_CLASSIC_T
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -126,15 +127,27 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
     catalog = DeltaTable(str(tmp_path / "classic" / "demo_catalog")).to_pyarrow_table()
     keep = [i for i in range(catalog.num_rows) if catalog.column("item_id")[i].as_py() % 40]  # 20 leave
     extra = make_catalog(CatalogSpec(15, DIM, seed=9))
+    bad = [float("nan")] * DIM  # one row the run must reject, with its reason
     grown = helpers.write_delta(tmp_path / "grown", pa.concat_tables([
         catalog.take(keep).select(["item_id", "embedding"]),
-        helpers.catalog_table((extra.item_ids + 10_000).tolist(), extra.embeddings,
+        helpers.catalog_table([*(extra.item_ids + 10_000).tolist(), 20_000], [*extra.embeddings, bad],
                               list_type=catalog.schema.field("embedding").type,
                               id_type=catalog.schema.field("item_id").type)]))
-    again = run_job("--engine", "spark", "--shuffle-partitions", 4, "--input", grown, "--output", tables,
-                    "--mode", "incremental", "--model", "models:/catalog-semantic-ids@champion",
-                    "--work-dir", tmp_path / "classic", cwd=tmp_path)
+    incremental = ["--engine", "spark", "--shuffle-partitions", 4, "--input", grown, "--output", tables,
+                   "--mode", "incremental", "--model", "models:/catalog-semantic-ids@champion",
+                   "--work-dir", tmp_path / "classic"]
+    # Killed after it recorded its pending entry, before the ID commit: the published version stays
+    # the latest, and reading it by version (time travel) gives exactly the published IDs.
+    killed = run_job(*incremental, cwd=tmp_path, extra_env={"CSID_KILL_AT": "pending-recorded"})
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout + killed.stderr)[-3000:]
+    assert DeltaTable(str(tables / "semantic_ids")).version() == published
+    at_published = DeltaTable(str(tables / "semantic_ids"), version=published).to_pyarrow_table()
+    assert {r["item_id"]: r["semantic_id"] for r in at_published.to_pylist()} == {
+        i: r["semantic_id"] for i, r in on_jvm.items()}
+    again = run_job(*incremental, cwd=tmp_path)  # recovers the killed run's leftovers first
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    rejects = helpers.read_delta(tables / "rejects").to_pylist()
+    assert [(r["item_id"], r["reason"]) for r in rejects] == [(20_000, "nan_or_inf_in_embedding")]
     rows = helpers.read_delta(tables / "semantic_ids").to_pylist()
     active = {r["item_id"]: r["semantic_id"] for r in rows if r["active"]}
     assert len(active) == len(keep) + 15
