@@ -431,9 +431,12 @@ def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
     except ValueError as e:
         print(f"    no warm start: {uri} cannot be loaded here ({str(e).splitlines()[0][:160]}); codes are relabelled")
         return None
-    if model.config != cfg.model_config:
-        print(f"    no warm start: {uri} has another shape than --levels/--codebook-size/--hidden-dims... ask for; "
-              "codes are relabelled")
+    differences = cfg.model_config.shape_differences(model.config)
+    if differences:
+        print(f"    no warm start: {uri} is another shape than this run asks for ({'; '.join(differences)}: this "
+              "run's value first); codes are only relabelled, so more IDs move. To keep the table's model's "
+              "shape, pass its settings (e.g. --anchor-levels 1 --no-anchor-reconstruction for a model trained "
+              "before they became defaults)")
         return None
     print(f"    warm start from {uri} (the table's generation {state.generation})")
     return model

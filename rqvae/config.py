@@ -92,6 +92,13 @@ class ModelConfig(DictConfig):
         if self.anchor_reconstruction and not self.anchor_first_level:
             raise ValueError("anchor_reconstruction adds the anchor's centroids, so it needs anchor_first_level")
 
+    def shape_differences(self, other: ModelConfig) -> list[str]:
+        """The fields (``name: mine vs other``) in which ``other`` is another model than this one.
+        ``collision_alternatives`` is left out: it decides how IDs are issued, not the weights, so a
+        warm start may change it."""
+        return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}" for f in fields(self)
+                if f.name != "collision_alternatives" and getattr(self, f.name) != getattr(other, f.name)]
+
     @property
     def anchored(self) -> int:
         """Number of leading levels the input-space anchor decides (0 without an anchor)."""

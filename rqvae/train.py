@@ -274,8 +274,9 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
 def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
                 generator: torch.Generator) -> None:
     """Warm start: ``init``'s weights, codebooks and anchor, the anchor refined on this training set."""
-    if init.config != model.config:
-        raise ValueError(f"cannot warm-start from a model of another shape: {init.config} vs {model.config}")
+    differences = model.config.shape_differences(init.config)
+    if differences:
+        raise ValueError(f"cannot warm-start from a model of another shape ({'; '.join(differences)})")
     model.load_state_dict(init.state_dict())
     model.quantizer.steps_unused.zero_()
     if model.config.anchored:

@@ -1,6 +1,7 @@
 """rqvae.align (Hungarian matching, code relabelling) and aligned retraining (warm start, retention loss)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -143,6 +144,18 @@ def test_warm_start_needs_a_model_of_the_same_shape(generations) -> None:
     other = ModelConfig(input_dim=32, hidden_dims=(32,), latent_dim=8, num_levels=3, codebook_size=16)
     with pytest.raises(ValueError, match="another shape"):
         fit(generations["x"], other, TrainConfig(epochs=1, batch_size=128), init=generations["model"])
+    anchored = dataclasses.replace(generations["config"], anchor_levels=2)
+    with pytest.raises(ValueError, match=r"another shape \(anchor_levels: 2 vs 1\)"):
+        fit(generations["x"], anchored, TrainConfig(epochs=1, batch_size=128), init=generations["model"])
+
+
+def test_a_warm_start_may_change_how_collisions_are_spread(generations) -> None:
+    # collision_alternatives decides how IDs are issued, not the weights: a model trained without it
+    # seeds one with it (the upgrade path of a table whose model predates the setting).
+    assert generations["config"].collision_alternatives == 0
+    spreading = dataclasses.replace(generations["config"], collision_alternatives=8)
+    model = fit(generations["x"], spreading, TrainConfig(epochs=1, batch_size=128), init=generations["model"]).model
+    assert model.config.collision_alternatives == 8
 
 
 def test_a_warm_start_trains_at_most_warm_start_epochs(generations) -> None:
