@@ -59,6 +59,7 @@ class JobConfig:
     max_id_churn: float | None = None
     align: str = "warm-start"
     debug: bool = False
+    label_col: str = ""  # optional STRING column: sample labels per top prefix in the report (never IDs)
 
     @property
     def trains(self) -> bool:

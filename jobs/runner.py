@@ -25,12 +25,20 @@ from pyspark.sql import DataFrame
 
 from jobs.config import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_GATE, JobConfig
 from pipelines import io, ledger, publish, registry
-from pipelines.demo import write_demo_catalog
+from pipelines.demo import TITLE, write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
 from pipelines.encode import Encoded, TokenizerModel, encode_catalog
 from pipelines.gate import churn_failure, gate_failures
-from pipelines.prefix_stats import PrefixSummary, report_tables
-from pipelines.report import REPORT_HTML, SUMMARY_JSON, write_report
+from pipelines.prefix_stats import (
+    LABEL_ORDER,
+    LABELS_PER_PREFIX,
+    PrefixSummary,
+    catalog_labels,
+    check_label_column,
+    report_tables,
+    sample_labels,
+)
+from pipelines.report import REPORT_HTML, SUMMARY_JSON, SampleLabels, write_report
 from pipelines.sample import TrainingArrays, collect_training_arrays, sample_for_training
 from pipelines.schema import (
     CATEGORY,
@@ -248,14 +256,15 @@ def _run_stages(job: _Job) -> None:
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
     if "report" in cfg.stages:
         with stage("report"):
-            _report(job, model.codebook_size if model else cfg.model_config.codebook_size)
+            _report(job, model.codebook_size if model else cfg.model_config.codebook_size, catalog)
 
 
 def _with_demo_catalog(cfg: JobConfig) -> JobConfig:
     path = Path(cfg.work_dir) / "demo_catalog"
-    write_demo_catalog(path, CatalogSpec(n_items=cfg.demo_items, dim=cfg.demo_dim, seed=cfg.seed), fmt=cfg.format)
+    write_demo_catalog(path, CatalogSpec(n_items=cfg.demo_items, dim=cfg.demo_dim, seed=cfg.seed), fmt=cfg.format,
+                       titles=True)
     return dataclasses.replace(cfg, input=str(path.resolve()), input_format=cfg.format,
-                               category_col=cfg.category_col or CATEGORY)
+                               category_col=cfg.category_col or CATEGORY, label_col=cfg.label_col or TITLE)
 
 
 def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
@@ -265,6 +274,8 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     catalog = io.read_catalog(job.spark, source, cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
+    if cfg.label_col:  # read by the report only; a bad one fails now, not after the training
+        check_label_column(catalog, cfg.label_col)
     job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
     print(f"    schema ok, D = {v.dim}")
     _log_lineage(job.cfg, job.session.engine, source)
@@ -591,11 +602,11 @@ def boundary(name: str) -> None:
 
 # --- report ---------------------------------------------------------------------------------------------
 
-def _report(job: _Job, codebook_size: int) -> None:
+def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
     """The HTML/JSON report of the published table (the prefix statistics this run published, or for a
     report-only run those of the table as it is), swapped in whole and logged to the MLflow run."""
     cfg, location, result = job.cfg, job.location, job.result
-    summary = job.summary
+    summary, sids = job.summary, None
     if summary is None:  # a report-only run: the table as it is (nothing is written to the set)
         sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
         if result.comparison is None and cfg.compare_to:
@@ -607,7 +618,8 @@ def _report(job: _Job, codebook_size: int) -> None:
     write_report(summary, staging, f"Semantic IDs: {cfg.model_name}",
                  extra={"model": result.model, "mode": result.mode, "mlflow_run_id": result.run_id, **result.tables},
                  drift=result.drift.to_dict() if result.drift else None,
-                 comparison=result.comparison.to_dict() if result.comparison else None)
+                 comparison=result.comparison.to_dict() if result.comparison else None,
+                 labels=_sample_labels(job, catalog, sids, summary) if cfg.label_col else None)
     io.swap_directories(staging, out_dir)  # a reader sees the previous report or this one, whole
     result.report = {kind: str(out_dir / Path(path).name) for kind, path in
                      (("html", staging / REPORT_HTML), ("json", staging / SUMMARY_JSON))}
@@ -616,3 +628,14 @@ def _report(job: _Job, codebook_size: int) -> None:
     mlflow.log_metrics({f"table_{k}": float(v) for k, v in table_metrics.items()})
     print(f"    unique_rate {summary.unique_rate:.4f}, max group {summary.max_group_size}, "
           f"suffix overflow {summary.suffix_overflow} (budget {cfg.suffix_budget}); report of run {result.run_id}")
+
+
+def _sample_labels(job: _Job, catalog: DataFrame, sids: DataFrame | None, summary: PrefixSummary) -> SampleLabels:
+    """A few ``--label-col`` values per top prefix of the published table (read back when not given)."""
+    cfg = job.cfg
+    if sids is None:
+        sids = io.read_table(job.spark, job.location, SEMANTIC_IDS_TABLE)
+    found = sample_labels(sids, catalog_labels(catalog, cfg.id_col, cfg.label_col), summary.top_prefixes,
+                          LABELS_PER_PREFIX)
+    print(f"    sample {cfg.label_col!r} values for {sum(1 for v in found.values() if v)} of {len(found)} top prefixes")
+    return SampleLabels(cfg.label_col, found, LABEL_ORDER)

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(rows of any other length are rejected either way)")
     g.add_argument("--category-col", default="",
                    help="optional ARRAY<STRING> taxonomy path column; enables --taxonomy-weight and purity/NMI")
+    g.add_argument("--label-col", default="",
+                   help="optional STRING column people recognise items by (e.g. a title): the report lists a few "
+                   "of its values under each top prefix (those of the items with the smallest quantization_error). "
+                   "Read for the report only, it never changes an ID; a missing column or another type fails at "
+                   "start (exit 2). --demo uses its synthetic 'title' column")
     g = p.add_argument_group("output")
     g.add_argument("--output", help="folder/URI for the tables (default <work-dir>/tables)")
     g.add_argument("--output-table-prefix", help="write catalog tables <prefix>.semantic_ids etc. instead")
@@ -330,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
         encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
         shuffle_partitions=a.shuffle_partitions, mode=a.mode, on_changed=a.on_changed, compare_to=a.compare_to,
-        max_id_churn=a.max_id_churn, align=a.align, debug=a.debug,
+        max_id_churn=a.max_id_churn, align=a.align, debug=a.debug, label_col=a.label_col,
     )
 
 

@@ -16,14 +16,15 @@ and :func:`prefix_stats_of_groups`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import reduce
 from typing import Any
 
 import numpy as np
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines.schema import (
     ACTIVE,
@@ -32,18 +33,25 @@ from pipelines.schema import (
     CODES,
     COLLISION_GROUPS,
     ITEM_COUNT,
+    ITEM_ID,
     LEVEL,
     MAX_SUFFIX,
     PREFIX,
+    QUANTIZATION_ERROR,
     SUFFIX,
 )
 from pipelines.uniquify import code_prefix, require_columns
+from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
 _GROUP_SIZE = "__csid_group_size"
 _OVERFLOW = "__csid_overflow"
 _NEXT_CODE = "__csid_next_code"
 _TUPLES = "__csid_tuples"
+_LABEL = "__csid_label"
+_RANK = "__csid_rank"
+LABELS_PER_PREFIX = 3  # sample labels shown per top prefix in the report
+LABEL_MAX_CHARS = 80  # a longer label is cut to this many characters (the last one "…") in the report
 
 
 @dataclass(frozen=True)
@@ -355,3 +363,85 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
     names = list(rows[0])  # "level" first
     level_stats = sids.sparkSession.createDataFrame([tuple(r[k] for k in names) for r in rows], names)
     return ReportTables(stats, level_stats, summary)
+
+
+# --- sample labels of the top prefixes (the report's "what is in this cluster") --------------------------
+
+LABEL_ORDER = "smallest quantization_error first, ties by item_id"
+
+
+def check_label_column(catalog: DataFrame, name: str, flag: str = "--label-col") -> None:
+    """Raise :class:`~pipelines.validate.SchemaError` naming the column and ``flag`` when ``name`` is not a
+    STRING column of ``catalog`` (the same messages as the other input columns' checks)."""
+    types = {f.name: f.dataType for f in catalog.schema.fields}
+    if name not in types:
+        raise SchemaError(f"column {name!r} not found in the catalog (columns: {', '.join(types)}); name the right "
+                          f"column with {flag}")
+    if not isinstance(types[name], T.StringType | T.VarcharType | T.CharType):
+        raise SchemaError(f"column {name!r} has type {types[name].simpleString()}, expected STRING; convert it "
+                          f"(e.g. CAST({name} AS STRING) in a view) or name another column with {flag}")
+
+
+def catalog_labels(catalog: DataFrame, id_col: str, label_col: str) -> DataFrame:
+    """The catalog's labels keyed like the semantic-ID table: ``item_id`` (STRING, or BIGINT for integer
+    ids, as validation names it) and the label; rows without a label (null or blank) are left out.
+
+    Raises:
+        SchemaError: ``label_col`` is missing or not STRING (see :func:`check_label_column`).
+    """
+    check_label_column(catalog, label_col)
+    item_id = F.col(id_col)
+    if not isinstance(catalog.schema[id_col].dataType, T.StringType):
+        item_id = item_id.cast("bigint")
+    label = F.col(label_col).cast("string")
+    return catalog.select(item_id.alias(ITEM_ID), label.alias(_LABEL)).where(
+        label.isNotNull() & (F.length(F.trim(label)) > 0))
+
+
+def sample_labels(sids: DataFrame, labels: DataFrame, prefixes: Sequence[PrefixRow],
+                  per_prefix: int = LABELS_PER_PREFIX) -> dict[str, tuple[str, ...]]:
+    """A few labels of the items under each of ``prefixes`` (the report's top prefixes), deterministically.
+
+    Under each prefix, the labelled active items are ordered by ``quantization_error`` (smallest first:
+    the items the codes describe best) and then ``item_id``; the first ``per_prefix`` give their labels,
+    whitespace collapsed to single spaces and cut to :data:`LABEL_MAX_CHARS` characters. Only the rows
+    under the wanted prefixes are joined with the labels, and only ``len(prefixes) * per_prefix`` rows
+    reach the driver. Reads the table; writes nothing and changes no ID.
+
+    Args:
+        sids: the semantic-ID table (``item_id``, ``codes``, ``quantization_error``; only ``active`` rows
+            count when the column exists).
+        labels: :func:`catalog_labels` of the catalog.
+        prefixes: e.g. ``PrefixSummary.top_prefixes``.
+        per_prefix: labels kept per prefix.
+
+    Returns:
+        prefix -> up to ``per_prefix`` labels in that order; a prefix without a labelled item maps to ``()``.
+    """
+    require_columns(sids, (ITEM_ID, CODES, QUANTIZATION_ERROR), "sample_labels")
+    wanted: dict[int, list[str]] = {}
+    for p in prefixes:
+        wanted.setdefault(p.level, []).append(p.prefix)
+    found: dict[str, list[tuple[int, str]]] = {p.prefix: [] for p in prefixes}  # (rank, label)
+    if wanted and per_prefix >= 1:
+        current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
+        under = [(level, code_prefix(level).isin(names)) for level, names in sorted(wanted.items())]
+        member = current.where(reduce(Column.__or__, [cond for _, cond in under]))
+        # One row per (item, wanted prefix it is under): at most one per level.
+        per_level = [F.when(cond, F.struct(F.lit(level).alias(LEVEL), code_prefix(level).alias(PREFIX)))
+                     for level, cond in under]
+        under_prefix = F.explode(F.array_compact(F.array(*per_level))).alias("p")
+        pairs = member.select(ITEM_ID, QUANTIZATION_ERROR, under_prefix).select(
+            ITEM_ID, QUANTIZATION_ERROR, F.col("p")[LEVEL].alias(LEVEL), F.col("p")[PREFIX].alias(PREFIX))
+        order = Window.partitionBy(LEVEL, PREFIX).orderBy(F.col(QUANTIZATION_ERROR).asc_nulls_last(),
+                                                          F.col(ITEM_ID).asc())
+        ranked = pairs.join(labels, on=ITEM_ID).withColumn(_RANK, F.row_number().over(order))
+        for row in ranked.where(F.col(_RANK) <= per_prefix).select(PREFIX, _RANK, _LABEL).collect():
+            found[row[PREFIX]].append((int(row[_RANK]), display_label(row[_LABEL])))
+    return {prefix: tuple(label for _, label in sorted(ranked_labels)) for prefix, ranked_labels in found.items()}
+
+
+def display_label(text: str, max_chars: int = LABEL_MAX_CHARS) -> str:
+    """``text`` on one line (whitespace runs as one space) and at most ``max_chars`` characters long."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= max_chars else line[:max_chars - 1] + "…"

@@ -3,6 +3,9 @@
 The HTML file has no external resources: plots are PNG images inlined as base64 ``data:`` URIs
 (matplotlib's Agg canvas, used directly so no global pyplot backend is touched), styles are inline,
 and every piece of text is escaped with :func:`html.escape`.
+
+With :class:`SampleLabels` (the job's ``--label-col``), each top prefix also lists a few labels of its
+items (e.g. ``6_19_32: Parmigiano · Pecorino · Mozzarella``), in the HTML tables and in the JSON.
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import base64
 import html
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +32,39 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.key, th.key { text-align: left; }
+td.labels { text-align: left; max-width: 40em; }
 img { max-width: 100%; }
 """
+LABEL_SEPARATOR = " · "  # between the sample labels of one prefix in the HTML (labels may hold commas)
+
+
+@dataclass(frozen=True)
+class SampleLabels:
+    """A few labels of the items under each top prefix (never used for IDs).
+
+    Attributes:
+        column: the catalog column they come from (``--label-col``), shown in the headings.
+        by_prefix: prefix -> labels, in the order to show them (a missing prefix shows none).
+        chosen_by: how the labels were chosen, shown beside them (e.g. "smallest quantization_error first").
+    """
+
+    column: str
+    by_prefix: Mapping[str, Sequence[str]]
+    chosen_by: str = ""
+
+    def of(self, prefix: str) -> list[str]:
+        return [str(label) for label in self.by_prefix.get(prefix, ())]
+
+    def to_dict(self, summary: PrefixSummary) -> dict[str, Any]:
+        """JSON-able: the column, how they were chosen, and per top prefix of ``summary`` its labels."""
+        return {"column": self.column, "chosen_by": self.chosen_by,
+                "prefixes": [{"level": p.level, "prefix": p.prefix, "labels": self.of(p.prefix)}
+                             for p in summary.top_prefixes]}
 
 
 def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None = None,
-                drift: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None) -> str:
+                drift: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None,
+                labels: SampleLabels | None = None) -> str:
     """One self-contained HTML page describing ``summary``.
 
     Sections: run details (``extra`` as a key/value table), overall metrics, per-level metrics,
@@ -47,6 +78,7 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
         drift: optional ``pipelines.drift.Drift.to_dict()`` of the run: a "Drift" section with the
             ID counts, the share of items whose prefix changed per level and the largest flows.
         comparison: the same against another table (``--compare-to``): a "Comparison" section.
+        labels: optional sample labels: one more column in the top-prefix tables (escaped).
 
     Returns:
         The HTML document as a string.
@@ -62,7 +94,7 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
     parts += ["<h2>Code usage per level</h2>", _img(_usage_figure(summary.levels), "code usage per level")]
     parts += ["<h2>Collision group sizes</h2>",
               _img(_histogram_figure(summary.group_size_histogram), "group-size histogram")]
-    parts += ["<h2>Top prefixes</h2>", _top_prefix_tables(summary)]
+    parts += ["<h2>Top prefixes</h2>", _top_prefix_tables(summary, labels)]
     if drift is not None:
         parts += _drift_section("Drift", drift)
     if comparison is not None:
@@ -74,11 +106,13 @@ def render_html(summary: PrefixSummary, title: str, extra: dict[str, Any] | None
 def write_report(
     summary: PrefixSummary, out_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
     drift: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None,
+    labels: SampleLabels | None = None,
 ) -> dict[str, str]:
     """Write ``prefix_report.html`` and ``prefix_summary.json`` into ``out_dir`` (created if needed).
 
     The JSON holds ``{"title": ..., "extra": {...}, "summary": summary.to_dict()}`` (and ``"drift"``,
-    ``"comparison"`` when given); values of ``extra`` that JSON cannot hold are written as strings.
+    ``"comparison"`` when given, and ``"sample_labels"``: :meth:`SampleLabels.to_dict`); values of
+    ``extra`` that JSON cannot hold are written as strings.
 
     Returns:
         ``{"html": path, "json": path}``.
@@ -86,9 +120,11 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / REPORT_HTML, out / SUMMARY_JSON
-    html_path.write_text(render_html(summary, title, extra, drift, comparison), encoding="utf-8")
+    html_path.write_text(render_html(summary, title, extra, drift, comparison, labels), encoding="utf-8")
     document = {"title": title, "extra": extra or {}, "summary": summary.to_dict()}
     document.update({k: v for k, v in (("drift", drift), ("comparison", comparison)) if v is not None})
+    if labels is not None:
+        document["sample_labels"] = labels.to_dict(summary)
     json_path.write_text(json.dumps(document, indent=2, default=str, allow_nan=False), encoding="utf-8")
     return {"html": str(html_path), "json": str(json_path)}
 
@@ -102,10 +138,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], key_columns: int = 1) -> str:
-    """An escaped HTML table; the first ``key_columns`` columns are left-aligned."""
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], key_columns: int = 1,
+           text_last: bool = False) -> str:
+    """An escaped HTML table; the first ``key_columns`` columns are left-aligned (and, with ``text_last``,
+    the last one, as wrapping text)."""
     def cells(values: Sequence[Any], tag: str) -> str:
         opening = [f'<{tag} class="key">' if i < key_columns else f"<{tag}>" for i in range(len(values))]
+        if text_last and values:
+            opening[-1] = f'<{tag} class="labels">' if tag == "td" else f'<{tag} class="key">'
         return "".join(f"{o}{_esc(_fmt(v))}</{tag}>" for o, v in zip(opening, values))
 
     body = "\n".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows)
@@ -124,12 +164,17 @@ def _level_table(levels: Sequence[LevelUsage]) -> str:
     return _table(headers, [[getattr(u, h) for h in headers] for u in levels])
 
 
-def _top_prefix_tables(s: PrefixSummary) -> str:
-    headers = ["prefix", "item_count", "children", "collision_groups", "max_suffix"]
+def _top_prefix_tables(s: PrefixSummary, labels: SampleLabels | None = None) -> str:
+    fields = ["prefix", "item_count", "children", "collision_groups", "max_suffix"]
+    headers = fields + ([f"sample {labels.column}"] if labels else [])
     out = []
+    if labels:
+        how = f" ({labels.chosen_by})" if labels.chosen_by else ""
+        out.append(f"<p>Sample values of the catalog column {_esc(labels.column)} per prefix{_esc(how)}.</p>")
     for level in range(1, s.num_levels + 1):
-        rows = [[getattr(p, h) for h in headers] for p in s.top_prefixes if p.level == level]
-        out += [f"<h3>Level {level}</h3>", _table(headers, rows)]
+        rows = [[getattr(p, h) for h in fields] + ([LABEL_SEPARATOR.join(labels.of(p.prefix))] if labels else [])
+                for p in s.top_prefixes if p.level == level]
+        out += [f"<h3>Level {level}</h3>", _table(headers, rows, text_last=labels is not None)]
     return "\n".join(out)
 
 
