@@ -251,9 +251,9 @@ def _run_stages(job: _Job) -> None:
         _encode_and_publish(job, catalog, v, model, state)
     elif "validate" in cfg.stages:  # not a published set: this run's rejects go beside it
         job.result.tables["run_rejects"] = _write_run_rejects(job, v.rejects)
-    if cfg.trains and model is not None and not cfg.encodes:  # a training-only run (else: when published)
-        registry.set_alias(model.name, registry.CHAMPION, model.version)
-        print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
+    if cfg.trains and model is not None and not cfg.encodes:  # a training-only run: @champion moves on publish
+        print(f"    {model.name} version {model.version} stays @{registry.CANDIDATE} (@{registry.CHAMPION} moves when "
+              f"its IDs are published: --model models:/{model.name}@{registry.CANDIDATE} --mode full)")
     if "report" in cfg.stages:
         with stage("report"):
             _report(job, model.codebook_size if model else cfg.model_config.codebook_size, catalog)
@@ -562,11 +562,14 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
               PREFIX_STATS_TABLE: stats.prefix_stats, LEVEL_STATS_TABLE: stats.level_stats}
     history = publish.entries(spark, location)
     sids_before = publish.token(spark, location, SEMANTIC_IDS_TABLE)
+    # @champion follows the published generation: a run that trained, or one that published a new generation
+    # with a given registered model (e.g. the @candidate of a training-only run); never a checkpoint file.
+    moves = cfg.trains or (plan.mode.new_generation and registry.is_registered_version(model.version))
     job.publishing = True
     describing = publish.write_describing(spark, location, frames, result.run_id)
     boundary("describing-written")
     publish.record(spark, location, history, result.run_id, publish.PENDING, describing,
-                   model=(model.name, model.version), moves_champion=cfg.trains, semantic_ids_before=sids_before)
+                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
     boundary("pending-recorded")
     written = ledger.publish(plan, location, run_id=result.run_id)
     boundary("semantic-ids-committed")
@@ -574,11 +577,11 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     if written is None:
         print(f"    nothing to change in {sids}: no commit")
     active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"])
-    if cfg.trains:  # the IDs are out and checked: the model that issued them is the one daily runs use
+    if moves:  # the IDs are out and checked: the model that issued them is the one daily runs use
         registry.set_alias(model.name, registry.CHAMPION, model.version)
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
     publish.record(spark, location, history, result.run_id, publish.PUBLISHED, publish.tokens(spark, location),
-                   model=(model.name, model.version), moves_champion=cfg.trains, semantic_ids_before=sids_before)
+                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
     job.publishing = False
     publish.finish(location, result.run_id)
     boundary("published")

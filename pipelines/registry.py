@@ -149,6 +149,9 @@ def alias_version(model_name: str, alias: str) -> str | None:
         return None
 
 
+_LOCAL_VERSION = "local-"  # the version of a model given as a checkpoint file
+
+
 def resolve_model(uri: str) -> ResolvedModel:
     """Resolve ``models:/name@alias``, ``models:/name/3`` or a local checkpoint path, once."""
     match = _MODEL_URI.match(uri)
@@ -158,7 +161,7 @@ def resolve_model(uri: str) -> ResolvedModel:
             raise ValueError(f"--model {uri!r} is neither models:/<name>@<alias>, models:/<name>/<version> "
                              "nor an existing checkpoint file")
         data = path.read_bytes()
-        return ResolvedModel(path.stem, f"local-{hashlib.sha256(data).hexdigest()[:12]}", "", data)
+        return ResolvedModel(path.stem, f"{_LOCAL_VERSION}{hashlib.sha256(data).hexdigest()[:12]}", "", data)
     name, alias, version = match.group("name"), match.group("alias"), match.group("version")
     client = MlflowClient()
     try:
@@ -170,6 +173,11 @@ def resolve_model(uri: str) -> ResolvedModel:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
         checkpoint = next(Path(local).rglob("*.pt")).read_bytes()
     return ResolvedModel(name, str(mv.version), mv.run_id or "", checkpoint)
+
+
+def is_registered_version(version: str) -> bool:
+    """Whether ``version`` names a registry version (not a checkpoint file's ``local-<hash>``)."""
+    return not version.startswith(_LOCAL_VERSION)
 
 
 _PID, _HOST = "csid.pid", "csid.host"

@@ -466,6 +466,14 @@ def test_training_registers_the_model_as_is(catalog, tmp_path, monkeypatch) -> N
                                    "--stages", "validate,train"])
     assert rc == 0, err[-3000:]
     registry.configure_tracking(tmp_path)
+    assert registry.alias_version("csid-as-is", registry.CANDIDATE) == "1"
+    # @champion moves when the model's IDs are published, by the run that encodes with it.
+    assert registry.alias_version("csid-as-is", registry.CHAMPION) is None
+    rc, out, err = helpers.run_main(["--input", catalog.path, "--work-dir", tmp_path, "--model-name", "csid-as-is",
+                                     "--model", "models:/csid-as-is@candidate", "--mode", "full",
+                                     "--stages", "validate,encode"])
+    assert rc == 0, err[-3000:]
+    assert "version 1 is now @champion" in out
     assert registry.alias_version("csid-as-is", registry.CHAMPION) == "1"
 
 
