@@ -29,6 +29,21 @@ def test_recovers_well_separated_blob_centres(seed: int) -> None:
     assert float(dist.min(1).values.max()) < 0.1  # ... onto the blob means
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seeding_on_a_subset_still_recovers_the_blobs_and_uses_every_row(seed: int) -> None:
+    from rqvae.kmeans import SEEDING_ROWS_PER_CENTER
+
+    n_per = 3 * SEEDING_ROWS_PER_CENTER  # 6 * n_per rows > 6 * SEEDING_ROWS_PER_CENTER: seeded on a subset
+    x = blob_points(n_per=n_per, spread=0.3, seed=seed)
+    found = kmeans(x, len(CENTRES), iters=20, seed=seed)
+    dist = torch.cdist(CENTRES, found)
+    assert sorted(dist.argmin(1).tolist()) == list(range(len(CENTRES)))
+    assign = brute_force_sq(x, found).argmin(1)  # the centres are the means of all rows, not of the subset
+    for j in range(len(CENTRES)):
+        torch.testing.assert_close(found[j], x[assign == j].mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kmeans(x, len(CENTRES), iters=20, seed=seed), found, atol=0, rtol=0)
+
+
 def test_centres_are_the_means_of_their_clusters() -> None:
     x = blob_points(n_per=10, spread=0.5)
     c = kmeans(x, 6, iters=30)
