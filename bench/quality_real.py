@@ -52,13 +52,15 @@ from rqvae.metrics import (  # noqa: E402
     prefix_coincidence,
 )
 from rqvae.resolve import spread_last_level  # noqa: E402
+from rqvae.taxonomy import category_ids_from_paths  # noqa: E402
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent / ".cache" / "wordnet_nouns.parquet"
 NMI2_DEPTH = 5
 
 
-def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (N, D) float32, lexname ids (N,), hypernym-path-prefix ids at NMI2_DEPTH (N,) (-1: shallower)."""
+def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (N, D) float32, lexname ids (N,), hypernym-path-prefix ids at NMI2_DEPTH (N,) (-1: shallower),
+    and the (N, T) hypernym-path-prefix ids of every depth (rqvae.taxonomy), the regularizer's input."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
@@ -72,11 +74,11 @@ def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, 
     paths = ["/".join(p[:NMI2_DEPTH]) if len(p) >= NMI2_DEPTH else "" for p in table["category"].to_pylist()]
     ids = np.unique(np.asarray(paths), return_inverse=True)[1].astype(np.int64)
     ids[np.asarray(paths) == ""] = -1
-    return x, lex.astype(np.int64), ids
+    return x, lex.astype(np.int64), ids, category_ids_from_paths(table["category"].to_pylist())
 
 
 def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, lex: np.ndarray,
-          deep: np.ndarray, seed: int = 0) -> dict[str, float]:
+          deep: np.ndarray, seed: int = 0, hidden: np.ndarray | None = None) -> dict[str, float]:
     """Every column of the table for one method's codes (N, L) and reconstruction (N, D) or None."""
     n, levels = codes.shape
     full = _prefix_ids(codes)[-1]
@@ -103,10 +105,15 @@ def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, le
     known = deep >= 0
     two = _cluster_class_agreement(2, prefix2[known], deep[known])
     out["nmi1"], out["pur1"], out["nmi2"], out["pur2"] = one.nmi, one.purity, two.nmi, two.purity
+    if hidden is not None:  # the items whose categories no method saw
+        out["nmi1_hidden"] = _cluster_class_agreement(1, level1[hidden], lex[hidden]).nmi
+        seen = hidden & known
+        out["nmi2_hidden"] = _cluster_class_agreement(2, prefix2[seen], deep[seen]).nmi
     return out
 
 
-Method = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray | None, float, float]]
+# (x, levels, K, seed, category ids (N, T) with the hidden half at -1) -> codes, recon, fit s, encode items/s
+Method = Callable[[np.ndarray, int, int, int, np.ndarray], tuple[np.ndarray, np.ndarray | None, float, float]]
 
 
 def encode_spread(model: Any, x: np.ndarray, spread: int) -> np.ndarray:
@@ -120,8 +127,10 @@ def encode_spread(model: Any, x: np.ndarray, spread: int) -> np.ndarray:
 
 def ours(**changes: object) -> Method:
     """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs
-    (``collision_alternatives=0`` turns the collision-aware last level off)."""
-    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    (``collision_alternatives=0`` turns the collision-aware last level off). The categories reach the fit
+    only when ``taxonomy_weight`` > 0 (the regularizer)."""
+    def run(x: np.ndarray, levels: int, k: int, seed: int, cats: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         model_keys = set(ModelConfig.__dataclass_fields__)
         model_args: dict[str, Any] = {"input_dim": x.shape[1], "hidden_dims": (512, 256, 128), "latent_dim": 32,
                                       "num_levels": levels, "codebook_size": k,
@@ -133,7 +142,7 @@ def ours(**changes: object) -> Method:
             (model_args if key in model_keys else train_args)[key] = value
         mcfg, tcfg = ModelConfig(**model_args), TrainConfig(**train_args)
         start = time.perf_counter()
-        model = fit(x, mcfg, tcfg).model.eval()
+        model = fit(x, mcfg, tcfg, category_ids=cats if tcfg.taxonomy_weight > 0 else None).model.eval()
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         codes = encode_spread(model, x, mcfg.collision_alternatives)
@@ -146,7 +155,8 @@ def ours(**changes: object) -> Method:
 
 
 def our_rqkmeans(spread: int = 0) -> Method:
-    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    def run(x: np.ndarray, levels: int, k: int, seed: int, cats: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         start = time.perf_counter()
         model = RQKMeans.fit(x, RQKMeansConfig(input_dim=x.shape[1], num_levels=levels, codebook_size=k), seed=seed)
         fit_s = time.perf_counter() - start
@@ -160,7 +170,8 @@ def our_rqkmeans(spread: int = 0) -> Method:
 
 
 def peer(fn: Callable[..., peers.PeerResult]) -> Method:
-    def run(x: np.ndarray, levels: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+    def run(x: np.ndarray, levels: int, k: int, seed: int, cats: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         r = fn(x, levels=levels, codebook_size=k, seed=seed)
         return r.codes, r.reconstruction, r.fit_seconds, r.encode_items_per_s
     return run
@@ -182,6 +193,15 @@ METHODS: dict[str, Method] = {
     "ours_latent64": ours(latent_dim=64),
     "ours_epochs60": ours(epochs=60),
     "ours_rotation": ours(estimator="rotation"),
+    # the taxonomy regularizer (issue 12 point 4): lambda x hierarchical batches on/off; lambda > 0 also
+    # guides the level-1 anchor (rqvae.taxonomy.guided_centers)
+    "ours_tax0.01": ours(taxonomy_weight=0.01),
+    "ours_tax0.1": ours(taxonomy_weight=0.1),
+    "ours_tax0.01_flat": ours(taxonomy_weight=0.01, hierarchical_fraction=0.0),
+    "ours_tax0.1_flat": ours(taxonomy_weight=0.1, hierarchical_fraction=0.0),
+    "ours_tax0.01_unguided": ours(taxonomy_weight=0.01, taxonomy_anchor_scale=0.0),
+    "ours_tax0.01_guide10": ours(taxonomy_weight=0.01, taxonomy_anchor_epochs=10),
+    "ours_tax0.01_spread32": ours(taxonomy_weight=0.01, collision_alternatives=32),
     "ours_rqkmeans": our_rqkmeans(),
     "ours_rqkmeans_spread16": our_rqkmeans(spread=16),
     "semantic_id_rqkmeans": peer(peers.fit_semantic_id_rqkmeans),
@@ -191,7 +211,7 @@ METHODS: dict[str, Method] = {
 }
 COLUMNS = ["collision_free_pct", "distinct_pct", "largest", "util_l1", "util_l2", "util_l3", "ppl_l1", "ppl_l2",
            "ppl_l3", "recon_cos", "p1_nn", "p1_random", "p2_nn", "nn_code_at_5", "nmi1", "pur1", "nmi2", "pur2",
-           "fit_s", "encode_items_per_s"]
+           "nmi1_hidden", "nmi2_hidden", "fit_s", "encode_items_per_s"]
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
@@ -217,22 +237,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--hidden-categories", type=float, default=0.5,
+                   help="share of items whose categories the regularized methods never see (NMI *_hidden)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    x, lex, deep = load_catalog(a.catalog, a.items, a.seed)
+    x, lex, deep, cats = load_catalog(a.catalog, a.items, a.seed)
+    # Half the items' categories are hidden from every method: NMI on them shows what the regularizer
+    # learnt for items it never saw a category of (all items are scored on every other column).
+    hidden = np.random.default_rng([a.seed, 1]).random(len(x)) < a.hidden_categories
+    cats = np.where(hidden[:, None], -1, cats)
     print(f"{len(x)} items x {x.shape[1]}, {a.levels} x {a.codebook_size}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", flush=True)
     rows: dict[str, dict[str, float]] = {}
     for name in a.methods.split(","):
         try:
-            codes, recon, fit_s, enc = METHODS[name](x, a.levels, a.codebook_size, a.seed)
+            codes, recon, fit_s, enc = METHODS[name](x, a.levels, a.codebook_size, a.seed, cats)
         except ImportError as e:
             print(f"{name}: skipped ({e})", flush=True)
             continue
-        rows[name] = {**score(x, np.asarray(codes, dtype=np.int64), recon, a.codebook_size, lex, deep, a.seed),
+        rows[name] = {**score(x, np.asarray(codes, dtype=np.int64), recon, a.codebook_size, lex, deep, a.seed,
+                              hidden),
                       "fit_s": fit_s, "encode_items_per_s": enc}
         print(f"{name}: fit {fit_s:.1f}s, " + ", ".join(f"{c} {rows[name][c]:.3f}" for c in COLUMNS[:3] + ["recon_cos",
-              "p2_nn", "nmi1"] if c in rows[name]), flush=True)
+              "p2_nn", "nmi1", "nmi1_hidden"] if c in rows[name]), flush=True)
     print()
     print(table(rows))
     if a.json:

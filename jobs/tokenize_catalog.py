@@ -219,7 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
     g.add_argument("--taxonomy-weight", type=_non_negative, default=0.0,
-                   help="lambda of the catalog-tree contrastive regularizer (needs --category-col; ~0.01)")
+                   help="lambda of the catalog-tree regularizer (needs --category-col; ~0.01): a contrastive loss "
+                   "on the code prefixes, and the level-1 anchor guided by the taxonomy (--taxonomy-anchor-scale)")
+    g.add_argument("--taxonomy-anchor-scale", type=_non_negative, default=TrainConfig.taxonomy_anchor_scale,
+                   help="with --taxonomy-weight > 0: weight of an item's category mean when the level-1 anchor "
+                   "is clustered (the shallowest taxonomy depth with at least --codebook-size categories); the "
+                   "centroids are then fitted to give those cells from the embedding alone, so encoding needs no "
+                   "category. 0 = plain k-means anchor")
     g.add_argument("--device", type=_device("--device", "auto", "cpu", "cuda", "mps"), default="auto",
                    help="training device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps; asking for one this "
                    "machine lacks fails at once")
@@ -328,7 +334,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                                  anchor_reconstruction=a.anchor_reconstruction and not a.no_anchor,
                                  collision_alternatives=a.collision_alternatives),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                 taxonomy_weight=a.taxonomy_weight, device=a.device, bf16=a.bf16,
+                                 taxonomy_weight=a.taxonomy_weight, taxonomy_anchor_scale=a.taxonomy_anchor_scale,
+                                 device=a.device, bf16=a.bf16,
                                  warm_start_epochs=a.warm_start_epochs),
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),

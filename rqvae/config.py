@@ -133,6 +133,12 @@ class TrainConfig(DictConfig):
         taxonomy_temperature: softmax temperature of that contrastive loss.
         hierarchical_fraction: share of each batch drawn from one parent category's children
             when the regularizer is on.
+        taxonomy_anchor_scale: with the regularizer on and an input-space anchor, the level-1
+            anchor is guided by the taxonomy (``rqvae.taxonomy.guided_centers``): items are clustered
+            on ``[x, scale * their category's mean]`` at the shallowest depth with at least K
+            categories, and the centroids are fitted to reproduce those clusters from x alone.
+            0 = the plain k-means anchor.
+        taxonomy_anchor_epochs: epochs of that nearest-centroid fit.
         device: "auto" (cuda > mps > cpu), or a torch device string.
         bf16: bfloat16 autocast for the forward pass on CUDA.
         compile: wrap the model in ``torch.compile`` for training.
@@ -177,6 +183,8 @@ class TrainConfig(DictConfig):
     taxonomy_weight: float = 0.0
     taxonomy_temperature: float = 0.1
     hierarchical_fraction: float = 0.5
+    taxonomy_anchor_scale: float = 2.0
+    taxonomy_anchor_epochs: int = 3
     device: str = "auto"
     bf16: bool = False
     compile: bool = False

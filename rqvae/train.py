@@ -19,6 +19,7 @@ from rqvae.kmeans import kmeans, nearest
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
+from rqvae.taxonomy import guided_centers, guiding_depth
 
 
 @dataclass
@@ -162,14 +163,14 @@ def _evaluate(loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, floa
 
 
 def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
-                    generator: torch.Generator) -> None:
+                    generator: torch.Generator, categories: torch.Tensor | None = None) -> None:
     """k-means on up to ``kmeans_init_size`` training items: the input-space anchor (when the model
     has one, residual k-means over its levels), then the latent codebooks level by level on the
-    residuals."""
-    rows = _init_rows(x, train_idx, cfg, generator)
+    residuals. With ``categories`` (the regularizer on) the level-1 anchor is taxonomy-guided."""
+    rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
     with torch.no_grad():
         model.eval()
-        _fit_anchor(model, rows, cfg)
+        _fit_anchor(model, rows, cfg, guide=guide)
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
         first = model.anchor_codes(rows)
     model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first)
@@ -261,9 +262,9 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
     loop = _build_loop(model, cfg, steps, generator, device, cats)
     if init is None:
         _warm_up_autoencoder(loop, xt, train_idx, steps)
-        _init_codebooks(model, xt, train_idx, cfg, generator)
+        _init_codebooks(model, xt, train_idx, cfg, generator, cats)
     else:
-        _start_from(model, init, xt, train_idx, cfg, generator)
+        _start_from(model, init, xt, train_idx, cfg, generator, cats)
     if mcfg.anchored:  # the anchor does not change while the epochs run: its codes are computed once
         with torch.no_grad():
             parts = [model.anchor_codes(part) for part in xt.split(8192)]
@@ -272,7 +273,7 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
 
 
 def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
-                generator: torch.Generator) -> None:
+                generator: torch.Generator, categories: torch.Tensor | None = None) -> None:
     """Warm start: ``init``'s weights, codebooks and anchor, the anchor refined on this training set."""
     differences = model.config.shape_differences(init.config)
     if differences:
@@ -281,24 +282,38 @@ def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Ten
     model.quantizer.steps_unused.zero_()
     if model.config.anchored:
         with torch.no_grad():
-            _fit_anchor(model, _init_rows(x, train_idx, cfg, generator), cfg, refine=True)
+            rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
+            _fit_anchor(model, rows, cfg, refine=True, guide=guide)
 
 
-def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
-               ) -> torch.Tensor:
-    """Up to ``kmeans_init_size`` training rows drawn with ``generator``."""
+def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+               categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Up to ``kmeans_init_size`` training rows drawn with ``generator``, and their (rows, T) category
+    ids when the taxonomy guides the anchor (``categories`` given, ``taxonomy_anchor_scale`` > 0)."""
     pick = torch.randperm(len(train_idx), generator=generator)[: cfg.kmeans_init_size].to(x.device)
-    return torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+    rows = torch.cat([x[train_idx[p]] for p in pick.split(8192)])
+    guided = categories is not None and cfg.taxonomy_anchor_scale > 0
+    return rows, (categories[train_idx[pick]] if guided else None)  # type: ignore[index]
 
 
-def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, *, refine: bool = False) -> None:
+def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, *, refine: bool = False,
+                guide: torch.Tensor | None = None) -> None:
     """Residual k-means of the input-space anchor on ``rows``, level by level; with ``refine`` the
-    Lloyd iterations start at the model's current centroids (a warm start keeps their meaning)."""
+    Lloyd iterations start at the model's current centroids (a warm start keeps their meaning). With
+    ``guide`` ((rows, T) category ids) level 1 is taxonomy-guided (``rqvae.taxonomy.guided_centers``)
+    at the shallowest depth with at least K categories."""
     residual = model.prepare(rows).float()
     for level in range(model.config.anchored):
         book = model.anchor_book(level)
-        centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
-                         init=book.float() if refine else None)
+        init = book.float() if refine else None
+        if level == 0 and guide is not None:
+            depth = guiding_depth(guide.cpu().numpy(), model.codebook_size)
+            centers = guided_centers(residual, guide[:, depth], model.codebook_size,
+                                     scale=cfg.taxonomy_anchor_scale, epochs=cfg.taxonomy_anchor_epochs,
+                                     iters=cfg.kmeans_iters, seed=cfg.seed, init=init)
+        else:
+            centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
+                             init=init)
         book.copy_(centers)
         residual = residual - centers[nearest(residual, centers)[0]]
 

@@ -110,6 +110,7 @@ BAD_ARGUMENTS = [
     (["--taxonomy-weight", "0.1"], "--taxonomy-weight needs the catalog's taxonomy: pass --category-col"),
     (["--anchor-levels", "3"], "--anchor-levels 3 leaves no learned level: use at most --levels - 1 = 2"),
     (["--anchor-levels", "0"], "argument --anchor-levels: must be at least 1, got 0"),
+    (["--taxonomy-anchor-scale", "-1"], "argument --taxonomy-anchor-scale: must be 0 or more, got -1"),
     (["--collision-alternatives", "300"], "--collision-alternatives 300 is more than the --codebook-size 256 codes"),
     (["--collision-alternatives", "-1"], "argument --collision-alternatives: must be at least 0, got -1"),
 ]

@@ -509,3 +509,12 @@ def test_console_script_entry_point_loads(tmp_path) -> None:
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "jobs.tokenize_catalog"
+
+
+def test_the_job_passes_the_anchor_scale_to_training() -> None:
+    from jobs.tokenize_catalog import parse_args
+    from rqvae import TrainConfig
+
+    cfg = parse_args(["--demo", "--taxonomy-weight", "0.01", "--taxonomy-anchor-scale", "3"])
+    assert (cfg.train_config.taxonomy_weight, cfg.train_config.taxonomy_anchor_scale) == (0.01, 3.0)
+    assert parse_args(["--demo"]).train_config.taxonomy_anchor_scale == TrainConfig.taxonomy_anchor_scale
