@@ -107,7 +107,10 @@ def engine_path(path: str, engine: str = "local", create: bool = False) -> str:
     """The form of a user's table path that the engine, delta-rs and Python all read at that very place.
 
     * Object-store and other non-local URIs (``s3://``, ``abfss://``, ``dbfs:/``) and every path on a
-      remote (Spark Connect) engine are the server's to resolve: returned as given.
+      remote (Spark Connect) engine are the server's to resolve: returned as given, except a relative local
+      path on a remote engine, which is made absolute against this process's working directory: the job
+      writes the demo catalog and reads its tables back here, so a server that resolved it against its own
+      working directory would use another folder.
     * ``file:`` URIs are local paths (as in Hadoop: the rest is taken literally, not percent-decoded).
     * Local paths become absolute (Sail resolves relative ones against the cwd of each call). One with a
       character outside ``[A-Za-z0-9/._-+=,@!$&'();:]`` (a space, '#', '%', '?', non-ASCII...) is reached
@@ -123,7 +126,8 @@ def engine_path(path: str, engine: str = "local", create: bool = False) -> str:
         bad = "".join(sorted(_GLOB & set(path)))
         if bad:
             raise ValueError(f"path {path!r} contains {bad!r}, which Spark reads as a glob pattern: rename it")
-        return path
+        local = local_path(path)
+        return os.path.abspath(local) if local is not None and not local.is_absolute() else path
     local = local_path(path)
     assert local is not None
     absolute = os.path.abspath(local)

@@ -156,7 +156,8 @@ def start_session(
     elif engine == "remote":
         if not remote:
             raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
-        es = EngineSession(SparkSession.builder.remote(remote).create(), "remote", True)
+        spark = SparkSession.builder.remote(remote).create()
+        es = EngineSession(spark, "remote", remote_has_delta(spark) if want_delta else True)
     else:
         es = _start_classic(app_name, want_delta)
     if shuffle_partitions is not None:
@@ -280,6 +281,21 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
         ) from e
     spark.sparkContext.setLogLevel(os.environ.get("CSID_SPARK_LOG_LEVEL", "WARN"))  # ours: quiet INFO logs
     return EngineSession(spark, "spark", classic_has_delta(spark))
+
+
+def remote_has_delta(spark: SparkSession) -> bool:
+    """Whether a Spark Connect server knows the Delta data source.
+
+    The server is asked to resolve a Delta table at a path that does not exist: one without Delta answers
+    ``DATA_SOURCE_NOT_FOUND``. Any other answer (no such table, no access to that path) counts as Delta
+    support, so a server that words its errors otherwise (Databricks, Sail) is never refused by this probe.
+    """
+    try:
+        spark.read.format("delta").load(f"/csid-delta-probe-{uuid.uuid4().hex}").schema  # noqa: B018 - analysis
+    except Exception as e:  # noqa: BLE001 - pyspark raises engine-specific classes
+        text = str(e)
+        return "DATA_SOURCE_NOT_FOUND" not in text and "Failed to find the data source: delta" not in text
+    return True
 
 
 def classic_has_delta(spark: SparkSession) -> bool:
