@@ -152,29 +152,30 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     except (ValueError, DeltaNotAvailableError) as e:
         raise JobFailed(str(e)) from e
     try:
-        _check_output(cfg, session, location)
-        tracking, experiment_id = _open_tracking(cfg, work)
-        for stale in registry.fail_abandoned_runs(experiment_id):
-            print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")
-        with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
-                              tags=registry.process_tags()) as run:
-            job = _Job(cfg, session, location, JobResult(tracking, run.info.run_id), stage)
-            # A run that publishes holds the output for its whole length, so no other run half-publishes
-            # beside it, and what a killed run left is put right before anything is read.
-            with publish.writer_lock(location) if cfg.encodes else nullcontext():
-                if cfg.encodes:
-                    _recover(job)
-                try:
-                    _run_stages(job)
-                except Exception:
-                    if job.publishing:  # a failure between the first write of the set and its entry
-                        try:
-                            _recover(job)
-                        except Exception as e:  # noqa: BLE001 - the next start recovers; report the first error
-                            print(f"    could not roll back now ({str(e).splitlines()[0][:200] if str(e) else e}); "
-                                  "the next run on this output will")
-                    raise
-            return job.result
+        with session.activated():  # libraries that look the session up (MLflow) find this one
+            _check_output(cfg, session, location)
+            tracking, experiment_id = _open_tracking(cfg, work)
+            for stale in registry.fail_abandoned_runs(experiment_id):
+                print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")
+            with mlflow.start_run(run_name=f"tokenize-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
+                                  tags=registry.process_tags()) as run:
+                job = _Job(cfg, session, location, JobResult(tracking, run.info.run_id), stage)
+                # A run that publishes holds the output for its whole length, so no other run half-publishes
+                # beside it, and what a killed run left is put right before anything is read.
+                with publish.writer_lock(location) if cfg.encodes else nullcontext():
+                    if cfg.encodes:
+                        _recover(job)
+                    try:
+                        _run_stages(job)
+                    except Exception:
+                        if job.publishing:  # a failure between the first write of the set and its entry
+                            try:
+                                _recover(job)
+                            except Exception as e:  # noqa: BLE001 - the next start recovers; report the first error
+                                print(f"    could not roll back now ({str(e).splitlines()[0][:200] if str(e) else e}); "
+                                      "the next run on this output will")
+                        raise
+                return job.result
     except _EXPECTED as e:
         raise JobFailed(str(e)) from e
     except (ledger.ConcurrentRunError, publish.OutputBusyError) as e:

@@ -122,6 +122,29 @@ class EngineSession:
             stop.set()
             thread.join(timeout=30)
 
+    @contextmanager
+    def activated(self) -> Iterator[None]:
+        """Make this the thread's active Spark Connect session for the block, then restore the one before.
+
+        Libraries that look the session up find this one: MLflow asks ``SparkSession.getActiveSession()``
+        for Databricks settings when a run starts, and another Connect session of the process (a
+        notebook's, which may have timed out) would fail the job there. pyspark's Connect client only
+        makes a new session active when none is (``create()``), so its thread-local is set here. Classic
+        sessions are the process's active session already.
+        """
+        if self.engine == "spark":
+            yield
+            return
+        from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+        holder = ConnectSession._active_session
+        before = getattr(holder, "session", None)
+        holder.session = self.spark
+        try:
+            yield
+        finally:
+            holder.session = before
+
     def __enter__(self) -> EngineSession:
         return self
 

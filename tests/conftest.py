@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+# Sail drops a session idle for 900 s; the session fixture's sits idle while tests/classic runs in its
+# subprocess (over 15 min on 2 cores), so its servers keep sessions for 4 hours here.
+os.environ.setdefault("SAIL_SPARK__SESSION_TIMEOUT_SECS", "14400")
 
 
 @pytest.fixture(scope="session")

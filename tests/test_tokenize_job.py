@@ -501,6 +501,31 @@ def test_second_embedded_session_is_its_own(tmp_path) -> None:
     assert result == {"same": False, "partitions": "3", "count": 3}
 
 
+_DEAD_CALLER_SESSION = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import helpers
+    from pipelines.session import start_session
+    from jobs.tokenize_catalog import main
+    caller = start_session("local")   # e.g. a notebook's session, the process's active one ...
+    caller.spark.range(3).count()
+    caller._server.stop()             # ... whose server went away (or whose session timed out)
+    rc = main(["--demo", "--demo-items", "300", "--demo-dim", "8", "--work-dir", "work",
+               *helpers.SMALL_MODEL, *helpers.GATE_OFF])
+    print("rc", rc, flush=True)
+    os._exit(rc)                      # the dead session's client threads would retry at exit
+""")
+
+
+def test_the_job_runs_on_its_own_session_when_the_callers_is_dead(tmp_path) -> None:
+    # MLflow looks the active Spark session up when a run starts; it must find the job's, not the caller's.
+    code = _DEAD_CALLER_SESSION.format(tests=str(helpers.ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=helpers.subprocess_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "300 semantic IDs written" in proc.stdout and "rc 0" in proc.stdout
+
+
 def test_console_script_entry_point_loads(tmp_path) -> None:
     probe = ("from importlib.metadata import entry_points; "
              "(ep,) = [e for e in entry_points(group='console_scripts') if e.name == 'tokenize-catalog']; "
