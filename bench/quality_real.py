@@ -202,6 +202,7 @@ METHODS: dict[str, Method] = {
     "ours_tax0.01_unguided": ours(taxonomy_weight=0.01, taxonomy_anchor_scale=0.0),
     "ours_tax0.01_guide10": ours(taxonomy_weight=0.01, taxonomy_anchor_epochs=10),
     "ours_tax0.01_spread32": ours(taxonomy_weight=0.01, collision_alternatives=32),
+    "ours_tax0.01_scale1": ours(taxonomy_weight=0.01, taxonomy_anchor_scale=1.0),
     "ours_rqkmeans": our_rqkmeans(),
     "ours_rqkmeans_spread16": our_rqkmeans(spread=16),
     "semantic_id_rqkmeans": peer(peers.fit_semantic_id_rqkmeans),
