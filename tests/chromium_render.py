@@ -43,13 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-APT_COMMAND = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-_APT_WAIT = ["-o", "DPkg::Lock::Timeout=300"]  # a fresh CI machine may still be running its own apt
+import helpers
+
+PACKAGE = "chromium"
 NAMES = ("chromium", "chromium-browser")
-_INSTALL_TIMEOUT_S = 1200
 
 
-class ChromiumMissing(RuntimeError):
+class ChromiumMissing(helpers.ToolMissing):
     """No Chromium binary, and none can be installed here; the message names the fix."""
 
 
@@ -73,24 +73,9 @@ def ensure_chromium() -> str:
     if os.environ.get("CSID_CHROMIUM"):
         raise ChromiumMissing(f"CSID_CHROMIUM={os.environ['CSID_CHROMIUM']} is not a file: point it at a Chromium "
                               "or Chrome binary, or unset it to use `chromium` from PATH")
-    fix = (f"install it with `sudo {' '.join(APT_COMMAND)}` (Debian/Ubuntu), or set CSID_CHROMIUM to a Chromium or "
-           "Chrome binary")
-    if not shutil.which("apt-get"):
-        raise ChromiumMissing(f"`chromium` is not on PATH and this machine has no apt-get: {fix}")
-    if os.geteuid() != 0:
-        raise ChromiumMissing(f"`chromium` is not on PATH and this test can install it only as root: {fix}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for command in (APT_COMMAND, ["apt-get", "update"], APT_COMMAND):  # update only when install fails
-        proc = subprocess.run([*command[:1], *_APT_WAIT, *command[1:]], capture_output=True, text=True, env=env,
-                              timeout=_INSTALL_TIMEOUT_S)
-        log.append(f"$ {' '.join(command)} -> {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
-        if command is APT_COMMAND and proc.returncode == 0:
-            break
-    found = find_chromium()
-    if not found:
-        raise ChromiumMissing(f"`chromium` is not on PATH and installing it failed: {fix}\n" + "\n".join(log))
-    return found
+    fix = (f"install it with `sudo apt-get install -y --no-install-recommends {PACKAGE}` (Debian/Ubuntu), or set "
+           "CSID_CHROMIUM to a Chromium or Chrome binary")
+    return helpers.apt_install(PACKAGE, find_chromium, fix, ChromiumMissing)
 
 
 @dataclass

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,50 @@ def issued_codes(model: Any, x: np.ndarray, ids: Sequence[Any]) -> Any:
                                  ranked.quantization_error[:, None], tiebreak=np.asarray(ids))
     return spread_last_level(ranked.codes, ranked.quantization_error, ranked.alternatives,
                              ranked.alternative_errors, tiebreak=np.asarray(ids))
+
+
+# --- tools a test installs from Debian's packages (CI runs as root with apt-get) ----------------------
+
+class ToolMissing(RuntimeError):
+    """A program a test needs is missing and cannot be installed here; the message names the fix."""
+
+
+_APT_WAIT = ["-o", "DPkg::Lock::Timeout=300"]  # a fresh CI machine may still be running its own apt
+
+
+def apt_install(package: str, find: Callable[[], str | None], fix: str,
+                error: type[RuntimeError] = ToolMissing) -> str:
+    """``find()``'s program, installed first with ``apt-get install -y --no-install-recommends package``
+    when it is missing and this process can (root with apt-get; ``apt-get update`` only when that
+    install fails). Otherwise raises ``error`` naming ``fix``."""
+    found = find()
+    if found:
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        raise error(f"{package} is not installed, and a test can install it only as root with apt-get: {fix}")
+    install = ["apt-get", *_APT_WAIT, "install", "-y", "--no-install-recommends", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log = []
+    for command in (install, ["apt-get", *_APT_WAIT, "update"], install):
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+        log.append(f"$ {' '.join(command)} -> {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        if command is install and proc.returncode == 0:
+            break
+    found = find()
+    if not found:
+        raise error(f"{package} is not installed and installing it failed: {fix}\n" + "\n".join(log))
+    return found
+
+
+JAVA_PACKAGE = "openjdk-17-jre-headless"
+
+
+def ensure_java(error: type[RuntimeError] = ToolMissing) -> str:
+    """The ``java`` binary (``$JAVA_HOME/bin/java``, else ``PATH``), Debian's JRE 17 installed first when
+    it is missing and this process can."""
+    def find() -> str | None:
+        home_java = Path(os.environ.get("JAVA_HOME") or "/nonexistent") / "bin" / "java"
+        return str(home_java) if home_java.is_file() else shutil.which("java")
+
+    return apt_install(JAVA_PACKAGE, find, f"install Java 17 (`sudo apt-get install -y {JAVA_PACKAGE}` on "
+                       "Debian/Ubuntu) or set JAVA_HOME", error)

@@ -30,7 +30,6 @@ this process is root on a machine with ``apt-get`` (CI), installs Debian's ``ope
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,7 +49,6 @@ from pipelines.session import DELTA_EXTENSION, delta_maven_coordinate
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 SPARK_SUBMIT = Path(pyspark.__file__).parent / "bin" / "spark-submit"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
-JAVA_APT = ["apt-get", "install", "-y", "--no-install-recommends", "openjdk-17-jre-headless"]
 # A cold start fetches the Delta jars from Maven Central first; a warm one takes ~15 s on 2 busy cores.
 START_TIMEOUT_S = 300.0
 # What the server logs when it cannot bind its port (Spark Connect does not move to another port itself).
@@ -155,26 +153,8 @@ def free_port() -> int:
 
 
 def ensure_java() -> str:
-    """The ``java`` binary (``$JAVA_HOME/bin/java``, else ``PATH``); installs Debian's JRE 17 when it is
-    missing and this process can (root, ``apt-get``); otherwise raises :class:`ConnectServerError` with the fix."""
-    home_java = Path(os.environ.get("JAVA_HOME") or "/nonexistent") / "bin" / "java"
-    found = str(home_java) if home_java.is_file() else shutil.which("java")
-    if found:
-        return found
-    fix = f"install Java 17 (`sudo {' '.join(JAVA_APT)}` on Debian/Ubuntu) or set JAVA_HOME"
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        raise ConnectServerError(f"no `java` on PATH, and this test can install it only as root with apt-get: {fix}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for command in (JAVA_APT, ["apt-get", "update"], JAVA_APT):  # update only when the install fails
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-        log.append(f"$ {' '.join(command)} -> {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
-        if command is JAVA_APT and proc.returncode == 0:
-            break
-    found = shutil.which("java")
-    if not found:
-        raise ConnectServerError(f"no `java` on PATH and installing it failed: {fix}\n" + "\n".join(log))
-    return found
+    """The ``java`` binary (``helpers.ensure_java``); :class:`ConnectServerError` with the fix when missing."""
+    return helpers.ensure_java(ConnectServerError)
 
 
 def server_command(port: int, *, delta: bool = True, master: str = "local[2]",

@@ -11,8 +11,6 @@ the tasks run the job with this process's python.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -70,25 +68,12 @@ for n, run in enumerate(json.loads(sys.argv[2])):
 """
 
 
-JAVA_APT = ["apt-get", "install", "-y", "--no-install-recommends", "openjdk-17-jre-headless"]
-
-
 def _ensure_java() -> None:
-    """spark-submit (the operator's launcher) needs Java 17: found on PATH or JAVA_HOME, else installed from
-    Debian's packages when this process may (root with apt-get, as in CI), else the test fails naming the fix."""
-    java_home = os.environ.get("JAVA_HOME")
-    if shutil.which("java") or (java_home and (Path(java_home) / "bin" / "java").is_file()):
-        return
-    fix = f"install Java 17 (`sudo {' '.join(JAVA_APT)}`) or set JAVA_HOME"
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.fail(f"spark-submit needs Java and this test can install it only as root with apt-get: {fix}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (JAVA_APT, ["apt-get", "update"], JAVA_APT):  # update only when the first install fails
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200).returncode == 0
-        if command is JAVA_APT and done:
-            break
-    if not shutil.which("java"):
-        pytest.fail(f"spark-submit needs Java and installing it failed: {fix}")
+    """spark-submit (the operator's launcher) needs Java 17 (``helpers.ensure_java``); the test fails naming the fix."""
+    try:
+        helpers.ensure_java()
+    except helpers.ToolMissing as e:
+        pytest.fail(f"spark-submit needs Java: {e}")
 
 
 @pytest.fixture(scope="module")
