@@ -91,9 +91,11 @@ def stage_seconds(stdout: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^    (.+) done in ([0-9.]+)s$", stdout, re.M)}
 
 
-def timed(cmd: list[str], catalog: Path) -> dict[str, Any]:
+def timed(cmd: list[str], catalog: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (environment ``env``, default this process's) with ``catalog``'s files in the page cache;
+    its wall time, peak RSS, stage times and rows through the model (the job's banners)."""
     warm_page_cache(catalog)
-    rc, wall, rss, out = run_sampled(cmd, dict(os.environ))
+    rc, wall, rss, out = run_sampled(cmd, dict(os.environ) if env is None else env)
     if rc != 0:
         raise RuntimeError(f"job failed (rc {rc}):\n{out[-4000:]}")
     encoded = re.search(r"^    (\d+) rows went through the model$", out, re.M)

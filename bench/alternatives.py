@@ -1,0 +1,485 @@
+"""The job against what users would run instead: one catalog, one trained model, all variants in one run.
+
+    python bench/alternatives.py                                   # 1M x 768, every variant
+    python bench/alternatives.py --items 20000 --dim 64 --json bench/out/alternatives_small.json
+    python bench/alternatives.py --variants s,e,i_local            # no JVM
+
+Variants (each a whole process, timed from its start to its exit, Spark start-up included; the
+catalog's files are in the OS page cache before each, read once untimed; items/s = N / wall):
+
+  (s) no Spark: this script's own ``--worker s`` (:func:`standalone_tokenize`), the script a user would
+      write instead: read the catalog Delta table with delta-rs/pyarrow in batches, ``rqvae.encode_array``
+      with the model's collision alternatives, ``rqvae.resolve.spread_last_level`` (the job's collision
+      rule), suffixes with NumPy, write a Delta table with delta-rs. One process; torch uses the largest
+      power of two <= the cores as threads (rqvae/encode.py: then every error has the job's bits).
+  (u) the Databricks default, on classic Spark + Delta (spark-submit --packages <delta-spark>):
+      ``mlflow.pyfunc.spark_udf`` of the registered model (registered once, untimed, in a store of its
+      own) over the catalog, suffixes by a plain ``row_number`` window over the code tuple ordered by
+      (quantization_error, item_id), Delta write (``--worker u`` under spark-submit).
+  (e) the job on the embedded engine: ``jobs/tokenize_catalog.py --model <checkpoint>`` (no training;
+      validate, encode, uniquify, statistics, report, Delta), its MLflow store created beforehand.
+  (k) the same job on classic Spark + Delta (spark-submit --packages <delta-spark>, --engine spark).
+  (i) the job's incremental run on catalog B = A + --new-share x N new items (bench/incremental.py's
+      grown_catalog) into a copy of (e)'s table (i_local, embedded) and of (k)'s (i_spark, classic):
+      only the new rows go through the model. ``i`` = both; i_local needs e and i_spark needs k (added
+      when not asked for). Reported as a ratio of wall times: i_local/e and i_spark/k (B has 1% more
+      items than the catalog e and k ran on).
+
+Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s.
+
+The model: --model, or bench/encode_throughput.py's cached model for D (trained once on the catalog's
+first 100k items). Its checkpoint is copied with ``collision_alternatives`` set to
+--collision-alternatives (default 16, what the job registers when it trains with its defaults; -1
+keeps the checkpoint's own), so the job spreads colliding items as in production; every variant
+uses that one file.
+
+Correctness, in the table: every variant's output is compared with (s)'s, item by item: the item
+sets (items missing or extra), code tuples ("code mism."), the prefix (levels 1..L-1, "prefix
+mism.") and the whole ID (codes + suffix, "ID mism."). (e) and (k) must agree with (s) on all of
+them. (u) cannot agree on codes: the pyfunc returns each item's nearest codes, while the job (and
+(s)) move an item whose nearest tuple a better-fitting item holds to a free last-level code
+(docs/scoring.md), so (u)'s code mismatches must equal the items (s) moved, with no prefix mismatch;
+its suffixes number nearest-code groups. The incremental runs must encode exactly the new rows, and
+i_local's and i_spark's tables must hold the same IDs.
+
+Acceptance ratios (issue 14; speed ratios are items/s ratios, i ratios wall-time ratios):
+  e/s >= 0.8, e/u >= 2, k/s >= 0.4, k/u >= 1.5, i_local/e <= 0.15, i_spark/k <= 0.15.
+
+Prints a Markdown table; --json writes every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from encode_throughput import (  # noqa: E402 - the catalog, model and process-tree timing of the throughput bench
+    OUT,
+    catalog_path,
+    model_path,
+    prepare_mlflow_store,
+)
+from incremental import grown_catalog, job, timed  # noqa: E402 - catalog B, the job's command, a timed run
+
+VARIANTS = ("s", "u", "e", "k", "i_local", "i_spark")
+NEEDS = {"i_local": "e", "i_spark": "k"}  # an incremental run starts from a copy of this variant's table
+LABELS = {"s": "(s) no Spark: delta-rs + rqvae + NumPy", "u": "(u) spark_udf + row_number, classic Spark",
+          "e": "(e) job, embedded engine", "k": "(k) job, classic Spark",
+          "i_local": "(i) incremental job, embedded", "i_spark": "(i) incremental job, classic Spark"}
+# (name, numerator, denominator, kind, target): kind "speed" = items/s ratio (>= target), "wall" = wall ratio (<=)
+TARGETS = [("e/s", "e", "s", "speed", 0.8), ("e/u", "e", "u", "speed", 2.0), ("k/s", "k", "s", "speed", 0.4),
+           ("k/u", "k", "u", "speed", 1.5), ("i_local/e", "i_local", "e", "wall", 0.15),
+           ("i_spark/k", "i_spark", "k", "wall", 0.15)]
+MODEL_NAME = "bench-alternatives"
+ITEM_ID, EMBEDDING, CODES, SUFFIX = "item_id", "embedding", "codes", "suffix"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000, help="catalog size N")
+    p.add_argument("--dim", type=int, default=768, help="embedding length D")
+    p.add_argument("--variants", default="s,u,e,k,i",
+                   help="comma-separated subset of s,u,e,k,i (i = i_local,i_spark; each adds the full run it "
+                   "starts from)")
+    p.add_argument("--new-share", type=float, default=0.01, help="new items of catalog B for (i), as a share of N")
+    p.add_argument("--model", help="checkpoint (default: bench/out/model_<D>_trained.pt, trained once)")
+    p.add_argument("--collision-alternatives", type=int, default=16,
+                   help="the model's collision_alternatives for every variant (-1: the checkpoint's own)")
+    p.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"),
+                   help="classic Spark master for (u), (k) and i_spark")
+    p.add_argument("--driver-memory", default="4g", help="spark-submit --driver-memory (the job's own default)")
+    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--worker", choices=["s", "u"], help=argparse.SUPPRESS)  # internal: one variant in this process
+    p.add_argument("--catalog", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    p.add_argument("--model-uri", help=argparse.SUPPRESS)
+    p.add_argument("--tracking-uri", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --- (s): the hand-written single-process script ------------------------------------------------------
+
+def torch_threads() -> int:
+    """The largest power of two <= the cores: rqvae.encode gives every row the same bits at 1, 2, 4... threads."""
+    cores = os.cpu_count() or 1
+    return 1 << (cores.bit_length() - 1)
+
+
+def suffix_order_suffixes(codes: np.ndarray, errors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int32 (N,) suffixes: 0..n-1 within each group of items sharing a code tuple, ordered by
+    quantization error ascending, then item id (the job's rule, pipelines/uniquify.py)."""
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    order = np.lexsort((ids, errors, *[codes[:, level] for level in reversed(range(codes.shape[1]))]))
+    ordered = codes[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    out = np.empty(n, dtype=np.int32)
+    out[order] = np.arange(n) - first
+    return out
+
+
+def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str | Path,
+                        read_rows: int = 32_768) -> dict[str, int]:
+    """(s): semantic IDs of a Delta catalog (item_id, embedding) without Spark, written as a Delta table
+    (item_id, codes, suffix, semantic_id, quantization_error). Rows with a non-finite or all-zero
+    embedding are skipped and counted. Returns counts (rows, skipped, moved, max_suffix)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import torch
+    from deltalake import DeltaTable, write_deltalake
+
+    from rqvae import encode_array, load_checkpoint
+    from rqvae.resolve import spread_last_level
+
+    torch.set_num_threads(torch_threads())
+    model = load_checkpoint(Path(model_file).read_bytes())
+    k = model.config.collision_alternatives
+    dim = model.config.input_dim
+    ids, codes, errors, alts, alt_errors, skipped = [], [], [], [], [], 0
+    dataset = DeltaTable(str(catalog)).to_pyarrow_dataset()
+    for batch in dataset.to_batches(columns=[ITEM_ID, EMBEDDING], batch_size=read_rows):
+        if not batch.num_rows:
+            continue
+        column = batch.column(EMBEDDING)
+        lengths = pc.list_value_length(column)
+        if column.null_count or pc.min(lengths).as_py() != dim or pc.max(lengths).as_py() != dim:
+            raise ValueError(f"{catalog}: every embedding must be a list of {dim} values")
+        x = column.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)
+        ok = np.isfinite(x).all(axis=1) & (x != 0).any(axis=1)
+        batch_ids = batch.column(ITEM_ID).to_numpy(zero_copy_only=False)
+        if not ok.all():
+            skipped += int((~ok).sum())
+            x, batch_ids = x[ok], batch_ids[ok]
+        result = encode_array(model, x, alternatives=k)
+        ids.append(batch_ids)
+        codes.append(result.codes)
+        errors.append(result.quantization_error)
+        if k:
+            alts.append(result.alternatives)
+            alt_errors.append(result.alternative_errors)
+    all_ids = np.concatenate(ids)
+    all_codes, all_errors = np.concatenate(codes), np.concatenate(errors)
+    moved = 0
+    if k:
+        spread = spread_last_level(all_codes, all_errors, np.concatenate(alts), np.concatenate(alt_errors),
+                                   tiebreak=all_ids)
+        all_codes, all_errors, moved = spread.codes, spread.quantization_error, int(spread.moved.sum())
+    suffix = suffix_order_suffixes(all_codes, all_errors, all_ids)
+    n, levels = all_codes.shape
+    parts = [pa.array(all_codes[:, level]).cast(pa.string()) for level in range(levels)]
+    table = pa.table({
+        ITEM_ID: pa.array(all_ids),
+        CODES: pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * levels, levels, dtype=np.int32)),
+                                        pa.array(all_codes.ravel())),
+        SUFFIX: pa.array(suffix),
+        "semantic_id": pc.binary_join_element_wise(*parts, pa.array(suffix).cast(pa.string()), "_"),
+        "quantization_error": pa.array(all_errors),
+    })
+    write_deltalake(str(output), table, mode="overwrite")
+    return {"rows": n, "skipped": skipped, "moved": moved, "max_suffix": int(suffix.max()) if n else -1}
+
+
+def standalone_worker(a: argparse.Namespace) -> int:
+    counts = standalone_tokenize(a.catalog, a.model, a.output)
+    print(json.dumps({"worker": "s", **counts}), flush=True)
+    return 0
+
+
+# --- (u): mlflow.pyfunc.spark_udf on classic Spark + Delta ---------------------------------------------
+
+def udf_worker(a: argparse.Namespace) -> int:
+    """(u) under spark-submit: score the catalog with the registered pyfunc, number the tuples, write Delta."""
+    import mlflow
+    from pyspark.sql import SparkSession, Window
+    from pyspark.sql import functions as F
+
+    spark = SparkSession.builder.getOrCreate()
+    mlflow.set_tracking_uri(a.tracking_uri)
+    score = mlflow.pyfunc.spark_udf(spark, a.model_uri)  # result type from the model's signature
+    scored = (spark.read.format("delta").load(a.catalog)
+              .select(ITEM_ID, score(EMBEDDING).alias("model"))
+              .select(ITEM_ID, F.col("model.codes").alias(CODES),
+                      F.col("model.quantization_error").alias("quantization_error")))
+    in_tuple = Window.partitionBy(CODES).orderBy("quantization_error", ITEM_ID)
+    out = (scored.withColumn(SUFFIX, (F.row_number().over(in_tuple) - 1).cast("int"))
+           .withColumn("semantic_id", F.concat_ws("_", F.array_join(CODES, "_"), F.col(SUFFIX).cast("string"))))
+    out.write.format("delta").mode("overwrite").save(a.output)
+    print(json.dumps({"worker": "u"}), flush=True)
+    spark.stop()
+    return 0
+
+
+def register_model(checkpoint: Path, work: Path) -> tuple[str, str]:
+    """Log + register ``checkpoint`` as the job does (untimed); returns (tracking URI, the version's source)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.registry import configure_tracking, log_and_register, use_experiment
+    from rqvae import load_checkpoint
+
+    dim = load_checkpoint(checkpoint.read_bytes()).config.input_dim
+    example = pd.DataFrame({EMBEDDING: list(np.random.default_rng(0).normal(size=(2, dim)).astype(np.float32))})
+    uri = configure_tracking(work)
+    use_experiment(MODEL_NAME, work)
+    with mlflow.start_run():
+        version = log_and_register(checkpoint, MODEL_NAME, input_example=example)
+    return uri, MlflowClient().get_model_version(MODEL_NAME, version).source
+
+
+# --- running the variants ------------------------------------------------------------------------------
+
+def spark_submit(a: argparse.Namespace, script: Path, *args: str) -> list[str]:
+    """spark-submit with the Delta jars of the installed pyspark + delta-spark (as tests/classic does)."""
+    import pyspark
+
+    from pipelines.session import DELTA_EXTENSION, delta_maven_coordinate
+
+    return [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--master", a.master,
+            "--driver-memory", a.driver_memory, "--conf", "spark.ui.enabled=false",
+            "--packages", delta_maven_coordinate(), "--conf", f"spark.sql.extensions={DELTA_EXTENSION}",
+            "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+            str(script), *args]
+
+
+def spark_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYSPARK_SUBMIT_ARGS", "SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
+    env["PYSPARK_PYTHON"] = env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def checkpoint_with_alternatives(model: Path, k: int) -> Path:
+    """``model``, or a copy of it whose config has collision_alternatives = k (at most its codebook size; k < 0:
+    ``model`` as it is)."""
+    import torch
+
+    if k < 0:
+        return model
+    payload = torch.load(model, map_location="cpu", weights_only=True)
+    k = min(k, payload["config"]["codebook_size"])
+    if payload["config"].get("collision_alternatives", 0) == k:
+        return model
+    payload["config"]["collision_alternatives"] = k
+    path = OUT / f"{model.stem}_alt{k}.pt"
+    torch.save(payload, path)
+    return path
+
+
+def selected(spec: str) -> list[str]:
+    names = set()
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        expanded = ["i_local", "i_spark"] if token == "i" else [token]
+        for name in expanded:
+            if name not in VARIANTS:
+                raise SystemExit(f"--variants: unknown variant {token!r}; choose from s,u,e,k,i,i_local,i_spark")
+            names.add(name)
+            if name in NEEDS:
+                names.add(NEEDS[name])
+    return [v for v in VARIANTS if v in names]
+
+
+def worker_json(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith('{"worker"')]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grown: Path | None,
+                model: Path) -> dict[str, Any]:
+    """Run one variant as its own timed process; returns its figures and the path of its output table."""
+    script = Path(__file__).resolve()
+    folder = run / name
+    if name == "s":
+        table = folder / "semantic_ids"
+        cmd = [sys.executable, str(script), "--worker", "s", "--catalog", str(catalog), "--model", str(model),
+               "--output", str(table)]
+        result = timed(cmd, catalog, env=dict(os.environ))
+    elif name == "u":
+        tracking, source = register_model(model, folder / "work")
+        table = folder / "semantic_ids"
+        cmd = spark_submit(a, script, "--worker", "u", "--catalog", str(catalog), "--output", str(table),
+                           "--model-uri", source, "--tracking-uri", tracking)
+        result = timed(cmd, catalog, env=spark_env())
+    elif name in ("e", "k"):
+        prepare_mlflow_store(folder / "work")
+        table = folder / "tables" / "semantic_ids"
+        cmd = job(catalog, folder / "tables", folder / "work", model)
+        if name == "k":
+            cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
+        result = timed(cmd, catalog, env=spark_env() if name == "k" else dict(os.environ))
+    else:
+        assert grown is not None
+        base = run / NEEDS[name]
+        shutil.copytree(base / "tables", folder / "tables")
+        table = folder / "tables" / "semantic_ids"
+        cmd = job(grown, folder / "tables", base / "work", model)
+        if name == "i_spark":
+            cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
+        result = timed(cmd, grown, env=spark_env() if name == "i_spark" else dict(os.environ))
+    items = a.items + (int(round(a.items * a.new_share)) if name in NEEDS else 0)
+    figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"], "items": items,
+               "items_per_s": items / result["wall_s"], "table": str(table), "stages": result["stages"],
+               "encoded_rows": result["encoded_rows"], **worker_json(result["stdout_tail"])}
+    print(f"{name}: {result['wall_s']:.1f} s, {figures['items_per_s']:,.0f} items/s, "
+          f"peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+    return figures
+
+
+# --- correctness ---------------------------------------------------------------------------------------
+
+def read_ids(table: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids sorted, codes (N, L), suffixes) of the active rows of a semantic-ID Delta table."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    dataset = DeltaTable(str(table)).to_pyarrow_dataset()
+    columns = [ITEM_ID, CODES, SUFFIX]
+    t = dataset.to_table(columns=columns + (["active"] if "active" in dataset.schema.names else []))
+    if "active" in t.column_names:
+        t = t.filter(pc.fill_null(t["active"], False))
+    ids = t[ITEM_ID].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    flat = t[CODES].combine_chunks()
+    codes = flat.flatten().to_numpy().reshape(len(flat), -1) if len(flat) else np.zeros((0, 0), np.int32)
+    return ids[order], codes[order], t[SUFFIX].to_numpy()[order]
+
+
+def compare(reference: str | Path, other: str | Path) -> dict[str, int]:
+    """Item-by-item differences of ``other``'s IDs from ``reference``'s (over the items both hold)."""
+    ref_ids, ref_codes, ref_suffix = read_ids(reference)
+    ids, codes, suffix = read_ids(other)
+    common, ref_at, at = np.intersect1d(ref_ids, ids, assume_unique=True, return_indices=True)
+    code_diff = (ref_codes[ref_at] != codes[at]).any(axis=1)
+    prefix_diff = (ref_codes[ref_at, :-1] != codes[at, :-1]).any(axis=1)
+    id_diff = code_diff | (ref_suffix[ref_at] != suffix[at])
+    return {"items": len(ids), "missing": len(ref_ids) - len(common), "extra": len(ids) - len(common),
+            "code_mismatches": int(code_diff.sum()), "prefix_mismatches": int(prefix_diff.sum()),
+            "id_mismatches": int(id_diff.sum())}
+
+
+def check(figures: dict[str, dict[str, Any]], n_new: int) -> dict[str, Any]:
+    """Comparisons with (s) and between the incremental runs, and a verdict line per check."""
+    checks: dict[str, Any] = {"vs_s": {}, "problems": []}
+    problems = checks["problems"]
+    if "s" in figures:
+        for name in ("u", "e", "k"):
+            if name in figures:
+                c = checks["vs_s"][name] = compare(figures["s"]["table"], figures[name]["table"])
+                if c["missing"] or c["extra"] or c["prefix_mismatches"]:
+                    problems.append(f"{name}: {c['missing']} items missing, {c['extra']} extra, "
+                                    f"{c['prefix_mismatches']} prefix mismatches against (s)")
+                if name != "u" and c["id_mismatches"]:
+                    problems.append(f"{name}: {c['id_mismatches']} IDs differ from (s)'s")
+                if name == "u" and c["code_mismatches"] != figures["s"].get("moved"):
+                    problems.append(f"u: {c['code_mismatches']} code mismatches against (s), but (s) moved "
+                                    f"{figures['s'].get('moved')} items off a collision")
+    for name in ("i_local", "i_spark"):
+        if name in figures and figures[name]["encoded_rows"] != n_new:
+            problems.append(f"{name}: {figures[name]['encoded_rows']} rows went through the model, not the "
+                            f"{n_new} new ones")
+    if "i_local" in figures and "i_spark" in figures:
+        c = checks["i_local_vs_i_spark"] = compare(figures["i_local"]["table"], figures["i_spark"]["table"])
+        if c["missing"] or c["extra"] or c["id_mismatches"]:
+            problems.append(f"i_spark: {c} against i_local")
+    return checks
+
+
+def ratios(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name, top, bottom, kind, target in TARGETS:
+        if top in figures and bottom in figures:
+            if kind == "speed":
+                value = figures[top]["items_per_s"] / figures[bottom]["items_per_s"]
+                met = value >= target
+            else:
+                value = figures[top]["wall_s"] / figures[bottom]["wall_s"]
+                met = value <= target
+            out.append({"ratio": name, "kind": kind, "value": value, "target": target, "met": met})
+    return out
+
+
+def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]], checks: dict[str, Any],
+           ratio_rows: list[dict[str, Any]], n_new: int) -> str:
+    lines = [f"N = {a.items:,}, D = {a.dim}, model {model.name}, {os.cpu_count()} cores, "
+             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+             f"classic master {a.master}; (i): {n_new:,} new items", "",
+             "| variant | wall s | items/s | peak RSS MB | code mism. vs (s) | prefix mism. | ID mism. | items |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, f in figures.items():
+        c = checks["vs_s"].get(name)
+        cells = ([str(c["code_mismatches"]), str(c["prefix_mismatches"]), str(c["id_mismatches"])] if c
+                 else ["ref" if name == "s" else "-"] * 3)
+        lines.append(f"| {LABELS[name]} | {f['wall_s']:.1f} | {f['items_per_s']:,.0f} | {f['peak_rss_mb']:,.0f} | "
+                     + " | ".join(cells) + f" | {f['items']:,} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
+    for r in ratio_rows:
+        sign = ">=" if r["kind"] == "speed" else "<="
+        lines.append(f"| {r['ratio']} ({'items/s' if r['kind'] == 'speed' else 'wall'}) | {r['value']:.3f} | "
+                     f"{sign} {r['target']} | {'yes' if r['met'] else 'NO'} |")
+    if "s" in figures:
+        s = figures["s"]
+        lines += ["", f"(s) moved {s.get('moved')} items off a collision, largest suffix {s.get('max_suffix')}, "
+                  f"skipped {s.get('skipped')} bad rows. (u) scores nearest codes, so its code mismatches "
+                  "should equal the moved items (docs/scoring.md)."]
+    for name in ("i_local", "i_spark"):
+        if name in figures:
+            lines.append(f"{name}: {figures[name]['encoded_rows']} rows through the model ({n_new} new)")
+    if "i_local_vs_i_spark" in checks:
+        lines.append(f"i_local vs i_spark tables: {checks['i_local_vs_i_spark']}")
+    lines.append("correctness: " + ("OK" if not checks["problems"] else "PROBLEMS: " + "; ".join(checks["problems"])))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker == "s":
+        return standalone_worker(a)
+    if a.worker == "u":
+        return udf_worker(a)
+    variants = selected(a.variants)
+    OUT.mkdir(parents=True, exist_ok=True)
+    catalog = catalog_path(a.items, a.dim, "delta")
+    model = checkpoint_with_alternatives(Path(a.model) if a.model else model_path(a.dim, catalog),
+                                         a.collision_alternatives)
+    n_new = int(round(a.items * a.new_share))
+    grown = grown_catalog(catalog, n_new, a.dim) if any(v in NEEDS for v in variants) else None
+    run = OUT / f"alternatives_{a.items}_{a.dim}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    figures: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        print(f"running {LABELS[name]} ...", flush=True)
+        figures[name] = run_variant(name, a, run, catalog, grown, model)
+    checks = check(figures, n_new)
+    ratio_rows = ratios(figures)
+    print(report(a, model, figures, checks, ratio_rows, n_new))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "model": str(model), "new_items": n_new,
+                                            "variants": figures, "ratios": ratio_rows, "checks": checks}, indent=2))
+    return 0 if not checks["problems"] else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    # delta-rs can abort while the interpreter tears down after reading a table (tests/helpers.py's checker
+    # runner has the story); every figure is printed and written by now, so skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

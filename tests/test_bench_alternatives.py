@@ -1,0 +1,64 @@
+"""bench/alternatives.py's (s) variant, the hand-written "no Spark" script (delta-rs + rqvae + NumPy), issues
+exactly the job's semantic IDs on the same catalog and model: codes after the collision spread, suffixes and
+the ID strings. Otherwise the benchmark would compare the job with a script that does less work.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import helpers
+import numpy as np
+import pytest
+
+from pipelines.demo import write_demo_catalog
+from rqvae import ModelConfig, TrainConfig, fit, save_checkpoint
+from rqvae.synthetic import CatalogSpec, make_catalog
+
+pytestmark = [pytest.mark.spark]
+
+BENCH = helpers.ROOT / "bench" / "alternatives.py"
+JOB = helpers.ROOT / "jobs" / "tokenize_catalog.py"
+N_ITEMS, DIM = 400, 16
+
+
+def test_the_no_spark_script_issues_the_jobs_semantic_ids(tmp_path) -> None:
+    spec = CatalogSpec(N_ITEMS, DIM, seed=3)
+    catalog = tmp_path / "catalog"
+    write_demo_catalog(catalog, spec)
+    # 4 x 4 x 4 tuples for 400 items with 2 ranked alternatives: many items move off a collision and many
+    # still share a tuple, so both the spread and the suffix order are exercised.
+    config = ModelConfig(input_dim=DIM, hidden_dims=(32, 16), latent_dim=8, num_levels=3, codebook_size=4,
+                         collision_alternatives=2)
+    fitted = fit(make_catalog(spec).embeddings, config, TrainConfig(epochs=2, batch_size=256, seed=0))
+    model = save_checkpoint(fitted.model, tmp_path / "model.pt")
+
+    env = helpers.subprocess_env()
+    job = subprocess.run(
+        [sys.executable, str(JOB), "--input", str(catalog), "--output", str(tmp_path / "job"),
+         "--work-dir", str(tmp_path / "work"), "--model", str(model), "--max-reject-share", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    script = subprocess.run(
+        [sys.executable, str(BENCH), "--worker", "s", "--catalog", str(catalog), "--model", str(model),
+         "--output", str(tmp_path / "standalone" / "semantic_ids")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, (script.stdout + script.stderr)[-4000:]
+    counts = json.loads(script.stdout.strip().splitlines()[-1])
+    assert counts["rows"] == N_ITEMS and counts["skipped"] == 0
+    assert counts["moved"] > 10, counts  # the collision spread ran ...
+    assert counts["max_suffix"] >= 2, counts  # ... and tuples still shared by several items got suffixes
+
+    ours = helpers.by_item(helpers.read_delta(tmp_path / "job" / "semantic_ids"))
+    theirs = helpers.by_item(helpers.read_delta(tmp_path / "standalone" / "semantic_ids"))
+    assert sorted(ours) == sorted(theirs) == list(range(N_ITEMS))
+    assert all(r["active"] for r in ours.values())
+    for column in ("codes", "suffix", "semantic_id"):
+        differ = [i for i in ours if ours[i][column] != theirs[i][column]]
+        examples = [(ours[i], theirs[i]) for i in differ[:2]]
+        assert not differ, f"{column} differs for {len(differ)} items, e.g. {examples}"
+    np.testing.assert_allclose([theirs[i]["quantization_error"] for i in range(N_ITEMS)],
+                               [ours[i]["quantization_error"] for i in range(N_ITEMS)], rtol=1e-6)
+    assert sum(r["suffix"] > 0 for r in theirs.values()) >= 10
+    assert theirs[0]["semantic_id"] == "_".join(map(str, [*theirs[0]["codes"], theirs[0]["suffix"]]))
