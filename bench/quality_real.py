@@ -215,12 +215,13 @@ COLUMNS = ["collision_free_pct", "distinct_pct", "largest", "util_l1", "util_l2"
            "nmi1_hidden", "nmi2_hidden", "fit_s", "encode_items_per_s"]
 
 
-def table(rows: dict[str, dict[str, float]]) -> str:
-    head = "| method | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+def table(rows: dict[str, dict[str, float]], columns: tuple[str, ...] | list[str] | None = None) -> str:
+    columns = columns or COLUMNS
+    head = "| method | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for name, r in rows.items():
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             v = r.get(c)
             cells.append("" if v is None else f"{v:.0f}" if c in ("largest", "encode_items_per_s") else
                          f"{v:.1f}" if c in ("collision_free_pct", "distinct_pct", "fit_s") or c.startswith("ppl")

@@ -1,0 +1,144 @@
+"""Trade-off curves on the real catalog: what neighbour coherence and NMI cost in codes used, and what
+reconstruction costs in fit effort. Issue 12 asks for the curve wherever a column cannot be won.
+
+    python bench/tradeoff_real.py                                   # both curves, ~10 min on 2 cores
+    python bench/tradeoff_real.py --grid 256x256,128x256 --refine-rounds 0
+
+Same catalog, metric code and columns as bench/quality_real.py (its ``load_catalog`` and ``score``).
+
+1. **Codes used against coherence** (``--grid K1xK2,...``): residual k-means in input space with K1
+   centroids at level 1 and K2 at level 2 (level 3 always 256), and the job's collision-aware last
+   level (16 alternatives), scored on the 3 x 256 grid, so a row with K1 < 256 uses only K1 / 256 of
+   level 1 (util_l1) and has fewer, larger level-1 groups (ppl_l1). P1 nn, P2 nn and NMI1 rise as the
+   groups grow; reading the curve at a peer's perplexity compares the two at equal group sizes.
+2. **Fit effort against reconstruction** (``--refine-rounds R``): residual k-means at 3 x 256, then R
+   rounds of block-coordinate refinement (each level's centroids re-fitted to what the other levels
+   leave, with every item's codes re-assigned greedily between rounds), spreading as above.
+
+Prints Markdown tables for bench/RESULTS.md; --json writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quality_real import DEFAULT_CATALOG, load_catalog, score, table  # noqa: E402
+
+from rqvae.kmeans import kmeans, nearest  # noqa: E402
+from rqvae.quantizer import ranked_codes  # noqa: E402
+from rqvae.resolve import spread_last_level  # noqa: E402
+
+SPREAD = 16
+COLUMNS = ("collision_free_pct", "distinct_pct", "util_l1", "ppl_l1", "util_l2", "ppl_l2", "recon_cos",
+           "p1_nn", "p1_random", "p2_nn", "nmi1", "nmi2", "fit_s")
+
+
+def assign(x: torch.Tensor, books: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual codes (N, L) of x (N, D) against per-level centroids, and the last level's input."""
+    residual, codes = x, []
+    for book in books:
+        last_input = residual
+        idx = nearest(residual, book)[0]
+        codes.append(idx)
+        residual = residual - book[idx]
+    return torch.stack(codes, dim=1), last_input
+
+
+def fit_levels(x: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Residual k-means with ``sizes[l]`` centroids at level l."""
+    books, residual = [], x
+    for level, k in enumerate(sizes):
+        book = kmeans(residual, k, seed=seed + level)
+        books.append(book)
+        residual = residual - book[nearest(residual, book)[0]]
+    return books
+
+
+def refine(x: torch.Tensor, books: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One round: re-assign every item, then re-fit each level's centroids (in turn) to the mean of what
+    the other levels leave for its items; a centroid nobody uses stays where it is."""
+    codes, _ = assign(x, books)
+    residual = x - sum(book[codes[:, lv]] for lv, book in enumerate(books))
+    out = []
+    for lv, book in enumerate(books):
+        target = residual + book[codes[:, lv]]
+        sums = torch.zeros_like(book).index_add_(0, codes[:, lv], target)
+        counts = torch.bincount(codes[:, lv], minlength=len(book)).to(x.dtype).unsqueeze(1)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1.0), book)
+        residual = target - new[codes[:, lv]]
+        out.append(new)
+    return out
+
+
+def spread_codes(x: torch.Tensor, books: list[torch.Tensor]) -> np.ndarray:
+    """The codes the job would issue: greedy levels, colliding items moved to a free last-level code among
+    their SPREAD nearest (rqvae.resolve.spread_last_level)."""
+    codes, last_input = assign(x, books)
+    ranked, errors = ranked_codes(last_input, books[-1], SPREAD)
+    codes[:, -1] = ranked[:, 0]
+    return spread_last_level(codes.numpy(), errors[:, 0].numpy(), ranked.numpy(), errors.numpy()).codes
+
+
+def row(x: torch.Tensor, books: list[torch.Tensor], fit_s: float, k: int, lex: np.ndarray, deep: np.ndarray,
+        seed: int) -> dict[str, float]:
+    codes = spread_codes(x, books)
+    recon = sum(book[torch.as_tensor(codes[:, lv])] for lv, book in enumerate(books)).numpy()
+    out = score(x.numpy(), codes, recon, k, lex, deep, seed=seed)
+    out["fit_s"] = fit_s
+    return {c: out[c] for c in COLUMNS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="catalog parquet (bench/real_catalog.py)")
+    p.add_argument("--items", type=int, default=None, help="subsample this many items (default: all)")
+    p.add_argument("--grid", default="256x256,192x256,128x256,96x256,64x256,256x64,256x16",
+                   help="comma-separated K1xK2 level sizes for the coherence curve ('' skips it)")
+    p.add_argument("--refine-rounds", type=int, default=3, help="rounds for the reconstruction curve (0 skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the rows to this file")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    x_np, lex, deep, _ = load_catalog(Path(a.catalog), a.items, a.seed)
+    x = F.normalize(torch.from_numpy(x_np), dim=-1)
+    print(f"# {len(x)} items x {x.shape[1]}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}", flush=True)
+    rows: dict[str, dict[str, dict[str, float]]] = {"coherence": {}, "refinement": {}}
+    for spec in filter(None, a.grid.split(",")):
+        k1, k2 = (int(v) for v in spec.split("x"))
+        start = time.perf_counter()
+        books = fit_levels(x, (k1, k2, 256), a.seed)
+        rows["coherence"][f"K1={k1} K2={k2}"] = row(x, books, time.perf_counter() - start, 256, lex, deep, a.seed)
+        print(f"{spec}: {rows['coherence'][f'K1={k1} K2={k2}']}", file=sys.stderr, flush=True)
+    if a.refine_rounds > 0:
+        start = time.perf_counter()
+        books = fit_levels(x, (256, 256, 256), a.seed)
+        fit_s = time.perf_counter() - start  # scoring is not fit time
+        rows["refinement"]["0 rounds"] = row(x, books, fit_s, 256, lex, deep, a.seed)
+        for r in range(1, a.refine_rounds + 1):
+            start = time.perf_counter()
+            books = refine(x, books)
+            fit_s += time.perf_counter() - start
+            rows["refinement"][f"{r} rounds"] = row(x, books, fit_s, 256, lex, deep, a.seed)
+            print(f"refine {r}: {rows['refinement'][f'{r} rounds']}", file=sys.stderr, flush=True)
+    for name, part in rows.items():
+        if part:
+            print(f"\n{name}\n\n{table(part, COLUMNS)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
