@@ -406,7 +406,7 @@ def plan_changes(
         F.col(CHANGE) != UNCHANGED)
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
-    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp)
+    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -501,12 +501,13 @@ class _Stamp:
                 GENERATION: F.lit(self.generation).cast("int")}
 
 
-def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp) -> DataFrame:
-    """New rows (full table columns) for the items that get a new ID."""
+def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
+           materialize: Callable[[DataFrame], DataFrame | None] | None = None) -> DataFrame:
+    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan`)."""
     ranked = _alternatives_in(to_issue)
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
     if ranked:  # the model's collision-aware last level, away from every tuple ever issued
-        base = spread_collisions(base, num_levels, state.ledger if state is not None else None)
+        base = spread_collisions(base, num_levels, state.ledger if state is not None else None, materialize)
     numbered = (assign_suffixes(base, num_levels) if state is None
                 else assign_next_suffixes(base, state.ledger, num_levels))
     return numbered.withColumns({

@@ -11,7 +11,7 @@ Spark and on Spark Connect (Sail).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,8 @@ _HELD = "__csid_held"
 _RANK = "__csid_rank"
 _CLAIMED = "__csid_claimed"
 _LAST_CODE = "__csid_last_code"
+_BUCKET = "__csid_bucket"
+SPREAD_BUCKETS = 64  # pandas calls of spread_collisions: movers' prefixes hashed into this many groups
 
 
 def require_columns(df: DataFrame, columns: Iterable[str], where: str) -> None:
@@ -172,7 +174,8 @@ def assign_next_suffixes(new_df: DataFrame, existing_df: DataFrame, num_levels: 
     return _with_ids(ranked, num_levels).select(*_output_columns(new_df.columns, num_levels))
 
 
-def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None = None) -> DataFrame:
+def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None = None,
+                      materialize: Callable[[DataFrame], DataFrame | None] | None = None) -> DataFrame:
     """The collision-aware last level (:mod:`rqvae.resolve`) on a DataFrame, before the suffixes.
 
     In every group of items sharing a full tuple the best-fitting one (the suffix order: error, then
@@ -189,6 +192,8 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
             ``alternatives``); other columns are carried through.
         num_levels: L.
         issued: ``codes`` of every tuple already issued, or None (a first run).
+        materialize: computes a frame once (``EngineSession.materialize``) or returns None; the
+            ranked items feed four branches of the plan, so with it their window runs once.
 
     Returns:
         ``df``'s columns without the alternatives; ``codes`` and ``quantization_error`` are the moved
@@ -206,6 +211,7 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     else:
         keyed = keyed.withColumn(_HELD, F.lit(None).cast("boolean"))
     ranked = keyed.withColumn(_RANK, F.row_number().over(Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())))
+    ranked = (materialize(ranked) if materialize is not None else None) or ranked
     keeps = (F.col(_RANK) == 1) & F.col(_HELD).isNull()
     keepers, movers = ranked.where(keeps), ranked.where(~keeps)
     claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
@@ -215,9 +221,12 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     claimed = (claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
                .groupBy(_PREFIX_KEY).agg(F.collect_set(_LAST_CODE).alias(_CLAIMED)))
     id_type = df.schema[ITEM_ID].dataType.simpleString()
+    # Prefixes never interact (a claim names a full tuple), so many prefixes share one pandas call: a
+    # call per prefix cost ~1 ms each, and a 1M-item catalog has tens of thousands with movers.
     moved = (movers.select(_PREFIX_KEY, ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)
              .join(claimed, _PREFIX_KEY, "left")
-             .groupBy(_PREFIX_KEY)
+             .withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
+             .groupBy(_BUCKET)
              .applyInPandas(_spread_group, f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"))
     kept_columns = [c for c in out_columns if c not in (CODES, QUANTIZATION_ERROR)]
     movers_out = movers.select(*kept_columns).join(moved, ITEM_ID).select(*out_columns)
@@ -225,13 +234,18 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
 
 
 def _spread_group(pdf: pd.DataFrame) -> pd.DataFrame:
-    """One prefix's movers -> their (item_id, codes, quantization_error) after :func:`rqvae.resolve`."""
+    """The movers of some prefixes -> their (item_id, codes, quantization_error) after
+    :func:`rqvae.resolve.spread_last_level`, with each prefix's claimed last-level codes taken."""
     from rqvae.resolve import spread_last_level  # numpy only, but imported where the group runs
 
     codes = np.stack([np.asarray(c, dtype=np.int64) for c in pdf[CODES]])
-    claimed = pdf[_CLAIMED].iloc[0]
-    claimed = np.asarray([] if claimed is None else list(claimed), dtype=np.int64)
-    taken = np.column_stack([np.repeat(codes[:1, :-1], len(claimed), axis=0), claimed])
+    firsts = np.flatnonzero(~pdf[_PREFIX_KEY].duplicated().to_numpy())  # one row per prefix
+    taken_parts = [np.zeros((0, codes.shape[1]), dtype=np.int64)]
+    for row in firsts.tolist():  # the prefix's claimed last-level codes, as full tuples
+        claimed = pdf[_CLAIMED].iat[row]
+        claimed = np.asarray([] if claimed is None else list(claimed), dtype=np.int64)
+        taken_parts.append(np.column_stack([np.repeat(codes[row:row + 1, :-1], len(claimed), axis=0), claimed]))
+    taken = np.concatenate(taken_parts)
     ids = pdf[ITEM_ID].to_numpy()
     tie = ids.astype(str) if ids.dtype == object else ids
     out = spread_last_level(codes, pdf[QUANTIZATION_ERROR].to_numpy(np.float32),
