@@ -14,7 +14,7 @@ from pipelines.schema import (
     SUFFIX,
     prefix_column,
 )
-from pipelines.uniquify import assign_suffixes, assign_suffixes_incremental, spread_collisions
+from pipelines.uniquify import SPREAD_BUCKETS, assign_suffixes, assign_suffixes_incremental, spread_collisions
 from pipelines.validate import SchemaError
 from rqvae.resolve import spread_last_level
 
@@ -153,10 +153,14 @@ def test_spread_moves_only_colliding_items_to_free_alternatives(spark):
                    "g": ([7, 2, 3], 0.4, "xg")}
 
 
-def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark):
+@pytest.mark.parametrize("level1, level2, materialized", [(3, 2, False), (40, 8, True)])
+def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark, level1, level2, materialized):
+    """6 prefixes; then 320 (more than SPREAD_BUCKETS, so one pandas call resolves several prefixes) with
+    the ranked items computed once through a ``materialize`` callback."""
+    assert level1 * level2 == 6 or level1 * level2 > SPREAD_BUCKETS
     rng = np.random.default_rng(4)
-    n, k = 400, 6
-    codes = np.column_stack([rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(0, 5, n)])
+    n, k = 400 if level1 == 3 else 1600, 6
+    codes = np.column_stack([rng.integers(0, level1, n), rng.integers(0, level2, n), rng.integers(0, 5, n)])
     alternatives = np.array([[c, *[x for x in rng.permutation(12) if x != c][:k - 1]] for c in codes[:, 2]])
     errors = rng.random(n).astype(np.float32)
     alt_errors = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
@@ -166,12 +170,21 @@ def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark)
     rows_in = [(str(ids[j]), codes[j].tolist(), float(errors[j]), "x", alternatives[j].tolist(),
                 alt_errors[j].tolist()) for j in range(n)]
     ledger = spark.createDataFrame([(c.tolist(),) for c in issued], "codes array<int>")
-    out = spread_collisions(spark.createDataFrame(rows_in, SPREAD_SCHEMA), 3, issued=ledger)
+    calls = []
+
+    def materialize(df):
+        calls.append(df.count())
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    out = spread_collisions(spark.createDataFrame(rows_in, SPREAD_SCHEMA), 3, issued=ledger,
+                            materialize=materialize if materialized else None)
     got = {r[ITEM_ID]: list(r[CODES]) for r in out.collect()}
+    assert calls == ([n] if materialized else [])
     expected = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids, taken=issued).codes
     assert got == {str(ids[j]): expected[j].tolist() for j in range(n)}
     # An item on an issued tuple is one whose nearest tuple it is and that found no free alternative.
     nearest = {str(ids[j]): codes[j].tolist() for j in range(n)}
     assert all(got[i] == nearest[i] for i, c in got.items() if c in issued.tolist())
-    # 6 prefixes x 12 codes for 400 items: the crowded prefixes fill up to the codes their items rank.
+    # 6 prefixes x 12 codes for 400 items (320 for 1,600): the crowded prefixes fill up to the codes
+    # their items rank.
     assert sum(got[i] != nearest[i] for i in got) > 30
