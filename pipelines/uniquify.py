@@ -183,8 +183,8 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     no item of their prefix holds, and keep their code (and get a suffix later) when none is free. A
     tuple of ``issued`` (the ledger: every ID ever issued, active or retired) is never given out, and
     an item whose nearest tuple is issued moves too. Items that do not collide are not touched; the
-    prefix (levels 1..L-1) never changes. Only the prefixes that have movers are grouped (one pandas
-    call per prefix), so the cost follows the collisions, not the catalog.
+    prefix (levels 1..L-1) never changes. Only the movers go to pandas, their prefixes hashed into
+    ``SPREAD_BUCKETS`` calls, so the cost follows the collisions, not the catalog.
 
     Args:
         df: ``item_id`` (unique), ``codes``, ``quantization_error``, ALTERNATIVES ARRAY<INT> and
