@@ -26,6 +26,8 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
       items than the catalog e and k ran on).
 
 Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s.
+``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
+wall time of each (peak RSS: the highest); the checks read the last round's tables.
 
 The model: --model, or bench/encode_throughput.py's cached model for D (trained once on the catalog's
 first 100k items). Its checkpoint is copied with ``collision_alternatives`` set to
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"),
                    help="classic Spark master for (u), (k) and i_spark")
     p.add_argument("--driver-memory", default="4g", help="spark-submit --driver-memory (the job's own default)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all variants; each variant's wall time is the median of its rounds (default 1)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--worker", choices=["s", "u"], help=argparse.SUPPRESS)  # internal: one variant in this process
     p.add_argument("--catalog", help=argparse.SUPPRESS)
@@ -342,6 +346,16 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
     return figures
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last round's figures (its table is the one checked) with the median wall time of all rounds, the
+    items/s of that median, every round's wall time and the highest peak RSS."""
+    walls = sorted(r["wall_s"] for r in runs)
+    wall = float(np.median(walls))
+    last = runs[-1]
+    return {**last, "wall_s": wall, "items_per_s": last["items"] / wall, "walls_s": [r["wall_s"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+
+
 # --- correctness ---------------------------------------------------------------------------------------
 
 def read_ids(table: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -419,7 +433,8 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
            ratio_rows: list[dict[str, Any]], n_new: int) -> str:
     lines = [f"N = {a.items:,}, D = {a.dim}, model {model.name}, {os.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
-             f"classic master {a.master}; (i): {n_new:,} new items", "",
+             f"classic master {a.master}; (i): {n_new:,} new items"
+             + (f"; wall s = the median of {a.repeat} rounds (all rounds in the JSON)" if a.repeat > 1 else ""), "",
              "| variant | wall s | items/s | peak RSS MB | code mism. vs (s) | prefix mism. | ID mism. | items |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in figures.items():
@@ -463,10 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     run = OUT / f"alternatives_{a.items}_{a.dim}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    figures: dict[str, dict[str, Any]] = {}
-    for name in variants:
-        print(f"running {LABELS[name]} ...", flush=True)
-        figures[name] = run_variant(name, a, run, catalog, grown, model)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for r in range(a.repeat):  # rounds of every variant in turn, so a slow spell of the machine hits them all
+        for name in variants:
+            print(f"running {LABELS[name]}{f' (round {r + 1} of {a.repeat})' if a.repeat > 1 else ''} ...", flush=True)
+            shutil.rmtree(run / name, ignore_errors=True)  # each round starts from nothing (i: from its base's copy)
+            rounds[name].append(run_variant(name, a, run, catalog, grown, model))
+    figures = {name: median_of(runs) for name, runs in rounds.items()}
     checks = check(figures, n_new)
     ratio_rows = ratios(figures)
     print(report(a, model, figures, checks, ratio_rows, n_new))
