@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from rqvae import RQKMeans, RQKMeansConfig, encode_array
+from rqvae.quantizer import _smallest_stable, ranked_codes
 from rqvae.resolve import spread_last_level
 from rqvae.synthetic import CatalogSpec, make_catalog
 
@@ -89,3 +91,21 @@ def test_ranked_alternatives_start_with_the_encoded_code_and_rank_by_error() -> 
     np.testing.assert_array_equal(r.alternatives[:, 0], r.codes[:, -1])
     np.testing.assert_allclose(r.alternative_errors[:, 0], r.quantization_error, rtol=1e-5, atol=1e-6)
     assert (np.diff(r.alternative_errors, axis=1) >= -1e-6).all()
+
+
+@pytest.mark.parametrize("levels_of_distance", [6, 100_000])  # 6: rows full of exact ties
+def test_ranked_codes_are_the_stable_sorts_first_columns_ties_included(levels_of_distance) -> None:
+    """The top-k in ranked_codes must pick and order exactly as a stable sort of all K distances does
+    (equal distances by code number), or column 0 would disagree with ``nearest`` and the spread would
+    hand out other codes than before."""
+    generator = torch.Generator().manual_seed(levels_of_distance)
+    for k in (1, 5, 16, 31):
+        d = torch.randint(0, levels_of_distance, (256, 32), generator=generator).float()
+        np.testing.assert_array_equal(_smallest_stable(d, k).numpy(),
+                                      d.sort(dim=1, stable=True).indices[:, :k].numpy())
+    book = torch.tensor([[0.0], [1.0], [-1.0], [2.0], [-2.0], [1.0]])  # ties: codes 1 and 5, and 1 and 2 for 0
+    order, errors = ranked_codes(torch.tensor([[0.0], [1.0]]), book, 4)
+    assert order.tolist() == [[0, 1, 2, 5], [1, 5, 0, 3]]
+    np.testing.assert_allclose(errors.numpy(), [[0, 1, 1, 1], [0, 0, 1, 1]])
+    # three codes tie for the second place of a 2-best list: the lowest code number takes it
+    assert ranked_codes(torch.tensor([[0.0]]), book, 2)[0].tolist() == [[0, 1]]
