@@ -503,7 +503,7 @@ class _Stamp:
 
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
            materialize: Callable[[DataFrame], DataFrame | None] | None = None) -> DataFrame:
-    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan`)."""
+    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan_changes`)."""
     ranked = _alternatives_in(to_issue)
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
     if ranked:  # the model's collision-aware last level, away from every tuple ever issued

@@ -211,7 +211,8 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     else:
         keyed = keyed.withColumn(_HELD, F.lit(None).cast("boolean"))
     ranked = keyed.withColumn(_RANK, F.row_number().over(Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())))
-    ranked = (materialize(ranked) if materialize is not None else None) or ranked
+    if materialize is not None:
+        ranked = materialize(ranked) or ranked
     keeps = (F.col(_RANK) == 1) & F.col(_HELD).isNull()
     keepers, movers = ranked.where(keeps), ranked.where(~keeps)
     claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
