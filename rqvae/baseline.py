@@ -15,7 +15,7 @@ from torch import nn
 from rqvae.config import DictConfig
 from rqvae.kmeans import kmeans, nearest
 from rqvae.model import Quantized
-from rqvae.quantizer import ranked_codes
+from rqvae.quantizer import residual_codes
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,7 @@ class RQKMeans(nn.Module):
     def quantize(self, x: torch.Tensor, alternatives: int = 0) -> Quantized:
         """Codes (B, L) and error (B,) = |x - sum of its centroids| in (normalised) input space; with
         ``alternatives`` > 0 also that many ranked last-level codes (see :class:`Quantized`)."""
-        residual = self.prepare(x.float())
-        codes, last_input = [], residual
-        for level in range(self.num_levels):
-            idx, _ = nearest(residual, self.codebooks[level])
-            codes.append(idx)
-            last_input, residual = residual, residual - self.codebooks[level][idx]
-        if alternatives <= 0:
-            return Quantized(torch.stack(codes, dim=1), residual.norm(dim=-1))
-        ranked, errors = ranked_codes(last_input, self.codebooks[-1], alternatives)
-        return Quantized(torch.stack(codes, dim=1), residual.norm(dim=-1), ranked, errors)
+        return Quantized(*residual_codes(self.prepare(x.float()), list(self.codebooks), alternatives))
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

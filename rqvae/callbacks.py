@@ -27,10 +27,16 @@ class ProgressPrinter:
 
     def on_train_begin(self, info: dict[str, Any]) -> None:
         self.total, self.start = int(info.get("epochs", 0)), time.perf_counter()
+        if self.total == 0:
+            self.stream.write(f"fitted on {info.get('device')}: {info.get('train_items')} items, every level "
+                              "input-space k-means, no epochs to run\n")
+            return
         self.stream.write(f"training on {info.get('device')}: {info.get('train_items')} items, "
                           f"{info.get('holdout_items')} held out, up to {self.total} epochs\n")
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.total == 0:  # a fully anchored model: its one evaluation, no epoch
+            return
         done = epoch + 1
         text = (f"epoch {done}/{self.total} loss {metrics.get('train_loss', float('nan')):.4f} "
                 f"val {metrics.get('val_loss', float('nan')):.4f} {time.perf_counter() - self.start:.0f}s")
@@ -42,6 +48,8 @@ class ProgressPrinter:
         self.stream.flush()
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
+        if self.total == 0:
+            return
         if self.interactive:
             self.stream.write("\n")
         self.stream.write(f"training done: best epoch {summary.get('best_epoch')} "

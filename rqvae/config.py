@@ -50,8 +50,10 @@ class ModelConfig(DictConfig):
             coherent as RQ-KMeans while the finer levels keep the RQ-VAE's spread.
         anchor_levels: how many leading levels the input-space anchor names when
             ``anchor_first_level`` is set: 1 (level 1 only) or more, each further level a k-means
-            of the input-space residual the previous anchor levels left (residual k-means). Must be
-            below ``num_levels``: at least the last level stays learned.
+            of the input-space residual the previous anchor levels left (residual k-means). Up to
+            ``num_levels``: then every level is anchored, the tokenizer is residual k-means in input
+            space with the model's interface (registry, warm start, alignment, collision-aware last
+            level), and the encoder, decoder and latent codebooks are left untrained and unused.
         anchor_reconstruction: the reconstruction is the anchored levels' input-space centroids
             plus the decoder's output, so the decoder learns what the anchor leaves (needs
             ``anchor_first_level``).
@@ -85,8 +87,8 @@ class ModelConfig(DictConfig):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if min(self.input_dim, self.latent_dim, self.num_levels, self.codebook_size) < 1:
             raise ValueError("input_dim, latent_dim, num_levels and codebook_size must be >= 1")
-        if not 1 <= self.anchor_levels < max(2, self.num_levels):
-            raise ValueError(f"anchor_levels must be between 1 and num_levels - 1 = {self.num_levels - 1}, "
+        if not 1 <= self.anchor_levels <= self.num_levels:
+            raise ValueError(f"anchor_levels must be between 1 and num_levels = {self.num_levels}, "
                              f"got {self.anchor_levels}")
 
         if self.anchor_reconstruction and not self.anchor_first_level:

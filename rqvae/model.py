@@ -9,7 +9,7 @@ from torch import nn
 
 from rqvae.config import ModelConfig
 from rqvae.kmeans import nearest
-from rqvae.quantizer import QuantizerOutput, ResidualQuantizer, ranked_codes
+from rqvae.quantizer import QuantizerOutput, ResidualQuantizer, ranked_codes, residual_codes
 
 
 class Quantized(NamedTuple):
@@ -77,6 +77,13 @@ class RQVAE(nn.Module):
         return self.config.num_levels
 
     @property
+    def fully_anchored(self) -> bool:
+        """Every level is anchored: the codes are residual k-means in input space, the reconstruction is
+        their centroid sum, and the encoder, decoder and latent codebooks take no part (``fit`` trains
+        nothing)."""
+        return self.config.anchored == self.config.num_levels
+
+    @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
@@ -129,6 +136,8 @@ class RQVAE(nn.Module):
         else:
             z = self.encode_latent(x)
         quant = self.quantizer(z.float(), first)
+        if self.fully_anchored and first is not None:
+            return RQVAEOutput(self.anchor_sum(first), z, quant)
         reconstruction = self.decoder(quant.quantized)
         if self.config.anchor_reconstruction and first is not None:
             reconstruction = reconstruction + self.anchor_sum(first)
@@ -143,7 +152,11 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def quantize(self, x: torch.Tensor, alternatives: int = 0) -> Quantized:
         """Codes (B, L) and quantization error (B,) for raw embeddings x (B, D); with
-        ``alternatives`` > 0 also that many ranked last-level codes (see :class:`Quantized`)."""
+        ``alternatives`` > 0 also that many ranked last-level codes (see :class:`Quantized`). Fully
+        anchored, the error and the alternatives are the input-space residual's, as RQ-KMeans'."""
+        if self.fully_anchored:
+            books = [self.anchor_book(level).float() for level in range(self.num_levels)]
+            return Quantized(*residual_codes(self.prepare(x).float(), books, alternatives))
         codes, inputs, residual = self.assign(x)
         if alternatives <= 0:
             return Quantized(codes, residual.norm(dim=-1))
@@ -153,5 +166,7 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, D) of items from their codes (B, L)."""
+        if self.fully_anchored:
+            return self.anchor_sum(codes)
         out = self.decoder(self.quantizer.codes_to_latent(codes))
         return out + self.anchor_sum(codes) if self.config.anchor_reconstruction else out

@@ -80,6 +80,23 @@ def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[to
     return order, (residual.unsqueeze(1) - book[order]).norm(dim=-1)
 
 
+def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternatives: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Greedy residual assignment of ``residual`` (B, D) to the codebooks ``books`` (each (K, D)), level by
+    level: codes (B, L) int64, the norm of what they leave (B,), and with ``alternatives`` > 0 the ranked
+    last-level codes and their errors (:func:`ranked_codes`; column 0 is the chosen code), else None."""
+    codes, last_input = [], residual
+    for book in books:
+        idx = nearest(residual, book)[0]
+        codes.append(idx)
+        last_input, residual = residual, residual - book[idx]
+    stacked = torch.stack(codes, dim=1)
+    if alternatives <= 0:
+        return stacked, residual.norm(dim=-1), None, None
+    ranked, errors = ranked_codes(last_input, books[-1], alternatives)
+    return stacked, residual.norm(dim=-1), ranked, errors
+
+
 def _smallest_stable(d: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (B, k) of the k smallest values of each row of d (B, K), ascending, equal values by index:
     exactly the first k columns of ``d.sort(dim=1, stable=True).indices``, at the cost of a top-k (a full

@@ -171,6 +171,8 @@ def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg:
     with torch.no_grad():
         model.eval()
         _fit_anchor(model, rows, cfg, guide=guide)
+        if model.fully_anchored:
+            return
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
         first = model.anchor_codes(rows)
     model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first)
@@ -261,10 +263,13 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
     steps = max(1, len(train_np) // cfg.batch_size)
     loop = _build_loop(model, cfg, steps, generator, device, cats)
     if init is None:
-        _warm_up_autoencoder(loop, xt, train_idx, steps)
+        if not model.fully_anchored:  # fully anchored, the autoencoder and its codebooks take no part
+            _warm_up_autoencoder(loop, xt, train_idx, steps)
         _init_codebooks(model, xt, train_idx, cfg, generator, cats)
     else:
         _start_from(model, init, xt, train_idx, cfg, generator, cats)
+    if model.fully_anchored:
+        return _score_only(loop, xt, train_idx, hold_idx, callbacks)
     if mcfg.anchored:  # the anchor does not change while the epochs run: its codes are computed once
         with torch.no_grad():
             parts = [model.anchor_codes(part) for part in xt.split(8192)]
@@ -332,6 +337,22 @@ def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, 
             loop.train_step(x[idx], idx)
     loop.quantize, loop.step = True, 0
     loop.optimizer, loop.scheduler = main
+
+
+def _score_only(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx: torch.Tensor,
+                callbacks: list[Any]) -> FitResult:
+    """A fully anchored model is fitted once its anchor is: no epochs run. One evaluation (held-out items,
+    else the training items) is its history, reported to the callbacks as epoch 0."""
+    call(callbacks, "on_train_begin", {"epochs": 0, "device": str(loop.device),
+                                       "train_items": len(train_idx), "holdout_items": len(hold_idx)})
+    scored = _evaluate(loop, x, hold_idx if len(hold_idx) else train_idx)
+    # the latent codebooks' loss terms would describe parts that take no part: only reconstruction and usage
+    metrics = {k: v for k, v in scored.items() if k == "val_recon" or k.endswith("_utilization")}
+    metrics["val_loss"] = metrics["val_recon"]
+    call(callbacks, "on_epoch_end", 0, metrics)
+    call(callbacks, "on_train_end", {"best_epoch": 0, "epochs_run": 0})
+    return FitResult(loop.model.eval(), [{"epoch": 0.0, **metrics}], 0, str(loop.device), len(train_idx),
+                     len(hold_idx), hold_idx.cpu().numpy())
 
 
 def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx: torch.Tensor,
