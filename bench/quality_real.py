@@ -42,6 +42,7 @@ from jobs.tokenize_catalog import (  # noqa: E402
     DEFAULT_ANCHOR_LEVELS,
     DEFAULT_ANCHOR_RECONSTRUCTION,
     DEFAULT_COLLISION_ALTERNATIVES,
+    anchored_levels,
 )
 from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit  # noqa: E402
 from rqvae.metrics import (  # noqa: E402
@@ -134,7 +135,7 @@ def ours(**changes: object) -> Method:
         model_keys = set(ModelConfig.__dataclass_fields__)
         model_args: dict[str, Any] = {"input_dim": x.shape[1], "hidden_dims": (512, 256, 128), "latent_dim": 32,
                                       "num_levels": levels, "codebook_size": k,
-                                      "anchor_levels": DEFAULT_ANCHOR_LEVELS,
+                                      "anchor_levels": anchored_levels(DEFAULT_ANCHOR_LEVELS, levels),
                                       "anchor_reconstruction": DEFAULT_ANCHOR_RECONSTRUCTION,
                                       "collision_alternatives": DEFAULT_COLLISION_ALTERNATIVES}
         train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed}
@@ -185,14 +186,16 @@ METHODS: dict[str, Method] = {
     "ours_plain_rqvae": ours(**{**BEFORE, "anchor_first_level": False}),
     # variants tried (issue 12's "table of everything tried"; bench/RESULTS.md)
     "ours_before": ours(**BEFORE),
+    # the defaults of the job before every level was anchored: two anchored levels, the RQ-VAE learns level 3
+    "ours_rqvae_anchor2": ours(anchor_levels=2),
     "ours_before_spread16": ours(**{**BEFORE, "collision_alternatives": 16}),
     "ours_anchor2_spread16": ours(**{**BEFORE, "anchor_levels": 2, "collision_alternatives": 16}),
     "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),
     "ours_no_spread": ours(collision_alternatives=0),
     "ours_spread4": ours(collision_alternatives=4),
-    "ours_latent64": ours(latent_dim=64),
-    "ours_epochs60": ours(epochs=60),
-    "ours_rotation": ours(estimator="rotation"),
+    "ours_latent64": ours(anchor_levels=2, latent_dim=64),
+    "ours_epochs60": ours(anchor_levels=2, epochs=60),
+    "ours_rotation": ours(anchor_levels=2, estimator="rotation"),
     # the taxonomy regularizer (issue 12 point 4): lambda x hierarchical batches on/off; lambda > 0 also
     # guides the level-1 anchor (rqvae.taxonomy.guided_centers)
     "ours_tax0.01": ours(taxonomy_weight=0.01),

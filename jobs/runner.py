@@ -447,8 +447,8 @@ def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
     if differences:
         print(f"    no warm start: {uri} is another shape than this run asks for ({'; '.join(differences)}: this "
               "run's value first); codes are only relabelled, so more IDs move. To keep the table's model's "
-              "shape, pass its settings (e.g. --anchor-levels 1 --no-anchor-reconstruction for a model trained "
-              "before they became defaults)")
+              "shape, pass its settings (e.g. --anchor-levels 2 for a model trained "
+              "before every level was anchored by default)")
         return None
     print(f"    warm start from {uri} (the table's generation {state.generation})")
     return model

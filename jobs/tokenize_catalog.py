@@ -94,14 +94,29 @@ def _widths(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def _anchor_levels(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return _at_least(1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'all')") from None
+
+
+def anchored_levels(setting: int | str, levels: int) -> int:
+    """The number of anchored levels an ``--anchor-levels`` setting (a number or "all") names for ``levels``."""
+    return levels if setting == "all" else int(setting)
+
+
 def _nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
 
 
-# The tokenizer defaults measured best on the real catalog (bench/RESULTS.md, "Quality on a real catalog").
-DEFAULT_ANCHOR_LEVELS = 2
+# The tokenizer defaults measured best on the real catalog (bench/RESULTS.md, "Quality on a real catalog"):
+# every level anchored (input-space residual k-means) with the collision-aware last level.
+DEFAULT_ANCHOR_LEVELS = "all"
 DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
@@ -204,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-anchor", action="store_true",
                    help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
                         "k-means centroids (docs/design.md explains the trade-off)")
-    g.add_argument("--anchor-levels", type=_at_least(1), default=None,
-                   help=f"leading levels chosen by input-space residual k-means (the anchor); the rest are learned. "
-                        f"Must be below --levels; default {DEFAULT_ANCHOR_LEVELS}, or --levels - 1 when that is fewer "
-                        "(docs/design.md)")
+    g.add_argument("--anchor-levels", type=_anchor_levels, default=DEFAULT_ANCHOR_LEVELS,
+                   help="leading levels chosen by input-space residual k-means (the anchor); the rest are learned by "
+                        "the RQ-VAE. 'all' (the default, best on the real-catalog benchmark) anchors every level: "
+                        "residual k-means with no epochs to train, so --epochs, --latent-dim and the other network "
+                        "settings take no part; 2 with --levels 3 learns the last level (docs/design.md)")
     g.add_argument("--anchor-reconstruction", action=argparse.BooleanOptionalAction,
                    default=DEFAULT_ANCHOR_RECONSTRUCTION,
                    help="reconstruct an item as its anchored centroids plus the decoder's output, so the decoder "
@@ -297,11 +313,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
                 "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
                 "a new generation")
-    if a.anchor_levels is None:
-        a.anchor_levels = max(1, min(DEFAULT_ANCHOR_LEVELS, a.levels - 1))
-    elif not a.no_anchor and a.anchor_levels >= max(2, a.levels):
-        p.error(f"--anchor-levels {a.anchor_levels} leaves no learned level: use at most --levels - 1 = "
-                f"{a.levels - 1}, or --no-anchor")
+    if not a.no_anchor and anchored_levels(a.anchor_levels, a.levels) > a.levels:
+        p.error(f"--anchor-levels {a.anchor_levels} is more than the --levels {a.levels} there are: use at most "
+                f"{a.levels}, or all")
     if a.collision_alternatives > a.codebook_size:
         p.error(f"--collision-alternatives {a.collision_alternatives} is more than the --codebook-size "
                 f"{a.codebook_size} codes there are; use at most {a.codebook_size} (0 turns it off)")
@@ -330,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         model_config=ModelConfig(input_dim=a.embedding_dim or 1, hidden_dims=hidden, latent_dim=a.latent_dim,
                                  num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
                                  shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor,
-                                 anchor_levels=a.anchor_levels if not a.no_anchor else 1,
+                                 anchor_levels=anchored_levels(a.anchor_levels, a.levels) if not a.no_anchor else 1,
                                  anchor_reconstruction=a.anchor_reconstruction and not a.no_anchor,
                                  collision_alternatives=a.collision_alternatives),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,

@@ -151,7 +151,7 @@ def test_fully_anchored_warm_start_refines_every_level_from_its_centroids(fully_
     new = fit(shifted, FULL, TRAIN, init=old).model
     for level in range(3):  # refined, not refitted from scratch: every centroid stays close to its old self
         moved = (new.anchor_book(level) - old.anchor_book(level)).norm(dim=1)
-        assert 0 < float(moved.max())
+        assert float(moved.max()) > 0
         nearest_old = torch.cdist(new.anchor_book(level), old.anchor_book(level)).argmin(1)
         assert float((nearest_old == torch.arange(16)).float().mean()) >= 0.9
     before = encode_array(old, CATALOG.embeddings).codes
