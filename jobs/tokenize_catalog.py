@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "it; relabel trains from scratch and relabels each level's codes by a one-to-one matching; "
                    "none does neither (every ID may move)")
     g.add_argument("--warm-start-epochs", type=_at_least(1), default=3,
-                   help="with --align warm-start, fine-tune at most this many epochs (at a tenth of --lr): each "
-                   "epoch moves more IDs for little gain; raise it when the catalog drifted far")
+                   help="with --align warm-start, fine-tune at most this many epochs (at a tenth of --lr) and refine "
+                   "the input-space centroids by at most this many Lloyd iterations: each pass moves more IDs for "
+                   "little gain; raise it when the catalog drifted far")
     g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
                    "instead of the output table's previous version; its churn is what --max-id-churn gates")
     return p

@@ -226,15 +226,16 @@ def fit(
         init: a trained model of the same shape to start from (a warm start, e.g. the previous
             generation's champion): its weights and codebooks are the starting point instead of the
             autoencoder warm-up and the k-means initialisation, and its input-space anchor is refined by
-            Lloyd iterations that start at its centroids; training then runs at ``lr *
-            warm_start_lr_scale`` for at most ``warm_start_epochs``. Codes therefore keep their
+            at most ``warm_start_epochs`` Lloyd iterations that start at its centroids; training then runs
+            at ``lr * warm_start_lr_scale`` for at most ``warm_start_epochs``. Codes therefore keep their
             meaning, so a retrained model gives most items the codes they had (docs/design.md "New
             generations").
     """
     cfg = train_config or TrainConfig()
     if init is not None:
-        cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale,
-                                  epochs=min(cfg.epochs, max(1, cfg.warm_start_epochs)))
+        passes = max(1, cfg.warm_start_epochs)  # epochs of fine-tuning, and Lloyd iterations of the anchor's refinement
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale, epochs=min(cfg.epochs, passes),
+                                  kmeans_iters=min(cfg.kmeans_iters, passes))
     with deterministic_algorithms(cfg.deterministic):
         return _fit(x, model_config, cfg, category_ids, list(callbacks), init)
 

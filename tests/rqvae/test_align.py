@@ -10,6 +10,7 @@ import torch
 
 from rqvae import ModelConfig, TrainConfig, encode_array, fit
 from rqvae.align import Agreement, align_to, co_assignment, code_permutations, linear_assignment, relabel_codes
+from rqvae.kmeans import kmeans
 from rqvae.model import RQVAE
 from rqvae.synthetic import CatalogSpec, make_catalog
 
@@ -169,3 +170,19 @@ def test_a_warm_start_trains_at_most_warm_start_epochs(generations) -> None:
     fit(generations["x"], generations["config"], TrainConfig(epochs=8, batch_size=128, warm_start_epochs=2),
         init=generations["model"], callbacks=[Count()])
     assert epochs == [0, 1]
+
+
+def test_a_warm_start_refines_the_anchor_by_at_most_warm_start_epochs_lloyd_iterations(generations) -> None:
+    anchored = dataclasses.replace(generations["config"], anchor_levels=3)
+    x = generations["x"]
+    old = fit(x, anchored, TrainConfig(epochs=1, batch_size=128)).model
+    shifted = x + np.random.default_rng(9).normal(0, 0.05, x.shape).astype(np.float32)
+    rows = torch.nn.functional.normalize(torch.from_numpy(shifted), dim=-1)
+    new = fit(shifted, anchored, TrainConfig(epochs=5, batch_size=128, warm_start_epochs=2, holdout_fraction=0.0,
+                                             kmeans_init_size=len(x)), init=old).model
+    # by hand: two Lloyd iterations per level from the old centroids, on the residual the refined levels leave
+    residual = rows
+    for level in range(3):
+        expected = kmeans(residual, 16, iters=2, init=old.anchor_book(level))
+        torch.testing.assert_close(new.anchor_book(level), expected)
+        residual = residual - expected[torch.cdist(residual, expected).argmin(1)]
