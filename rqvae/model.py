@@ -161,7 +161,9 @@ class RQVAE(nn.Module):
         if alternatives <= 0:
             return Quantized(codes, residual.norm(dim=-1))
         ranked, errors = ranked_codes(inputs[-1], self.quantizer.codebook(self.num_levels - 1).float(), alternatives)
-        return Quantized(codes, residual.norm(dim=-1), ranked, errors)
+        left = residual.norm(dim=-1)
+        errors[:, 0] = left  # the item's own code: the same bits as its quantization error
+        return Quantized(codes, left, ranked, errors)
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

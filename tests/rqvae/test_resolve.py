@@ -89,8 +89,13 @@ def test_ranked_alternatives_start_with_the_encoded_code_and_rank_by_error() -> 
     np.testing.assert_array_equal(r.codes, plain.codes)
     np.testing.assert_array_equal(r.quantization_error, plain.quantization_error)
     np.testing.assert_array_equal(r.alternatives[:, 0], r.codes[:, -1])
-    np.testing.assert_allclose(r.alternative_errors[:, 0], r.quantization_error, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(r.alternative_errors[:, 0], r.quantization_error)  # the same bits
     assert (np.diff(r.alternative_errors, axis=1) >= -1e-6).all()
+    # every alternative's error is |residual before the last level - that code's centroid|
+    x = torch.nn.functional.normalize(torch.from_numpy(cat.embeddings), dim=-1)
+    before_last = x - model.codebooks[0][r.codes[:, 0]] - model.codebooks[1][r.codes[:, 1]]
+    explicit = (before_last.unsqueeze(1) - model.codebooks[2][torch.from_numpy(r.alternatives).long()]).norm(dim=-1)
+    np.testing.assert_allclose(r.alternative_errors, explicit.numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("levels_of_distance", [6, 100_000])  # 6: rows full of exact ties
