@@ -29,8 +29,8 @@ Peak RSS is the whole process tree (JVM and Python workers included), sampled ev
 ``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
 wall time of each (peak RSS: the highest); the checks read the last round's tables.
 
-The model: --model, or bench/encode_throughput.py's cached model for D (trained once on the catalog's
-first 100k items). Its checkpoint is copied with ``collision_alternatives`` set to
+The model: --model, or bench/encode_throughput.py's cached model for D (the job's default model, fitted once
+on the catalog's first 100k items). Its checkpoint is copied with ``collision_alternatives`` set to
 --collision-alternatives (default 16, what the job registers when it trains with its defaults; -1
 keeps the checkpoint's own), so the job spreads colliding items as in production; every variant
 uses that one file.
@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of s,u,e,k,i (i = i_local,i_spark; each adds the full run it "
                    "starts from)")
     p.add_argument("--new-share", type=float, default=0.01, help="new items of catalog B for (i), as a share of N")
-    p.add_argument("--model", help="checkpoint (default: bench/out/model_<D>_trained.pt, trained once)")
+    p.add_argument("--model", help="checkpoint (default: bench/out/model_<D>_default.pt, the job's default model, "
+                   "fitted once)")
     p.add_argument("--collision-alternatives", type=int, default=16,
                    help="the model's collision_alternatives for every variant (-1: the checkpoint's own)")
     p.add_argument("--master", default=os.environ.get("SPARK_MASTER", "local[*]"),
