@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dims", type=_widths, default="512,256,128", help="encoder hidden widths (decoder mirrors)")
     g.add_argument("--latent-dim", type=_at_least(1), default=32, help="latent (codeword) width")
     g.add_argument("--estimator", default="ste", choices=["ste", "rotation"], help="gradient estimator")
-    g.add_argument("--shared-codebook", action="store_true", help="one codebook for all levels")
+    g.add_argument("--shared-codebook", action="store_true",
+                   help="one latent codebook for all learned levels (needs --anchor-levels below --levels)")
     g.add_argument("--no-anchor", action="store_true",
                    help="plain RQ-VAE: choose level 1 in the learned latent instead of from input-space "
                         "k-means centroids (docs/design.md explains the trade-off)")
@@ -226,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings take no part; 2 with --levels 3 learns the last level (docs/design.md)")
     g.add_argument("--anchor-reconstruction", action=argparse.BooleanOptionalAction,
                    default=DEFAULT_ANCHOR_RECONSTRUCTION,
-                   help="reconstruct an item as its anchored centroids plus the decoder's output, so the decoder "
-                        "learns what the anchor leaves (ignored with --no-anchor)")
+                   help="with a learned level (--anchor-levels below --levels): reconstruct an item as its anchored "
+                        "centroids plus the decoder's output, so the decoder learns what the anchor leaves (ignored "
+                        "with --no-anchor; with every level anchored the reconstruction is the centroid sum)")
     g.add_argument("--collision-alternatives", type=_at_least(0), default=DEFAULT_COLLISION_ALTERNATIVES,
                    help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
                         "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
@@ -235,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
     g.add_argument("--taxonomy-weight", type=_non_negative, default=0.0,
-                   help="lambda of the catalog-tree regularizer (needs --category-col; ~0.01): a contrastive loss "
-                   "on the code prefixes, and the level-1 anchor guided by the taxonomy (--taxonomy-anchor-scale)")
+                   help="lambda of the catalog-tree regularizer (needs --category-col; ~0.01): the level-1 anchor "
+                   "guided by the taxonomy (--taxonomy-anchor-scale), and with a learned level a contrastive loss "
+                   "on the code prefixes. With every level anchored (the default) any value > 0 only turns the "
+                   "guided anchor on")
     g.add_argument("--taxonomy-anchor-scale", type=_non_negative, default=TrainConfig.taxonomy_anchor_scale,
                    help="with --taxonomy-weight > 0: weight of an item's category mean when the level-1 anchor "
                    "is clustered (the shallowest taxonomy depth with at least --codebook-size categories); the "
@@ -317,6 +321,10 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     if not a.no_anchor and anchored_levels(a.anchor_levels, a.levels) > a.levels:
         p.error(f"--anchor-levels {a.anchor_levels} is more than the --levels {a.levels} there are: use at most "
                 f"{a.levels}, or all")
+    if a.shared_codebook and not a.no_anchor and anchored_levels(a.anchor_levels, a.levels) == a.levels:
+        p.error("--shared-codebook shares the latent codebook of the learned levels, and with --anchor-levels "
+                f"{a.anchor_levels} every level is anchored: pass --anchor-levels {max(1, a.levels - 1)} with it, "
+                "or drop it")
     if a.collision_alternatives > a.codebook_size:
         p.error(f"--collision-alternatives {a.collision_alternatives} is more than the --codebook-size "
                 f"{a.codebook_size} codes there are; use at most {a.codebook_size} (0 turns it off)")

@@ -91,6 +91,10 @@ class ModelConfig(DictConfig):
             raise ValueError(f"anchor_levels must be between 1 and num_levels = {self.num_levels}, "
                              f"got {self.anchor_levels}")
 
+        if self.shared_codebook and self.anchor_first_level and self.anchor_levels == self.num_levels:
+            raise ValueError("shared_codebook shares the latent codebook of the learned levels, and with anchor_levels "
+                             "= num_levels every level is anchored (each with its own centroids): use fewer anchor "
+                             "levels, or no shared codebook")
         if self.anchor_reconstruction and not self.anchor_first_level:
             raise ValueError("anchor_reconstruction adds the anchor's centroids, so it needs anchor_first_level")
 

@@ -13,7 +13,8 @@ from rqvae.quantizer import QuantizerOutput, ResidualQuantizer, ranked_codes, re
 
 
 class Quantized(NamedTuple):
-    """Codes of a batch: codes (B, L) int64; error (B,) float32 = |latent - sum of its codewords|.
+    """Codes of a batch: codes (B, L) int64; error (B,) float32 = |latent - sum of its codewords| (for a
+    fully anchored model: |normalised input - sum of its centroids|).
 
     With ``quantize(x, alternatives=k)`` also the k best last-level codes (B, k) int64, nearest first
     (column 0 is ``codes[:, -1]``), and the error each would give (B, k) float32.

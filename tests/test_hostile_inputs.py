@@ -111,6 +111,8 @@ BAD_ARGUMENTS = [
     (["--anchor-levels", "4"], "--anchor-levels 4 is more than the --levels 3 there are: use at most 3, or all"),
     (["--anchor-levels", "0"], "argument --anchor-levels: must be at least 1, got 0 (or 'all')"),
     (["--anchor-levels", "most"], "argument --anchor-levels: expected a whole number, got 'most' (or 'all')"),
+    (["--shared-codebook"], "--shared-codebook shares the latent codebook of the learned levels, and with "
+                            "--anchor-levels all every level is anchored: pass --anchor-levels 2 with it"),
     (["--taxonomy-anchor-scale", "-1"], "argument --taxonomy-anchor-scale: must be 0 or more, got -1"),
     (["--collision-alternatives", "300"], "--collision-alternatives 300 is more than the --codebook-size 256 codes"),
     (["--collision-alternatives", "-1"], "argument --collision-alternatives: must be at least 0, got -1"),

@@ -543,3 +543,11 @@ def test_the_job_passes_the_anchor_scale_to_training() -> None:
     cfg = parse_args(["--demo", "--taxonomy-weight", "0.01", "--taxonomy-anchor-scale", "3"])
     assert (cfg.train_config.taxonomy_weight, cfg.train_config.taxonomy_anchor_scale) == (0.01, 3.0)
     assert parse_args(["--demo"]).train_config.taxonomy_anchor_scale == TrainConfig.taxonomy_anchor_scale
+
+
+@pytest.mark.parametrize(("argv", "anchored"), [([], 3), (["--levels", "4"], 4), (["--anchor-levels", "all"], 3),
+                                               (["--anchor-levels", "2"], 2), (["--no-anchor"], 0)])
+def test_every_level_is_anchored_unless_asked_otherwise(argv: list[str], anchored: int) -> None:
+    from jobs.tokenize_catalog import parse_args
+
+    assert parse_args(["--demo", *argv]).model_config.anchored == anchored

@@ -88,6 +88,11 @@ def test_anchor_levels_must_be_between_one_and_the_number_of_levels(levels: int)
         ModelConfig(input_dim=24, num_levels=3, anchor_levels=levels)
 
 
+def test_every_level_anchored_has_no_shared_latent_codebook_to_share() -> None:
+    with pytest.raises(ValueError, match="shared_codebook shares the latent codebook of the learned levels"):
+        ModelConfig(input_dim=24, num_levels=3, anchor_levels=3, shared_codebook=True)
+
+
 FULL = ModelConfig(input_dim=24, hidden_dims=(32,), latent_dim=8, num_levels=3, codebook_size=16, anchor_levels=3,
                    collision_alternatives=4)
 
