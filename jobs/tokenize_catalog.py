@@ -318,10 +318,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--mode incremental keeps the IDs the table's model issued, so it does not train: pass --model "
                 "models:/<name>@champion with --stages validate,encode,report, or --mode full (or auto) to train "
                 "a new generation")
-    if not a.no_anchor and anchored_levels(a.anchor_levels, a.levels) > a.levels:
+    anchored = 0 if a.no_anchor else anchored_levels(a.anchor_levels, a.levels)
+    if anchored > a.levels:
         p.error(f"--anchor-levels {a.anchor_levels} is more than the --levels {a.levels} there are: use at most "
                 f"{a.levels}, or all")
-    if a.shared_codebook and not a.no_anchor and anchored_levels(a.anchor_levels, a.levels) == a.levels:
+    if a.shared_codebook and anchored == a.levels:
         p.error("--shared-codebook shares the latent codebook of the learned levels, and with --anchor-levels "
                 f"{a.anchor_levels} every level is anchored: pass --anchor-levels {max(1, a.levels - 1)} with it, "
                 "or drop it")
@@ -353,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         model_config=ModelConfig(input_dim=a.embedding_dim or 1, hidden_dims=hidden, latent_dim=a.latent_dim,
                                  num_levels=a.levels, codebook_size=a.codebook_size, estimator=a.estimator,
                                  shared_codebook=a.shared_codebook, anchor_first_level=not a.no_anchor,
-                                 anchor_levels=anchored_levels(a.anchor_levels, a.levels) if not a.no_anchor else 1,
+                                 anchor_levels=anchored or 1,
                                  anchor_reconstruction=a.anchor_reconstruction and not a.no_anchor,
                                  collision_alternatives=a.collision_alternatives),
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,

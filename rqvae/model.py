@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rqvae.config import ModelConfig
-from rqvae.kmeans import nearest
 from rqvae.quantizer import QuantizerOutput, ResidualQuantizer, ranked_codes, residual_codes
 
 
@@ -109,15 +108,8 @@ class RQVAE(nn.Module):
         """
         if not self.config.anchored:
             return None
-        residual = (x if prepared else self.prepare(x)).float()
-        codes = []
-        for level in range(self.config.anchored):
-            book = self.anchor_book(level).float()
-            idx = nearest(residual, book)[0]
-            codes.append(idx)
-            if level + 1 < self.config.anchored:
-                residual = residual - book[idx]
-        return torch.stack(codes, dim=1)
+        books = [self.anchor_book(level).float() for level in range(self.config.anchored)]
+        return residual_codes((x if prepared else self.prepare(x)).float(), books)[0]
 
     def anchor_sum(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, D) sum of the anchored levels' input-space centroids named by ``codes`` (B, >= A)."""
