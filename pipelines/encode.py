@@ -40,6 +40,7 @@ from pipelines.validate import (
     ValidationCounts,
     ValidationResult,
     count_reasons,
+    duplicated_ids,
     flag_duplicates,
     row_reason_codes,
     validation_counts,
@@ -245,7 +246,7 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
 
     encode_all = policy == ENCODE_ALL
     # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
-    staged = materialize(flag_duplicates(scan(v.rows, encode=encode_all), ids=v.rows))
+    staged = materialize(_duplicates_flagged(scan(v.rows, encode=encode_all), v.rows, materialize))
     if staged is None:  # no materialisation: validation's SQL pass counts, the frames are recomputed when used
         counts, rejects, encoded_rows = validation_counts(v), v.rejects, None
         clean = scan(v.clean, encode=encode_all).drop(REASON)
@@ -259,6 +260,26 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     assert known is not None
     codes, encoded_rows = _encode_needed(v, clean, known, policy, scan, materialize)
     return Encoded(codes, rejects, counts, encoded_rows)
+
+
+def _duplicates_flagged(scanned: DataFrame, ids: DataFrame,
+                        materialize: Callable[[DataFrame], DataFrame | None]) -> DataFrame:
+    """:func:`pipelines.validate.flag_duplicates` on the encode output, its repeated ids computed first.
+
+    The repeated ids are materialised and counted (one pass over the id column): none, the usual
+    case, leaves ``scanned`` as it is; a few are broadcast. Joined as one plan, Sail's planner built the
+    hash table from the encode output and held all of it in memory (1 GB of 5M rows with alternatives).
+    """
+    repeated = materialize(duplicated_ids(ids))
+    if repeated is None:
+        return flag_duplicates(scanned, ids=ids)
+    count = repeated.count()
+    if count == 0:
+        return scanned
+    return flag_duplicates(scanned, repeated=repeated, broadcast=count <= BROADCAST_DUPLICATES)
+
+
+BROADCAST_DUPLICATES = 1_000_000  # repeated ids up to this many are broadcast to the duplicate flag's join
 
 
 def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, policy: str,

@@ -247,6 +247,27 @@ def test_encode_catalog_encodes_only_the_rows_a_policy_needs(spark, checkpoint, 
     assert (incremental.counts.clean, incremental.counts.n_rejected) == (10, 1)
 
 
+@pytest.mark.spark
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0])
+def test_encode_catalog_flags_every_row_of_a_repeated_id(spark, checkpoint, vectors, expected, tmp_path, monkeypatch,
+                                                          broadcast_up_to) -> None:
+    from pipelines.encode import encode_catalog
+    from pipelines.session import EngineSession
+
+    monkeypatch.setattr(encode, "BROADCAST_DUPLICATES", broadcast_up_to)  # 0: the plain join
+    rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors[:8])]
+    rows += [("i3", [float(x) for x in vectors[9]]), ("bad", None), (None, [float(x) for x in vectors[10]])]
+    v = validate_catalog(spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>"), dim=DIM)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path))
+    out = encode_catalog(v, checkpoint, materialize=scratch.materialize)
+    assert sorted((r[ITEM_ID] or "", r[REASON]) for r in out.rejects.collect()) == [
+        ("", RejectReason.NULL_ID), ("bad", RejectReason.NULL_EMBEDDING),
+        ("i3", RejectReason.DUPLICATE_ID), ("i3", RejectReason.DUPLICATE_ID)]
+    got = {r[ITEM_ID]: r[CODES] for r in out.codes.collect()}
+    assert got == {f"i{i}": expected.codes[i].tolist() for i in range(8) if i != 3}
+    assert (out.counts.clean, out.counts.n_rejected, out.encoded_rows) == (7, 4, 7)
+
+
 def test_encode_catalog_refuses_an_unknown_policy_or_one_without_fingerprints(checkpoint) -> None:
     from pipelines.encode import encode_catalog
 
@@ -288,9 +309,9 @@ def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, chec
 
     def materialize_then_change(df):
         out = scratch.materialize(df)
-        if not calls:  # after the first pass
+        if EMBEDDING_FINGERPRINT in df.columns and not calls:  # after the first pass (not the duplicate ids)
             change(path, vectors)
-        calls.append(df)
+            calls.append(df)
         return out
 
     with pytest.raises(RowAccountingError, match=message):
