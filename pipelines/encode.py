@@ -274,8 +274,9 @@ def _duplicates_flagged(scanned: DataFrame, ids: DataFrame,
     if repeated is None:
         return flag_duplicates(scanned, ids=ids)
     count = repeated.count()
-    if count == 0:
-        return scanned
+    if count == 0:  # REASON cast as flag_duplicates' expression leaves it: Spark 4.2 types the UDF's output
+        # column "string collate UTF8_BINARY", which Delta then writes and delta-rs cannot read
+        return scanned.withColumn(REASON, F.col(REASON).cast("string"))
     return flag_duplicates(scanned, repeated=repeated, broadcast=count <= BROADCAST_DUPLICATES)
 
 
