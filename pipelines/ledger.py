@@ -508,7 +508,9 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
     if ranked:  # the model's collision-aware last level, away from every tuple ever issued
         base = spread_collisions(base, num_levels, state.ledger if state is not None else None, materialize)
-    numbered = (assign_suffixes(base, num_levels) if state is None
+        if materialize is not None:  # the suffixes read it three times (their shared tuples, the rest, the join)
+            base = materialize(base) or base
+    numbered = (assign_suffixes(base, num_levels, materialize) if state is None
                 else assign_next_suffixes(base, state.ledger, num_levels))
     return numbered.withColumns({
         **stamp.generation_columns(), MLFLOW_RUN_ID: F.lit(stamp.run_id), TOKENIZED_AT: stamp.time(),

@@ -11,13 +11,16 @@ Spark and on Spark Connect (Sail).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -36,10 +39,15 @@ _NEXT_SUFFIX = "__csid_next_suffix"
 _PREFIX_KEY = "__csid_prefix_key"
 _HELD = "__csid_held"
 _RANK = "__csid_rank"
-_CLAIMED = "__csid_claimed"
 _LAST_CODE = "__csid_last_code"
 _BUCKET = "__csid_bucket"
-SPREAD_BUCKETS = 64  # pandas calls of spread_collisions: movers' prefixes hashed into this many groups
+_SHARED = "__csid_shared"
+_COUNT = "__csid_count"
+_KEEPER = "__csid_keeper"
+_BEST_ERROR = "__csid_best_error"
+SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
+SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (with their prefixes' claims) are spread at once
+_CHUNK_SEED = 17  # the chunk of a prefix: another hash than its group's
 
 
 def require_columns(df: DataFrame, columns: Iterable[str], where: str) -> None:
@@ -85,13 +93,16 @@ def with_prefix_columns(df: DataFrame, num_levels: int) -> DataFrame:
     return df.withColumns({prefix_column(level): code_prefix(level) for level in range(1, num_levels + 1)})
 
 
-def assign_suffixes(df: DataFrame, num_levels: int) -> DataFrame:
+def assign_suffixes(df: DataFrame, num_levels: int,
+                    materialize: Callable[[DataFrame], DataFrame | None] | None = None) -> DataFrame:
     """Give every item a unique Semantic ID: its code tuple plus a suffix within the tuple.
 
     Args:
         df: ``item_id`` (STRING or BIGINT, unique), ``codes`` ARRAY<INT> of length ``num_levels``,
             ``quantization_error`` FLOAT; other columns are carried through unchanged.
         num_levels: L, the code tuple length.
+        materialize: computes a frame once (``EngineSession.materialize``) or returns None: the
+            shared tuples' keys (:func:`_ranked_in_tuples`), so that the engine sees how few they are.
 
     Returns:
         ``df`` plus ``suffix`` INT (0..n-1 within each group of n items sharing ``codes``, ordered
@@ -106,9 +117,28 @@ def assign_suffixes(df: DataFrame, num_levels: int) -> DataFrame:
     _check_levels(num_levels)
     require_columns(df, (ITEM_ID, CODES, QUANTIZATION_ERROR), "assign_suffixes")
     keyed = df.withColumn(CODES, checked_codes(num_levels)).withColumn(_TUPLE_KEY, code_prefix(num_levels))
-    in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
-    ranked = keyed.withColumn(SUFFIX, (F.row_number().over(in_group) - 1).cast("int"))
+    ranked = _ranked_in_tuples(keyed, materialize).withColumn(SUFFIX, (F.col(_RANK) - 1).cast("int")).drop(_RANK)
     return _with_ids(ranked, num_levels).drop(_TUPLE_KEY)
+
+
+def _ranked_in_tuples(keyed: DataFrame, materialize: Callable[[DataFrame], DataFrame | None] | None) -> DataFrame:
+    """``keyed`` (with the tuple key) plus its RANK (1, 2, ...) within its tuple, in the suffix order.
+
+    Only the rows of a tuple that two or more items share go through the window; every other row is
+    first of its tuple without a sort. A window over every row sorts them all, and the embedded
+    engine holds a sort's rows in memory (no spilling): the job's peak memory grew with the catalog.
+    The shared tuples' keys (one row each) are materialised when ``materialize`` can, so the engine
+    builds its join's hash table from them, not from ``keyed``.
+    """
+    shared = (keyed.groupBy(_TUPLE_KEY).count().where(F.col("count") > 1)
+              .select(_TUPLE_KEY, F.lit(True).alias(_SHARED)))
+    if materialize is not None:
+        shared = materialize(shared) or shared
+    marked = keyed.join(shared, _TUPLE_KEY, "left")
+    alone = marked.where(F.col(_SHARED).isNull()).withColumn(_RANK, F.lit(1))
+    in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
+    crowd = marked.where(F.col(_SHARED).isNotNull()).withColumn(_RANK, F.row_number().over(in_group))
+    return alone.unionByName(crowd).drop(_SHARED)
 
 
 def assign_suffixes_incremental(new_df: DataFrame, existing_df: DataFrame, num_levels: int) -> DataFrame:
@@ -183,7 +213,7 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     no item of their prefix holds, and keep their code (and get a suffix later) when none is free. A
     tuple of ``issued`` (the ledger: every ID ever issued, active or retired) is never given out, and
     an item whose nearest tuple is issued moves too. Items that do not collide are not touched; the
-    prefix (levels 1..L-1) never changes. Only the movers go to pandas, their prefixes hashed into
+    prefix (levels 1..L-1) never changes. Only the movers go to Python (Arrow), their prefixes hashed into
     ``SPREAD_BUCKETS`` calls, so the cost follows the collisions, not the catalog.
 
     Args:
@@ -192,8 +222,10 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
             ``alternatives``); other columns are carried through.
         num_levels: L.
         issued: ``codes`` of every tuple already issued, or None (a first run).
-        materialize: computes a frame once (``EngineSession.materialize``) or returns None; the
-            ranked items feed four branches of the plan, so with it their window runs once.
+        materialize: computes a frame once (``EngineSession.materialize``) or returns None: the
+            keyed items, the shared tuples' best errors and keepers (one row per shared tuple) and
+            the movers, so that the engine knows their sizes and builds its joins' hash tables from
+            the small sides; many movers are then spread in chunks (``SPREAD_CHUNK_MOVERS``).
 
     Returns:
         ``df``'s columns without the alternatives; ``codes`` and ``quantization_error`` are the moved
@@ -210,51 +242,100 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
         keyed = keyed.join(held, _TUPLE_KEY, "left")
     else:
         keyed = keyed.withColumn(_HELD, F.lit(None).cast("boolean"))
-    ranked = keyed.withColumn(_RANK, F.row_number().over(Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())))
-    if materialize is not None:
-        ranked = materialize(ranked) or ranked
-    keeps = (F.col(_RANK) == 1) & F.col(_HELD).isNull()
+    # Only who keeps each shared tuple matters here (the movers are ordered in Python), so no row is
+    # sorted: a window ranking every row held them all in memory on the embedded engine (killed at
+    # 20M x 256). Aggregates with plain numeric accumulators find the keeper instead: the smallest
+    # error of every tuple that 2+ items share, then the smallest id among the items that have it.
+    # Materialised, the frames tell the engine their true sizes, so it builds each join's hash table
+    # from the small side: estimating a filtered ``df`` small, it built one from all of its rows
+    # (11 GB at 20M x 256).
+    keyed = _computed_once(keyed, materialize)
+    shared = _computed_once(keyed.groupBy(_TUPLE_KEY).agg(F.count(F.lit(1)).alias(_COUNT),
+                                                          F.min(QUANTIZATION_ERROR).alias(_BEST_ERROR))
+                            .where(F.col(_COUNT) > 1).drop(_COUNT), materialize)
+    keepers_of = _computed_once(keyed.select(_TUPLE_KEY, ITEM_ID, QUANTIZATION_ERROR).join(shared, _TUPLE_KEY)
+                                .where(F.col(QUANTIZATION_ERROR) == F.col(_BEST_ERROR))
+                                .groupBy(_TUPLE_KEY).agg(F.min(ITEM_ID).alias(_KEEPER)), materialize)
+    ranked = keyed.join(keepers_of, _TUPLE_KEY, "left")
+    first = F.col(_KEEPER).isNull() | (F.col(ITEM_ID) == F.col(_KEEPER))
+    keeps = first & F.col(_HELD).isNull()
     keepers, movers = ranked.where(keeps), ranked.where(~keeps)
     claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
     if issued is not None:
         claims = claims.unionByName(issued.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY),
                                                   last.alias(_LAST_CODE)))
-    claimed = (claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
-               .groupBy(_PREFIX_KEY).agg(F.collect_set(_LAST_CODE).alias(_CLAIMED)))
+    # A claim travels as a row of its own (prefix, last code) to the Python call of its prefix. As a
+    # set per prefix (collect_set) the engine's aggregate held every claim as a boxed value: 2.4 GB at
+    # 20M x 256; joined onto every mover, each mover carried up to 256 codes.
     id_type = df.schema[ITEM_ID].dataType.simpleString()
-    # Prefixes never interact (a claim names a full tuple), so many prefixes share one pandas call: a
+    mover_rows = movers.select(_PREFIX_KEY, ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS,
+                               F.lit(None).cast("int").alias(_LAST_CODE))
+    claim_rows = claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi").select(
+        _PREFIX_KEY, *(F.lit(None).cast(mover_rows.schema[c].dataType).alias(c) for c in (
+            ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)), _LAST_CODE)
+    # Prefixes never interact (a claim names a full tuple), so many prefixes share one Python call: a
     # call per prefix cost ~1 ms each, and a 1M-item catalog has tens of thousands with movers.
-    moved = (movers.select(_PREFIX_KEY, ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)
-             .join(claimed, _PREFIX_KEY, "left")
-             .withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
-             .groupBy(_BUCKET)
-             .applyInPandas(_spread_group, f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"))
+    rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
+    chunks, staged = 1, (materialize(rows) if materialize is not None else None)
+    if staged is not None:
+        rows, chunks = staged, max(1, -(-staged.where(F.col(_LAST_CODE).isNull()).count() // SPREAD_CHUNK_MOVERS))
+    # The engine's grouped map holds all of its input at once (650 bytes per mover on the embedded
+    # engine: 5.4 GB at 20M x 256), so many movers are spread in chunks of whole prefixes, one after
+    # another, each computed once.
+    schema = f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"
+    parts = [(rows if chunks == 1 else rows.where(F.pmod(F.hash(_PREFIX_KEY, F.lit(_CHUNK_SEED)), F.lit(chunks)) == j))
+             .groupBy(_BUCKET).applyInArrow(_spread_group, schema) for j in range(chunks)]
+    if chunks > 1:
+        parts = [_computed_once(part, materialize) for part in parts]
+    moved = functools.reduce(DataFrame.unionByName, parts)
     kept_columns = [c for c in out_columns if c not in (CODES, QUANTIZATION_ERROR)]
     movers_out = movers.select(*kept_columns).join(moved, ITEM_ID).select(*out_columns)
     return keepers.select(*out_columns).unionByName(movers_out)
 
 
-def _spread_group(pdf: pd.DataFrame) -> pd.DataFrame:
+def _computed_once(df: DataFrame, materialize: Callable[[DataFrame], DataFrame | None] | None) -> DataFrame:
+    """``materialize(df)`` where it can, else ``df`` (recomputed where used)."""
+    return (materialize(df) if materialize is not None else None) or df
+
+
+def _spread_group(table: pa.Table) -> pa.Table:
     """The movers of some prefixes -> their (item_id, codes, quantization_error) after
-    :func:`rqvae.resolve.spread_last_level`, with each prefix's claimed last-level codes taken."""
+    :func:`rqvae.resolve.spread_last_level`, with each prefix's claimed last-level codes taken.
+
+    ``table`` holds mover rows (LAST_CODE null) and claim rows (only the prefix key and LAST_CODE: a
+    last-level code that a keeper or the ledger holds in that prefix). Arrow, not pandas: the list
+    columns become NumPy matrices without a Python object per row."""
     from rqvae.resolve import spread_last_level  # numpy only, but imported where the group runs
 
-    codes = np.stack([np.asarray(c, dtype=np.int64) for c in pdf[CODES]])
-    firsts = np.flatnonzero(~pdf[_PREFIX_KEY].duplicated().to_numpy())  # one row per prefix
-    taken_parts = [np.zeros((0, codes.shape[1]), dtype=np.int64)]
-    for row in firsts.tolist():  # the prefix's claimed last-level codes, as full tuples
-        claimed = pdf[_CLAIMED].iat[row]
-        claimed = np.asarray([] if claimed is None else list(claimed), dtype=np.int64)
-        taken_parts.append(np.column_stack([np.repeat(codes[row:row + 1, :-1], len(claimed), axis=0), claimed]))
-    taken = np.concatenate(taken_parts)
-    ids = pdf[ITEM_ID].to_numpy()
+    is_claim = pc.is_valid(table.column(_LAST_CODE))
+    claims, movers = table.filter(is_claim), table.filter(pc.invert(is_claim))
+    ids = movers.column(ITEM_ID).to_numpy()
+    if not len(ids):
+        return movers.select([ITEM_ID, CODES, QUANTIZATION_ERROR])
+    codes = _int_matrix(movers.column(CODES), len(ids))
+    keys = movers.column(_PREFIX_KEY).to_pylist()
+    first_row = {key: row for row, key in reversed(list(enumerate(keys)))}  # a mover row of each prefix
+    # Claims are sent only for the prefixes of movers; as full tuples (the prefix, then the claimed code).
+    rows_of_claims = np.fromiter((first_row[key] for key in claims.column(_PREFIX_KEY).to_pylist()), np.int64,
+                                 count=claims.num_rows)
+    taken = np.column_stack([codes[rows_of_claims, :-1], claims.column(_LAST_CODE).to_numpy().astype(np.int64)])
     tie = ids.astype(str) if ids.dtype == object else ids
-    out = spread_last_level(codes, pdf[QUANTIZATION_ERROR].to_numpy(np.float32),
-                            np.stack([np.asarray(a, dtype=np.int64) for a in pdf[ALTERNATIVES]]),
-                            np.stack([np.asarray(a, dtype=np.float32) for a in pdf[ALTERNATIVE_ERRORS]]),
-                            tiebreak=tie, taken=taken)
-    return pd.DataFrame({ITEM_ID: pdf[ITEM_ID].to_numpy(), CODES: list(out.codes),
-                         QUANTIZATION_ERROR: out.quantization_error})
+    out = spread_last_level(codes, movers.column(QUANTIZATION_ERROR).to_numpy().astype(np.float32),
+                            _int_matrix(movers.column(ALTERNATIVES), len(ids)),
+                            _float_matrix(movers.column(ALTERNATIVE_ERRORS), len(ids)), tiebreak=tie, taken=taken)
+    return pa.table({ITEM_ID: movers.column(ITEM_ID),
+                     CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
+                     QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())})
+
+
+def _int_matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
+    """(rows, W) int64 of a column of equal-length non-null int lists."""
+    return column.combine_chunks().flatten().to_numpy().astype(np.int64).reshape(rows, -1)
+
+
+def _float_matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
+    """(rows, W) float32 of a column of equal-length non-null float lists."""
+    return column.combine_chunks().flatten().to_numpy().astype(np.float32).reshape(rows, -1)
 
 
 def _suffix_order() -> list[Column]:

@@ -1,6 +1,8 @@
 """assign_suffixes / assign_suffixes_incremental on the embedded (Sail) engine; expectations by hand."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from pipelines.schema import (
     SUFFIX,
     prefix_column,
 )
+from pipelines import uniquify
 from pipelines.uniquify import SPREAD_BUCKETS, assign_suffixes, assign_suffixes_incremental, spread_collisions
 from pipelines.validate import SchemaError
 from rqvae.resolve import spread_last_level
@@ -51,6 +54,19 @@ def rows(df, columns):
 def test_suffixes_follow_error_then_item_id(spark):
     out = assign_suffixes(spark.createDataFrame(ITEMS, SCHEMA), num_levels=3)
     assert rows(out, COLUMNS) == EXPECTED
+
+
+def test_only_the_shared_tuples_are_ranked_and_materialising_their_keys_changes_nothing(spark):
+    seen = []
+
+    def materialize(df):
+        seen.append(sorted(r[0] for r in df.collect()))
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    out = assign_suffixes(spark.createDataFrame(ITEMS, SCHEMA), num_levels=3, materialize=materialize)
+    assert rows(out, COLUMNS) == EXPECTED
+    shared = Counter("_".join(map(str, item[1])) for item in ITEMS)
+    assert seen == [sorted(key for key, n in shared.items() if n > 1)]  # the keys of the tuples 2+ items share
 
 
 def test_output_schema(spark):
@@ -153,10 +169,14 @@ def test_spread_moves_only_colliding_items_to_free_alternatives(spark):
                    "g": ([7, 2, 3], 0.4, "xg")}
 
 
-@pytest.mark.parametrize("level1, level2, materialized", [(3, 2, False), (40, 8, True)])
-def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark, level1, level2, materialized):
-    """6 prefixes; then 320 (more than SPREAD_BUCKETS, so one pandas call resolves several prefixes) with
-    the ranked items computed once through a ``materialize`` callback."""
+@pytest.mark.parametrize("level1, level2, materialized, chunk_movers", [(3, 2, False, None), (40, 8, True, None),
+                                                                        (40, 8, True, 100)])
+def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark, monkeypatch, level1, level2,
+                                                                          materialized, chunk_movers):
+    """6 prefixes; then 320 (more than SPREAD_BUCKETS, so one Python call resolves several prefixes) with
+    the keepers computed once through a ``materialize`` callback; then the movers spread in chunks."""
+    if chunk_movers:
+        monkeypatch.setattr(uniquify, "SPREAD_CHUNK_MOVERS", chunk_movers)
     assert level1 * level2 == 6 or level1 * level2 > SPREAD_BUCKETS
     rng = np.random.default_rng(4)
     n, k = 400 if level1 == 3 else 1600, 6
@@ -179,7 +199,19 @@ def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark,
     out = spread_collisions(spark.createDataFrame(rows_in, SPREAD_SCHEMA), 3, issued=ledger,
                             materialize=materialize if materialized else None)
     got = {r[ITEM_ID]: list(r[CODES]) for r in out.collect()}
-    assert calls == ([n] if materialized else [])
+    _, sizes = np.unique(codes, axis=0, return_counts=True)
+    if materialized:  # all rows, the shared tuples' best errors, their keepers, movers and claims, each chunk
+        assert calls[0] == n and calls[1:3] == [int((sizes > 1).sum())] * 2
+        calls = calls[1:]
+        keepers = len({tuple(c) for c in codes.tolist()} - {tuple(c) for c in issued.tolist()})
+        movers = n - keepers  # all but the best of each tuple, and the best of an issued one
+        assert calls[2] > movers  # with the claims: a row per (prefix of movers, code its keepers hold)
+        chunks = -(-movers // chunk_movers) if chunk_movers else 1
+        assert len(calls) == 3 + (chunks if chunks > 1 else 0) and (chunks > 2) == bool(chunk_movers)
+        if chunks > 1:  # every mover was spread in exactly one chunk
+            assert sum(calls[3:]) == movers
+    else:
+        assert calls == []
     expected = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids, taken=issued).codes
     assert got == {str(ids[j]): expected[j].tolist() for j in range(n)}
     # An item on an issued tuple is one whose nearest tuple it is and that found no free alternative.
