@@ -209,9 +209,9 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     """Encode a validated catalog: codes, fingerprints, rejects and counts.
 
     ``policy`` "all" (a full run) reads the embeddings once: the UDF checks, fingerprints and encodes
-    every row (rejects pass through uncoded), duplicate ids are flagged on its small output (ids,
-    codes, reasons: ~30 bytes per item) against the catalog's id column, and that output is
-    materialised once; counts, rejects and codes all come from it.
+    every row (rejects pass through uncoded); that output (ids, codes, reasons, alternatives) is
+    materialised once and its repeated ids are flagged on it (:func:`_scanned_and_flagged`);
+    counts, rejects and codes all come from it.
 
     The other policies (an incremental run) encode only the rows the table cannot keep: a first pass
     checks and fingerprints every row without the model; its small output is compared with ``known``
@@ -246,7 +246,7 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
 
     encode_all = policy == ENCODE_ALL
     # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
-    staged = materialize(_duplicates_flagged(scan(v.rows, encode=encode_all), v.rows, materialize))
+    staged = _scanned_and_flagged(scan(v.rows, encode=encode_all), materialize)
     if staged is None:  # no materialisation: validation's SQL pass counts, the frames are recomputed when used
         counts, rejects, encoded_rows = validation_counts(v), v.rejects, None
         clean = scan(v.clean, encode=encode_all).drop(REASON)
@@ -262,22 +262,29 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     return Encoded(codes, rejects, counts, encoded_rows)
 
 
-def _duplicates_flagged(scanned: DataFrame, ids: DataFrame,
-                        materialize: Callable[[DataFrame], DataFrame | None]) -> DataFrame:
-    """:func:`pipelines.validate.flag_duplicates` on the encode output, its repeated ids computed first.
+def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], DataFrame | None]
+                         ) -> DataFrame | None:
+    """The encode pass materialised, with every row of a repeated id flagged; None when the engine
+    cannot materialise.
 
-    The repeated ids are materialised and counted (one pass over the id column): none, the usual
-    case, leaves ``scanned`` as it is; a few are broadcast. Joined as one plan, Sail's planner built the
-    hash table from the encode output and held all of it in memory (1 GB of 5M rows with alternatives).
+    The repeated ids are counted on the materialised rows themselves, so they are the rows the pass
+    read whatever the catalog does meanwhile: none, the usual case, leaves them as they are; a few
+    are flagged through a join whose small side is those ids (broadcast up to
+    ``BROADCAST_DUPLICATES``). Counted inside the scan's plan, Sail's planner built that join's hash
+    table from the encode output and held all of it in memory (1 GB of 5M rows with alternatives).
     """
-    repeated = materialize(duplicated_ids(ids))
-    if repeated is None:
-        return flag_duplicates(scanned, ids=ids)
+    first = materialize(scanned)
+    if first is None:
+        return None
+    # REASON cast as flag_duplicates' expression leaves it: Spark 4.2 types the UDF's output column
+    # "string collate UTF8_BINARY", which Delta then writes and delta-rs cannot read.
+    first = first.withColumn(REASON, F.col(REASON).cast("string"))
+    repeated = materialize(duplicated_ids(first)) or duplicated_ids(first)
     count = repeated.count()
-    if count == 0:  # REASON cast as flag_duplicates' expression leaves it: Spark 4.2 types the UDF's output
-        # column "string collate UTF8_BINARY", which Delta then writes and delta-rs cannot read
-        return scanned.withColumn(REASON, F.col(REASON).cast("string"))
-    return flag_duplicates(scanned, repeated=repeated, broadcast=count <= BROADCAST_DUPLICATES)
+    if count == 0:
+        return first
+    flagged = flag_duplicates(first, repeated=repeated, broadcast=count <= BROADCAST_DUPLICATES)
+    return materialize(flagged) or flagged
 
 
 BROADCAST_DUPLICATES = 1_000_000  # repeated ids up to this many are broadcast to the duplicate flag's join

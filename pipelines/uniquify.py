@@ -6,8 +6,8 @@ are unique), so the result depends neither on the input order, nor on its partit
 engine. The group is found by a window partitioned by the tuple's string key ("35_7_120"), not by
 the array itself, so no engine has to partition by an array column.
 
-Every function here is lazy (no Spark job runs) and uses only DataFrame APIs that work on classic
-Spark and on Spark Connect (Sail).
+Every function here is lazy (no Spark job runs) unless it is given a ``materialize`` callback, and
+uses only DataFrame APIs that work on classic Spark and on Spark Connect (Sail).
 """
 from __future__ import annotations
 
@@ -224,8 +224,9 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
         issued: ``codes`` of every tuple already issued, or None (a first run).
         materialize: computes a frame once (``EngineSession.materialize``) or returns None: the
             keyed items, the shared tuples' best errors and keepers (one row per shared tuple) and
-            the movers, so that the engine knows their sizes and builds its joins' hash tables from
-            the small sides; many movers are then spread in chunks (``SPREAD_CHUNK_MOVERS``).
+            the movers with the claims, so that the engine knows their sizes and builds its joins'
+            hash tables from the small sides; many movers are then spread in chunks
+            (``SPREAD_CHUNK_MOVERS``), each chunk's result materialised.
 
     Returns:
         ``df``'s columns without the alternatives; ``codes`` and ``quantization_error`` are the moved
@@ -254,16 +255,17 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
                                                           F.min(QUANTIZATION_ERROR).alias(_BEST_ERROR))
                             .where(F.col(_COUNT) > 1).drop(_COUNT), materialize)
     keepers_of = _computed_once(keyed.select(_TUPLE_KEY, ITEM_ID, QUANTIZATION_ERROR).join(shared, _TUPLE_KEY)
-                                .where(F.col(QUANTIZATION_ERROR) == F.col(_BEST_ERROR))
+                                .where(F.col(QUANTIZATION_ERROR).eqNullSafe(F.col(_BEST_ERROR)))
                                 .groupBy(_TUPLE_KEY).agg(F.min(ITEM_ID).alias(_KEEPER)), materialize)
     ranked = keyed.join(keepers_of, _TUPLE_KEY, "left")
-    first = F.col(_KEEPER).isNull() | (F.col(ITEM_ID) == F.col(_KEEPER))
+    first = F.col(_KEEPER).isNull() | F.coalesce(F.col(ITEM_ID) == F.col(_KEEPER), F.lit(False))
     keeps = first & F.col(_HELD).isNull()
     keepers, movers = ranked.where(keeps), ranked.where(~keeps)
     claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
     if issued is not None:
+        # Once per issued tuple (the ledger has a row per suffix, retired ones included).
         claims = claims.unionByName(issued.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY),
-                                                  last.alias(_LAST_CODE)))
+                                                  last.alias(_LAST_CODE)).distinct())
     # A claim travels as a row of its own (prefix, last code) to the Python call of its prefix. As a
     # set per prefix (collect_set) the engine's aggregate held every claim as a boxed value: 2.4 GB at
     # 20M x 256; joined onto every mover, each mover carried up to 256 codes.
@@ -278,7 +280,9 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
     chunks, staged = 1, (materialize(rows) if materialize is not None else None)
     if staged is not None:
-        rows, chunks = staged, max(1, -(-staged.where(F.col(_LAST_CODE).isNull()).count() // SPREAD_CHUNK_MOVERS))
+        movers_n, rows_n = staged.where(F.col(_LAST_CODE).isNull()).count(), staged.count()
+        # A claim row is about a tenth of a mover's (no alternatives): both count towards a chunk.
+        rows, chunks = staged, max(1, -(-(movers_n + (rows_n - movers_n) // 10) // SPREAD_CHUNK_MOVERS))
     # The engine's grouped map holds all of its input at once (650 bytes per mover on the embedded
     # engine: 5.4 GB at 20M x 256), so many movers are spread in chunks of whole prefixes, one after
     # another, each computed once.
