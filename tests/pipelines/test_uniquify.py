@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from pipelines import uniquify
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -16,7 +17,6 @@ from pipelines.schema import (
     SUFFIX,
     prefix_column,
 )
-from pipelines import uniquify
 from pipelines.uniquify import SPREAD_BUCKETS, assign_suffixes, assign_suffixes_incremental, spread_collisions
 from pipelines.validate import SchemaError
 from rqvae.resolve import spread_last_level
