@@ -42,6 +42,7 @@ from jobs.tokenize_catalog import (  # noqa: E402
     DEFAULT_ANCHOR_LEVELS,
     DEFAULT_ANCHOR_RECONSTRUCTION,
     DEFAULT_COLLISION_ALTERNATIVES,
+    DEFAULT_PREFIX_FILL,
     anchored_levels,
 )
 from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit  # noqa: E402
@@ -138,7 +139,8 @@ def ours(**changes: object) -> Method:
                                       "anchor_levels": anchored_levels(DEFAULT_ANCHOR_LEVELS, levels),
                                       "anchor_reconstruction": DEFAULT_ANCHOR_RECONSTRUCTION,
                                       "collision_alternatives": DEFAULT_COLLISION_ALTERNATIVES}
-        train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed}
+        train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed,
+                                      "prefix_fill": DEFAULT_PREFIX_FILL}
         for key, value in changes.items():
             (model_args if key in model_keys else train_args)[key] = value
         mcfg, tcfg = ModelConfig(**model_args), TrainConfig(**train_args)
@@ -179,7 +181,7 @@ def peer(fn: Callable[..., peers.PeerResult]) -> Method:
 
 
 # The job's defaults before issue 12's changes: level 1 anchored, decoder-only reconstruction, no spreading.
-BEFORE = {"anchor_levels": 1, "anchor_reconstruction": False, "collision_alternatives": 0}
+BEFORE = {"anchor_levels": 1, "anchor_reconstruction": False, "collision_alternatives": 0, "prefix_fill": 0.0}
 
 METHODS: dict[str, Method] = {
     "ours": ours(),
@@ -187,7 +189,11 @@ METHODS: dict[str, Method] = {
     # variants tried (issue 12's "table of everything tried"; bench/RESULTS.md)
     "ours_before": ours(**BEFORE),
     # the defaults of the job before every level was anchored: two anchored levels, the RQ-VAE learns level 3
-    "ours_rqvae_anchor2": ours(anchor_levels=2),
+    "ours_rqvae_anchor2": ours(anchor_levels=2, prefix_fill=0.0),
+    # 2-prefix fill cap (TrainConfig.prefix_fill): 0 is the default before it existed
+    "ours_fill0": ours(prefix_fill=0.0),
+    "ours_fill0.1": ours(prefix_fill=0.1),
+    "ours_fill1": ours(prefix_fill=1.0),
     "ours_before_spread16": ours(**{**BEFORE, "collision_alternatives": 16}),
     "ours_anchor2_spread16": ours(**{**BEFORE, "anchor_levels": 2, "collision_alternatives": 16}),
     "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),

@@ -377,7 +377,8 @@ def _fit_and_register(job: _Job, v: ValidationResult, arrays: TrainingArrays, ca
     cfg, stage, mcfg = job.cfg, job.stage, job.cfg.model_config
     with stage("train"):
         fitted = fit(arrays.embeddings, cfg.model_config, cfg.train_config, category_ids=cats,
-                     callbacks=[ProgressPrinter(), _MlflowEpochLogger()], init=previous.init)
+                     callbacks=[ProgressPrinter(), _MlflowEpochLogger()], init=previous.init,
+                     catalog_items=max(len(arrays.embeddings), int(job.result.counts["valid_rows"])))
     if previous.codes is not None:
         with stage("align codes to the table's generation"):
             _align(fitted.model, previous)

@@ -119,6 +119,8 @@ def _nonempty(text: str) -> str:
 DEFAULT_ANCHOR_LEVELS = "all"
 DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
+# A 2-prefix holds at most this share of the K full tuples it has room for (TrainConfig.prefix_fill).
+DEFAULT_PREFIX_FILL = 0.5
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
 
@@ -233,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--collision-alternatives", type=_at_least(0), default=DEFAULT_COLLISION_ALTERNATIVES,
                    help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
                         "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
+    g.add_argument("--prefix-fill", type=_share, default=DEFAULT_PREFIX_FILL,
+                   help="with at least two anchored levels and a third level: the most items of the catalog a 2-prefix "
+                        "may hold, as a share of the --codebook-size full tuples it has room for, so a large level-1 "
+                        "cell cannot crowd a few level-2 codes past what they can tell apart; level 2 then adds a "
+                        "learned per-prefix offset to the distance. 0: nearest centroid (docs/design.md)")
     g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")
@@ -360,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                  taxonomy_weight=a.taxonomy_weight, taxonomy_anchor_scale=a.taxonomy_anchor_scale,
                                  device=a.device, bf16=a.bf16,
-                                 warm_start_epochs=a.warm_start_epochs),
+                                 warm_start_epochs=a.warm_start_epochs, prefix_fill=a.prefix_fill),
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,

@@ -103,9 +103,14 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
         index = _inverse(perm, quantizer.codebook_size, quantizer.codebooks.device)
         quantizer.codebooks.data[book] = quantizer.codebooks.data[book][index]
         quantizer.steps_unused[book] = quantizer.steps_unused[book][index]
-    for level in range(model.config.anchored):
+    rows = [_inverse(perms[min(level, len(perms) - 1)], model.codebook_size, quantizer.codebooks.device)
+            for level in range(model.config.anchored)]
+    for level, index in enumerate(rows):
         centroids = model.anchor_book(level)
-        centroids.copy_(centroids[_inverse(perms[min(level, len(perms) - 1)], model.codebook_size, centroids.device)])
+        centroids.copy_(centroids[index.to(centroids.device)])
+    if model.balances_prefixes:  # offsets[level-1 code, level-2 code] follow both renamings
+        offsets = model.anchor_offsets
+        offsets.copy_(offsets[rows[0].to(offsets.device)][:, rows[1].to(offsets.device)])
 
 
 def _inverse(perm: np.ndarray, k: int, device: torch.device) -> torch.Tensor:

@@ -83,7 +83,11 @@ def model_from_payload(payload: Any, name: str = "<payload>") -> RQVAE | RQKMean
     model_cls, config_cls = _KINDS[payload["kind"]]
     try:
         model = model_cls(config_cls.from_dict(payload["config"]))
-        model.load_state_dict(payload["state_dict"], strict=True)
+        state = dict(payload["state_dict"])
+        if isinstance(model, RQVAE) and model.balances_prefixes and "anchor_offsets" not in state:
+            # Written before the 2-prefix offsets existed: its level 2 was the nearest centroid.
+            state["anchor_offsets"] = torch.zeros_like(model.anchor_offsets)
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{name}: state_dict does not match its config ({e})") from e
     return model.eval()

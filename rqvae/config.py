@@ -133,6 +133,16 @@ class TrainConfig(DictConfig):
         seed: seeds torch/numpy generators; the same seed gives the same model and codes.
         kmeans_init_size: items used for the k-means initialisation of the codebooks.
         kmeans_iters: Lloyd iterations per level for that initialisation.
+        prefix_fill: with at least two anchored levels and a level after them: the most items a
+            2-prefix may hold, as a share of the K full tuples it has room for, in the catalog the model
+            will encode (``fit``'s ``catalog_items``; the cap is scaled to the rows fitted). Level 2 then
+            picks the code with the smallest distance plus a learned offset per (level-1 code, level-2
+            code) (``rqvae.kmeans.balance_offsets``). Without it a cell that k-means left large sends
+            its items to the few level-2 centroids that fit it, past the K distinct tuples a 2-prefix
+            can hold (synthetic 1M x 768: 5,643 items in the largest 2-prefix, 7.9% of the catalog
+            unable to get a tuple of its own; bench/RESULTS.md). A cap of a few times the even share
+            instead hurt 2-prefix coherence on WordNet (P2 nn 0.242 -> 0.211): only prefixes that would
+            overflow are split. 0 = off (nearest centroid, plain residual k-means).
         dead_code_window: steps a code may go unused before it is re-seeded (0 = never).
         taxonomy_weight: lambda of the catalog-tree contrastive regularizer (0 = off; it is
             also off when no categories are given).
@@ -188,6 +198,7 @@ class TrainConfig(DictConfig):
     seed: int = 0
     kmeans_init_size: int = 100_000
     kmeans_iters: int = 25
+    prefix_fill: float = 0.0
     dead_code_window: int = 100
     taxonomy_weight: float = 0.0
     taxonomy_temperature: float = 0.1
@@ -211,3 +222,5 @@ class TrainConfig(DictConfig):
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if not 0.0 <= self.prefix_fill <= 1.0:
+            raise ValueError(f"prefix_fill must be in [0, 1] (0 = off), got {self.prefix_fill}")

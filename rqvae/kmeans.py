@@ -1,4 +1,5 @@
-"""k-means in torch (k-means++ seeding + Lloyd), used to initialise codebooks and by RQ-KMeans."""
+"""k-means in torch (k-means++ seeding + Lloyd), used to initialise codebooks and by RQ-KMeans, and the
+per-cell offsets that keep one code from crowding a cell."""
 from __future__ import annotations
 
 import torch
@@ -91,3 +92,66 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
             worst = dist.topk(n_move).indices
             centers[empty.nonzero().squeeze(1)[:n_move]] = x[worst]
     return centers
+
+
+def nearest_offset(x: torch.Tensor, centers: torch.Tensor, offsets: torch.Tensor, cells: torch.Tensor,
+                   chunk: int = 65536) -> torch.Tensor:
+    """Index (N,) int64 of the center that minimises ``|x - c_j|^2 + offsets[cell, j]`` per row, where
+    ``cells`` (N,) int64 picks each row's row of ``offsets`` (C, K); in chunks."""
+    return torch.cat([(squared_distances(part, centers) + offsets[cell]).argmin(dim=1)
+                      for part, cell in zip(x.split(chunk), cells.split(chunk))])
+
+
+def balance_offsets(d: torch.Tensor, cells: torch.Tensor, *, cap: int, iters: int = 200,
+                    init: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-(cell, code) offsets (C, K) that keep any one code from crowding one cell.
+
+    Rows are assigned ``argmin_j d[i, j] + offsets[cells[i], j]``. A (cell, code) pair may hold at
+    most ``cap`` rows, and never less than 1.25 times the even share of its own cell (so a cell too
+    large for ``K * cap`` still fits, evenly). Each round raises the offset of every pair over its cap
+    just past the gap of its first row beyond the cap, rows ordered by how much more they prefer the
+    pair to their next-best code: the cap's worth most attached stay, the rest move to their next-best
+    code (an auction step). Moved rows may fill another pair, which a later round handles. Each raise
+    adds 1% of the first round's mean gap, which makes the rounds end quickly instead of trading rows
+    back and forth by tiny amounts. Offsets only grow, so a warm start from ``init`` keeps the moves
+    it made. Deterministic.
+
+    Args:
+        d: (N, K) float squared distances of the rows to the K centers.
+        cells: (N,) int64 cell of each row (e.g. its level-1 code), in [0, C).
+        cap: most rows per pair, >= 1.
+        iters: most rounds (each a top-2 and two stable sorts of N rows); a pair may be left over its
+            cap when they run out.
+        init: (C, K) offsets to start from; default zeros with C = K.
+
+    Returns:
+        (C, K) offsets on d's device and dtype; pairs never over their cap keep their start value.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be at least 1, got {cap}")
+    n, k = d.shape
+    offsets = torch.zeros(k, k, dtype=d.dtype, device=d.device) if init is None else init.to(d).clone()
+    c = offsets.shape[0]
+    if n == 0 or k < 2:
+        return offsets
+    per_cell = torch.bincount(cells, minlength=c)
+    caps = torch.clamp(torch.ceil(1.25 * per_cell / k), min=cap).long().repeat_interleave(k)  # (C * K,)
+    flat = offsets.view(-1)
+    step = None
+    for _ in range(iters):
+        two = (d + offsets[cells]).topk(2, dim=1, largest=False)
+        pair = cells * k + two.indices[:, 0]
+        gap = two.values[:, 0] - two.values[:, 1]  # <= 0: how much more the row prefers its code
+        if step is None:
+            step = 0.01 * float(gap.abs().mean())
+        counts = torch.bincount(pair, minlength=c * k)
+        over = counts > caps
+        if not over.any():
+            break
+        by_gap = gap.argsort(stable=True)
+        order = by_gap[pair[by_gap].argsort(stable=True)]  # by pair, then most attached first
+        sorted_pair = pair[order]
+        rank = torch.arange(n, device=d.device) - (torch.cumsum(counts, 0) - counts)[sorted_pair]
+        first_out = (rank == caps[sorted_pair]) & over[sorted_pair]
+        flat[sorted_pair[first_out]] += step - gap[order][first_out]
+    return offsets

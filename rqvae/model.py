@@ -54,6 +54,7 @@ class RQVAE(nn.Module):
 
     anchor: torch.Tensor  # (K, D) input-space level-1 centroids, when config.anchor_first_level
     anchor_deeper: torch.Tensor  # (A - 1, K, D) input-space residual centroids of levels 2..A, when A > 1
+    anchor_offsets: torch.Tensor  # (K, K) level-2 offsets per level-1 code, when A > 1 and L > 2 (zeros: off)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -71,6 +72,9 @@ class RQVAE(nn.Module):
             if config.anchored > 1:
                 self.register_buffer("anchor_deeper", torch.randn(
                     config.anchored - 1, config.codebook_size, config.input_dim) * 0.01)
+            if self.balances_prefixes:
+                # Zero (nearest centroid) until fit() balances the 2-prefixes (TrainConfig.prefix_fill).
+                self.register_buffer("anchor_offsets", torch.zeros(config.codebook_size, config.codebook_size))
 
     @property
     def num_levels(self) -> int:
@@ -82,6 +86,15 @@ class RQVAE(nn.Module):
         their centroid sum, and the encoder, decoder and latent codebooks take no part (``fit`` trains
         nothing)."""
         return self.config.anchored == self.config.num_levels
+
+    @property
+    def balances_prefixes(self) -> bool:
+        """The anchored level 2 has per-level-1-code offsets (``anchor_offsets``) that keep one level-2
+        code from crowding a level-1 cell: at least two anchored levels and a level after them."""
+        return self.config.anchored >= 2 and self.config.num_levels >= 3
+
+    def _offsets(self) -> torch.Tensor | None:
+        return self.anchor_offsets.float() if self.balances_prefixes else None
 
     @property
     def codebook_size(self) -> int:
@@ -109,7 +122,7 @@ class RQVAE(nn.Module):
         if not self.config.anchored:
             return None
         books = [self.anchor_book(level).float() for level in range(self.config.anchored)]
-        return residual_codes((x if prepared else self.prepare(x)).float(), books)[0]
+        return residual_codes((x if prepared else self.prepare(x)).float(), books, offsets=self._offsets())[0]
 
     def anchor_sum(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, D) sum of the anchored levels' input-space centroids named by ``codes`` (B, >= A)."""
@@ -149,7 +162,7 @@ class RQVAE(nn.Module):
         anchored, the error and the alternatives are the input-space residual's, as RQ-KMeans'."""
         if self.fully_anchored:
             books = [self.anchor_book(level).float() for level in range(self.num_levels)]
-            return Quantized(*residual_codes(self.prepare(x).float(), books, alternatives))
+            return Quantized(*residual_codes(self.prepare(x).float(), books, alternatives, self._offsets()))
         codes, inputs, residual = self.assign(x)
         if alternatives <= 0:
             return Quantized(codes, residual.norm(dim=-1))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rqvae.kmeans import kmeans, nearest, squared_distances
+from rqvae.kmeans import kmeans, nearest, nearest_offset, squared_distances
 
 
 class QuantizerOutput(NamedTuple):
@@ -85,18 +85,29 @@ def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[to
     return order, d.gather(1, order).sqrt_()
 
 
-def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternatives: int = 0
+def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternatives: int = 0,
+                   offsets: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Greedy residual assignment of ``residual`` (B, D) to the codebooks ``books`` (each (K, D)), level by
     level: codes (B, L) int64, the norm of what they leave (B,), and with ``alternatives`` > 0 the ranked
     last-level codes and their errors (:func:`ranked_codes`; column 0 is the chosen code and its error
     the same bits as the returned norm), else None. The last level's distances are computed once for
-    both the choice and the ranking."""
-    codes, ranked, errors = [], None, None
+    both the choice and the ranking.
+
+    ``offsets`` (K, K): the second level picks ``argmin_j |r - c_j|^2 + offsets[level-1 code, j]``
+    instead of the nearest centroid (:func:`rqvae.kmeans.balance_offsets`); the second level must not
+    be the ranked last one."""
+    if offsets is not None and (len(books) < 2 or (len(books) == 2 and alternatives > 0)):
+        raise ValueError(f"offsets apply to a second level that is not ranked; got {len(books)} levels "
+                         f"and {alternatives} alternatives")
+    codes: list[torch.Tensor] = []
+    ranked, errors = None, None
     for level, book in enumerate(books):
         if level == len(books) - 1 and alternatives > 0:
             ranked, errors = ranked_codes(residual, book, alternatives)
             idx = ranked[:, 0]
+        elif level == 1 and offsets is not None:
+            idx = nearest_offset(residual, book, offsets, codes[0])
         else:
             idx = nearest(residual, book)[0]
         codes.append(idx)

@@ -15,7 +15,7 @@ import torch
 
 from rqvae.callbacks import call
 from rqvae.config import ModelConfig, TrainConfig
-from rqvae.kmeans import kmeans, nearest
+from rqvae.kmeans import balance_offsets, kmeans, nearest, squared_distances
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
@@ -163,14 +163,14 @@ def _evaluate(loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, floa
 
 
 def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
-                    generator: torch.Generator, categories: torch.Tensor | None = None) -> None:
+                    generator: torch.Generator, catalog_items: int, categories: torch.Tensor | None = None) -> None:
     """k-means on up to ``kmeans_init_size`` training items: the input-space anchor (when the model
     has one, residual k-means over its levels), then the latent codebooks level by level on the
     residuals. With ``categories`` (the regularizer on) the level-1 anchor is taxonomy-guided."""
     rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
     with torch.no_grad():
         model.eval()
-        _fit_anchor(model, rows, cfg, guide=guide)
+        _fit_anchor(model, rows, cfg, catalog_items, guide=guide)
         if model.fully_anchored:
             return
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
@@ -212,6 +212,7 @@ def fit(
     category_ids: np.ndarray | None = None,
     callbacks: Sequence[Any] = (),
     init: RQVAE | None = None,
+    catalog_items: int | None = None,
 ) -> FitResult:
     """Train an RQ-VAE on embeddings x (N, D) float32 and return the best model by held-out loss.
 
@@ -230,18 +231,22 @@ def fit(
             at ``lr * warm_start_lr_scale`` for at most ``warm_start_epochs``. Codes therefore keep their
             meaning, so a retrained model gives most items the codes they had (docs/design.md "New
             generations").
+        catalog_items: how many items the model will encode (x may be a sample of them); default
+            len(x). It scales ``train_config.prefix_fill``'s cap from the catalog to the rows fitted.
     """
     cfg = train_config or TrainConfig()
+    if catalog_items is not None and catalog_items < 1:
+        raise ValueError(f"catalog_items must be at least 1, got {catalog_items}")
     if init is not None:
         passes = max(1, cfg.warm_start_epochs)  # epochs of fine-tuning, and Lloyd iterations of the anchor's refinement
         cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale, epochs=min(cfg.epochs, passes),
                                   kmeans_iters=min(cfg.kmeans_iters, passes))
     with deterministic_algorithms(cfg.deterministic):
-        return _fit(x, model_config, cfg, category_ids, list(callbacks), init)
+        return _fit(x, model_config, cfg, category_ids, list(callbacks), init, catalog_items or len(x))
 
 
 def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, category_ids: np.ndarray | None,
-         callbacks: list[Any], init: RQVAE | None = None) -> FitResult:
+         callbacks: list[Any], init: RQVAE | None, catalog_items: int) -> FitResult:
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D array (N, D) of embeddings, got shape {x.shape}")
     mcfg = model_config or ModelConfig(input_dim=int(x.shape[1]))
@@ -266,9 +271,9 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
     if init is None:
         if not model.fully_anchored:  # fully anchored, the autoencoder and its codebooks take no part
             _warm_up_autoencoder(loop, xt, train_idx, steps)
-        _init_codebooks(model, xt, train_idx, cfg, generator, cats)
+        _init_codebooks(model, xt, train_idx, cfg, generator, catalog_items, cats)
     else:
-        _start_from(model, init, xt, train_idx, cfg, generator, cats)
+        _start_from(model, init, xt, train_idx, cfg, generator, catalog_items, cats)
     if model.fully_anchored:
         return _score_only(loop, xt, train_idx, hold_idx, callbacks)
     if mcfg.anchored:  # the anchor does not change while the epochs run: its codes are computed once
@@ -279,7 +284,7 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
 
 
 def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig,
-                generator: torch.Generator, categories: torch.Tensor | None = None) -> None:
+                generator: torch.Generator, catalog_items: int, categories: torch.Tensor | None = None) -> None:
     """Warm start: ``init``'s weights, codebooks and anchor, the anchor refined on this training set."""
     differences = model.config.shape_differences(init.config)
     if differences:
@@ -289,7 +294,7 @@ def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Ten
     if model.config.anchored:
         with torch.no_grad():
             rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
-            _fit_anchor(model, rows, cfg, refine=True, guide=guide)
+            _fit_anchor(model, rows, cfg, catalog_items, refine=True, guide=guide)
 
 
 def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
@@ -302,13 +307,14 @@ def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, gener
     return rows, (categories[train_idx[pick]] if guided else None)  # type: ignore[index]
 
 
-def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, *, refine: bool = False,
+def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_items: int, *, refine: bool = False,
                 guide: torch.Tensor | None = None) -> None:
     """Residual k-means of the input-space anchor on ``rows``, level by level; with ``refine`` the
     Lloyd iterations start at the model's current centroids (a warm start keeps their meaning). With
     ``guide`` ((rows, T) category ids) level 1 is taxonomy-guided (``rqvae.taxonomy.guided_centers``)
     at the shallowest depth with at least K categories."""
     residual = model.prepare(rows).float()
+    first = torch.zeros(0, dtype=torch.long)  # the rows' level-1 codes, once level 1 is fitted
     for level in range(model.config.anchored):
         book = model.anchor_book(level)
         init = book.float() if refine else None
@@ -321,7 +327,30 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, *, refine: b
             centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
                              init=init)
         book.copy_(centers)
-        residual = residual - centers[nearest(residual, centers)[0]]
+        if level == 1 and model.balances_prefixes:
+            idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine)
+        else:
+            idx = nearest(residual, centers)[0]
+        if level == 0:
+            first = idx
+        residual = residual - centers[idx]
+
+
+def _balanced_level2(model: RQVAE, residual: torch.Tensor, centers: torch.Tensor, cells: torch.Tensor,
+                     cfg: TrainConfig, catalog_items: int, refine: bool) -> torch.Tensor:
+    """Fit ``model.anchor_offsets`` (``rqvae.kmeans.balance_offsets``; zeros when ``cfg.prefix_fill`` is
+    0) and return the rows' level-2 codes under them. The cap is ``prefix_fill * K`` items of a
+    ``catalog_items`` catalog, scaled to the rows fitted. A warm start grows the model's offsets from
+    where they were, so the items they moved stay moved."""
+    if cfg.prefix_fill <= 0:
+        model.anchor_offsets.zero_()
+        return nearest(residual, centers)[0]
+    d = torch.cat([squared_distances(part, centers) for part in residual.split(65536)])
+    k = model.codebook_size
+    cap = max(1, math.ceil(cfg.prefix_fill * k * len(residual) / max(catalog_items, len(residual))))
+    offsets = balance_offsets(d, cells, cap=cap, init=model.anchor_offsets.float() if refine else None)
+    model.anchor_offsets.copy_(offsets)
+    return (d + offsets[cells]).argmin(dim=1)
 
 
 def _warm_up_autoencoder(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, steps: int) -> None:

@@ -102,6 +102,7 @@ BAD_ARGUMENTS = [
     (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["--encode-batch-size", "0"], "argument --encode-batch-size: must be at least 1, got 0"),
     (["--gate-min-utilization", "2"], "argument --gate-min-utilization: must be a share between 0 and 1, got 2"),
+    (["--prefix-fill", "2"], "argument --prefix-fill: must be a share between 0 and 1, got 2"),
     (["--model-name", "bad/name"], "argument --model-name: 'bad/name' is not a usable registered model name"),
     (["--model-name", ""], "argument --model-name: '' is not a usable registered model name"),
     (["--experiment", " "], "argument --experiment: must not be empty"),

@@ -551,3 +551,31 @@ def test_every_level_is_anchored_unless_asked_otherwise(argv: list[str], anchore
     from jobs.tokenize_catalog import parse_args
 
     assert parse_args(["--demo", *argv]).model_config.anchored == anchored
+
+
+def test_prefix_fill_defaults_to_half_and_is_a_share() -> None:
+    from jobs.tokenize_catalog import parse_args
+
+    assert parse_args(["--demo"]).train_config.prefix_fill == 0.5
+    assert parse_args(["--demo", "--prefix-fill", "0"]).train_config.prefix_fill == 0.0
+
+
+def test_the_fill_cap_is_scaled_to_the_whole_valid_catalog(catalog, tmp_path, monkeypatch) -> None:
+    # The model is fitted on a 300-item sample but encodes every valid item: the 2-prefix cap must be
+    # the catalog's, not the sample's.
+    import jobs.runner as runner
+
+    seen: dict[str, object] = {}
+    real_fit = runner.fit
+
+    def spy(x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(rows=len(x), catalog_items=kwargs.get("catalog_items"))
+        return real_fit(x, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", spy)
+    rc, _, err = helpers.run_main(["--input", catalog.path, "--work-dir", tmp_path, "--model-name", "csid-fill",
+                                   "--sample-size", "300", *helpers.SMALL_MODEL, *helpers.GATE_OFF,
+                                   "--stages", "validate,train"])
+    assert rc == 0, err[-3000:]
+    assert seen["rows"] < len(catalog.valid_ids)
+    assert seen["catalog_items"] == len(catalog.valid_ids)  # valid rows: the rejects and the duplicate id excluded

@@ -61,6 +61,8 @@ def small_model(shared: bool, anchor: int, seed: int = 0) -> RQVAE:
         model.quantizer.codebooks.normal_()
         for level in range(anchor):
             model.anchor_book(level).normal_()
+        if model.balances_prefixes:  # offsets large enough to change level 2 for many items
+            model.anchor_offsets.normal_(0.0, 5.0)
     return model.eval()
 
 
