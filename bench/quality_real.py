@@ -199,9 +199,9 @@ METHODS: dict[str, Method] = {
     "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),
     "ours_no_spread": ours(collision_alternatives=0),
     "ours_spread4": ours(collision_alternatives=4),
-    "ours_latent64": ours(anchor_levels=2, latent_dim=64),
-    "ours_epochs60": ours(anchor_levels=2, epochs=60),
-    "ours_rotation": ours(anchor_levels=2, estimator="rotation"),
+    "ours_latent64": ours(anchor_levels=2, latent_dim=64, prefix_fill=0.0),
+    "ours_epochs60": ours(anchor_levels=2, epochs=60, prefix_fill=0.0),
+    "ours_rotation": ours(anchor_levels=2, estimator="rotation", prefix_fill=0.0),
     # the taxonomy regularizer (issue 12 point 4): lambda x hierarchical batches on/off; lambda > 0 also
     # guides the level-1 anchor (rqvae.taxonomy.guided_centers)
     "ours_tax0.01": ours(taxonomy_weight=0.01),

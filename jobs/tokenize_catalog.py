@@ -236,10 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
                         "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
     g.add_argument("--prefix-fill", type=_share, default=DEFAULT_PREFIX_FILL,
-                   help="with at least two anchored levels and a third level: the most items of the catalog a 2-prefix "
-                        "may hold, as a share of the --codebook-size full tuples it has room for, so a large level-1 "
-                        "cell cannot crowd a few level-2 codes past what they can tell apart; level 2 then adds a "
-                        "learned per-prefix offset to the distance. 0: nearest centroid (docs/design.md)")
+                   help="with at least two anchored levels and a third level: the most items of the catalog a "
+                        "2-prefix should hold, as a share of the --codebook-size full tuples it has room for, so a "
+                        "large level-1 cell cannot crowd a few level-2 codes past what they can tell apart; level 2 "
+                        "then adds a learned per-prefix offset to the distance, fitted on the training sample. 0: no "
+                        "new offsets (a fresh model: nearest centroid; a warm start keeps its model's) "
+                        "(docs/design.md)")
     g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")

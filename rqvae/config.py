@@ -134,15 +134,19 @@ class TrainConfig(DictConfig):
         kmeans_init_size: items used for the k-means initialisation of the codebooks.
         kmeans_iters: Lloyd iterations per level for that initialisation.
         prefix_fill: with at least two anchored levels and a level after them: the most items a
-            2-prefix may hold, as a share of the K full tuples it has room for, in the catalog the model
-            will encode (``fit``'s ``catalog_items``; the cap is scaled to the rows fitted). Level 2 then
-            picks the code with the smallest distance plus a learned offset per (level-1 code, level-2
-            code) (``rqvae.kmeans.balance_offsets``). Without it a cell that k-means left large sends
-            its items to the few level-2 centroids that fit it, past the K distinct tuples a 2-prefix
-            can hold (synthetic 1M x 768: 5,643 items in the largest 2-prefix, 7.9% of the catalog
-            unable to get a tuple of its own; bench/RESULTS.md). A cap of a few times the even share
-            instead hurt 2-prefix coherence on WordNet (P2 nn 0.242 -> 0.211): only prefixes that would
-            overflow are split. 0 = off (nearest centroid, plain residual k-means).
+            2-prefix should hold, as a share of the K full tuples it has room for, in the catalog the
+            model will encode (``fit``'s ``catalog_items``). Level 2 then picks the code with the
+            smallest distance plus a learned offset per (level-1 code, level-2 code)
+            (``rqvae.kmeans.balance_offsets``), fitted so that on the training rows (up to
+            ``rqvae.train.BALANCE_ROWS``) no pair holds more than the cap scaled to them; on the whole
+            catalog it then holds approximately. Without it a cell that k-means left large sends its
+            items to the few level-2 centroids that fit it, past the K distinct tuples a 2-prefix can
+            hold (synthetic 1M x 768: 8,067 items in the largest 2-prefix, 34,221 items beyond the K
+            their prefix can tell apart; bench/RESULTS.md). A cap of a few times the even share of the
+            K^2 prefixes instead hurt 2-prefix coherence on WordNet (P2 nn 0.242 -> 0.211): only
+            prefixes that would overflow are split. 0 = no new offsets (a fresh fit has none, plain
+            residual k-means; a warm start keeps those of the model it starts from). The job's default
+            is 0.5; this library default is 0.
         dead_code_window: steps a code may go unused before it is re-seeded (0 = never).
         taxonomy_weight: lambda of the catalog-tree contrastive regularizer (0 = off; it is
             also off when no categories are given).

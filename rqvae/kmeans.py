@@ -108,24 +108,30 @@ def balance_offsets(d: torch.Tensor, cells: torch.Tensor, *, cap: int, iters: in
 
     Rows are assigned ``argmin_j d[i, j] + offsets[cells[i], j]``. A (cell, code) pair may hold at
     most ``cap`` rows, and never less than 1.25 times the even share of its own cell (so a cell too
-    large for ``K * cap`` still fits, evenly). Each round raises the offset of every pair over its cap
-    just past the gap of its first row beyond the cap, rows ordered by how much more they prefer the
-    pair to their next-best code: the cap's worth most attached stay, the rest move to their next-best
-    code (an auction step). Moved rows may fill another pair, which a later round handles. Each raise
-    adds 1% of the first round's mean gap, which makes the rounds end quickly instead of trading rows
-    back and forth by tiny amounts. Offsets only grow, so a warm start from ``init`` keeps the moves
-    it made. Deterministic.
+    large for ``0.8 * K * cap`` rows is split about evenly instead). Each round raises the offset of
+    every pair over its cap just past the gap of its first row beyond the cap, rows ordered by how
+    much more they prefer the pair to their next-best code: the cap's worth most attached stay, the
+    rest move to their next-best code (an auction step). Moved rows may fill another pair, which a
+    later round handles. Each raise adds 1% of the first round's mean gap (of the mean spread of a
+    row's distances when every row ties), which makes the rounds end quickly instead of trading rows
+    back and forth by tiny amounts.
+
+    Identical rows (same cell and distances: duplicate embeddings) can only move together, so they
+    bid as one row of their weight; a block larger than its pair's cap fits nowhere and takes no part
+    (moving it from code to code would push unrelated rows out of every pair it lands in, on every
+    warm start again). Offsets only grow, so a warm start from ``init`` keeps the moves it made.
+    Deterministic.
 
     Args:
         d: (N, K) float squared distances of the rows to the K centers.
         cells: (N,) int64 cell of each row (e.g. its level-1 code), in [0, C).
         cap: most rows per pair, >= 1.
-        iters: most rounds (each a top-2 and two stable sorts of N rows); a pair may be left over its
-            cap when they run out.
+        iters: most rounds (each an argmin, a min and two stable sorts of the distinct rows); a pair
+            may be left over its cap when they run out.
         init: (C, K) offsets to start from; default zeros with C = K.
 
     Returns:
-        (C, K) offsets on d's device and dtype; pairs never over their cap keep their start value.
+        (C, K) offsets on d's device and dtype; pairs never raised keep their start value.
     """
     if cap < 1:
         raise ValueError(f"cap must be at least 1, got {cap}")
@@ -136,22 +142,31 @@ def balance_offsets(d: torch.Tensor, cells: torch.Tensor, *, cap: int, iters: in
         return offsets
     per_cell = torch.bincount(cells, minlength=c)
     caps = torch.clamp(torch.ceil(1.25 * per_cell / k), min=cap).long().repeat_interleave(k)  # (C * K,)
+    keys, weight = torch.unique(torch.cat([cells[:, None].to(d.dtype), d], dim=1), dim=0, return_counts=True)
+    cells, d = keys[:, 0].long(), keys[:, 1:]
+    bids = weight <= caps[cells * k]  # a block over even its cell's floor fits in no pair
+    cells, d, weight = cells[bids], d[bids], weight[bids]
+    if not len(d):
+        return offsets
+    rows = torch.arange(len(d), device=d.device)
     flat = offsets.view(-1)
     step = None
     for _ in range(iters):
-        two = (d + offsets[cells]).topk(2, dim=1, largest=False)
-        pair = cells * k + two.indices[:, 0]
-        gap = two.values[:, 0] - two.values[:, 1]  # <= 0: how much more the row prefers its code
+        cost = d + offsets[cells]
+        code = cost.argmin(dim=1)  # the rule encoding applies (first index among equal costs)
+        gap = cost[rows, code] - cost.scatter(1, code[:, None], float("inf")).min(dim=1).values  # <= 0
         if step is None:
-            step = 0.01 * float(gap.abs().mean())
-        counts = torch.bincount(pair, minlength=c * k)
+            # 1% of the mean gap; when every row ties (mean gap 0), 1% of the mean spread of its costs
+            step = 0.01 * (float(gap.abs().mean()) or float((cost.mean(dim=1) - cost[rows, code]).mean()) or 1.0)
+        pair = cells * k + code
+        counts = torch.bincount(pair, weights=weight.to(d.dtype), minlength=c * k).long()
         over = counts > caps
         if not over.any():
             break
         by_gap = gap.argsort(stable=True)
         order = by_gap[pair[by_gap].argsort(stable=True)]  # by pair, then most attached first
-        sorted_pair = pair[order]
-        rank = torch.arange(n, device=d.device) - (torch.cumsum(counts, 0) - counts)[sorted_pair]
-        first_out = (rank == caps[sorted_pair]) & over[sorted_pair]
+        sorted_pair, w = pair[order], weight[order]
+        upto = torch.cumsum(w, 0) - (torch.cumsum(counts, 0) - counts)[sorted_pair]  # rows up to this one
+        first_out = (upto > caps[sorted_pair]) & (upto - w <= caps[sorted_pair]) & over[sorted_pair]
         flat[sorted_pair[first_out]] += step - gap[order][first_out]
     return offsets

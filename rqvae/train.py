@@ -170,7 +170,7 @@ def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg:
     rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
     with torch.no_grad():
         model.eval()
-        _fit_anchor(model, rows, cfg, catalog_items, guide=guide)
+        _fit_anchor(model, rows, cfg, catalog_items, guide=guide, pool=(x, train_idx))
         if model.fully_anchored:
             return
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
@@ -294,7 +294,7 @@ def _start_from(model: RQVAE, init: RQVAE, x: torch.Tensor, train_idx: torch.Ten
     if model.config.anchored:
         with torch.no_grad():
             rows, guide = _init_rows(x, train_idx, cfg, generator, categories)
-            _fit_anchor(model, rows, cfg, catalog_items, refine=True, guide=guide)
+            _fit_anchor(model, rows, cfg, catalog_items, refine=True, guide=guide, pool=(x, train_idx))
 
 
 def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
@@ -308,7 +308,8 @@ def _init_rows(x: torch.Tensor, train_idx: torch.Tensor, cfg: TrainConfig, gener
 
 
 def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_items: int, *, refine: bool = False,
-                guide: torch.Tensor | None = None) -> None:
+                guide: torch.Tensor | None = None,
+                pool: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Residual k-means of the input-space anchor on ``rows``, level by level; with ``refine`` the
     Lloyd iterations start at the model's current centroids (a warm start keeps their meaning). With
     ``guide`` ((rows, T) category ids) level 1 is taxonomy-guided (``rqvae.taxonomy.guided_centers``)
@@ -328,7 +329,7 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
                              init=init)
         book.copy_(centers)
         if level == 1 and model.balances_prefixes:
-            idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine)
+            idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine, pool)
         else:
             idx = nearest(residual, centers)[0]
         if level == 0:
@@ -336,19 +337,41 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
         residual = residual - centers[idx]
 
 
+# The 2-prefix fill cap's auction runs on up to this many training rows (the k-means fits use
+# ``kmeans_init_size``): its cap is a whole number of rows, so more rows hold the catalog's cap closer.
+BALANCE_ROWS = 400_000
+
+
 def _balanced_level2(model: RQVAE, residual: torch.Tensor, centers: torch.Tensor, cells: torch.Tensor,
-                     cfg: TrainConfig, catalog_items: int, refine: bool) -> torch.Tensor:
-    """Fit ``model.anchor_offsets`` (``rqvae.kmeans.balance_offsets``; zeros when ``cfg.prefix_fill`` is
-    0) and return the rows' level-2 codes under them. The cap is ``prefix_fill * K`` items of a
-    ``catalog_items`` catalog, scaled to the rows fitted. A warm start grows the model's offsets from
-    where they were, so the items they moved stay moved."""
-    if cfg.prefix_fill <= 0:
-        model.anchor_offsets.zero_()
-        return nearest(residual, centers)[0]
+                     cfg: TrainConfig, catalog_items: int, refine: bool,
+                     pool: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Fit ``model.anchor_offsets`` (``rqvae.kmeans.balance_offsets``) and return the level-2 codes of
+    ``residual`` (the k-means rows after level 1, in ``cells``) under them.
+
+    The auction runs on the first ``BALANCE_ROWS`` rows of ``pool`` (x, training row indices; default
+    the k-means rows; at 400k x 256 its distances take 400 MB), with a cap of ``prefix_fill * K``
+    items of a ``catalog_items`` catalog scaled to those rows. A warm start grows the model's offsets
+    from where they were, so the items they moved stay moved; with ``prefix_fill`` 0 it keeps them as
+    they are (a fresh fit then has none)."""
     d = torch.cat([squared_distances(part, centers) for part in residual.split(65536)])
+    if cfg.prefix_fill <= 0:
+        if not refine:
+            model.anchor_offsets.zero_()
+        return (d + model.anchor_offsets.float()[cells]).argmin(dim=1)
+    bid_d, bid_cells = d, cells
+    if pool is not None and len(pool[1]) > len(residual):
+        x, idx = pool
+        first_book = model.anchor_book(0).float()
+        parts, part_cells = [], []
+        for chunk in idx[:BALANCE_ROWS].split(65536):
+            p = model.prepare(x[chunk]).float()
+            c1 = nearest(p, first_book)[0]
+            parts.append(squared_distances(p - first_book[c1], centers))
+            part_cells.append(c1)
+        bid_d, bid_cells = torch.cat(parts), torch.cat(part_cells)
     k = model.codebook_size
-    cap = max(1, math.ceil(cfg.prefix_fill * k * len(residual) / max(catalog_items, len(residual))))
-    offsets = balance_offsets(d, cells, cap=cap, init=model.anchor_offsets.float() if refine else None)
+    cap = max(1, math.ceil(cfg.prefix_fill * k * len(bid_d) / max(catalog_items, len(bid_d))))
+    offsets = balance_offsets(bid_d, bid_cells, cap=cap, init=model.anchor_offsets.float() if refine else None)
     model.anchor_offsets.copy_(offsets)
     return (d + offsets[cells]).argmin(dim=1)
 

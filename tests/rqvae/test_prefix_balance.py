@@ -72,6 +72,46 @@ def test_a_cell_larger_than_k_caps_gets_an_even_share_of_its_codes() -> None:
     assert int(counts[0].sum()) == 1000
 
 
+def test_a_block_of_identical_rows_too_large_for_any_pair_takes_no_part() -> None:
+    # 30 duplicate rows (one embedding) in a cell of 400 rows over 8 codes, cap 13: the block fits in
+    # no pair, so it stays where it is and nothing else in its cell is pushed around; again from the
+    # result (a warm start), nothing changes.
+    g = torch.Generator().manual_seed(4)
+    d = torch.rand(400, 8, generator=g) + 1.0
+    d[:30] = d[0]
+    cells = torch.zeros(400, dtype=torch.long)
+    offsets = balance_offsets(d, cells, cap=13)
+    plain = d.argmin(1)
+    moved = (d + offsets[cells]).argmin(1) != plain
+    assert not moved[:30].any()
+    assert int(pair_counts(d[30:], cells[30:], offsets).max()) <= 63  # the cell's floor: ceil(1.25 * 400 / 8)
+    assert torch.equal(balance_offsets(d, cells, cap=13, init=offsets), offsets)
+
+
+def test_smaller_blocks_move_whole() -> None:
+    # Blocks of 5 identical rows, all preferring code 0 of one cell: they bid as one row of weight 5,
+    # so a block is never split between two codes.
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(40, 8, generator=g) + 1.0
+    base[:, 0] -= 0.5
+    d = base.repeat_interleave(5, dim=0)
+    cells = torch.zeros(200, dtype=torch.long)
+    offsets = balance_offsets(d, cells, cap=32)  # the cell's floor: ceil(1.25 * 200 / 8) = 32
+    codes = (d + offsets[cells]).argmin(1).view(40, 5)
+    assert bool((codes == codes[:, :1]).all())
+    assert int(torch.bincount(codes[:, 0], minlength=8).max()) * 5 <= 32
+
+
+def test_ties_everywhere_still_end() -> None:
+    # Every row ties between codes 0 and 1 (mean gap 0): the raise must still move rows.
+    g = torch.Generator().manual_seed(6)
+    d = torch.rand(300, 8, generator=g) + 1.0
+    d[:, :2] = 0.0
+    cells = torch.zeros(300, dtype=torch.long)
+    offsets = balance_offsets(d, cells, cap=48)
+    assert int(pair_counts(d, cells, offsets).max()) <= 48
+
+
 def test_nothing_moves_when_nothing_crowds() -> None:
     g = torch.Generator().manual_seed(1)
     d = torch.rand(500, 8, generator=g)
@@ -132,6 +172,23 @@ def test_fit_caps_the_2_prefixes_of_the_rows_it_fitted(balanced) -> None:  # typ
     assert float(balanced.model.anchor_offsets.max()) > 0
 
 
+def test_the_cap_follows_the_catalog_the_model_will_encode() -> None:
+    # Fitted on the same 3,000 rows for a catalog 10x larger, each 2-prefix may hold 1.6 of the fitted
+    # rows, so every cell is split about evenly (its own floor); with the catalog = the rows, up to 16.
+    train_rows = len(CATALOG) - int(len(CATALOG) * TRAIN.holdout_fraction)
+    wide = fit(CATALOG, FULL, TRAIN).model
+    tight = fit(CATALOG, FULL, TRAIN, catalog_items=10 * len(CATALOG)).model
+    train = np.setdiff1d(np.arange(len(CATALOG)), fit(CATALOG, FULL, TRAIN).holdout_index)
+    assert len(train) == train_rows
+    floors = {}
+    for name, model in (("wide", wide), ("tight", tight)):
+        codes = encode_array(model, CATALOG[train]).codes
+        floors[name] = (two_prefix_counts(codes), caps(torch.from_numpy(codes[:, 0]), 16, 2).numpy().ravel())
+    assert (floors["wide"][0] > floors["wide"][1]).any()  # the catalog's size is what makes the difference
+    assert (floors["tight"][0] <= floors["tight"][1]).all()
+    assert float(tight.anchor_offsets.sum()) > float(wide.anchor_offsets.sum())
+
+
 def test_balanced_codes_are_the_offset_residual_walk_by_hand(balanced) -> None:  # type: ignore[no-untyped-def]
     model = balanced.model
     r = torch.nn.functional.normalize(torch.from_numpy(CATALOG), dim=-1)
@@ -146,6 +203,9 @@ def test_balanced_codes_are_the_offset_residual_walk_by_hand(balanced) -> None: 
     assert (second != torch.cdist(torch.nn.functional.normalize(torch.from_numpy(CATALOG), dim=-1)
                                   - model.anchor_book(0)[first], model.anchor_book(1)).argmin(1)).any()
     np.testing.assert_allclose(got.quantization_error, left.norm(dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    # an item's codes do not depend on the other items encoded with it
+    pieces = [encode_array(model, CATALOG[i:i + 7], batch_size=5).codes for i in range(0, len(CATALOG), 7)]
+    np.testing.assert_array_equal(np.concatenate(pieces), got.codes)
     restored = load_checkpoint(checkpoint_bytes(model))
     assert torch.equal(restored.anchor_offsets, model.anchor_offsets)
     np.testing.assert_array_equal(encode_array(restored, CATALOG).codes, got.codes)
@@ -169,6 +229,14 @@ def test_a_warm_start_grows_the_offsets_it_starts_from(balanced) -> None:  # typ
     assert bool((new.anchor_offsets >= old.anchor_offsets).all())
     kept = (encode_array(new, CATALOG).codes == encode_array(old, CATALOG).codes).all(1).mean()
     assert kept > 0.4
+
+
+def test_a_warm_start_with_the_cap_off_keeps_the_offsets_it_starts_from(balanced) -> None:  # type: ignore[no-untyped-def]
+    old = balanced.model
+    new = fit(CATALOG, FULL, dataclasses.replace(TRAIN, prefix_fill=0.0), init=old).model
+    assert torch.equal(new.anchor_offsets, old.anchor_offsets)
+    fresh = fit(CATALOG, FULL, dataclasses.replace(TRAIN, prefix_fill=0.0)).model
+    assert not fresh.anchor_offsets.any()
 
 
 def test_two_anchored_levels_and_a_learned_third_use_the_offsets_too() -> None:
