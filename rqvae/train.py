@@ -87,13 +87,16 @@ class _Loop:
 
     def loss(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, D); ``idx`` selects category rows for the regularizer."""
+        first = None
+        if self.quantize:  # the anchored codes in float32, outside autocast: as encoding computes them
+            first = (self.anchor_codes[idx] if self.anchor_codes is not None and idx is not None
+                     else self.model.anchor_codes(x))
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.cfg.bf16 and self.device.type == "cuda"):
             if not self.quantize:  # autoencoder warm-up: no quantizer in the loop
                 x_hat = self.model.decoder(self.model.encode_latent(x)).float()
                 recon = reconstruction_loss(self.model.prepare(x), x_hat, self.cfg.reconstruction_loss)
                 return {"recon": recon, "loss": recon}
-            first = self.anchor_codes[idx] if self.anchor_codes is not None and idx is not None else None
             out = (self.model if self.forward is None else self.forward)(x, first)
         recon = reconstruction_loss(self.model.prepare(x), out.reconstruction.float(), self.cfg.reconstruction_loss)
         q = out.quant
