@@ -217,6 +217,12 @@ def test_udf_codes_equal_batch_encoding_of_the_registered_model(trained, catalog
     assert resolved.checkpoint == (trained.work / "checkpoints" / f"{run_id}.pt").read_bytes()
     model = load_checkpoint(resolved.checkpoint)
     assert model.config.collision_alternatives == DEFAULT_COLLISION_ALTERNATIVES > 0  # the default travels with it
+    # The job's default fill cap moved some items' level-2 codes at this catalog's size, so the
+    # comparison below covers the learned 2-prefix offsets too.
+    plain = load_checkpoint(resolved.checkpoint)
+    plain.anchor_offsets.zero_()
+    assert (encode_array(plain, catalog.valid_embeddings).codes[:, 1]
+            != encode_array(model, catalog.valid_embeddings).codes[:, 1]).any()
     # The table holds the model's codes with colliding items spread over free last-level codes.
     expected = spread_codes(model, catalog)
     assert expected.moved.any()
