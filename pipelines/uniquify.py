@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.arrow_utils import matrix_to_list_array
+from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -132,8 +132,7 @@ def _ranked_in_tuples(keyed: DataFrame, materialize: Callable[[DataFrame], DataF
     """
     shared = (keyed.groupBy(_TUPLE_KEY).count().where(F.col("count") > 1)
               .select(_TUPLE_KEY, F.lit(True).alias(_SHARED)))
-    if materialize is not None:
-        shared = materialize(shared) or shared
+    shared = _computed_once(shared, materialize)
     marked = keyed.join(shared, _TUPLE_KEY, "left")
     alone = marked.where(F.col(_SHARED).isNull()).withColumn(_RANK, F.lit(1))
     in_group = Window.partitionBy(_TUPLE_KEY).orderBy(*_suffix_order())
@@ -326,7 +325,7 @@ def _spread_group(table: pa.Table) -> pa.Table:
     tie = ids.astype(str) if ids.dtype == object else ids
     out = spread_last_level(codes, movers.column(QUANTIZATION_ERROR).to_numpy().astype(np.float32),
                             _int_matrix(movers.column(ALTERNATIVES), len(ids)),
-                            _float_matrix(movers.column(ALTERNATIVE_ERRORS), len(ids)), tiebreak=tie, taken=taken)
+                            embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
     return pa.table({ITEM_ID: movers.column(ITEM_ID),
                      CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
                      QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())})
@@ -335,11 +334,6 @@ def _spread_group(table: pa.Table) -> pa.Table:
 def _int_matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
     """(rows, W) int64 of a column of equal-length non-null int lists."""
     return column.combine_chunks().flatten().to_numpy().astype(np.int64).reshape(rows, -1)
-
-
-def _float_matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
-    """(rows, W) float32 of a column of equal-length non-null float lists."""
-    return column.combine_chunks().flatten().to_numpy().astype(np.float32).reshape(rows, -1)
 
 
 def _suffix_order() -> list[Column]:
