@@ -53,6 +53,7 @@ class JobConfig:
     encode_threads: int | None = 1
     suffix_budget: int = 16
     shuffle_partitions: int | None = None
+    engine_memory: int = 0  # bytes; the embedded engine's memory pool, 0: no limit
     mode: str = "auto"
     on_changed: str = "keep"
     compare_to: str | None = None

@@ -148,7 +148,10 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
                                      cfg.output_table_prefix, cfg.format, engine=cfg.engine)
         with stage(f"start engine ({cfg.engine})"):
             session = start_session(cfg.engine, cfg.remote, want_delta=cfg.format == "delta",
-                                    shuffle_partitions=cfg.shuffle_partitions)
+                                    shuffle_partitions=cfg.shuffle_partitions, engine_memory=cfg.engine_memory)
+            if session.memory_limit:
+                print(f"    engine memory pool {session.memory_limit >> 20} MiB: sorts and aggregates beyond it "
+                      "spill to disk (--engine-memory)")
     except (ValueError, DeltaNotAvailableError) as e:
         raise JobFailed(str(e)) from e
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -87,6 +88,30 @@ def _non_negative(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """A memory size: bytes, or a number with k, m, g or t (powers of 1024), e.g. 1536m or 2g; 0 is allowed."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1] if t and t[-1] in "kmgt" else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2g, 1536m or 0, got {text!r}") from None
+    if not value >= 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return int(value)
+
+
+def _size_text(n: int) -> str:
+    """2147483648 -> "2g", 1610612736 -> "1536m", 0 -> "0 (no limit)"."""
+    if n == 0:
+        return "0 (no limit)"
+    unit, shift = next(((u, s) for u, s in (("g", 30), ("m", 20), ("k", 10)) if n % (1 << s) == 0), ("", 0))
+    return f"{n >> shift}{unit}" if unit else f"{n} bytes"
+
+
 def _widths(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -121,6 +146,8 @@ DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
 # A 2-prefix holds at most this share of the K full tuples it has room for (TrainConfig.prefix_fill).
 DEFAULT_PREFIX_FILL = 0.5
+DEFAULT_ENGINE_MEMORY = 2 << 30  # bytes: see docs/scaling.md
+_POOL_ENV = "SAIL_RUNTIME__MEMORY_POOL__TYPE"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
 
@@ -195,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true",
                    help="print the Python traceback of a failure (by default only its message and the exit code)")
     g.add_argument("--shuffle-partitions", type=_at_least(1), help="spark.sql.shuffle.partitions for this job")
+    g.add_argument("--engine-memory", type=_bytes, default=DEFAULT_ENGINE_MEMORY, metavar="SIZE",
+                   help="embedded engine only: its memory pool (2g, 1536m; 0: no limit). Sorts and aggregates "
+                        "beyond it spill to TMPDIR, so the job's memory stays flat as the catalog grows; "
+                        "SAIL_RUNTIME__MEMORY_POOL__TYPE in the environment overrides it "
+                        f"(default: {_size_text(DEFAULT_ENGINE_MEMORY)})")
     g = p.add_argument_group("stages and model")
     g.add_argument("--stages",
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all of them; with --model: "
@@ -374,7 +406,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
         encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
-        shuffle_partitions=a.shuffle_partitions, mode=a.mode, on_changed=a.on_changed, compare_to=a.compare_to,
+        shuffle_partitions=a.shuffle_partitions, engine_memory=a.engine_memory, mode=a.mode,
+        on_changed=a.on_changed, compare_to=a.compare_to,
         max_id_churn=a.max_id_churn, align=a.align, debug=a.debug, label_col=a.label_col,
     )
 
@@ -395,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     debug = cfg.debug
     from jobs.runner import JobFailed, run_job
+    from pipelines.session import is_out_of_engine_memory
 
     try:
         result = run_job(cfg, stage)
@@ -407,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:500]
+        if isinstance(e, MemoryError) or is_out_of_engine_memory(e):
+            pool = ("set by SAIL_RUNTIME__MEMORY_POOL__* in the environment" if _POOL_ENV in os.environ
+                    else f"it is {_size_text(cfg.engine_memory)}")
+            print(f"\nFAILED: the embedded engine needed more memory than its pool allows ({first}). Fix: rerun "
+                  f"with a larger --engine-memory ({pool}), or --engine-memory 0 for no limit. Nothing was "
+                  "published unless the output above says so.", file=sys.stderr)
+            return EXIT_UNEXPECTED
         print(f"\nFAILED with an unexpected {type(e).__name__}: {first}\nNothing was published unless the output "
               "above says so. Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
         return EXIT_UNEXPECTED

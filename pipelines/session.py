@@ -42,11 +42,14 @@ class EngineSession:
         spark: the session stages run on.
         engine: "local", "spark" or "remote".
         supports_delta: whether Delta reads/writes are known to work on this session.
+        memory_limit: the embedded engine's memory pool in bytes (``start_session``'s
+            ``engine_memory``), or None: no limit set here.
     """
 
     spark: SparkSession
     engine: str
     supports_delta: bool
+    memory_limit: int | None = None
     _server: Any = field(default=None, repr=False)
     _owns_session: bool = field(default=True, repr=False)
     _scratch: str | None = field(default=None, repr=False)
@@ -159,6 +162,7 @@ def start_session(
     want_delta: bool = True,
     app_name: str = "catalog-semantic-ids",
     shuffle_partitions: int | None = None,
+    engine_memory: int | None = None,
 ) -> EngineSession:
     """Start (or attach to) a session for ``engine``.
 
@@ -169,13 +173,20 @@ def start_session(
             at start, with a message naming the fix.
         app_name: application name for classic sessions.
         shuffle_partitions: ``spark.sql.shuffle.partitions``; ``None`` keeps the engine default.
+        engine_memory: the embedded engine's memory pool in bytes (Sail's ``fair`` pool): sorts,
+            aggregates and joins of two large inputs (sort-merge joins under a pool) spill to
+            ``TMPDIR`` beyond it, so their memory does not grow with the catalog;
+            an operator that cannot spill and needs more fails with an error that
+            :func:`is_out_of_engine_memory` recognises. None or 0: no limit. Ignored by the other
+            engines (their executors' memory is set where they are started), and by this one when
+            ``SAIL_RUNTIME__MEMORY_POOL__TYPE`` is set in the environment (the user's setting wins).
     """
     if remote:
         engine = "remote"
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "local":
-        es = _start_sail()
+        es = _start_sail(engine_memory or None)
     elif engine == "remote":
         if not remote:
             raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
@@ -229,6 +240,15 @@ def _float_env(name: str, default: float) -> float:
         return default
 
 
+_POOL_TYPE = "SAIL_RUNTIME__MEMORY_POOL__TYPE"
+
+
+def is_out_of_engine_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the embedded engine refusing memory beyond its pool (``engine_memory``)."""
+    text = str(error)
+    return ("Failed to allocate additional" in text and "memory pool" in text) or "ResourcesExhausted" in text
+
+
 def _is_unsupported(error: Exception) -> bool:
     text = str(error).lower()
     return any(word in text for word in ("checkpoint", "not supported", "unsupported", "not implemented"))
@@ -251,8 +271,12 @@ def delta_maven_coordinate() -> str:
         return "io.delta:delta-spark_2.13:<version>"
 
 
-def _start_sail() -> EngineSession:
-    """Start an in-process Sail Spark Connect server on a free loopback port and connect to it."""
+def _start_sail(engine_memory: int | None = None) -> EngineSession:
+    """Start an in-process Sail Spark Connect server on a free loopback port and connect to it.
+
+    ``engine_memory`` (bytes) becomes the server's memory pool: Sail reads its configuration from the
+    environment when a server starts, so the variables are set for that moment only and later servers
+    of this process (a notebook's, the tests') keep their own."""
     try:
         from pysail.spark import SparkConnectServer
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -260,14 +284,29 @@ def _start_sail() -> EngineSession:
             "the embedded engine needs pysail: pip install 'catalog-semantic-ids[spark]' "
             "(or use --engine spark / --remote sc://...)"
         ) from e
-    server = SparkConnectServer(ip="127.0.0.1", port=0)
-    server.start(background=True)
+    # Under a pool, joins of two large inputs sort and merge (which spills) instead of building a hash
+    # table of one side (which cannot spill, and grows with the catalog).
+    pool = {} if engine_memory is None or _POOL_TYPE in os.environ else {
+        _POOL_TYPE: "fair", "SAIL_RUNTIME__MEMORY_POOL__FAIR__MAX_SIZE": str(int(engine_memory)),
+        "SAIL_OPTIMIZER__PREFER_HASH_JOIN": os.environ.get("SAIL_OPTIMIZER__PREFER_HASH_JOIN", "false")}
+    saved = {name: os.environ.get(name) for name in pool}
+    os.environ.update(pool)
+    try:
+        server = SparkConnectServer(ip="127.0.0.1", port=0)
+        server.start(background=True)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     host, port = server.listening_address
     # create(), not getOrCreate(): another Connect session in this process must not be taken over.
     spark = SparkSession.builder.remote(f"sc://{host}:{port}").create()
     remove_abandoned_scratch()  # what killed jobs left
     scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")  # the pid: see remove_abandoned_scratch
-    return EngineSession(spark, "local", True, _server=server, _scratch=scratch)
+    return EngineSession(spark, "local", True, _server=server, _scratch=scratch,
+                         memory_limit=int(engine_memory) if pool else None)
 
 
 def _start_classic(app_name: str, want_delta: bool) -> EngineSession:

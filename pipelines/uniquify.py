@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
 from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array
 from pipelines.schema import (
@@ -32,6 +33,7 @@ from pipelines.schema import (
     SUFFIX,
     prefix_column,
 )
+from pipelines.session import is_out_of_engine_memory
 from pipelines.validate import SchemaError
 
 _TUPLE_KEY = "__csid_tuple_key"
@@ -40,13 +42,18 @@ _PREFIX_KEY = "__csid_prefix_key"
 _HELD = "__csid_held"
 _RANK = "__csid_rank"
 _LAST_CODE = "__csid_last_code"
+_CLAIM_WORD = "__csid_claim_word"
+_CLAIM_BITS = "__csid_claim_bits"
+_WORD_BITS = 64
 _BUCKET = "__csid_bucket"
 _SHARED = "__csid_shared"
 _COUNT = "__csid_count"
 _KEEPER = "__csid_keeper"
 _BEST_ERROR = "__csid_best_error"
+_SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET})
 SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
-SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (with their prefixes' claims) are spread at once
+SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (and their prefixes' claims) spread at once
+SPREAD_MAX_CHUNKS = 4096  # chunks halved on an exhausted memory pool: no further than this
 _CHUNK_SEED = 17  # the chunk of a prefix: another hash than its group's
 
 
@@ -261,39 +268,65 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     keeps = first & F.col(_HELD).isNull()
     keepers, movers = ranked.where(keeps), ranked.where(~keeps)
     claims = keepers.select(_PREFIX_KEY, last.alias(_LAST_CODE))
-    if issued is not None:
-        # Once per issued tuple (the ledger has a row per suffix, retired ones included).
+    if issued is not None:  # the ledger has a row per suffix, retired ones included: the bitmaps fold repeats
         claims = claims.unionByName(issued.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY),
-                                                  last.alias(_LAST_CODE)).distinct())
-    # A claim travels as a row of its own (prefix, last code) to the Python call of its prefix. As a
-    # set per prefix (collect_set) the engine's aggregate held every claim as a boxed value: 2.4 GB at
-    # 20M x 256; joined onto every mover, each mover carried up to 256 codes.
-    id_type = df.schema[ITEM_ID].dataType.simpleString()
-    mover_rows = movers.select(_PREFIX_KEY, ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS,
-                               F.lit(None).cast("int").alias(_LAST_CODE))
-    claim_rows = claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi").select(
-        _PREFIX_KEY, *(F.lit(None).cast(mover_rows.schema[c].dataType).alias(c) for c in (
-            ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)), _LAST_CODE)
+                                                  last.alias(_LAST_CODE)))
+    # A prefix's claimed last-level codes travel to the Python call of its prefix as 64-code bitmaps:
+    # one row per (prefix, word of 64 codes), at most K^(L-1) * K/64 rows whatever the catalog's size.
+    # A row per claim (every keeper of a prefix with movers) was most of the grouped map's input, which
+    # the engine holds at once; a set per prefix (collect_set) held every claim as a boxed value.
+    # A mover row carries every output column through the Python call, which returns it with its new codes:
+    # joined back onto the movers instead, the engine held a hash table of every moved item.
+    mover_rows = movers.select(_PREFIX_KEY, *out_columns, ALTERNATIVES, ALTERNATIVE_ERRORS,
+                               F.lit(None).cast("int").alias(_CLAIM_WORD), F.lit(None).cast("long").alias(_CLAIM_BITS))
+    claim_rows = (claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
+                  .groupBy(_PREFIX_KEY, F.floor(F.col(_LAST_CODE) / _WORD_BITS).cast("int").alias(_CLAIM_WORD))
+                  .agg(F.bit_or(F.shiftleft(F.lit(1).cast("long"), F.col(_LAST_CODE) % _WORD_BITS)).alias(_CLAIM_BITS))
+                  .select(_PREFIX_KEY, *(F.lit(None).cast(mover_rows.schema[c].dataType).alias(c) for c in (
+                      *out_columns, ALTERNATIVES, ALTERNATIVE_ERRORS)), _CLAIM_WORD, _CLAIM_BITS))
     # Prefixes never interact (a claim names a full tuple), so many prefixes share one Python call: a
     # call per prefix cost ~1 ms each, and a 1M-item catalog has tens of thousands with movers.
     rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
-    chunks, staged = 1, (materialize(rows) if materialize is not None else None)
-    if staged is not None:
-        movers_n, rows_n = staged.where(F.col(_LAST_CODE).isNull()).count(), staged.count()
-        # A claim row is about a tenth of a mover's (no alternatives): both count towards a chunk.
-        rows, chunks = staged, max(1, -(-(movers_n + (rows_n - movers_n) // 10) // SPREAD_CHUNK_MOVERS))
-    # The engine's grouped map holds all of its input at once (650 bytes per mover on the embedded
-    # engine: 5.4 GB at 20M x 256), so many movers are spread in chunks of whole prefixes, one after
-    # another, each computed once.
-    schema = f"{ITEM_ID} {id_type}, {CODES} array<int>, {QUANTIZATION_ERROR} float"
-    parts = [(rows if chunks == 1 else rows.where(F.pmod(F.hash(_PREFIX_KEY, F.lit(_CHUNK_SEED)), F.lit(chunks)) == j))
-             .groupBy(_BUCKET).applyInArrow(_spread_group, schema) for j in range(chunks)]
-    if chunks > 1:
-        parts = [_computed_once(part, materialize) for part in parts]
-    moved = functools.reduce(DataFrame.unionByName, parts)
-    kept_columns = [c for c in out_columns if c not in (CODES, QUANTIZATION_ERROR)]
-    movers_out = movers.select(*kept_columns).join(moved, ITEM_ID).select(*out_columns)
-    return keepers.select(*out_columns).unionByName(movers_out)
+    schema = StructType([StructField(CODES, ArrayType(IntegerType())) if c == CODES
+                         else StructField(QUANTIZATION_ERROR, FloatType()) if c == QUANTIZATION_ERROR
+                         else df.schema[c] for c in out_columns])
+    staged = materialize(rows) if materialize is not None else None
+    if staged is None:
+        moved = rows.groupBy(_BUCKET).applyInArrow(_spread_group, schema)
+    else:
+        # The engine's grouped map holds all of its input at once (650 bytes per mover on the embedded
+        # engine: 5.4 GB at 20M x 256), so many movers are spread in chunks of whole prefixes, one after
+        # another, each computed once; a chunk that does not fit the engine's memory pool is halved.
+        movers_n = staged.where(F.col(_CLAIM_BITS).isNull()).count()
+        moved = _spread_in_chunks(staged, max(1, -(-movers_n // SPREAD_CHUNK_MOVERS)), schema, materialize)
+    return keepers.select(*out_columns).unionByName(moved.select(*out_columns))
+
+
+def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
+                      materialize: Callable[[DataFrame], DataFrame | None]) -> DataFrame:
+    """The grouped map of :func:`spread_collisions` over ``rows``, in ``chunks`` chunks of whole prefixes.
+
+    A chunk is the prefixes whose hash is r modulo m. One that the engine cannot hold in its memory
+    pool (``--engine-memory``) is split in two (r and r + m modulo 2m) and retried, down to
+    ``SPREAD_MAX_CHUNKS`` chunks; beyond that the error names the fix."""
+    done: list[DataFrame] = []
+    pending = [(chunks, r) for r in range(chunks)]
+    while pending:
+        modulus, residue = pending.pop()
+        part = rows if modulus == 1 else rows.where(
+            F.pmod(F.hash(_PREFIX_KEY, F.lit(_CHUNK_SEED)), F.lit(modulus)) == residue)
+        try:
+            done.append(_computed_once(part.groupBy(_BUCKET).applyInArrow(_spread_group, schema), materialize))
+        except Exception as e:  # noqa: BLE001 - pyspark raises engine-specific classes
+            if not is_out_of_engine_memory(e):
+                raise
+            if 2 * modulus > SPREAD_MAX_CHUNKS:
+                raise MemoryError(
+                    f"the collision spreading of one prefix chunk (1/{modulus} of the movers) does not fit the "
+                    "engine's memory pool. Fix: a larger --engine-memory (or 0 for no limit), or "
+                    "--collision-alternatives 0") from e
+            pending += [(2 * modulus, residue + modulus), (2 * modulus, residue)]
+    return functools.reduce(DataFrame.unionByName, done)
 
 
 def _computed_once(df: DataFrame, materialize: Callable[[DataFrame], DataFrame | None] | None) -> DataFrame:
@@ -302,33 +335,46 @@ def _computed_once(df: DataFrame, materialize: Callable[[DataFrame], DataFrame |
 
 
 def _spread_group(table: pa.Table) -> pa.Table:
-    """The movers of some prefixes -> their (item_id, codes, quantization_error) after
-    :func:`rqvae.resolve.spread_last_level`, with each prefix's claimed last-level codes taken.
+    """The movers of some prefixes -> their rows (the output columns) with the codes and quantization
+    error of :func:`rqvae.resolve.spread_last_level`, with each prefix's claimed last-level codes taken.
 
-    ``table`` holds mover rows (LAST_CODE null) and claim rows (only the prefix key and LAST_CODE: a
-    last-level code that a keeper or the ledger holds in that prefix). Arrow, not pandas: the list
-    columns become NumPy matrices without a Python object per row."""
+    ``table`` holds mover rows (CLAIM_BITS null) and claim rows (only the prefix key, CLAIM_WORD w and
+    CLAIM_BITS: bit b set when a keeper or the ledger holds last-level code 64 w + b in that prefix).
+    Arrow, not pandas: the list columns become NumPy matrices without a Python object per row."""
     from rqvae.resolve import spread_last_level  # numpy only, but imported where the group runs
 
-    is_claim = pc.is_valid(table.column(_LAST_CODE))
+    is_claim = pc.is_valid(table.column(_CLAIM_BITS))
     claims, movers = table.filter(is_claim), table.filter(pc.invert(is_claim))
+    out_columns = [c for c in table.column_names if c not in _SPREAD_ONLY]
     ids = movers.column(ITEM_ID).to_numpy()
     if not len(ids):
-        return movers.select([ITEM_ID, CODES, QUANTIZATION_ERROR])
+        return movers.select(out_columns)
     codes = _int_matrix(movers.column(CODES), len(ids))
     keys = movers.column(_PREFIX_KEY).to_pylist()
     first_row = {key: row for row, key in reversed(list(enumerate(keys)))}  # a mover row of each prefix
     # Claims are sent only for the prefixes of movers; as full tuples (the prefix, then the claimed code).
-    rows_of_claims = np.fromiter((first_row[key] for key in claims.column(_PREFIX_KEY).to_pylist()), np.int64,
-                                 count=claims.num_rows)
-    taken = np.column_stack([codes[rows_of_claims, :-1], claims.column(_LAST_CODE).to_numpy().astype(np.int64)])
+    claim_of, claimed = _bitmap_codes(claims.column(_CLAIM_WORD).to_numpy(), claims.column(_CLAIM_BITS).to_numpy())
+    claim_keys = claims.column(_PREFIX_KEY).to_pylist()
+    rows_of_claims = np.fromiter((first_row[claim_keys[i]] for i in claim_of), np.int64, count=len(claim_of))
+    taken = np.column_stack([codes[rows_of_claims, :-1], claimed])
     tie = ids.astype(str) if ids.dtype == object else ids
     out = spread_last_level(codes, movers.column(QUANTIZATION_ERROR).to_numpy().astype(np.float32),
                             _int_matrix(movers.column(ALTERNATIVES), len(ids)),
                             embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
-    return pa.table({ITEM_ID: movers.column(ITEM_ID),
-                     CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
-                     QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())})
+    new = {CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
+           QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())}
+    return pa.table({c: new.get(c, movers.column(c)) for c in out_columns})
+
+
+def _bitmap_codes(words: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The codes that 64-code bitmaps name: (row of each code, the code), row by row, codes ascending.
+
+    Row i's bit b (of its INT64 read as unsigned, bit 0 the least significant) names code
+    64 * words[i] + b."""
+    flags = np.unpackbits(bits.astype(np.int64).view(np.uint64).astype("<u8").view(np.uint8).reshape(-1, 8),
+                          axis=1, bitorder="little").astype(bool)
+    rows, positions = np.nonzero(flags)
+    return rows.astype(np.int64), words.astype(np.int64)[rows] * _WORD_BITS + positions
 
 
 def _int_matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:

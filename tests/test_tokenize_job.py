@@ -566,6 +566,30 @@ def test_prefix_fill_defaults_to_half_and_is_a_share() -> None:
     assert parse_args(["--demo", "--prefix-fill", "0"]).train_config.prefix_fill == 0.0
 
 
+def test_engine_memory_is_a_size_with_a_2g_default() -> None:
+    from jobs.tokenize_catalog import parse_args
+
+    assert parse_args(["--demo"]).engine_memory == 2 << 30
+    assert parse_args(["--demo", "--engine-memory", "1536m"]).engine_memory == 1536 << 20
+    assert parse_args(["--demo", "--engine-memory", "0"]).engine_memory == 0
+
+
+def test_the_job_runs_under_its_engine_memory_pool(trained) -> None:
+    assert "engine memory pool 2048 MiB: sorts and aggregates beyond it spill to disk" in trained.stdout
+
+
+def test_a_pool_too_small_for_the_job_fails_naming_the_flag(trained, catalog, tmp_path) -> None:
+    output = tmp_path / "out"
+    rc, out, err = helpers.run_main([
+        "--input", catalog.path, "--work-dir", trained.work, "--output", output, "--stages", "validate,encode",
+        "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT, "--engine-memory", "256k",
+    ])
+    assert rc == 1, out[-2000:]
+    assert "FAILED: the embedded engine needed more memory than its pool allows" in err
+    assert "Fix: rerun with a larger --engine-memory (it is 256k), or --engine-memory 0 for no limit" in err
+    assert not (output / SEMANTIC_IDS_TABLE / "_delta_log").exists()
+
+
 def test_the_fill_cap_is_scaled_to_the_whole_valid_catalog(catalog, tmp_path, monkeypatch) -> None:
     # The model is fitted on a 300-item sample but encodes every valid item: the 2-prefix cap must be
     # the catalog's, not the sample's.

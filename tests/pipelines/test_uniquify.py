@@ -170,6 +170,67 @@ def test_spread_moves_only_colliding_items_to_free_alternatives(spark):
                    "g": ([7, 2, 3], 0.4, "xg")}
 
 
+def test_claim_bitmaps_name_every_code_of_every_word():
+    # Bit 63 makes the INT64 negative; word 3 holds codes 192..255.
+    rows, codes = uniquify._bitmap_codes(np.array([0, 1, 3], np.int32),
+                                         np.array([np.iinfo(np.int64).min + 1, 1, 0b110], np.int64))
+    assert rows.tolist() == [0, 0, 1, 2, 2] and codes.tolist() == [0, 63, 64, 193, 194]
+    rows, codes = uniquify._bitmap_codes(np.array([], np.int32), np.array([], np.int64))
+    assert rows.size == 0 and codes.size == 0
+
+
+def test_spread_skips_codes_claimed_in_any_word_of_the_bitmap(spark):
+    """Keepers hold last codes 63, 130 and 200 of prefix (1, 2) (three bitmap words); the ledger holds 64."""
+    rows = [("k1", [1, 2, 63], 0.1, "x", [63, 0, 1], [0.1, 0.5, 0.6]),
+            ("k2", [1, 2, 130], 0.1, "x", [130, 0, 1], [0.1, 0.5, 0.6]),
+            ("k3", [1, 2, 200], 0.1, "x", [200, 0, 1], [0.1, 0.5, 0.6]),
+            ("m1", [1, 2, 63], 0.2, "x", [63, 130, 200, 64, 255], [0.2, 0.3, 0.4, 0.45, 0.5]),
+            ("m2", [1, 2, 130], 0.3, "x", [130, 64, 200, 63, 7], [0.3, 0.35, 0.4, 0.45, 0.5])]
+    schema = SPREAD_SCHEMA
+    ledger = spark.createDataFrame([([1, 2, 64],)], "codes array<int>")
+    out = spread_collisions(spark.createDataFrame([(*r[:4], r[4][:3], r[5][:3]) if r[0].startswith("k") else r
+                                                   for r in rows], schema), 3, issued=ledger,
+                            materialize=lambda df: spark.createDataFrame(df.collect(), df.schema))
+    got = {r[ITEM_ID]: list(r[CODES]) for r in out.collect()}
+    assert got == {"k1": [1, 2, 63], "k2": [1, 2, 130], "k3": [1, 2, 200], "m1": [1, 2, 255], "m2": [1, 2, 7]}
+
+
+def test_spread_halves_a_chunk_that_the_engine_memory_pool_refuses(monkeypatch):
+    """An embedded engine with a 16 MB pool: the grouped map of all movers does not fit it, so the chunk is
+    split until the pieces do; the IDs are those of rqvae.resolve."""
+    from pipelines.session import start_session
+
+    rng = np.random.default_rng(5)
+    n, k = 12_000, 16
+    codes = np.column_stack([rng.integers(0, 30, n), rng.integers(0, 4, n), rng.integers(0, 40, n)])
+    alternatives = np.array([[c, *[x for x in rng.permutation(200) if x != c][:k - 1]] for c in codes[:, 2]])
+    errors = rng.random(n).astype(np.float32)
+    alt_errors = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+    alt_errors[:, 0] = errors
+    ids = np.array([f"i{j:05d}" for j in range(n)])
+    # Hash joins: under so small a pool a sort-merge join's two 10 MB merge reservations do not fit.
+    monkeypatch.setenv("SAIL_OPTIMIZER__PREFER_HASH_JOIN", "true")
+    es = start_session("local", engine_memory=16 << 20)
+    chunks_tried = []
+    try:
+        assert es.memory_limit == 16 << 20
+
+        def materialize(df):
+            if df.columns == [ITEM_ID, CODES, QUANTIZATION_ERROR, "extra"]:  # a chunk of spread movers
+                chunks_tried.append(df)
+            return es.materialize(df)
+
+        frame = es.spark.createDataFrame([(str(ids[j]), codes[j].tolist(), float(errors[j]), "x",
+                                           alternatives[j].tolist(), alt_errors[j].tolist()) for j in range(n)],
+                                         SPREAD_SCHEMA)
+        got = {r[ITEM_ID]: list(r[CODES]) for r in spread_collisions(frame, 3, materialize=materialize).collect()}
+    finally:
+        es.stop()
+    expected = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids).codes
+    assert got == {str(ids[j]): expected[j].tolist() for j in range(n)}
+    assert len(chunks_tried) > 2  # the whole did not fit: it was split (and the parts retried)
+
+
 @pytest.mark.parametrize("level1, level2, materialized, chunk_movers", [(3, 2, False, None), (40, 8, True, None),
                                                                         (40, 8, True, 100)])
 def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark, monkeypatch, level1, level2,
@@ -205,13 +266,18 @@ def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark,
     if materialized:  # all rows, the shared tuples' best errors, their keepers, movers and claims, each chunk
         assert calls[0] == n and calls[1:3] == [int((sizes > 1).sum())] * 2
         calls = calls[1:]
-        keepers = len({tuple(c) for c in codes.tolist()} - {tuple(c) for c in issued.tolist()})
+        tuples, held = {tuple(c) for c in codes.tolist()}, {tuple(c) for c in issued.tolist()}
+        keepers = len(tuples - held)
         movers = n - keepers  # all but the best of each tuple, and the best of an issued one
-        assert calls[2] > movers  # with the claims: a row per (prefix of movers, code its keepers hold)
-        chunks = -(-(movers + (calls[2] - movers) // 10) // chunk_movers) if chunk_movers else 1
-        assert len(calls) == 3 + (chunks if chunks > 1 else 0) and (chunks > 2) == bool(chunk_movers)
-        if chunks > 1:  # every mover was spread in exactly one chunk
-            assert sum(calls[3:]) == movers
+        crowded = {t for t, size in zip(map(tuple, np.unique(codes, axis=0).tolist()), sizes) if size > 1}
+        mover_prefixes = {t[:2] for t in crowded | (tuples & held)}
+        # Claims as bitmaps: a row per (prefix of movers, word of 64 codes) that a keeper or the ledger holds;
+        # every code here is below 64, so one word per prefix.
+        claimed_prefixes = {t[:2] for t in (tuples - held) | held} & mover_prefixes
+        assert calls[2] == movers + len(claimed_prefixes)
+        chunks = -(-movers // chunk_movers) if chunk_movers else 1
+        assert len(calls) == 3 + chunks and (chunks > 2) == bool(chunk_movers)
+        assert sum(calls[3:]) == movers  # every mover was spread in exactly one chunk
     else:
         assert calls == []
     expected = spread_last_level(codes, errors, alternatives, alt_errors, tiebreak=ids, taken=issued).codes
