@@ -105,9 +105,9 @@ def _bytes(text: str) -> int:
 
 
 def _size_text(n: int) -> str:
-    """2147483648 -> "2g", 1610612736 -> "1536m", 0 -> "0 (no limit)"."""
+    """2147483648 -> "2g", 1610612736 -> "1536m", 0 -> "0"."""
     if n == 0:
-        return "0 (no limit)"
+        return "0"
     unit, shift = next(((u, s) for u, s in (("g", 30), ("m", 20), ("k", 10)) if n % (1 << s) == 0), ("", 0))
     return f"{n >> shift}{unit}" if unit else f"{n} bytes"
 
@@ -146,7 +146,7 @@ DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
 # A 2-prefix holds at most this share of the K full tuples it has room for (TrainConfig.prefix_fill).
 DEFAULT_PREFIX_FILL = 0.5
-DEFAULT_ENGINE_MEMORY = 2 << 30  # bytes: see docs/scaling.md
+DEFAULT_ENGINE_MEMORY = 0  # bytes, 0: no pool (docs/scaling.md, "Memory": what a pool costs and saves)
 _POOL_ENV = "SAIL_RUNTIME__MEMORY_POOL__TYPE"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the Python traceback of a failure (by default only its message and the exit code)")
     g.add_argument("--shuffle-partitions", type=_at_least(1), help="spark.sql.shuffle.partitions for this job")
     g.add_argument("--engine-memory", type=_bytes, default=DEFAULT_ENGINE_MEMORY, metavar="SIZE",
-                   help="embedded engine only: its memory pool (2g, 1536m; 0: no limit). Sorts and aggregates "
-                        "beyond it spill to TMPDIR, so the job's memory stays flat as the catalog grows; "
+                   help="embedded engine only: cap its operators' memory (2g, 1536m; 0: no cap). Sorts, "
+                        "aggregates and joins of two large inputs spill to TMPDIR beyond it, which is slower; "
+                        "an operator that cannot spill fails the job with a message naming this flag. "
                         "SAIL_RUNTIME__MEMORY_POOL__TYPE in the environment overrides it "
                         f"(default: {_size_text(DEFAULT_ENGINE_MEMORY)})")
     g = p.add_argument_group("stages and model")

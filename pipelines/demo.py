@@ -10,6 +10,7 @@ prefix holds one kind of item.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +44,17 @@ def catalog_to_arrow(chunk: SyntheticCatalog, titles: bool = False) -> pa.Table:
 
 
 def write_demo_catalog(path: str | Path, spec: CatalogSpec, fmt: str = "delta", chunk_items: int = 100_000,
-                       titles: bool = False) -> int:
+                       titles: bool = False,
+                       transform: Callable[[SyntheticCatalog], SyntheticCatalog] | None = None) -> int:
     """Write the synthetic catalog to ``path`` (replacing it); returns the number of rows. ``titles`` adds
-    the ``title`` column (see :func:`catalog_to_arrow`)."""
+    the ``title`` column (see :func:`catalog_to_arrow`); ``transform`` changes each chunk before it is
+    written (the benchmarks' quantized catalogs)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     rows = 0
     for i, chunk in enumerate(iter_catalog_chunks(spec, chunk_items)):
-        table = catalog_to_arrow(chunk, titles=titles)
+        table = catalog_to_arrow(transform(chunk) if transform is not None else chunk, titles=titles)
         if fmt == "delta":
             from deltalake import write_deltalake
 

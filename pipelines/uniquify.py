@@ -312,7 +312,7 @@ def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
     done: list[DataFrame] = []
     pending = [(chunks, r) for r in range(chunks)]
     while pending:
-        modulus, residue = pending.pop()
+        modulus, residue = pending.pop(0)
         part = rows if modulus == 1 else rows.where(
             F.pmod(F.hash(_PREFIX_KEY, F.lit(_CHUNK_SEED)), F.lit(modulus)) == residue)
         try:
@@ -325,7 +325,10 @@ def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
                     f"the collision spreading of one prefix chunk (1/{modulus} of the movers) does not fit the "
                     "engine's memory pool. Fix: a larger --engine-memory (or 0 for no limit), or "
                     "--collision-alternatives 0") from e
-            pending += [(2 * modulus, residue + modulus), (2 * modulus, residue)]
+            # The other chunks of this size are about as large: all of them are halved, not tried first.
+            halved = [(m, r) for m, r in [(modulus, residue), *pending] if m == modulus]
+            pending = [(m, r) for m, r in pending if m != modulus]
+            pending += [(2 * m, r + half) for m, r in halved for half in (0, m)]
     return functools.reduce(DataFrame.unionByName, done)
 
 

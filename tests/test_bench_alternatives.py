@@ -62,3 +62,35 @@ def test_the_no_spark_script_issues_the_jobs_semantic_ids(tmp_path) -> None:
                                [ours[i]["quantization_error"] for i in range(N_ITEMS)], rtol=1e-6)
     assert sum(r["suffix"] > 0 for r in theirs.values()) >= 10
     assert theirs[0]["semantic_id"] == "_".join(map(str, [*theirs[0]["codes"], theirs[0]["suffix"]]))
+
+    # bench/scale_check.py, the sampled check used where (s) cannot hold the catalog (50M): it agrees with
+    # the job's table, and it fails on a table that another model issued.
+    check = [sys.executable, str(helpers.ROOT / "bench" / "scale_check.py"), "--catalog", str(catalog),
+             "--table", str(tmp_path / "job" / "semantic_ids"), "--sample", "300"]
+    good = subprocess.run([*check, "--model", str(model)], env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, (good.stdout + good.stderr)[-3000:]
+    result = json.loads(good.stdout.strip().splitlines()[-1])
+    assert result["sampled"] == result["valid"] == 300 and result["missing"] == result["prefix_mismatches"] == 0
+    assert result["exact"] + result["moved_to_alternative"] == 300 and result["moved_to_alternative"] > 5
+    other = save_checkpoint(fit(make_catalog(spec).embeddings, config, TrainConfig(epochs=2, batch_size=256,
+                                                                                     seed=1)).model,
+                            tmp_path / "other.pt")
+    bad = subprocess.run([*check, "--model", str(other)], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and json.loads(bad.stdout.strip().splitlines()[-1])["prefix_mismatches"] > 0
+
+
+def test_the_quantized_benchmark_catalog_has_few_values_close_to_the_generated_ones(monkeypatch) -> None:
+    from rqvae.synthetic import iter_catalog_chunks
+
+    monkeypatch.syspath_prepend(str(helpers.ROOT / "bench"))
+    from make_catalog import quantizer
+
+    spec = CatalogSpec(3000, 32, seed=1)
+    transform = quantizer(8)
+    chunks = list(iter_catalog_chunks(spec, 1000))
+    quantized = np.concatenate([transform(c).embeddings for c in chunks])
+    original = np.concatenate([c.embeddings for c in chunks])
+    assert len(np.unique(quantized)) <= 255
+    step = 4 * float(chunks[0].embeddings.std()) / 127
+    inside = np.abs(original) <= 4 * chunks[0].embeddings.std()
+    assert np.abs(quantized - original)[inside].max() <= step / 2 + 1e-7  # rounding to the nearest level
