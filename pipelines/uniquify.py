@@ -230,9 +230,10 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
         issued: ``codes`` of every tuple already issued, or None (a first run).
         materialize: computes a frame once (``EngineSession.materialize``) or returns None: the
             keyed items, the shared tuples' best errors and keepers (one row per shared tuple) and
-            the movers with the claims, so that the engine knows their sizes and builds its joins'
-            hash tables from the small sides; many movers are then spread in chunks
-            (``SPREAD_CHUNK_MOVERS``), each chunk's result materialised.
+            the movers with their prefixes' claim bitmaps, so that the engine knows their sizes and
+            builds its joins' hash tables from the small sides; the movers are then spread in chunks
+            (``SPREAD_CHUNK_MOVERS``; halved while the engine's memory pool refuses them), each
+            chunk's result materialised.
 
     Returns:
         ``df``'s columns without the alternatives; ``codes`` and ``quantization_error`` are the moved
