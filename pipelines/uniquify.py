@@ -282,7 +282,7 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
                                F.lit(None).cast("int").alias(_CLAIM_WORD), F.lit(None).cast("long").alias(_CLAIM_BITS))
     claim_rows = (claims.join(movers.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
                   .groupBy(_PREFIX_KEY, F.floor(F.col(_LAST_CODE) / _WORD_BITS).cast("int").alias(_CLAIM_WORD))
-                  .agg(F.bit_or(F.shiftleft(F.lit(1).cast("long"), F.col(_LAST_CODE) % _WORD_BITS)).alias(_CLAIM_BITS))
+                  .agg(F.bit_or(_bit_of(_LAST_CODE)).alias(_CLAIM_BITS))
                   .select(_PREFIX_KEY, *(F.lit(None).cast(mover_rows.schema[c].dataType).alias(c) for c in (
                       *out_columns, ALTERNATIVES, ALTERNATIVE_ERRORS)), _CLAIM_WORD, _CLAIM_BITS))
     # Prefixes never interact (a claim names a full tuple), so many prefixes share one Python call: a
@@ -368,6 +368,12 @@ def _spread_group(table: pa.Table) -> pa.Table:
     new = {CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
            QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())}
     return pa.table({c: new.get(c, movers.column(c)) for c in out_columns})
+
+
+def _bit_of(code: str) -> Column:
+    """BIGINT with the bit of ``code`` within its 64-code word set. In SQL: classic pyspark's
+    ``shiftleft`` takes the shift as a Python int only."""
+    return F.expr(f"shiftleft(CAST(1 AS BIGINT), pmod({code}, {_WORD_BITS}))")
 
 
 def _bitmap_codes(words: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
