@@ -99,7 +99,7 @@ def _bytes(text: str) -> int:
         value = float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size such as 2g, 1536m or 0, got {text!r}") from None
-    if not value >= 0 or value != value or value == float("inf"):
+    if not 0 <= value < float("inf"):  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
     return int(value)
 
@@ -147,7 +147,6 @@ DEFAULT_COLLISION_ALTERNATIVES = 16
 # A 2-prefix holds at most this share of the K full tuples it has room for (TrainConfig.prefix_fill).
 DEFAULT_PREFIX_FILL = 0.5
 DEFAULT_ENGINE_MEMORY = 0  # bytes, 0: no pool (docs/scaling.md, "Memory": what a pool costs and saves)
-_POOL_ENV = "SAIL_RUNTIME__MEMORY_POOL__TYPE"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
 
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     debug = cfg.debug
     from jobs.runner import JobFailed, run_job
-    from pipelines.session import is_out_of_engine_memory
+    from pipelines.session import POOL_ENV, is_out_of_engine_memory
 
     try:
         result = run_job(cfg, stage)
@@ -443,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:500]
         if isinstance(e, MemoryError) or is_out_of_engine_memory(e):
-            pool = ("set by SAIL_RUNTIME__MEMORY_POOL__* in the environment" if _POOL_ENV in os.environ
+            pool = ("set by SAIL_RUNTIME__MEMORY_POOL__* in the environment" if POOL_ENV in os.environ
                     else f"it is {_size_text(cfg.engine_memory)}")
             print(f"\nFAILED: the embedded engine needed more memory than its pool allows ({first}). Fix: rerun "
                   f"with a larger --engine-memory ({pool}), or --engine-memory 0 for no limit. Nothing was "

@@ -240,7 +240,7 @@ def _float_env(name: str, default: float) -> float:
         return default
 
 
-_POOL_TYPE = "SAIL_RUNTIME__MEMORY_POOL__TYPE"
+POOL_ENV = "SAIL_RUNTIME__MEMORY_POOL__TYPE"  # set by the user: their pool, not --engine-memory
 
 
 def is_out_of_engine_memory(error: BaseException) -> bool:
@@ -286,8 +286,8 @@ def _start_sail(engine_memory: int | None = None) -> EngineSession:
         ) from e
     # Under a pool, joins of two large inputs sort and merge (which spills) instead of building a hash
     # table of one side (which cannot spill, and grows with the catalog).
-    pool = {} if engine_memory is None or _POOL_TYPE in os.environ else {
-        _POOL_TYPE: "fair", "SAIL_RUNTIME__MEMORY_POOL__FAIR__MAX_SIZE": str(int(engine_memory)),
+    pool = {} if engine_memory is None or POOL_ENV in os.environ else {
+        POOL_ENV: "fair", "SAIL_RUNTIME__MEMORY_POOL__FAIR__MAX_SIZE": str(int(engine_memory)),
         "SAIL_OPTIMIZER__PREFER_HASH_JOIN": os.environ.get("SAIL_OPTIMIZER__PREFER_HASH_JOIN", "false")}
     saved = {name: os.environ.get(name) for name in pool}
     os.environ.update(pool)
