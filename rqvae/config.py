@@ -132,7 +132,13 @@ class TrainConfig(DictConfig):
             (0 = never stop early).
         seed: seeds torch/numpy generators; the same seed gives the same model and codes.
         kmeans_init_size: items used for the k-means initialisation of the codebooks.
-        kmeans_iters: Lloyd iterations per level for that initialisation.
+        kmeans_iters: Lloyd iterations per level for that initialisation (and for the input-space
+            anchor's levels), at most.
+        kmeans_tol: those iterations stop once an assignment differs from the one before it in at
+            most this share of the rows (0: always ``kmeans_iters``). Run to this point instead of a
+            fixed 25 iterations, the fully anchored default reconstructs WordNet's nouns at 0.6779
+            instead of 0.6763 for 28 s of fitting instead of 19 s, and a 200k x 768 synthetic sample
+            equally well in the same time (it converges sooner; bench/RESULTS.md).
         prefix_fill: with at least two anchored levels and a level after them: the most items a
             2-prefix should hold, as a share of the K full tuples it has room for, in the catalog the
             model will encode (``fit``'s ``catalog_items``). Level 2 then picks the code with the
@@ -201,7 +207,8 @@ class TrainConfig(DictConfig):
     patience: int = 10
     seed: int = 0
     kmeans_init_size: int = 100_000
-    kmeans_iters: int = 25
+    kmeans_iters: int = 100
+    kmeans_tol: float = 1e-3
     prefix_fill: float = 0.0
     dead_code_window: int = 100
     taxonomy_weight: float = 0.0
@@ -226,5 +233,8 @@ class TrainConfig(DictConfig):
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if self.kmeans_iters < 1 or not 0.0 <= self.kmeans_tol < 1.0:
+            raise ValueError(f"kmeans_iters must be >= 1 and kmeans_tol in [0, 1); got {self.kmeans_iters} and "
+                             f"{self.kmeans_tol}")
         if not 0.0 <= self.prefix_fill <= 1.0:
             raise ValueError(f"prefix_fill must be in [0, 1] (0 = off), got {self.prefix_fill}")

@@ -55,17 +55,19 @@ SEEDING_ROWS_PER_CENTER = 64
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
-           init: torch.Tensor | None = None) -> torch.Tensor:
+           init: torch.Tensor | None = None, tol: float = 0.0) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded from the worst-fit points.
 
     Args:
         x: (N, d) float tensor, N >= 1.
         k: number of centers.
-        iters: Lloyd iterations.
+        iters: Lloyd iterations, at most.
         seed: seeds the k-means++ draws (from a random subset of ``k * SEEDING_ROWS_PER_CENTER`` rows
             when x has more).
         init: (k, d) starting centers instead of k-means++ (a warm start: center j stays the cluster
             that grew from ``init[j]``, so its label keeps its meaning).
+        tol: stop early once an assignment differs from the one before it in at most this share of
+            the rows (0: run every iteration); the centers are then the means of the one before.
 
     Returns:
         (k, d) centers on x's device and dtype.
@@ -81,8 +83,12 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
         centers = kmeans_plus_plus(x[pick], k, generator)
     else:
         centers = kmeans_plus_plus(x, k, generator)
+    previous: torch.Tensor | None = None
     for _ in range(iters):
         assign, dist = nearest(x, centers)
+        if previous is not None and tol > 0 and int((assign != previous).sum()) <= tol * len(x):
+            break
+        previous = assign
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         empty = counts == 0

@@ -214,13 +214,13 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_kmeans(self, z: torch.Tensor, *, iters: int = 25, seed: int = 0,
-                    first: torch.Tensor | None = None) -> None:
+                    first: torch.Tensor | None = None, tol: float = 0.0) -> None:
         """Initialise codebooks by k-means on z (N, d), level by level on the residuals.
 
         With a shared codebook the first level's k-means seeds it (later residuals are smaller
         and would otherwise pull every codeword towards zero). With ``first`` (B, A) codes fixed by
         an anchor, the anchored levels' codewords start at the mean latent residual of each anchor
-        cluster.
+        cluster. ``iters`` / ``tol``: the k-means' iterations at most and its early stop.
         """
         residual = z.detach().float()
         for level in range(1 if self.shared else self.num_levels):
@@ -228,7 +228,7 @@ class ResidualQuantizer(nn.Module):
             if given is not None:
                 centers = cluster_means(residual, given, self.codebook_size)
             else:
-                centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
+                centers = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level, tol=tol)
             self.codebooks.data[level] = centers.to(self.codebooks.dtype)
             idx = given if given is not None else nearest(residual, centers)[0]
             residual = residual - centers[idx]

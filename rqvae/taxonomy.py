@@ -54,7 +54,7 @@ def category_means(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def guided_centers(rows: torch.Tensor, ids: torch.Tensor, k: int, *, scale: float, epochs: int, iters: int,
-                   seed: int, init: torch.Tensor | None = None) -> torch.Tensor:
+                   seed: int, init: torch.Tensor | None = None, tol: float = 0.0) -> torch.Tensor:
     """(K, D) input-space centroids whose nearest-centroid cells follow the taxonomy.
 
     Items are clustered on ``[x, scale * category mean]`` (so an item is pulled towards its category's
@@ -66,6 +66,7 @@ def guided_centers(rows: torch.Tensor, ids: torch.Tensor, k: int, *, scale: floa
         rows: (N, D) model-space inputs; ids: (N,) category id per row at the guiding depth, -1 unknown.
         init: (K, D) centroids of a previous model (a warm start): the clusters grow from them, so
             code j keeps its meaning.
+        iters, tol: the k-means' Lloyd iterations at most, and its early stop (``rqvae.kmeans.kmeans``).
     """
     feature = scale * category_means(rows, ids)
     augmented = torch.cat([rows, feature], dim=1)
@@ -75,7 +76,7 @@ def guided_centers(rows: torch.Tensor, ids: torch.Tensor, k: int, *, scale: floa
         sums = torch.zeros_like(init).index_add_(0, owner, feature)
         counts = torch.bincount(owner, minlength=k).to(rows.dtype).clamp_min(1.0).unsqueeze(1)
         start = torch.cat([init, sums / counts], dim=1)
-    target = nearest(augmented, kmeans(augmented, k, iters=iters, seed=seed, init=start))[0]
+    target = nearest(augmented, kmeans(augmented, k, iters=iters, seed=seed, init=start, tol=tol))[0]
     counts = torch.bincount(target, minlength=k).to(rows.dtype)
     centers = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, target, rows)
     centers = centers / counts.clamp_min(1.0).unsqueeze(1)

@@ -178,7 +178,7 @@ def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg:
             return
         z = torch.cat([model.encode_latent(part) for part in rows.split(8192)])
         first = model.anchor_codes(rows)
-    model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first)
+    model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first, tol=cfg.kmeans_tol)
 
 
 def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator: torch.Generator,
@@ -326,10 +326,10 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
             depth = guiding_depth(guide.cpu().numpy(), model.codebook_size)
             centers = guided_centers(residual, guide[:, depth], model.codebook_size,
                                      scale=cfg.taxonomy_anchor_scale, epochs=cfg.taxonomy_anchor_epochs,
-                                     iters=cfg.kmeans_iters, seed=cfg.seed, init=init)
+                                     iters=cfg.kmeans_iters, seed=cfg.seed, init=init, tol=cfg.kmeans_tol)
         else:
             centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
-                             init=init)
+                             init=init, tol=cfg.kmeans_tol)
         book.copy_(centers)
         if level == 1 and model.balances_prefixes:
             idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine, pool)

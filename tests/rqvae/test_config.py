@@ -66,7 +66,8 @@ def test_model_sizes_must_be_positive(field: str) -> None:
 
 
 @pytest.mark.parametrize("changes", [{"holdout_fraction": 1.0}, {"holdout_fraction": -0.1}, {"epochs": 0},
-                                     {"batch_size": 1}])
+                                     {"batch_size": 1}, {"kmeans_iters": 0}, {"kmeans_tol": 1.0},
+                                     {"kmeans_tol": -0.01}])
 def test_train_config_ranges(changes: dict) -> None:
     with pytest.raises(ValueError):
         TrainConfig(**changes)

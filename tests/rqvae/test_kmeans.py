@@ -117,3 +117,19 @@ def test_lloyd_from_given_centres_keeps_their_labels() -> None:
     assert torch.allclose(centres[1], points[:50].mean(0), atol=1e-5)
     with pytest.raises(ValueError, match=r"init must have shape \(2, 2\)"):
         kmeans(points, 2, init=start[:1])
+
+
+def test_tol_stops_once_the_assignment_settles() -> None:
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(3))  # no blobs: Lloyd moves many rows
+    # tol 1 stops at the second assignment, with the means of the first: one Lloyd iteration.
+    torch.testing.assert_close(kmeans(x, 16, iters=50, seed=0, tol=1.0), kmeans(x, 16, iters=1, seed=0))
+    # A tolerance that is met only at the fixed point changes nothing against running every iteration.
+    settled = kmeans(x, 16, iters=300, seed=0)
+    torch.testing.assert_close(kmeans(x, 16, iters=300, seed=0, tol=1e-9), settled)
+    # In between, it stops part-way: its centers are those of a shorter full run, and the assignment they
+    # give differs from the one they are the means of in at most tol of the rows.
+    early = kmeans(x, 16, iters=300, seed=0, tol=0.01)
+    steps = next(k for k in range(1, 301) if torch.equal(kmeans(x, 16, iters=k, seed=0), early))
+    assert 1 < steps < 300 and not torch.equal(early, settled)
+    before = nearest(x, kmeans(x, 16, iters=steps - 1, seed=0))[0]
+    assert int((nearest(x, early)[0] != before).sum()) <= 0.01 * len(x)
