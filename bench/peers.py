@@ -43,6 +43,10 @@ class PeerResult:
     reconstruction: np.ndarray | None  # float32 (N, D)
     fit_seconds: float
     encode_items_per_s: float
+    # float32 (K, D): the last level's codewords when the reconstruction is a sum of one codeword per
+    # level (every peer here); bench/quality_real.py's "<peer>_spread16" rows rank an item's
+    # alternative last-level codes with it.
+    last_level: np.ndarray | None = None
 
     def as_tuple(self) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         return self.codes, self.reconstruction, self.fit_seconds, self.encode_items_per_s
@@ -72,7 +76,8 @@ def fit_semantic_id_rqkmeans(x: np.ndarray, levels: int = 3, codebook_size: int 
     codes = model.encode(x)
     enc_s = time.perf_counter() - t0
     recon = model.decode(codes).astype(np.float32, copy=False)
-    return PeerResult(codes.astype(np.int64), recon, fit_s, len(x) / enc_s)
+    return PeerResult(codes.astype(np.int64), recon, fit_s, len(x) / enc_s,
+                      np.asarray(model.codebooks_[-1], dtype=np.float32))
 
 
 def fit_vqtorch_residual_vq(x: np.ndarray, levels: int = 3, codebook_size: int = 256, seed: int = 0,
@@ -110,7 +115,7 @@ def fit_vqtorch_residual_vq(x: np.ndarray, levels: int = 3, codebook_size: int =
     enc_s = time.perf_counter() - t0
     codes = torch.cat(codes_l).numpy().astype(np.int64)
     recon = torch.cat(recon_l).numpy().astype(np.float32, copy=False)
-    return PeerResult(codes, recon, fit_s, n / enc_s)
+    return PeerResult(codes, recon, fit_s, n / enc_s, rvq.codebooks[-1].numpy().astype(np.float32))
 
 
 def fit_faiss_residual_quantizer(x: np.ndarray, levels: int = 3, codebook_size: int = 256,
@@ -132,7 +137,9 @@ def fit_faiss_residual_quantizer(x: np.ndarray, levels: int = 3, codebook_size: 
     enc_s = time.perf_counter() - t0
     recon = rq.decode(packed)
     codes = (packed if nbits == 8 else faiss.unpack_bitstrings(packed, levels, nbits)).astype(np.int64)
-    return PeerResult(codes, recon.astype(np.float32, copy=False), fit_s, len(x) / enc_s)
+    books = faiss.vector_to_array(rq.codebooks).reshape(levels * codebook_size, x.shape[1])
+    return PeerResult(codes, recon.astype(np.float32, copy=False), fit_s, len(x) / enc_s,
+                      books[-codebook_size:].astype(np.float32))
 
 
 def fit_faiss_kmeans_residual(x: np.ndarray, levels: int = 3, codebook_size: int = 256, seed: int = 0,
@@ -164,7 +171,7 @@ def fit_faiss_kmeans_residual(x: np.ndarray, levels: int = 3, codebook_size: int
         resid -= c[assign[:, 0]]
         recon += c[assign[:, 0]]
     enc_s = time.perf_counter() - t0
-    return PeerResult(codes, recon, fit_s, n / enc_s)
+    return PeerResult(codes, recon, fit_s, n / enc_s, centroids[-1])
 
 
 PEERS: dict[str, Callable[..., PeerResult]] = {

@@ -1,0 +1,82 @@
+"""bench/quality_real.py's "<peer>_spread16" rows give a peer the job's collision-aware last level from
+nothing but its codes, reconstruction and last-level codewords. They must move exactly the items that
+rqvae.resolve moves for a model whose alternatives the library ranks itself; otherwise the trade-off
+rows would compare the peers under a different rule than ours.
+"""
+from __future__ import annotations
+
+import sys
+
+import helpers
+import numpy as np
+import torch
+
+from rqvae import RQKMeans, RQKMeansConfig, encode_array
+from rqvae.metrics import prefix_coincidence
+from rqvae.synthetic import CatalogSpec, make_catalog
+
+sys.path.insert(0, str(helpers.ROOT / "bench"))
+
+import quality_real  # noqa: E402  (bench/quality_real.py)
+
+
+def _model_and_codes() -> tuple[RQKMeans, np.ndarray]:
+    x = make_catalog(CatalogSpec(600, 8, seed=5)).embeddings.astype(np.float32)
+    # 64 2-prefixes of 8 last-level codes for 600 items: many items share a tuple and many of those find
+    # a free code among their 3 nearest, while others find none and keep theirs.
+    model = RQKMeans.fit(x, RQKMeansConfig(input_dim=8, num_levels=3, codebook_size=8, normalize_inputs=False),
+                         seed=1)
+    return model, x
+
+
+def test_a_peers_spread_equals_the_librarys_for_the_same_codebooks() -> None:
+    model, x = _model_and_codes()
+    expected = quality_real.encode_spread(model, x, 3)
+    plain = encode_array(model, x).codes.astype(np.int64)
+    recon = model.decode_codes(torch.as_tensor(plain)).numpy()
+
+    codes, new_recon = quality_real.spread_additive(x, plain, recon, model.codebooks[-1].numpy(), 3)
+
+    moved = int((codes[:, -1] != plain[:, -1]).sum())
+    assert moved > 50, moved  # the case exercises many moves
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_array_equal(codes[:, :-1], plain[:, :-1])  # the prefix never changes
+    np.testing.assert_allclose(new_recon, model.decode_codes(torch.as_tensor(codes)).numpy(), atol=1e-5)
+
+
+def test_an_item_whose_own_code_is_not_the_nearest_keeps_it_when_nothing_collides() -> None:
+    # A beam search may pick a last-level code that is not the nearest one for its prefix: the item's own
+    # code still comes first among its alternatives, so an item that collides with nobody keeps it.
+    last = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    codes = np.array([[0, 0, 1], [1, 0, 2]], dtype=np.int64)  # two prefixes: no collision
+    x = np.array([[0.1, 0.0], [0.0, 0.9]], dtype=np.float32)  # item 0 is nearer codeword 0 than its own 1
+    recon = last[codes[:, -1]]
+
+    out, new_recon = quality_real.spread_additive(x, codes, recon, last, 2)
+
+    np.testing.assert_array_equal(out, codes)
+    np.testing.assert_array_equal(new_recon, recon)
+
+
+def test_a_colliding_item_takes_the_nearest_free_code() -> None:
+    last = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    codes = np.array([[0, 0, 0], [0, 0, 0]], dtype=np.int64)  # one prefix, one tuple, two items
+    x = np.array([[0.05, 0.0], [0.2, 0.9]], dtype=np.float32)  # item 0 fits code 0 best; item 1 is near 2
+    recon = last[codes[:, -1]]
+
+    out, new_recon = quality_real.spread_additive(x, codes, recon, last, 3)
+
+    np.testing.assert_array_equal(out[:, -1], [0, 2])
+    np.testing.assert_array_equal(new_recon, last[[0, 2]])
+
+
+def test_the_shared_neighbour_search_scores_as_the_librarys_prefix_coincidence() -> None:
+    # score() searches neighbours once per run for every method; its P1 / P2 must stay the library's
+    # definition (rqvae.metrics.prefix_coincidence: the same queries and random partners for a seed).
+    x = make_catalog(CatalogSpec(300, 8, seed=2)).embeddings.astype(np.float32)
+    codes = np.random.default_rng(0).integers(0, 3, size=(300, 3))
+    labels = np.arange(300) % 5
+    for n_queries in (40, 0):
+        got = quality_real.score(x, codes, None, 3, labels, labels, seed=4, n_queries=n_queries)
+        want = prefix_coincidence(x, codes, n_queries=n_queries or 300, seed=4)
+        assert (got["p1_nn"], got["p2_nn"], got["p1_random"]) == (want.nn[0], want.nn[1], want.random[0])
