@@ -83,7 +83,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
         centers = kmeans_plus_plus(x[pick], k, generator)
     else:
         centers = kmeans_plus_plus(x, k, generator)
-    previous: torch.Tensor | None = None
+    previous: torch.Tensor | None = None  # the assignment whose means ``centers`` are (None: not means)
     for _ in range(iters):
         assign, dist = nearest(x, centers)
         if previous is not None and tol > 0 and int((assign != previous).sum()) <= tol * len(x):
@@ -97,6 +97,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0,
             n_move = min(int(empty.sum()), len(x))  # fewer points than centers: move what we can
             worst = dist.topk(n_move).indices
             centers[empty.nonzero().squeeze(1)[:n_move]] = x[worst]
+            previous = None  # a re-seeded center is no cluster's mean: never stop on it
     return centers
 
 
