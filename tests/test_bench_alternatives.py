@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipelines.demo import write_demo_catalog
-from rqvae import ModelConfig, TrainConfig, fit, save_checkpoint
+from rqvae import ModelConfig, TrainConfig, encode_array, fit, save_checkpoint
 from rqvae.synthetic import CatalogSpec, make_catalog
 
 pytestmark = [pytest.mark.spark]
@@ -58,8 +58,17 @@ def test_the_no_spark_script_issues_the_jobs_semantic_ids(tmp_path) -> None:
         differ = [i for i in ours if ours[i][column] != theirs[i][column]]
         examples = [(ours[i], theirs[i]) for i in differ[:2]]
         assert not differ, f"{column} differs for {len(differ)} items, e.g. {examples}"
-    np.testing.assert_allclose([theirs[i]["quantization_error"] for i in range(N_ITEMS)],
-                               [ours[i]["quantization_error"] for i in range(N_ITEMS)], rtol=1e-6)
+    # An item's own code's error is the explicit |r - c|: the same to float32 precision in both. A moved
+    # item's is its alternative's, from the squared distances the ranking used (rqvae.quantizer.ranked_codes),
+    # whose last bits depend on the batch the engine gave the model (24 of 400 items off by up to 2e-4
+    # relative in one CI run): the same code, not always the same bits.
+    nearest = encode_array(fitted.model, make_catalog(spec).embeddings).codes[:, -1]
+    moved = np.array([ours[i]["codes"][-1] != nearest[i] for i in range(N_ITEMS)])
+    assert moved.sum() == counts["moved"]
+    theirs_err = np.array([theirs[i]["quantization_error"] for i in range(N_ITEMS)])
+    ours_err = np.array([ours[i]["quantization_error"] for i in range(N_ITEMS)])
+    np.testing.assert_allclose(theirs_err[~moved], ours_err[~moved], rtol=1e-6)
+    np.testing.assert_allclose(theirs_err[moved], ours_err[moved], rtol=1e-3)
     assert sum(r["suffix"] > 0 for r in theirs.values()) >= 10
     assert theirs[0]["semantic_id"] == "_".join(map(str, [*theirs[0]["codes"], theirs[0]["suffix"]]))
 
