@@ -53,6 +53,7 @@ from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_arr
 from rqvae.metrics import (  # noqa: E402
     _cluster_class_agreement,
     _prefix_ids,
+    _sample_queries,
     _shared_prefix_rates,
     level_usage,
     nearest_neighbours,
@@ -98,7 +99,7 @@ def neighbours(x: np.ndarray, n_queries: int, seed: int) -> tuple[np.ndarray, np
     if key not in _NEIGHBOURS:
         n = len(x)
         rng = np.random.default_rng(seed)
-        queries = np.arange(n) if n_queries <= 0 or n_queries >= n else np.sort(rng.choice(n, n_queries, replace=False))
+        queries = _sample_queries(n, n_queries if n_queries > 0 else n, rng)  # as prefix_coincidence draws them
         partner = rng.integers(0, n - 1, size=queries.size)
         partner += partner >= queries  # uniform over the other N - 1 rows
         _NEIGHBOURS[key] = queries, nearest_neighbours(x, queries, 5), partner
