@@ -17,6 +17,7 @@ adds them on top of either form, joining ids and reasons only.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,16 +270,12 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
     Raises:
         NoValidRowsError: the catalog is empty, or no row has a non-null embedding to infer from.
     """
-    top = (
-        rows.where(F.col(EMBEDDING).isNotNull())
-        .select(F.size(EMBEDDING).alias("length"))
-        .limit(sample_rows)
-        .groupBy("length")
-        .count()
-        .orderBy(F.desc("count"), F.asc("length"))
-        .limit(1)
-        .collect()
-    )
+    # Collected, not aggregated by the engine: classic Spark runs a limit followed by an aggregation as a
+    # local limit in every file's task (30 tasks reading 10k rows each, 14 s at 1M x 768), while a collected
+    # limit reads partitions incrementally until it has enough rows (under 1 s).
+    lengths = Counter(int(r["length"]) for r in (
+        rows.where(F.col(EMBEDDING).isNotNull()).select(F.size(EMBEDDING).alias("length")).limit(sample_rows).collect()))
+    top = sorted(lengths.items(), key=lambda kv: (-kv[1], kv[0]))[:1]
     if not top:
         empty = rows.limit(1).count() == 0
         raise NoValidRowsError(
@@ -286,7 +283,7 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
             if empty else f"column {input_name!r} has no non-null values in the first {sample_rows} rows, so no "
             "row can be tokenized: check --embedding-col (or pass --embedding-dim to have every such row rejected "
             "with a reason)")
-    return int(top[0]["length"])
+    return top[0][0]
 
 
 def check_input_schema(df: DataFrame, columns: InputColumns) -> None:
