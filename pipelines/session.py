@@ -318,6 +318,7 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
     """
     active = SparkSession.getActiveSession()
     if active is not None:
+        tune_local_delta(active)
         return EngineSession(active, "spark", classic_has_delta(active), _owns_session=False)
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
@@ -342,7 +343,27 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
             "(spark-submit, or a cluster with Delta), or write Parquet with --format parquet."
         ) from e
     spark.sparkContext.setLogLevel(os.environ.get("CSID_SPARK_LOG_LEVEL", "WARN"))  # ours: quiet INFO logs
+    tune_local_delta(spark)
     return EngineSession(spark, "spark", classic_has_delta(spark))
+
+
+DELTA_SNAPSHOT_PARTITIONS = "spark.databricks.delta.snapshotPartitions"
+
+
+def tune_local_delta(spark: SparkSession) -> None:
+    """On a ``local[...]`` master, replay Delta logs in as many partitions as there are cores, not Delta's 50.
+
+    Every read of a Delta version and every commit replays the table's log in
+    ``spark.databricks.delta.snapshotPartitions`` tasks (default 50, sized for clusters); on a 2-core local
+    JVM those 50 small tasks cost about a second per snapshot, and the job takes a dozen snapshots (the
+    catalog, the output before and after the commit, each table of the published set). 1M x 768 job on
+    2 cores: validate 14.5 -> 9.9 s, the committed table's check 8.0 -> 4.2 s (bench/RESULTS.md). A value
+    the user set (``--conf``) is kept, and cluster masters are left alone.
+    """
+    sc = spark.sparkContext
+    if not sc.master.startswith("local") or sc.getConf().contains(DELTA_SNAPSHOT_PARTITIONS):
+        return
+    spark.conf.set(DELTA_SNAPSHOT_PARTITIONS, str(max(1, sc.defaultParallelism)))
 
 
 def remote_has_delta(spark: SparkSession) -> bool:

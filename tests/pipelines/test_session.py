@@ -101,3 +101,30 @@ def test_a_session_outlives_a_long_training_only_when_kept_alive(tmp_path, kept)
         assert result == {"rows": 3}
     else:  # the control: without the keep-alive the session really is gone
         assert "error" in result and "not running" in result["error"], result
+
+
+class _FakeClassic:
+    """Just what tune_local_delta reads and writes of a classic session."""
+
+    def __init__(self, master: str, user_conf: dict[str, str], cores: int = 2) -> None:
+        from types import SimpleNamespace
+
+        self.set: dict[str, str] = {}
+        self.sparkContext = SimpleNamespace(master=master, defaultParallelism=cores,
+                                            getConf=lambda: SimpleNamespace(contains=user_conf.__contains__))
+        self.conf = SimpleNamespace(set=self.set.__setitem__)
+
+
+@pytest.mark.parametrize(("master", "user_conf", "expected"), [
+    ("local[*]", {}, {"spark.databricks.delta.snapshotPartitions": "2"}),
+    ("local[2]", {}, {"spark.databricks.delta.snapshotPartitions": "2"}),
+    ("local[*]", {"spark.databricks.delta.snapshotPartitions": "8"}, {}),  # the user's --conf wins
+    ("yarn", {}, {}),  # a cluster keeps Delta's default
+    ("spark://head:7077", {}, {}),
+])
+def test_local_classic_sessions_replay_delta_logs_in_one_task_per_core(master, user_conf, expected) -> None:
+    from pipelines.session import tune_local_delta
+
+    fake = _FakeClassic(master, user_conf)
+    tune_local_delta(fake)  # type: ignore[arg-type]
+    assert fake.set == expected
