@@ -270,7 +270,7 @@ def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], 
     The repeated ids are counted on the materialised rows themselves, so they are the rows the pass
     read whatever the catalog does meanwhile: none, the usual case, leaves them as they are; a few
     are flagged through a join whose small side is those ids (broadcast up to
-    ``BROADCAST_DUPLICATES``). Counted inside the scan's plan, Sail's planner built that join's hash
+    ``BROADCAST_IDS``). Counted inside the scan's plan, Sail's planner built that join's hash
     table from the encode output and held all of it in memory (1 GB of 5M rows with alternatives).
     """
     first = materialize(scanned)
@@ -283,11 +283,11 @@ def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], 
     count = repeated.count()
     if count == 0:
         return first
-    flagged = flag_duplicates(first, repeated=repeated, broadcast=count <= BROADCAST_DUPLICATES)
+    flagged = flag_duplicates(first, repeated=repeated, broadcast=count <= BROADCAST_IDS)
     return materialize(flagged) or flagged
 
 
-BROADCAST_DUPLICATES = 1_000_000  # repeated ids up to this many are broadcast to the duplicate flag's join
+BROADCAST_IDS = 1_000_000  # id sets up to this many rows are broadcast to their joins (repeated ids, rows to encode)
 
 
 def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, policy: str,
@@ -304,19 +304,27 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     if policy == ENCODE_NEW_OR_CHANGED:
         needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
     todo = marked.where(needed).select(ITEM_ID)
-    second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
-    coded = materialize(second)
+    staged = materialize(todo)
     encoded_rows = None
-    if coded is not None:
-        wanted, read = todo.count(), coded.count()
-        same = coded.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
+    if staged is None:
+        second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+    else:
+        # Counted first, so the ids can be broadcast: classic Spark knows nothing of a checkpoint's size and
+        # sort-merge joined the catalog with them, shuffling every embedding (1.01M x 768: 24.9 s for a
+        # second pass of 10,000 rows; broadcast, the rows are filtered as they are read).
+        wanted = staged.count()
+        todo = F.broadcast(staged) if wanted <= BROADCAST_IDS else staged
+        scanned = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+        second = materialize(scanned) or scanned
+        read = second.count()
+        same = second.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
             clean, ITEM_ID).where(F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
         if not same == read == wanted:
             raise RowAccountingError(
                 f"the catalog changed during the run: the encode pass was to read {wanted} rows again and read "
                 f"{read}, {same} of them as the first pass had. Nothing was written; run again on a stable snapshot "
                 "(e.g. a Delta version).")
-        second, encoded_rows = coded, wanted
+        encoded_rows = wanted
     # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes.
     carried = [c for c in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS) if c in second.columns]
     coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, *carried)

@@ -219,10 +219,14 @@ def test_fingerprints_without_the_model(checkpoint, vectors, counted_loads) -> N
 @pytest.mark.spark
 @pytest.mark.parametrize(("policy", "expected_encoded"), [("new", ["i6", "i7", "i8", "i9"]),
                                                            ("new_or_changed", ["i0", "i6", "i7", "i8", "i9"])])
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0])  # the rows to encode broadcast to the second pass, or not
 def test_encode_catalog_encodes_only_the_rows_a_policy_needs(spark, checkpoint, vectors, expected, tmp_path,
-                                                              policy, expected_encoded) -> None:
+                                                              monkeypatch, policy, expected_encoded,
+                                                              broadcast_up_to) -> None:
     from pipelines.encode import encode_catalog
     from pipelines.session import EngineSession
+
+    monkeypatch.setattr(encode, "BROADCAST_IDS", broadcast_up_to)
 
     rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors[:10])] + [("bad", None)]
     v = validate_catalog(spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>"), dim=DIM)
@@ -254,7 +258,7 @@ def test_encode_catalog_flags_every_row_of_a_repeated_id(spark, checkpoint, vect
     from pipelines.encode import encode_catalog
     from pipelines.session import EngineSession
 
-    monkeypatch.setattr(encode, "BROADCAST_DUPLICATES", broadcast_up_to)  # 0: the plain join
+    monkeypatch.setattr(encode, "BROADCAST_IDS", broadcast_up_to)  # 0: the plain join
     rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors[:8])]
     rows += [("i3", [float(x) for x in vectors[9]]), ("bad", None), (None, [float(x) for x in vectors[10]])]
     v = validate_catalog(spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>"), dim=DIM)
