@@ -304,7 +304,7 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     if policy == ENCODE_NEW_OR_CHANGED:
         needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
     todo = marked.where(needed).select(ITEM_ID)
-    staged = materialize(todo)
+    staged, coded = materialize(todo), None
     encoded_rows = None
     if staged is None:
         second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
@@ -314,9 +314,10 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
         # second pass of 10,000 rows; broadcast, the rows are filtered as they are read).
         wanted = staged.count()
         todo = F.broadcast(staged) if wanted <= BROADCAST_IDS else staged
-        scanned = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
-        second = materialize(scanned) or scanned
-        read = second.count()
+        second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+        coded = materialize(second)
+    if coded is not None:  # the checks cover the rows that will be written
+        second, read = coded, coded.count()
         same = second.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
             clean, ITEM_ID).where(F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
         if not same == read == wanted:

@@ -317,8 +317,7 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
     gets delta-spark's ``configure_spark_with_delta_pip`` when Delta is wanted (needs Maven).
     """
     active = SparkSession.getActiveSession()
-    if active is not None:
-        tune_local_delta(active)
+    if active is not None:  # a notebook's or a platform's session: used as it is, never re-configured
         return EngineSession(active, "spark", classic_has_delta(active), _owns_session=False)
     builder = SparkSession.builder.appName(app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
@@ -357,13 +356,19 @@ def tune_local_delta(spark: SparkSession) -> None:
     ``spark.databricks.delta.snapshotPartitions`` tasks (default 50, sized for clusters); on a 2-core local
     JVM those 50 small tasks cost about a second per snapshot, and the job takes a dozen snapshots (the
     catalog, the output before and after the commit, each table of the published set). 1M x 768 job on
-    2 cores: validate 14.5 -> 9.9 s, the committed table's check 8.0 -> 4.2 s (bench/RESULTS.md). A value
-    the user set (``--conf``) is kept, and cluster masters are left alone.
+    2 cores: validate 14.5 -> 9.9 s, the committed table's check 8.0 -> 4.2 s (bench/RESULTS.md). Called
+    only for a session the job starts (and stops) itself; a value given with ``--conf`` is kept, cluster
+    masters and Databricks keep Delta's default, and a session that cannot say is left as it is.
     """
-    sc = spark.sparkContext
-    if not sc.master.startswith("local") or sc.getConf().contains(DELTA_SNAPSHOT_PARTITIONS):
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         return
-    spark.conf.set(DELTA_SNAPSHOT_PARTITIONS, str(max(1, sc.defaultParallelism)))
+    try:
+        sc = spark.sparkContext
+        if not sc.master.startswith("local") or sc.getConf().contains(DELTA_SNAPSHOT_PARTITIONS):
+            return
+        spark.conf.set(DELTA_SNAPSHOT_PARTITIONS, str(max(1, sc.defaultParallelism)))
+    except Exception:  # noqa: BLE001 - no SparkContext here (Spark Connect, shared clusters): Delta's default
+        log.info("left %s at Delta's default: this session has no readable SparkContext", DELTA_SNAPSHOT_PARTITIONS)
 
 
 def remote_has_delta(spark: SparkSession) -> bool:

@@ -84,6 +84,17 @@ def test_start_session_raises_the_typed_error(classic_spark) -> None:
     assert classic_spark.range(1).count() == 1
 
 
+def test_an_attached_session_is_used_as_it_is(classic_spark) -> None:
+    # A notebook's (or a platform's) session: the job neither re-configures it nor stops it.
+    from pipelines.session import DELTA_SNAPSHOT_PARTITIONS
+
+    es = start_session("spark", want_delta=False)
+    assert es.spark is classic_spark
+    es.stop()
+    assert classic_spark.conf.get(DELTA_SNAPSHOT_PARTITIONS, None) is None
+    assert classic_spark.range(2).count() == 2
+
+
 def run_job(*args: str | Path, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python jobs/tokenize_catalog.py ARGS`` in a fresh process (its own JVM when --engine spark)."""
     env = helpers.subprocess_env(SPARK_MASTER="local[2]", SPARK_DRIVER_MEMORY="1g", **(extra_env or {}))

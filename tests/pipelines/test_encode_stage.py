@@ -252,6 +252,33 @@ def test_encode_catalog_encodes_only_the_rows_a_policy_needs(spark, checkpoint, 
 
 
 @pytest.mark.spark
+def test_a_second_pass_that_cannot_be_materialised_is_not_counted(spark, checkpoint, vectors, expected,
+                                                                  tmp_path) -> None:
+    # The ids to encode materialise, the second pass's codes do not: its rows are recomputed where used,
+    # so no count of them is reported (they would not be the rows written).
+    from pipelines.encode import encode_catalog
+    from pipelines.session import EngineSession
+
+    rows = [(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors[:6])]
+    v = validate_catalog(spark.createDataFrame(rows, f"{ITEM_ID} string, {EMBEDDING} array<float>"), dim=DIM)
+    known = spark.createDataFrame([(f"i{i}", 0) for i in range(3)], f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint")
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path))
+    passes = []
+
+    def not_the_second_pass(df):  # noqa: ANN001, ANN202 - a DataFrame
+        if EMBEDDING_FINGERPRINT in df.columns:
+            passes.append(df)
+            if len(passes) == 2:
+                return None
+        return scratch.materialize(df)
+
+    out = encode_catalog(v, checkpoint, materialize=not_the_second_pass, known=known, policy="new")
+    got = {r[ITEM_ID]: r[CODES] for r in out.codes.collect()}
+    assert len(passes) == 2 and out.encoded_rows is None
+    assert got == {f"i{i}": (expected.codes[i].tolist() if i >= 3 else None) for i in range(6)}
+
+
+@pytest.mark.spark
 @pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0])
 def test_encode_catalog_flags_every_row_of_a_repeated_id(spark, checkpoint, vectors, expected, tmp_path, monkeypatch,
                                                           broadcast_up_to) -> None:

@@ -122,9 +122,23 @@ class _FakeClassic:
     ("yarn", {}, {}),  # a cluster keeps Delta's default
     ("spark://head:7077", {}, {}),
 ])
-def test_local_classic_sessions_replay_delta_logs_in_one_task_per_core(master, user_conf, expected) -> None:
+def test_local_classic_sessions_replay_delta_logs_in_one_task_per_core(master, user_conf, expected,
+                                                                       monkeypatch) -> None:
     from pipelines.session import tune_local_delta
 
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION", raising=False)
     fake = _FakeClassic(master, user_conf)
     tune_local_delta(fake)  # type: ignore[arg-type]
     assert fake.set == expected
+
+
+def test_databricks_and_sessions_without_a_spark_context_keep_deltas_default(spark, monkeypatch) -> None:
+    from pipelines.session import tune_local_delta
+
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")  # Databricks' single-node clusters run local[*, 4]
+    fake = _FakeClassic("local[*, 4]", {})
+    tune_local_delta(fake)  # type: ignore[arg-type]
+    assert fake.set == {}
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION")
+    tune_local_delta(spark)  # a Spark Connect session: reading its sparkContext raises; nothing is set, no error
+    assert spark.conf.get("spark.databricks.delta.snapshotPartitions", None) is None
