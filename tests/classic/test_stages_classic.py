@@ -12,6 +12,7 @@ from pipelines.encode import encode_embeddings
 from pipelines.io import CatalogNotFoundError, OutputLocation, read_catalog, read_table, write_table
 from pipelines.sample import collect_training_arrays, sample_for_training
 from pipelines.schema import (
+    CODES,
     EMBEDDING,
     ITEM_ID,
     REASON,
@@ -129,3 +130,40 @@ def test_materialize_computes_the_udf_once(classic_spark, tmp_path) -> None:
     assert kept is not None
     assert kept.count() == 300 and kept.where("id < 100").count() == 100
     assert sum(map(int, calls.read_text().split())) == 300  # localCheckpoint: the UDF ran once
+
+
+@pytest.mark.parametrize(("broadcast_up_to", "join"), [(1_000_000, "BroadcastHashJoin"), (0, "SortMergeJoin")])
+def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classic_spark, monkeypatch,
+                                                                          broadcast_up_to, join) -> None:
+    # A checkpoint's size is unknown to the planner, so without the hint classic Spark sort-merge joins the
+    # catalog (every embedding shuffled) with the ids to encode. Automatic broadcasts are off here, so a
+    # broadcast in the plan can only come from the hint.
+    from pipelines import encode
+    from pipelines.encode import encode_catalog
+    from pipelines.session import EngineSession
+
+    monkeypatch.setattr(encode, "BROADCAST_IDS", broadcast_up_to)
+    vectors = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    df = classic_spark.createDataFrame([(f"i{i}", [float(x) for x in v]) for i, v in enumerate(vectors)],
+                                       f"{ITEM_ID} string, {EMBEDDING} array<float>")
+    v = validate_catalog(df, dim=3)
+    known = classic_spark.createDataFrame([(f"i{i}", 0) for i in range(15)],
+                                          f"{ITEM_ID} string, embedding_fingerprint bigint")
+    es = EngineSession(classic_spark, "spark", False, _owns_session=False)
+    plans = []
+
+    def recording(frame):  # noqa: ANN001, ANN202 - a DataFrame
+        plans.append(frame._jdf.queryExecution().executedPlan().toString())
+        return es.materialize(frame)
+
+    before = classic_spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        out = encode_catalog(v, helpers.untrained_checkpoint(3, codebook_size=4), materialize=recording, known=known,
+                             policy="new")
+        coded = sorted(r[ITEM_ID] for r in out.codes.collect() if r[CODES] is not None)
+    finally:
+        classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", before)
+    second = [p for p in plans if "LeftSemi" in p]
+    assert len(second) == 1 and join in second[0], second
+    assert out.encoded_rows == 5 and coded == [f"i{i}" for i in range(15, 20)]
