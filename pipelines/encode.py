@@ -304,18 +304,15 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     if policy == ENCODE_NEW_OR_CHANGED:
         needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
     todo = marked.where(needed).select(ITEM_ID)
-    staged, coded = materialize(todo), None
-    encoded_rows = None
-    if staged is None:
-        second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
-    else:
-        # Counted first, so the ids can be broadcast: classic Spark knows nothing of a checkpoint's size and
-        # sort-merge joined the catalog with them, shuffling every embedding (1.01M x 768: 24.9 s for a
-        # second pass of 10,000 rows; broadcast, the rows are filtered as they are read).
+    # Counted first, so the ids can be broadcast: classic Spark knows nothing of a checkpoint's size and
+    # sort-merge joined the catalog with them, shuffling every embedding (1.01M x 768: 24.9 s for a second
+    # pass of 10,000 rows; broadcast, the rows are filtered as they are read).
+    staged, encoded_rows = materialize(todo), None
+    if staged is not None:
         wanted = staged.count()
         todo = F.broadcast(staged) if wanted <= BROADCAST_IDS else staged
-        second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
-        coded = materialize(second)
+    second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+    coded = materialize(second) if staged is not None else None
     if coded is not None:  # the checks cover the rows that will be written
         second, read = coded, coded.count()
         same = second.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(

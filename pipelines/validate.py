@@ -275,15 +275,14 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
     # limit reads partitions incrementally until it has enough rows (under 1 s).
     lengths = Counter(int(r["length"]) for r in (
         rows.where(F.col(EMBEDDING).isNotNull()).select(F.size(EMBEDDING).alias("length")).limit(sample_rows).collect()))
-    top = sorted(lengths.items(), key=lambda kv: (-kv[1], kv[0]))[:1]
-    if not top:
+    if not lengths:
         empty = rows.limit(1).count() == 0
         raise NoValidRowsError(
             "the catalog has no rows: nothing to tokenize. Check --input (and that the table was written)"
             if empty else f"column {input_name!r} has no non-null values in the first {sample_rows} rows, so no "
             "row can be tokenized: check --embedding-col (or pass --embedding-dim to have every such row rejected "
             "with a reason)")
-    return top[0][0]
+    return min(lengths, key=lambda n: (-lengths[n], n))  # the most common; ties: the shorter
 
 
 def check_input_schema(df: DataFrame, columns: InputColumns) -> None:

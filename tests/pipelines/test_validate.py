@@ -130,6 +130,9 @@ def test_infer_dim_reads_only_its_sample(spark) -> None:
     df = spark.createDataFrame(rows, "item_id bigint, embedding array<float>").coalesce(1)
     assert infer_dim(df, sample_rows=3) == 2
     assert infer_dim(df, sample_rows=100) == 4
+    tied = spark.createDataFrame([(0, [1.0] * 4), (1, [1.0] * 3), (2, [1.0] * 4), (3, [1.0] * 3)],
+                                 "item_id bigint, embedding array<float>").coalesce(1)
+    assert infer_dim(tied) == 3  # as often as 4: the shorter length wins
 
 
 # --- the same rules on Arrow batches (the encode UDF's checks) -------------------------------------
