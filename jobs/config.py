@@ -12,6 +12,7 @@ from rqvae import ModelConfig, TrainConfig
 
 STAGES = ("validate", "train", "encode", "report")
 ALIGN_CHOICES = ("warm-start", "relabel", "none")
+READ_EMBEDDINGS = ("auto", "engine", "files")  # --read-embeddings
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_GATE, EXIT_CONFLICT = 1, 2, 3, 4
 
 
@@ -51,6 +52,7 @@ class JobConfig:
     encode_batch_size: int | None = None  # None: rqvae's default for the device
     encode_device: str = "cpu"
     encode_threads: int | None = 1
+    read_embeddings: str = "auto"  # auto / engine / files: who reads the embeddings in the pass over every row
     suffix_budget: int = 16
     shuffle_partitions: int | None = None
     engine_memory: int = 0  # bytes; the embedded engine's memory pool, 0: no limit

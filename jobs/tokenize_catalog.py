@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python/spark-submit jobs/tokenize_catalog.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.config import ALIGN_CHOICES, EXIT_UNEXPECTED, STAGES, JobConfig
+from jobs.config import ALIGN_CHOICES, EXIT_UNEXPECTED, READ_EMBEDDINGS, STAGES, JobConfig
 from pipelines.gate import GateThresholds
 from pipelines.schema import MODES, ON_CHANGED
 from rqvae import ModelConfig, TrainConfig
@@ -306,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "it together with spark.task.cpus for fewer, fatter tasks; 0 = torch's default). 1 or a "
                    "power of two keeps each quantization error the same bits however the rows are batched; "
                    "other counts can change the last bit of a few, and so the suffix order of near ties")
+    g.add_argument("--read-embeddings", default="auto", choices=READ_EMBEDDINGS,
+                   help="who reads the embeddings in the pass over every row. files: the encode UDF reads the "
+                   "catalog's Parquet row groups itself, with pyarrow, so the engine never decodes nor hands over "
+                   "the embedding column (faster: docs/scaling.md); only for a Delta or Parquet table at a path "
+                   "this machine and the engine's workers see, without deletion vectors or column mapping, with a "
+                   "list<float> embedding column; the job stops and says why when the table is not one. engine: "
+                   "the engine reads the table. auto (default): files where the table allows it on the embedded "
+                   "engine or classic Spark, the engine otherwise (the job says which)")
     g.add_argument("--suffix-budget", type=_at_least(0), default=16, help="suffixes beyond this count as overflow")
     g = p.add_argument_group("scheduled runs: ID stability and generations (docs/scheduling.md)")
     g.add_argument("--mode", default="auto", choices=MODES,
@@ -405,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
-        encode_threads=a.encode_threads, suffix_budget=a.suffix_budget,
+        encode_threads=a.encode_threads, read_embeddings=a.read_embeddings, suffix_budget=a.suffix_budget,
         shuffle_partitions=a.shuffle_partitions, engine_memory=a.engine_memory, mode=a.mode,
         on_changed=a.on_changed, compare_to=a.compare_to,
         max_id_churn=a.max_id_churn, align=a.align, debug=a.debug, label_col=a.label_col,

@@ -238,6 +238,105 @@ def read_catalog(spark: SparkSession, source: str, fmt: str = "auto") -> DataFra
     return df
 
 
+@dataclass(frozen=True)
+class EmbeddingFiles:
+    """The Parquet row groups that hold every row of a file table, for a reader outside the engine.
+
+    Attributes:
+        row_groups: (file path, row group index) of every non-empty row group, in file order.
+        id_column, embedding_column: the physical column names of the item id and the embedding.
+        source: the table's path, and for Delta its version (for messages and lineage).
+    """
+
+    row_groups: tuple[tuple[str, int], ...]
+    id_column: str
+    embedding_column: str
+    source: str
+
+
+# Delta reader features that change nothing about how a data file's rows are read.
+_PLAIN_READER_FEATURES = frozenset({"timestampNtz", "v2Checkpoint", "vacuumProtocolCheck", "checkpointProtection"})
+
+
+def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str) -> tuple[EmbeddingFiles | None, str]:
+    """The row groups to read the ids and embeddings of a local Delta or Parquet table from, or why not.
+
+    The encode pass can read them with pyarrow inside its UDF instead of through the engine: the
+    engine then never decodes nor hands over the embedding column (its biggest column by far). Only
+    where that reads exactly the rows and values the engine would: a path on the driver's filesystem
+    (which the engine's workers must see too, as for the engine's own read), a Delta table whose
+    files are plain Parquet (no deletion vectors, no column mapping or other reader feature, the two
+    columns not partition columns) or a Parquet folder/file, every file with an id column of STRING
+    or an integer type and an embedding column of ``list<float>`` (FLOAT, not DOUBLE: the engine casts).
+
+    Returns:
+        (the files, "") or (None, the reason the engine must read the table).
+    """
+    path = local_path(source)
+    if path is None or not path.exists():
+        return None, "not a path on this machine's filesystem"
+    is_delta = (path / DELTA_LOG).is_dir()
+    if fmt not in ("auto", "delta", "parquet") or (fmt == "parquet" and is_delta) or (fmt == "delta" and not is_delta):
+        return None, f"input format {fmt!r}"
+    import pyarrow.parquet as pq
+
+    if is_delta:
+        try:
+            from deltalake import DeltaTable
+
+            table = DeltaTable(str(path))
+            protocol, metadata = table.protocol(), table.metadata()
+        except Exception as e:  # noqa: BLE001 - a log delta-rs cannot read: the engine may
+            return None, f"delta-rs cannot read its log ({_first_line(e)})"
+        features = set(protocol.reader_features or ()) - _PLAIN_READER_FEATURES
+        mapping = metadata.configuration.get("delta.columnMapping.mode", "none")
+        if features or mapping != "none" or protocol.min_reader_version == 2:
+            return None, (f"Delta reader features {sorted(features)}" if features else f"column mapping ({mapping})")
+        if {id_column, embedding_column} & set(metadata.partition_columns):
+            return None, "the id or embedding column is a partition column"
+        files = [str(local_path(uri)) for uri in table.file_uris()]
+        shown = f"{path} (Delta version {table.version()})"
+    else:
+        import pyarrow.dataset as pads
+
+        try:
+            files = list(pads.dataset(str(path), format="parquet").files)
+        except Exception as e:  # noqa: BLE001 - not Parquet here: the engine gives the real error
+            return None, f"pyarrow cannot list it as Parquet ({_first_line(e)})"
+        shown = str(path)
+    row_groups: list[tuple[str, int]] = []
+    for file in files:
+        meta = pq.ParquetFile(file).metadata
+        schema = meta.schema.to_arrow_schema()
+        why = _unreadable_columns(schema, id_column, embedding_column)
+        if why:
+            return None, f"{file}: {why}"
+        row_groups += [(file, g) for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
+    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown), ""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:120] if str(e).strip() else type(e).__name__
+
+
+def _unreadable_columns(schema: Any, id_column: str, embedding_column: str) -> str:
+    """Why a file's id and embedding columns are not ones the encode UDF reads as the engine would ("" if they are)."""
+    import pyarrow as pa
+
+    names = schema.names
+    for name in (id_column, embedding_column):
+        if names.count(name) != 1:
+            return f"column {name!r} {'missing' if name not in names else 'repeated'}"
+    id_type, emb_type = schema.field(id_column).type, schema.field(embedding_column).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)) \
+            or pa.types.is_uint64(id_type):
+        return f"id column of type {id_type}"
+    if not ((pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type) or pa.types.is_fixed_size_list(emb_type))
+            and pa.types.is_float32(emb_type.value_type)):
+        return f"embedding column of type {emb_type} (the engine casts it to list<float>)"
+    return ""
+
+
 def load_path(spark: SparkSession, source: str, fmt: str) -> DataFrame:
     """``spark.read.format(fmt).load(source)``; a path nobody can find raises CatalogNotFoundError.
 

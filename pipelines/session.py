@@ -93,6 +93,23 @@ class EngineSession:
                         "pass over the input", self.engine, str(e).splitlines()[0][:200] if str(e) else type(e))
             return None
 
+    def on_this_machine(self) -> bool:
+        """Whether the engine's tasks run on this machine, and so see its files: the embedded engine, or
+        classic Spark on a ``local[...]`` master outside Databricks."""
+        if self.engine == "local":
+            return not os.environ.get("DATABRICKS_RUNTIME_VERSION")
+        return self.engine == "spark" and local_classic_context(self.spark) is not None
+
+    def parallelism(self) -> int:
+        """How many tasks the engine runs at once: classic Spark's default parallelism; the driver's cores
+        for the embedded engine (one task per core) and for sessions without a readable SparkContext."""
+        if self.engine == "spark":
+            try:
+                return max(1, int(self.spark.sparkContext.defaultParallelism))
+            except Exception:  # noqa: BLE001 - a session without a SparkContext (shared clusters)
+                pass
+        return os.cpu_count() or 1
+
     @contextmanager
     def kept_alive(self, every_s: float | None = None) -> Iterator[None]:
         """Keep the session from timing out while the driver works without it (training).
@@ -360,15 +377,22 @@ def tune_local_delta(spark: SparkSession) -> None:
     only for a session the job starts (and stops) itself; a value given with ``--conf`` is kept, cluster
     masters and Databricks keep Delta's default, and a session that cannot say is left as it is.
     """
+    sc = local_classic_context(spark)
+    if sc is not None and not sc.getConf().contains(DELTA_SNAPSHOT_PARTITIONS):
+        spark.conf.set(DELTA_SNAPSHOT_PARTITIONS, str(max(1, sc.defaultParallelism)))
+
+
+def local_classic_context(spark: SparkSession) -> Any:
+    """The SparkContext of a classic session whose master is ``local[...]``, outside Databricks (whose
+    single-node clusters run ``local[*, 4]`` under their own rules); None for a cluster master, Databricks,
+    or a session without a readable SparkContext (Spark Connect, shared clusters)."""
     if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
-        return
+        return None
     try:
         sc = spark.sparkContext
-        if not sc.master.startswith("local") or sc.getConf().contains(DELTA_SNAPSHOT_PARTITIONS):
-            return
-        spark.conf.set(DELTA_SNAPSHOT_PARTITIONS, str(max(1, sc.defaultParallelism)))
-    except Exception:  # noqa: BLE001 - no SparkContext here (Spark Connect, shared clusters): Delta's default
-        log.info("left %s at Delta's default: this session has no readable SparkContext", DELTA_SNAPSHOT_PARTITIONS)
+        return sc if sc.master.startswith("local") else None
+    except Exception:  # noqa: BLE001 - no SparkContext here
+        return None
 
 
 def remote_has_delta(spark: SparkSession) -> bool:

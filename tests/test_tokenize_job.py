@@ -119,11 +119,11 @@ def trained(catalog, tmp_path_factory) -> Run:
     return Run(work, work / "tables", out)
 
 
-def encode_only(run: Run, input_path: Path, output: Path, stages: str = "validate,encode,report") -> Run:
+def encode_only(run: Run, input_path: Path, output: Path, stages: str = "validate,encode,report", *extra: str) -> Run:
     """An encode run with the champion of ``run``'s MLflow store, writing to ``output``."""
     rc, out, err = helpers.run_main([
         "--input", input_path, "--work-dir", run.work, "--output", output, "--stages", stages,
-        "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT,
+        "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT, *extra,
     ])
     assert rc == 0, f"encode run failed (rc {rc}):\n{err[-4000:]}"
     return Run(run.work, output, out)
@@ -256,6 +256,36 @@ def test_ids_do_not_depend_on_input_order_or_partitioning(trained, catalog, tmp_
     assert set(got.column("model_version").to_pylist()) == {"1"}
     reasons = sorted((r["item_id"] or "", r["reason"]) for r in shuffled.table(REJECTS_TABLE).to_pylist())
     assert reasons == catalog.rejects
+
+
+def test_the_engine_reading_the_embeddings_gives_the_same_tables(trained, catalog, tmp_path) -> None:
+    # The trained run's UDF read the catalog's Parquet files itself (the default for a local Delta table).
+    assert "the encode UDF reads the embeddings from " in trained.stdout
+    by_engine = encode_only(trained, catalog.shuffled, tmp_path / "tables", "validate,encode,report",
+                            "--read-embeddings", "engine")
+    assert "the encode UDF reads" not in by_engine.stdout
+    got = by_engine.table(SEMANTIC_IDS_TABLE)
+    assert helpers.key_rows(got) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
+    reasons = sorted((r["item_id"] or "", r["reason"]) for r in by_engine.table(REJECTS_TABLE).to_pylist())
+    assert reasons == catalog.rejects
+
+
+def test_embeddings_the_files_cannot_give_are_read_by_the_engine_or_stop_the_run(trained, tmp_path, capsys) -> None:
+    vectors = helpers.random_vectors(40, DIM, seed=5).astype(np.float64)
+    table = helpers.catalog_table([f"d{i}" for i in range(40)], vectors, pa.list_(pa.float64()))
+    helpers.write_delta(tmp_path / "doubles", table)
+    argv = ["--input", tmp_path / "doubles", "--work-dir", trained.work, "--stages", "validate,encode",
+            "--model", CHAMPION, "--model-name", MODEL, "--experiment", EXPERIMENT]
+    rc = main_with([*argv, "--output", tmp_path / "strict", "--read-embeddings", "files"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--read-embeddings files cannot read {tmp_path / 'doubles'}: " in err
+    assert "embedding column of type list<item: double> (the engine casts it to list<float>)" in err
+    assert "Fix: --read-embeddings engine" in err
+    assert not (tmp_path / "strict" / SEMANTIC_IDS_TABLE).exists()
+    assert main_with([*argv, "--output", tmp_path / "auto"]) == 0  # auto: the engine reads them, and says why
+    assert "the engine reads the embeddings (" in capsys.readouterr().out
+    assert helpers.read_delta(tmp_path / "auto" / SEMANTIC_IDS_TABLE).num_rows == 40
 
 
 def test_encoding_twice_keeps_every_row_and_full_mode_rewrites_one_version(trained, catalog, tmp_path) -> None:

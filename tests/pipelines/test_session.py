@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,23 @@ def test_databricks_and_sessions_without_a_spark_context_keep_deltas_default(spa
     monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION")
     tune_local_delta(spark)  # a Spark Connect session: reading its sparkContext raises; nothing is set, no error
     assert spark.conf.get("spark.databricks.delta.snapshotPartitions", None) is None
+
+
+@pytest.mark.parametrize(("engine", "master", "databricks", "expected"), [
+    ("local", None, False, True),  # the embedded engine runs in this process
+    ("local", None, True, False),
+    ("spark", "local[*]", False, True),
+    ("spark", "local[*, 4]", True, False),  # a Databricks single-node cluster: its UDFs run sandboxed
+    ("spark", "yarn", False, False),
+    ("spark", "spark://head:7077", False, False),
+    ("remote", None, False, False),
+])
+def test_which_sessions_run_their_tasks_on_this_machine(engine, master, databricks, expected, monkeypatch) -> None:
+    if databricks:
+        monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    else:
+        monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION", raising=False)
+    session = _FakeClassic(master, {}, cores=6) if master else object()
+    es = EngineSession(session, engine, True, _owns_session=False)  # type: ignore[arg-type]
+    assert es.on_this_machine() is expected
+    assert es.parallelism() == (6 if engine == "spark" else os.cpu_count())

@@ -1,0 +1,180 @@
+"""The encode pass reading a file table's row groups itself (``--read-embeddings files``): which tables
+qualify (:func:`pipelines.io.embedding_files`), and that the UDF then yields exactly the rows, codes,
+rejects and counts of the engine's own read of the same table (:func:`pipelines.encode.encode_files`)."""
+from __future__ import annotations
+
+import helpers
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import io
+from pipelines.encode import encode_catalog, encode_files
+from pipelines.schema import (
+    ALTERNATIVE_ERRORS,
+    ALTERNATIVES,
+    CODES,
+    EMBEDDING_FINGERPRINT,
+    ITEM_ID,
+    QUANTIZATION_ERROR,
+    RejectReason,
+)
+from pipelines.validate import validate_catalog
+
+DIM = 8
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> bytes:
+    return helpers.untrained_checkpoint(DIM, levels=3, codebook_size=8, seed=1)
+
+
+def bad_rows(v: np.ndarray) -> list[tuple]:
+    """(id, embedding, reason) of one row of every per-row reject kind and one repeated id."""
+    return [
+        (None, list(v[0]), RejectReason.NULL_ID),
+        ("dup", list(v[1]), RejectReason.DUPLICATE_ID),
+        ("dup", list(v[2]), RejectReason.DUPLICATE_ID),
+        ("no-embedding", None, RejectReason.NULL_EMBEDDING),
+        ("short", list(v[3][:-1]), RejectReason.WRONG_LENGTH),
+        ("null-element", [None, *v[4][1:]], RejectReason.NULL_ELEMENT),
+        ("nan", [*v[5][:-1], NAN], RejectReason.NON_FINITE),
+        ("zero", [0.0] * DIM, RejectReason.ZERO_VECTOR),
+    ]
+
+
+def catalog(n: int = 90, id_type: pa.DataType | None = None, seed: int = 2) -> tuple[pa.Table, np.ndarray]:
+    """n good rows (ids "i0".. or 1000..) and the bad rows, interleaved, as an Arrow table."""
+    id_type = id_type or pa.string()
+    v = helpers.random_vectors(n + 8, DIM, seed=seed)
+    text = pa.types.is_string(id_type) or pa.types.is_large_string(id_type)
+    good = [(f"i{i}" if text else 1000 + i, list(v[i])) for i in range(n)]
+    bad = [(i if i is None or text else {"dup": 7, "no-embedding": 8, "short": 9,
+                                                                 "null-element": 10, "nan": 11, "zero": 12}[i], e)
+           for i, e, _ in bad_rows(v[n:])]
+    rows = good[: n // 2] + bad + good[n // 2:]
+    return helpers.catalog_table([r[0] for r in rows], [r[1] for r in rows], id_type=id_type), v[:n]
+
+
+def write_table(path, table: pa.Table, fmt: str) -> None:  # noqa: ANN001 - a Path
+    """Delta in 3 commits, or 2 Parquet files; row groups of at most 16 rows either way."""
+    if fmt == "delta":
+        from deltalake import WriterProperties, write_deltalake
+
+        for part in (table.slice(0, 40), table.slice(40, 30), table.slice(70)):
+            write_deltalake(str(path), part, mode="append", writer_properties=WriterProperties(max_row_group_size=16))
+    else:
+        path.mkdir()
+        pq.write_table(table.slice(0, 50), path / "part-0.parquet", row_group_size=16)
+        pq.write_table(table.slice(50), path / "part-1.parquet", row_group_size=16)
+
+
+def rows_of(frame) -> dict:  # noqa: ANN001 - a DataFrame
+    return {r[ITEM_ID]: r.asDict() for r in frame.collect()}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+@pytest.mark.parametrize("id_type", [pa.string(), pa.large_string(), pa.int32()])
+def test_the_udf_reading_the_files_gives_the_engines_rows(spark, checkpoint, tmp_path, fmt, id_type) -> None:
+    from pipelines.session import EngineSession
+
+    table, _ = catalog(id_type=id_type)
+    write_table(tmp_path / "catalog", table, fmt)
+    files, why = io.embedding_files(str(tmp_path / "catalog"), "auto", "item_id", "embedding")
+    assert why == "" and files is not None
+    assert len(files.row_groups) >= 6  # several files and row groups: several units per task
+    assert sum(pq.ParquetFile(f).metadata.row_group(g).num_rows for f, g in files.row_groups) == table.num_rows
+
+    v = validate_catalog(io.read_catalog(spark, str(tmp_path / "catalog"), "auto"), dim=DIM)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    by_engine = encode_catalog(v, checkpoint, materialize=scratch.materialize, alternatives=4)
+    by_files = encode_catalog(v, checkpoint, materialize=scratch.materialize, alternatives=4, files=files, tasks=3)
+
+    assert by_files.codes.schema == by_engine.codes.schema  # the id as the engine types it: STRING or BIGINT
+    assert (by_files.counts, by_files.encoded_rows) == (by_engine.counts, by_engine.encoded_rows)
+    assert by_files.counts.clean == 90 and by_files.counts.n_rejected == 8
+    assert sorted((str(r[ITEM_ID]), r["reason"]) for r in by_files.rejects.collect()) == sorted(
+        (str(r[ITEM_ID]), r["reason"]) for r in by_engine.rejects.collect())
+    got, want = rows_of(by_files.codes), rows_of(by_engine.codes)
+    assert sorted(got) == sorted(want) and len(got) == 90
+    for item, row in want.items():
+        for column in (CODES, ALTERNATIVES, EMBEDDING_FINGERPRINT):
+            assert got[item][column] == row[column], (item, column)
+        assert got[item][QUANTIZATION_ERROR] == row[QUANTIZATION_ERROR]  # fixed-shape calls: the same bits
+        assert got[item][ALTERNATIVE_ERRORS] == row[ALTERNATIVE_ERRORS]
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("tasks", [1, 2, 8])  # 8: more tasks than row groups
+def test_any_number_of_tasks_reads_every_row_once(spark, checkpoint, tmp_path, tasks) -> None:
+    table, _ = catalog(n=20)
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(table.slice(0, 5), tmp_path / "catalog" / "a.parquet")
+    pq.write_table(table.slice(5, 15), tmp_path / "catalog" / "b.parquet", row_group_size=8)
+    pq.write_table(table.slice(0, 0), tmp_path / "catalog" / "c.parquet")  # no rows: no unit
+    files, _ = io.embedding_files(str(tmp_path / "catalog"), "parquet", "item_id", "embedding")
+    assert files is not None and len(files.row_groups) == 3
+    out = encode_files(spark, files, checkpoint, DIM, id_type="string", tasks=tasks, fingerprints=True, encode=False)
+    ids = [r[ITEM_ID] for r in out.collect()]
+    assert sorted(ids, key=str) == sorted(table.slice(0, 20)["item_id"].to_pylist(), key=str)
+
+
+def test_encode_files_refuses_an_empty_list_and_an_unknown_id_type(checkpoint) -> None:
+    empty = io.EmbeddingFiles((), "item_id", "embedding", "/nowhere")
+    with pytest.raises(ValueError, match="has no rows to read"):
+        encode_files(None, empty, checkpoint, DIM, id_type="string", tasks=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'string' or 'bigint'"):
+        encode_files(None, empty, checkpoint, DIM, id_type="int", tasks=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("write", "reason"), [
+    (lambda p, t: helpers.write_delta(p, t.set_column(1, "embedding", t["embedding"].cast(pa.list_(pa.float64())))),
+     "embedding column of type list<item: double> (the engine casts it to list<float>)"),
+    (lambda p, t: helpers.write_delta(p, t.rename_columns(["id", "embedding"])), "column 'item_id' missing"),
+    (lambda p, t: _parquet(p, t.set_column(0, "item_id", pa.array(range(t.num_rows), pa.uint64()))),
+     "id column of type uint64"),  # Delta has no unsigned types; a Parquet folder can
+    (lambda p, t: _delta(p, t, configuration={"delta.enableDeletionVectors": "true"}), "Delta reader features"),
+    (lambda p, t: _delta(p, t, configuration={"delta.columnMapping.mode": "name"}), "column mapping (name)"),
+    (lambda p, t: _delta(p, t.slice(0, 5), partition_by=["item_id"]), "partition column"),
+])
+def test_a_table_the_udf_cannot_read_as_the_engine_does_is_left_to_the_engine(tmp_path, write, reason) -> None:
+    table, _ = catalog(n=10)
+    write(tmp_path / "t", table.slice(0, 10))
+    files, why = io.embedding_files(str(tmp_path / "t"), "auto", "item_id", "embedding")
+    assert files is None and reason in why
+
+
+def _parquet(path, table: pa.Table) -> None:  # noqa: ANN001
+    path.mkdir()
+    pq.write_table(table, path / "part-0.parquet")
+
+
+def _delta(path, table: pa.Table, **options) -> None:  # noqa: ANN001, ANN003
+    from deltalake import write_deltalake
+
+    write_deltalake(str(path), table, **options)
+
+
+@pytest.mark.parametrize(("source", "fmt", "reason"), [
+    ("s3://bucket/catalog", "auto", "not a path on this machine's filesystem"),
+    ("main.shop.items", "auto", "not a path on this machine's filesystem"),
+    ("{tmp}/missing", "auto", "not a path on this machine's filesystem"),
+    ("{tmp}/delta", "parquet", "input format 'parquet'"),
+    ("{tmp}/delta", "table", "input format 'table'"),
+])
+def test_sources_that_are_not_local_file_tables_are_left_to_the_engine(tmp_path, source, fmt, reason) -> None:
+    table, _ = catalog(n=10)
+    helpers.write_delta(tmp_path / "delta", table.slice(0, 10))
+    files, why = io.embedding_files(source.format(tmp=tmp_path), fmt, "item_id", "embedding")
+    assert files is None and why == reason
+
+
+def test_a_file_uri_and_the_latest_delta_version_are_read(tmp_path) -> None:
+    table, _ = catalog(n=30)
+    helpers.write_delta(tmp_path / "delta", table.slice(0, 30), parts=3)
+    files, _ = io.embedding_files(f"file://{tmp_path / 'delta'}", "delta", "item_id", "embedding")
+    assert files is not None and files.source.endswith("(Delta version 2)") and len(files.row_groups) == 3
+    assert all(f.startswith(str(tmp_path / "delta")) for f, _ in files.row_groups)
