@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 
@@ -294,7 +294,12 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
             return None, (f"Delta reader features {sorted(features)}" if features else f"column mapping ({mapping})")
         if {id_column, embedding_column} & set(metadata.partition_columns):
             return None, "the id or embedding column is a partition column"
-        files = [str(local_path(uri)) for uri in table.file_uris()]
+        # The log's paths are URIs relative to the table (percent-encoded once: the partition folder
+        # "k=x%20y" is "k=x%2520y" there); file_uris() would encode the table's own path as well.
+        relative = table.get_add_actions(flatten=True).column("path").to_pylist()
+        if any("://" in uri or uri.startswith("/") for uri in relative):
+            return None, "data files outside the table's folder (a shallow clone)"
+        files = [str(path / unquote(uri)) for uri in relative]
         shown = f"{path} (Delta version {table.version()})"
     else:
         import pyarrow.dataset as pads

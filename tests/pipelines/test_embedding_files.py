@@ -178,3 +178,18 @@ def test_a_file_uri_and_the_latest_delta_version_are_read(tmp_path) -> None:
     files, _ = io.embedding_files(f"file://{tmp_path / 'delta'}", "delta", "item_id", "embedding")
     assert files is not None and files.source.endswith("(Delta version 2)") and len(files.row_groups) == 3
     assert all(f.startswith(str(tmp_path / "delta")) for f, _ in files.row_groups)
+
+
+def test_odd_characters_in_the_table_path_and_its_partition_folders(tmp_path) -> None:
+    # The log's paths are percent-encoded URIs relative to the table; the folders on disk are not.
+    from deltalake import write_deltalake
+
+    table, _ = catalog(n=12)
+    table = table.slice(0, 12).append_column("shop", pa.array(["x y", "z%", "é#?"] * 4))
+    root = tmp_path / "prev out #1 50% ?é" / "cat"
+    write_deltalake(str(root), table, partition_by=["shop"])
+    files, why = io.embedding_files(str(root), "auto", "item_id", "embedding")
+    assert why == "" and files is not None and len(files.row_groups) == 3
+    read = [i for f, g in files.row_groups for i in pq.ParquetFile(f).read_row_group(g, columns=["item_id"])
+            .column("item_id").to_pylist()]
+    assert sorted(read, key=str) == sorted(table["item_id"].to_pylist(), key=str)
