@@ -192,7 +192,8 @@ def _output_schema(id_type: str, fingerprints: bool, alternatives: int) -> str:
 
 def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, dim: int, *, id_type: str,
                  tasks: int, batch_size: int | None = None, device: str = "cpu", threads: int | None = TASK_THREADS,
-                 fingerprints: bool = False, encode: bool = True, alternatives: int = 0) -> DataFrame:
+                 fingerprints: bool = False, encode: bool = True, alternatives: int = 0,
+                 only_ids: pa.Array | None = None) -> DataFrame:
     """:func:`encode_embeddings` of a file table whose rows the UDF reads itself, with pyarrow.
 
     The engine is handed only the list of row groups (one small row each), spread over ``tasks``
@@ -208,6 +209,10 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
         id_type: the contract type of ITEM_ID, "string" or "bigint" (the engine's read casts integer
             ids to BIGINT, :func:`pipelines.validate.select_contract_columns`).
         tasks: how many tasks read and encode (the engine's parallelism); at most one per row group.
+        only_ids: read only the rows of these ids (an incremental run's second pass: the rows of the
+            ``v.rows.join(ids, "left_semi")`` the engine would read). Each task reads a row group's id
+            column first and its embeddings only where it holds one of them, so a run whose new items
+            sit in new files reads little more than the id column. The ids travel with every task.
         the rest: as for :func:`encode_embeddings`.
     """
     if id_type not in ("string", "bigint"):
@@ -219,8 +224,10 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
     arrow_id = pa.string() if id_type == "string" else pa.int64()
     id_column, embedding_column = files.id_column, files.embedding_column
 
+    wanted = None if only_ids is None else only_ids.cast(arrow_id)
+
     def read_and_encode(units: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield from encoder(_row_group_batches(units, id_column, embedding_column, arrow_id))
+        yield from encoder(_row_group_batches(units, id_column, embedding_column, arrow_id, wanted))
 
     units = spark.createDataFrame([list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int")
     return units.repartition(max(1, min(tasks, len(files.row_groups)))).mapInArrow(
@@ -232,15 +239,27 @@ _FILE, _ROW_GROUP = "__csid_file", "__csid_row_group"
 
 
 def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embedding_column: str,
-                       id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
-    """The (ITEM_ID, EMBEDDING) batches of the row groups listed in ``units`` (file, row group)."""
+                       id_type: pa.DataType, wanted: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+    """The (ITEM_ID, EMBEDDING) batches of the row groups listed in ``units`` (file, row group); with
+    ``wanted``, only the rows whose id is one of those, and a row group's embeddings only if it has any."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
+            parquet = pq.ParquetFile(file)
+            if wanted is not None:
+                ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
+                keep = pc.fill_null(pc.is_in(ids, value_set=wanted), False)
+                if not pc.any(keep).as_py():
+                    continue
+                rows = parquet.read_row_group(group, columns=[embedding_column], use_threads=False).column(0)
+                table = pa.table({ITEM_ID: ids, EMBEDDING: rows}).filter(keep)
+                yield from table.to_batches(max_chunksize=FILE_BATCH_ROWS)
+                continue
             # One thread: the engine already runs one task per core.
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
-                                                           columns=[id_column, embedding_column], use_threads=False):
+            for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
+                                              columns=[id_column, embedding_column], use_threads=False):
                 ids, embeddings = batch.column(id_column).cast(id_type), batch.column(embedding_column)
                 yield pa.RecordBatch.from_arrays([ids, embeddings], names=[ITEM_ID, EMBEDDING])
 
@@ -298,8 +317,9 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
             ride along in ``Encoded.codes``, null where a row was not encoded).
         files: the catalog's row groups (:func:`pipelines.io.embedding_files`) when ``v.rows`` is a plain
             read of a file table: the pass over every row reads them inside the UDF
-            (:func:`encode_files`, in ``tasks`` tasks) instead of through the engine. The other passes
-            (an incremental run's second one; an engine that cannot materialise) read ``v`` as usual.
+            (:func:`encode_files`, in ``tasks`` tasks) instead of through the engine, and so does an
+            incremental run's second pass when it has at most ``BROADCAST_IDS`` rows to encode. Without
+            materialisation, or with more rows to encode, the engine reads ``v`` as usual.
     """
     if policy not in ENCODE_POLICIES:
         raise ValueError(f"unknown encode policy {policy!r}; choose one of {', '.join(ENCODE_POLICIES)}")
@@ -310,11 +330,15 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
         return encode_embeddings(df, checkpoint, v.dim, batch_size=batch_size, device=device, threads=threads,
                                  fingerprints=True, encode=encode, alternatives=alternatives)
 
+    def read_files(encode: bool = True, only_ids: pa.Array | None = None) -> DataFrame:
+        assert files is not None
+        return encode_files(v.rows.sparkSession, files, checkpoint, v.dim,
+                            id_type=v.rows.schema[ITEM_ID].dataType.simpleString(), tasks=tasks,
+                            batch_size=batch_size, device=device, threads=threads, fingerprints=True, encode=encode,
+                            alternatives=alternatives, only_ids=only_ids)
+
     encode_all = policy == ENCODE_ALL
-    every_row = scan(v.rows, encode=encode_all) if files is None else encode_files(
-        v.rows.sparkSession, files, checkpoint, v.dim, id_type=v.rows.schema[ITEM_ID].dataType.simpleString(),
-        tasks=tasks, batch_size=batch_size, device=device, threads=threads, fingerprints=True, encode=encode_all,
-        alternatives=alternatives)
+    every_row = scan(v.rows, encode=encode_all) if files is None else read_files(encode=encode_all)
     # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
     staged = _scanned_and_flagged(every_row, materialize)
     if staged is None:  # no materialisation: validation's SQL pass counts, the frames are recomputed when used
@@ -328,7 +352,8 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     if encode_all:
         return Encoded(clean, rejects, counts, encoded_rows)
     assert known is not None
-    codes, encoded_rows = _encode_needed(v, clean, known, policy, scan, materialize)
+    codes, encoded_rows = _encode_needed(v, clean, known, policy, scan, materialize,
+                                         read_files if files is not None else None)
     return Encoded(codes, rejects, counts, encoded_rows)
 
 
@@ -362,8 +387,12 @@ BROADCAST_IDS = 1_000_000  # id sets up to this many rows are broadcast to their
 
 def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, policy: str,
                    scan: Callable[[DataFrame], DataFrame], materialize: Callable[[DataFrame], DataFrame | None],
-                   ) -> tuple[DataFrame, int | None]:
+                   read_files: Callable[..., DataFrame] | None = None) -> tuple[DataFrame, int | None]:
     """The second pass of an incremental run: codes for the clean rows that need them, joined back.
+
+    With ``read_files`` (the catalog's row groups, :func:`encode_files`) and at most ``BROADCAST_IDS``
+    rows to encode, the UDF reads those rows itself: each row group's ids, and its embeddings only where
+    it holds one of them. Otherwise the engine reads the catalog joined with the ids.
 
     Returns the clean rows (ITEM_ID, CODES, QUANTIZATION_ERROR[, the alternatives], EMBEDDING_FINGERPRINT;
     codes null where not needed) and how many rows went through the model (None without materialisation).
@@ -377,11 +406,13 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     # Counted first, so the ids can be broadcast: classic Spark knows nothing of a checkpoint's size and
     # sort-merge joined the catalog with them, shuffling every embedding (1.01M x 768: 24.9 s for a second
     # pass of 10,000 rows; broadcast, the rows are filtered as they are read).
-    staged, encoded_rows = materialize(todo), None
+    staged, encoded_rows, ids = materialize(todo), None, None
     if staged is not None:
         wanted = staged.count()
         todo = F.broadcast(staged) if wanted <= BROADCAST_IDS else staged
-    second = scan(v.rows.join(todo, ITEM_ID, "left_semi"))
+        if read_files is not None and wanted <= BROADCAST_IDS:
+            ids = staged.select(ITEM_ID).toArrow().column(0).combine_chunks()
+    second = scan(v.rows.join(todo, ITEM_ID, "left_semi")) if ids is None else read_files(only_ids=ids)
     coded = materialize(second) if staged is not None else None
     if coded is not None:  # the checks cover the rows that will be written
         second, read = coded, coded.count()

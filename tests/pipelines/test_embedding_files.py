@@ -193,3 +193,47 @@ def test_odd_characters_in_the_table_path_and_its_partition_folders(tmp_path) ->
     read = [i for f, g in files.row_groups for i in pq.ParquetFile(f).read_row_group(g, columns=["item_id"])
             .column("item_id").to_pylist()]
     assert sorted(read, key=str) == sorted(table["item_id"].to_pylist(), key=str)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("policy", ["new", "new_or_changed"])
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0])  # 0: too many rows to send: the engine reads them
+def test_an_incremental_second_pass_reads_only_the_rows_to_encode(spark, checkpoint, tmp_path, monkeypatch, policy,
+                                                                  broadcast_up_to) -> None:
+    import pipelines.encode as encode
+    from pipelines.session import EngineSession
+
+    table, _ = catalog()
+    write_table(tmp_path / "catalog", table, "delta")
+    v = validate_catalog(io.read_catalog(spark, str(tmp_path / "catalog"), "delta"), dim=DIM)
+    files, _ = io.embedding_files(str(tmp_path / "catalog"), "delta", "item_id", "embedding")
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    first = rows_of(encode_catalog(v, checkpoint, materialize=scratch.materialize, alternatives=4, files=files,
+                                   tasks=2).codes)
+    held = sorted(first)[:60]  # the table holds 60 of the 90 clean items; the first one's embedding changed since
+    known = spark.createDataFrame([(i, first[i][EMBEDDING_FINGERPRINT] + (i == held[0])) for i in held],
+                                  f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint")
+    expected = sorted(set(first) - set(held)) + ([held[0]] if policy == "new_or_changed" else [])
+    monkeypatch.setattr(encode, "BROADCAST_IDS", broadcast_up_to)
+    asked = []
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - encode_files' own
+        asked.append(kwargs.get("only_ids"))
+        return encode_files(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_files", recording)
+    out = encode_catalog(v, checkpoint, materialize=scratch.materialize, known=known, policy=policy,
+                         alternatives=4, files=files, tasks=2)
+    got = rows_of(out.codes)
+    assert out.encoded_rows == len(expected) and sorted(got) == sorted(first)
+    assert sorted(i for i in got if got[i][CODES] is not None) == sorted(expected)
+    for item in expected:  # the codes, error and alternatives of the full pass
+        for column in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS):
+            assert got[item][column] == first[item][column], (item, column)
+    assert (out.counts.clean, out.counts.n_rejected) == (90, 8)
+    # The first pass read every row from the files; the second its rows' ids only, unless they were too many.
+    assert asked[0] is None
+    if broadcast_up_to:
+        assert len(asked) == 2 and sorted(asked[1].to_pylist()) == sorted(expected)
+    else:
+        assert len(asked) == 1

@@ -347,3 +347,35 @@ def test_a_catalog_that_changes_between_the_two_passes_stops_the_run(spark, chec
 
     with pytest.raises(RowAccountingError, match=message):
         encode_catalog(v, checkpoint, materialize=materialize_then_change, known=known, policy="new")
+
+
+@pytest.mark.spark
+def test_with_the_files_listed_both_passes_read_the_same_snapshot(spark, checkpoint, vectors, expected,
+                                                                 tmp_path) -> None:
+    # The row groups are listed once, before the first pass: a version committed meanwhile is not mixed in,
+    # and both passes read the listed version (the engine's read would stop the run, as above).
+    from pipelines.encode import encode_catalog
+    from pipelines.io import embedding_files
+    from pipelines.session import EngineSession
+
+    path = tmp_path / "catalog"
+    helpers.write_delta(path, helpers.catalog_table(["a", "b"], vectors[:2]))
+    v = validate_catalog(spark.read.format("delta").load(str(path)), dim=DIM)
+    files, _ = embedding_files(str(path), "delta", ITEM_ID, EMBEDDING)
+    known = spark.createDataFrame([("a", 0)], f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint").limit(0)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    changed = []
+
+    def materialize_then_change(df):  # noqa: ANN001, ANN202 - a DataFrame
+        out = scratch.materialize(df)
+        if EMBEDDING_FINGERPRINT in df.columns and not changed:
+            replace_b(path, vectors)
+            changed.append(df)
+        return out
+
+    out = encode_catalog(v, checkpoint, materialize=materialize_then_change, known=known, policy="new",
+                         files=files, tasks=2)
+    assert changed and out.encoded_rows == 2
+    assert expected.codes[1].tolist() != expected.codes[5].tolist()  # b's new embedding would have other codes
+    assert {r[ITEM_ID]: r[CODES] for r in out.codes.collect()} == {"a": expected.codes[0].tolist(),
+                                                                   "b": expected.codes[1].tolist()}
