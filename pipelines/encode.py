@@ -248,20 +248,19 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
             parquet = pq.ParquetFile(file)
-            if wanted is not None:
+            if wanted is not None:  # the ids first: a row group without a wanted one is not read further
                 ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
-                keep = pc.fill_null(pc.is_in(ids, value_set=wanted), False)
-                if not pc.any(keep).as_py():
+                if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
                     continue
-                rows = parquet.read_row_group(group, columns=[embedding_column], use_threads=False).column(0)
-                table = pa.table({ITEM_ID: ids, EMBEDDING: rows}).filter(keep)
-                yield from table.to_batches(max_chunksize=FILE_BATCH_ROWS)
-                continue
             # One thread: the engine already runs one task per core.
             for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
                                               columns=[id_column, embedding_column], use_threads=False):
                 ids, embeddings = batch.column(id_column).cast(id_type), batch.column(embedding_column)
-                yield pa.RecordBatch.from_arrays([ids, embeddings], names=[ITEM_ID, EMBEDDING])
+                out = pa.RecordBatch.from_arrays([ids, embeddings], names=[ITEM_ID, EMBEDDING])
+                if wanted is not None:
+                    out = out.filter(pc.fill_null(pc.is_in(ids, value_set=wanted), False))
+                if out.num_rows:
+                    yield out
 
 
 @dataclass(frozen=True)
