@@ -282,7 +282,7 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
         check_label_column(catalog, cfg.label_col)
     job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
     if cfg.encodes and cfg.read_embeddings == "files":  # a table the files cannot be read from stops the run now
-        _embedding_files(job, quiet=True)
+        _embedding_files(job, v.rows, quiet=True)
     print(f"    schema ok, D = {v.dim}")
     _log_lineage(job.cfg, job.session.engine, source)
     return catalog, v
@@ -542,13 +542,14 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
     policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
     return encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
                           batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads,
-                          alternatives=model.collision_alternatives, files=_embedding_files(job),
+                          alternatives=model.collision_alternatives, files=_embedding_files(job, v.rows),
                           tasks=job.session.parallelism())
 
 
-def _embedding_files(job: _Job, quiet: bool = False) -> io.EmbeddingFiles | None:
+def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = False) -> io.EmbeddingFiles | None:
     """The catalog's row groups for the encode UDF to read itself (--read-embeddings), or None: the engine
-    reads the embeddings. Listed when the pass starts, so they are the table's files of that moment."""
+    reads the embeddings. Listed when the pass starts, so they are the table's files of that moment; with
+    ``rows`` (the catalog as the engine reads it) used only if they hold as many rows as the engine counts."""
     cfg = job.cfg
     if cfg.read_embeddings == "engine":
         return None
@@ -557,12 +558,17 @@ def _embedding_files(job: _Job, quiet: bool = False) -> io.EmbeddingFiles | None
                             "so they need not see its files; --read-embeddings files reads them there anyway")
     else:
         files, why = io.embedding_files(str(cfg.input), cfg.input_format, cfg.id_col, cfg.embedding_col)
+        counted = rows.count() if files is not None and rows is not None else None
+        if files is not None and counted is not None and counted != files.rows:
+            files, why = None, (f"its files hold {files.rows} rows by their footers and the engine reads {counted}: "
+                                "they are not the engine's files")
     if files is None and cfg.read_embeddings == "files":
         raise JobFailed(f"--read-embeddings files cannot read {cfg.input}: {why}. Fix: --read-embeddings engine "
                         "(or auto: the engine reads where the files cannot)")
     if not quiet:
         print(f"    the encode UDF reads the embeddings from {len(files.row_groups)} row group(s) of {files.source}"
               if files is not None else f"    the engine reads the embeddings ({why})")
+        mlflow.set_tag("embeddings_read_from", files.source if files is not None else "the engine")
     return files
 
 

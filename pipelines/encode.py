@@ -242,25 +242,45 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
                        id_type: pa.DataType, wanted: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
     """The (ITEM_ID, EMBEDDING) batches of the row groups listed in ``units`` (file, row group); with
     ``wanted``, only the rows whose id is one of those, and a row group's embeddings only if it has any."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    if wanted is not None and not len(wanted):
+        return
+    among = None if wanted is None else _membership(wanted)  # built once per task, used for every batch
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
             parquet = pq.ParquetFile(file)
-            if wanted is not None:  # the ids first: a row group without a wanted one is not read further
+            if among is not None:  # the ids first: a row group without a wanted one is not read further
                 ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
-                if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+                if not among(ids).any():
                     continue
             # One thread: the engine already runs one task per core.
             for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
                                               columns=[id_column, embedding_column], use_threads=False):
                 ids, embeddings = batch.column(id_column).cast(id_type), batch.column(embedding_column)
                 out = pa.RecordBatch.from_arrays([ids, embeddings], names=[ITEM_ID, EMBEDDING])
-                if wanted is not None:
-                    out = out.filter(pc.fill_null(pc.is_in(ids, value_set=wanted), False))
+                if among is not None:
+                    out = out.filter(pa.array(among(ids)))
                 if out.num_rows:
                     yield out
+
+
+def _membership(wanted: pa.Array) -> Callable[[pa.Array | pa.ChunkedArray], np.ndarray]:
+    """A test "is each id one of ``wanted``" (bool per id, False for a null id), its lookup built once:
+    ``pc.is_in`` builds it on every call (0.1 s per batch for 1M wanted ids)."""
+    if pa.types.is_integer(wanted.type):
+        table = np.unique(wanted.drop_null().to_numpy())
+
+        def among(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+            values = ids.fill_null(0).to_numpy() if ids.null_count else ids.to_numpy()
+            at = np.minimum(np.searchsorted(table, values), len(table) - 1)
+            found = np.asarray(table[at] == values)
+            if ids.null_count:
+                found &= ~np.asarray(ids.is_null().to_numpy(zero_copy_only=False))
+            return found
+        return among
+    members = frozenset(wanted.drop_null().to_pylist())
+    return lambda ids: np.fromiter((i in members for i in ids.to_pylist()), dtype=bool, count=len(ids))
 
 
 @dataclass(frozen=True)

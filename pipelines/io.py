@@ -245,13 +245,14 @@ class EmbeddingFiles:
     Attributes:
         row_groups: (file path, row group index) of every non-empty row group, in file order.
         id_column, embedding_column: the physical column names of the item id and the embedding.
-        source: the table's path, and for Delta its version (for messages and lineage).
+        source: the table's path, and for Delta its version (printed and logged with the run).
     """
 
     row_groups: tuple[tuple[str, int], ...]
     id_column: str
     embedding_column: str
     source: str
+    rows: int = 0  # the files' rows by their footers: checked against the engine's count before they are used
 
 
 # Delta reader features that change nothing about how a data file's rows are read.
@@ -291,7 +292,8 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
         features = set(protocol.reader_features or ()) - _PLAIN_READER_FEATURES
         mapping = metadata.configuration.get("delta.columnMapping.mode", "none")
         if features or mapping != "none" or protocol.min_reader_version == 2:
-            return None, (f"Delta reader features {sorted(features)}" if features else f"column mapping ({mapping})")
+            return None, (f"Delta reader features {sorted(features)}" if features
+                          else f"column mapping (mode {mapping}, reader version {protocol.min_reader_version})")
         if {id_column, embedding_column} & set(metadata.partition_columns):
             return None, "the id or embedding column is a partition column"
         # The log's paths are URIs relative to the table (percent-encoded once: the partition folder
@@ -302,22 +304,37 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
         files = [str(path / unquote(uri)) for uri in relative]
         shown = f"{path} (Delta version {table.version()})"
     else:
-        import pyarrow.dataset as pads
-
-        try:
-            files = list(pads.dataset(str(path), format="parquet").files)
-        except Exception as e:  # noqa: BLE001 - not Parquet here: the engine gives the real error
-            return None, f"pyarrow cannot list it as Parquet ({_first_line(e)})"
-        shown = str(path)
+        files, shown = _spark_visible_files(path), str(path)
     row_groups: list[tuple[str, int]] = []
+    rows = 0
     for file in files:
-        meta = pq.ParquetFile(file).metadata
-        schema = meta.schema.to_arrow_schema()
-        why = _unreadable_columns(schema, id_column, embedding_column)
+        try:
+            meta = pq.ParquetFile(file).metadata
+        except Exception as e:  # noqa: BLE001 - not a Parquet file pyarrow can read: the engine decides
+            return None, f"{file}: {_first_line(e)}"
+        why = _unreadable_columns(meta.schema.to_arrow_schema(), id_column, embedding_column)
         if why:
             return None, f"{file}: {why}"
         row_groups += [(file, g) for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
-    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown), ""
+        rows += meta.num_rows
+    if not row_groups:
+        return None, "no rows in its files"
+    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown, rows), ""
+
+
+def _spark_visible_files(path: Path) -> list[str]:
+    """The files under ``path`` that Spark's file listing reads (a file itself, or every file below a
+    folder whose name it does not hide: "_x" unless it has "=" (a partition folder), ".x", "x._COPYING_")."""
+    def hidden(name: str) -> bool:
+        return (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+
+    if path.is_file():
+        return [str(path)]
+    found = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = sorted(d for d in subfolders if not hidden(d))
+        found += [os.path.join(folder, n) for n in sorted(names) if not hidden(n)]
+    return found
 
 
 def _first_line(e: Exception) -> str:

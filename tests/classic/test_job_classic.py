@@ -117,11 +117,14 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
          "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
          "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
          str(JOB), "--engine", "spark", "--shuffle-partitions", "4", *map(str, demo),
+         "--read-embeddings", "engine",  # the JVM reads the embeddings here; the embedded run's UDF reads the files
          "--work-dir", str(tmp_path / "classic")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580)
     assert classic.returncode == 0, (classic.stdout + classic.stderr)[-5000:]
+    assert "the engine reads the embeddings (" in classic.stdout
     embedded = run_job("--engine", "local", *demo, "--work-dir", tmp_path / "embedded", cwd=tmp_path)
     assert embedded.returncode == 0, (embedded.stdout + embedded.stderr)[-5000:]
+    assert "the encode UDF reads the embeddings from " in embedded.stdout
     tables = tmp_path / "classic" / "tables"
     on_jvm = helpers.by_item(helpers.read_delta(tables / "semantic_ids"))
     on_sail = helpers.by_item(helpers.read_delta(tmp_path / "embedded" / "tables" / "semantic_ids"))

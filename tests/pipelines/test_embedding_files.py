@@ -137,8 +137,10 @@ def test_encode_files_refuses_an_empty_list_and_an_unknown_id_type(checkpoint) -
     (lambda p, t: _parquet(p, t.set_column(0, "item_id", pa.array(range(t.num_rows), pa.uint64()))),
      "id column of type uint64"),  # Delta has no unsigned types; a Parquet folder can
     (lambda p, t: _delta(p, t, configuration={"delta.enableDeletionVectors": "true"}), "Delta reader features"),
-    (lambda p, t: _delta(p, t, configuration={"delta.columnMapping.mode": "name"}), "column mapping (name)"),
+    (lambda p, t: _delta(p, t, configuration={"delta.columnMapping.mode": "name"}), "column mapping (mode name, reader version 2)"),
     (lambda p, t: _delta(p, t.slice(0, 5), partition_by=["item_id"]), "partition column"),
+    (lambda p, t: _delta(p, t.slice(0, 0)), "no rows in its files"),
+    (lambda p, t: _parquet(p, t, junk="not.parquet"), "not.parquet: "),  # a file the engine would refuse too
 ])
 def test_a_table_the_udf_cannot_read_as_the_engine_does_is_left_to_the_engine(tmp_path, write, reason) -> None:
     table, _ = catalog(n=10)
@@ -147,9 +149,27 @@ def test_a_table_the_udf_cannot_read_as_the_engine_does_is_left_to_the_engine(tm
     assert files is None and reason in why
 
 
-def _parquet(path, table: pa.Table) -> None:  # noqa: ANN001
+def _parquet(path, table: pa.Table, junk: str = "") -> None:  # noqa: ANN001
     path.mkdir()
     pq.write_table(table, path / "part-0.parquet")
+    if junk:
+        (path / junk).write_bytes(b"half an upload")
+
+
+def test_a_parquet_folder_is_listed_as_spark_lists_it(tmp_path) -> None:
+    # Hidden: "_x" unless a partition folder ("_k=1"), ".x", "x._COPYING_" (a copy under way).
+    table, _ = catalog(n=10)
+    root = tmp_path / "cat"
+    (root / "_k=1").mkdir(parents=True)
+    (root / "_tmp").mkdir()
+    pq.write_table(table.slice(0, 4), root / "a.parquet")
+    pq.write_table(table.slice(4, 3), root / "_k=1" / "b.parquet")
+    pq.write_table(table.slice(7, 3), root / "_tmp" / "c.parquet")
+    for junk in ("_SUCCESS", ".a.parquet.crc", "d.parquet._COPYING_"):
+        (root / junk).write_bytes(b"not parquet")
+    files, why = io.embedding_files(str(root), "parquet", "item_id", "embedding")
+    assert why == "" and files is not None and files.rows == 7
+    assert [f for f, _ in files.row_groups] == [str(root / "a.parquet"), str(root / "_k=1" / "b.parquet")]
 
 
 def _delta(path, table: pa.Table, **options) -> None:  # noqa: ANN001, ANN003
@@ -198,12 +218,13 @@ def test_odd_characters_in_the_table_path_and_its_partition_folders(tmp_path) ->
 @pytest.mark.spark
 @pytest.mark.parametrize("policy", ["new", "new_or_changed"])
 @pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0])  # 0: too many rows to send: the engine reads them
+@pytest.mark.parametrize("id_type", [pa.string(), pa.int32()])  # int32 in the files, BIGINT for the engine
 def test_an_incremental_second_pass_reads_only_the_rows_to_encode(spark, checkpoint, tmp_path, monkeypatch, policy,
-                                                                  broadcast_up_to) -> None:
+                                                                  broadcast_up_to, id_type) -> None:
     import pipelines.encode as encode
     from pipelines.session import EngineSession
 
-    table, _ = catalog()
+    table, _ = catalog(id_type=id_type)
     write_table(tmp_path / "catalog", table, "delta")
     v = validate_catalog(io.read_catalog(spark, str(tmp_path / "catalog"), "delta"), dim=DIM)
     files, _ = io.embedding_files(str(tmp_path / "catalog"), "delta", "item_id", "embedding")
@@ -212,7 +233,8 @@ def test_an_incremental_second_pass_reads_only_the_rows_to_encode(spark, checkpo
                                    tasks=2).codes)
     held = sorted(first)[:60]  # the table holds 60 of the 90 clean items; the first one's embedding changed since
     known = spark.createDataFrame([(i, first[i][EMBEDDING_FINGERPRINT] + (i == held[0])) for i in held],
-                                  f"{ITEM_ID} string, {EMBEDDING_FINGERPRINT} bigint")
+                                  f"{ITEM_ID} {'string' if id_type == pa.string() else 'bigint'}, "
+                                  f"{EMBEDDING_FINGERPRINT} bigint")
     expected = sorted(set(first) - set(held)) + ([held[0]] if policy == "new_or_changed" else [])
     monkeypatch.setattr(encode, "BROADCAST_IDS", broadcast_up_to)
     asked = []
