@@ -552,8 +552,8 @@ def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = Fal
     ``rows`` (the catalog as the engine reads it) used only if they hold as many rows as the engine counts."""
     cfg = job.cfg
     if cfg.read_embeddings == "engine":
-        return None
-    if cfg.read_embeddings == "auto" and not job.session.on_this_machine():
+        files, why = None, "--read-embeddings engine"
+    elif cfg.read_embeddings == "auto" and not job.session.on_this_machine():
         files, why = None, ("the engine's tasks may not run on this machine (a cluster, a remote server, Databricks), "
                             "so they need not see its files; --read-embeddings files reads them there anyway")
     else:

@@ -263,7 +263,7 @@ def test_the_engine_reading_the_embeddings_gives_the_same_tables(trained, catalo
     assert "the encode UDF reads the embeddings from " in trained.stdout
     by_engine = encode_only(trained, catalog.shuffled, tmp_path / "tables", "validate,encode,report",
                             "--read-embeddings", "engine")
-    assert "the encode UDF reads" not in by_engine.stdout
+    assert "the engine reads the embeddings (--read-embeddings engine)" in by_engine.stdout
     got = by_engine.table(SEMANTIC_IDS_TABLE)
     assert helpers.key_rows(got) == helpers.key_rows(trained.table(SEMANTIC_IDS_TABLE))
     reasons = sorted((r["item_id"] or "", r["reason"]) for r in by_engine.table(REJECTS_TABLE).to_pylist())

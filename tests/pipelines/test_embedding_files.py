@@ -137,7 +137,8 @@ def test_encode_files_refuses_an_empty_list_and_an_unknown_id_type(checkpoint) -
     (lambda p, t: _parquet(p, t.set_column(0, "item_id", pa.array(range(t.num_rows), pa.uint64()))),
      "id column of type uint64"),  # Delta has no unsigned types; a Parquet folder can
     (lambda p, t: _delta(p, t, configuration={"delta.enableDeletionVectors": "true"}), "Delta reader features"),
-    (lambda p, t: _delta(p, t, configuration={"delta.columnMapping.mode": "name"}), "column mapping (mode name, reader version 2)"),
+    (lambda p, t: _delta(p, t, configuration={"delta.columnMapping.mode": "name"}),
+     "column mapping (mode name, reader version 2)"),
     (lambda p, t: _delta(p, t.slice(0, 5), partition_by=["item_id"]), "partition column"),
     (lambda p, t: _delta(p, t.slice(0, 0)), "no rows in its files"),
     (lambda p, t: _parquet(p, t, junk="not.parquet"), "not.parquet: "),  # a file the engine would refuse too
