@@ -45,6 +45,7 @@ import peers  # noqa: E402  (bench/peers.py)
 from jobs.tokenize_catalog import (  # noqa: E402
     DEFAULT_ANCHOR_LEVELS,
     DEFAULT_ANCHOR_RECONSTRUCTION,
+    DEFAULT_ANCHOR_REFINE_PASSES,
     DEFAULT_COLLISION_ALTERNATIVES,
     DEFAULT_PREFIX_FILL,
     anchored_levels,
@@ -168,7 +169,8 @@ def ours(**changes: object) -> Method:
                                       "anchor_reconstruction": DEFAULT_ANCHOR_RECONSTRUCTION,
                                       "collision_alternatives": DEFAULT_COLLISION_ALTERNATIVES}
         train_args: dict[str, Any] = {"epochs": 30, "batch_size": 1024, "lr": 1e-3, "seed": seed,
-                                      "prefix_fill": DEFAULT_PREFIX_FILL}
+                                      "prefix_fill": DEFAULT_PREFIX_FILL,
+                                      "anchor_refine_passes": DEFAULT_ANCHOR_REFINE_PASSES}
         for key, value in changes.items():
             (model_args if key in model_keys else train_args)[key] = value
         mcfg, tcfg = ModelConfig(**model_args), TrainConfig(**train_args)
@@ -262,6 +264,10 @@ METHODS: dict[str, Method] = {
     "ours_no_spread": ours(collision_alternatives=0),
     # the k-means of every level run a fixed 25 Lloyd iterations (the default until TrainConfig.kmeans_tol)
     "ours_kmeans25": ours(kmeans_iters=25, kmeans_tol=0.0),
+    # joint codeword refinement (TrainConfig.anchor_refine_passes): 0 is the default before it existed
+    "ours_refine0": ours(anchor_refine_passes=0),
+    "ours_refine1": ours(anchor_refine_passes=1),
+    "ours_refine10": ours(anchor_refine_passes=10),
     "ours_spread4": ours(collision_alternatives=4),
     "ours_latent64": ours(anchor_levels=2, latent_dim=64, prefix_fill=0.0),
     "ours_epochs60": ours(anchor_levels=2, epochs=60, prefix_fill=0.0),

@@ -146,6 +146,8 @@ DEFAULT_ANCHOR_RECONSTRUCTION = True
 DEFAULT_COLLISION_ALTERNATIVES = 16
 # A 2-prefix holds at most this share of the K full tuples it has room for (TrainConfig.prefix_fill).
 DEFAULT_PREFIX_FILL = 0.5
+# Joint refinement passes of a fully anchored model's codewords (TrainConfig.anchor_refine_passes).
+DEFAULT_ANCHOR_REFINE_PASSES = 5
 DEFAULT_ENGINE_MEMORY = 0  # bytes, 0: no pool (docs/scaling.md, "Memory": what a pool costs and saves)
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,254}$")
 
@@ -273,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "large level-1 cell cannot crowd a few level-2 codes past what they can tell apart; level 2 "
                         "then adds a learned per-prefix offset to the distance, fitted on the training sample. 0: no "
                         "new offsets (a fresh model: nearest centroid; a warm start keeps its model's) "
+                        "(docs/design.md)")
+    g.add_argument("--anchor-refine-passes", type=_at_least(0), default=DEFAULT_ANCHOR_REFINE_PASSES,
+                   help="with every level anchored: passes that refine the levels' codewords together after the "
+                        "level-by-level k-means, so that their sum reconstructs an item better; level 1's codes "
+                        "stay those of its k-means centroids. 0: off; a warm start runs at most --warm-start-epochs "
                         "(docs/design.md)")
     g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
@@ -409,7 +416,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         train_config=TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                  taxonomy_weight=a.taxonomy_weight, taxonomy_anchor_scale=a.taxonomy_anchor_scale,
                                  device=a.device, bf16=a.bf16,
-                                 warm_start_epochs=a.warm_start_epochs, prefix_fill=a.prefix_fill),
+                                 warm_start_epochs=a.warm_start_epochs, prefix_fill=a.prefix_fill,
+                                 anchor_refine_passes=a.anchor_refine_passes),
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,

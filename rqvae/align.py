@@ -94,7 +94,8 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
     """Rename the model's codes in place: afterwards it gives ``perms[l][c]`` where it gave code c at level l.
 
     ``perms`` has one permutation per codebook (:func:`code_permutations`). The anchor, which picks
-    the first levels, follows those levels' codebooks' permutations.
+    the first levels, follows those levels' codebooks' permutations (level 1's reconstruction codewords
+    with its centroids).
     """
     quantizer = model.quantizer
     if len(perms) != quantizer.codebooks.shape[0]:
@@ -108,6 +109,8 @@ def relabel_codes(model: RQVAE, perms: list[np.ndarray]) -> None:
     for level, index in enumerate(rows):
         centroids = model.anchor_book(level)
         centroids.copy_(centroids[index.to(centroids.device)])
+    if model.refines_first_level:  # level 1's reconstruction codewords follow its centroids
+        model.anchor_recon.copy_(model.anchor_recon[rows[0].to(model.anchor_recon.device)])
     if model.balances_prefixes:  # offsets[level-1 code, level-2 code] follow both renamings
         offsets = model.anchor_offsets
         offsets.copy_(offsets[rows[0].to(offsets.device)][:, rows[1].to(offsets.device)])

@@ -87,6 +87,9 @@ def model_from_payload(payload: Any, name: str = "<payload>") -> RQVAE | RQKMean
         if isinstance(model, RQVAE) and model.balances_prefixes and "anchor_offsets" not in state:
             # Written before the 2-prefix offsets existed: its level 2 was the nearest centroid.
             state["anchor_offsets"] = torch.zeros_like(model.anchor_offsets)
+        if isinstance(model, RQVAE) and model.refines_first_level and "anchor_recon" not in state and "anchor" in state:
+            # Written before level 1's reconstruction codewords were refined: they were its centroids.
+            state["anchor_recon"] = state["anchor"].clone()
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{name}: state_dict does not match its config ({e})") from e

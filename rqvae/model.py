@@ -55,6 +55,7 @@ class RQVAE(nn.Module):
     anchor: torch.Tensor  # (K, D) input-space level-1 centroids, when config.anchor_first_level
     anchor_deeper: torch.Tensor  # (A - 1, K, D) input-space residual centroids of levels 2..A, when A > 1
     anchor_offsets: torch.Tensor  # (K, K) level-2 offsets per level-1 code, when A > 1 and L > 2 (zeros: off)
+    anchor_recon: torch.Tensor  # (K, D) what a level-1 code adds to the reconstruction, when fully anchored, L > 1
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -75,6 +76,10 @@ class RQVAE(nn.Module):
             if self.balances_prefixes:
                 # Zero (nearest centroid) until fit() balances the 2-prefixes (TrainConfig.prefix_fill).
                 self.register_buffer("anchor_offsets", torch.zeros(config.codebook_size, config.codebook_size))
+            if self.refines_first_level:
+                # fit() sets it to the level-1 centroids, then refines it with the deeper levels
+                # (TrainConfig.anchor_refine_passes); a level-1 code is still picked by ``anchor``.
+                self.register_buffer("anchor_recon", self.anchor.clone())
 
     @property
     def num_levels(self) -> int:
@@ -92,6 +97,23 @@ class RQVAE(nn.Module):
         """The anchored level 2 has per-level-1-code offsets (``anchor_offsets``) that keep one level-2
         code from crowding a level-1 cell: at least two anchored levels and a level after them."""
         return self.config.anchored >= 2 and self.config.num_levels >= 3
+
+    @property
+    def refines_first_level(self) -> bool:
+        """Fully anchored with a level after the first: level 1's reconstruction codeword is its own
+        buffer (``anchor_recon``), refined together with the deeper levels' centroids so that the sum
+        of the codewords reconstructs better, while ``anchor`` (plain k-means of the inputs) keeps
+        picking level-1 codes: the level-1 cells stay what input-space k-means made them."""
+        return self.fully_anchored and self.config.num_levels > 1
+
+    def recon_book(self, level: int) -> torch.Tensor:
+        """(K, D) codewords that anchored ``level``'s codes add to the reconstruction (and subtract from
+        the residual the next level quantizes): :meth:`anchor_book`'s, except level 1's when
+        :attr:`refines_first_level`."""
+        return self.anchor_recon if level == 0 and self.refines_first_level else self.anchor_book(level)
+
+    def _first_recon(self) -> torch.Tensor | None:
+        return self.anchor_recon.float() if self.refines_first_level else None
 
     def _offsets(self) -> torch.Tensor | None:
         return self.anchor_offsets.float() if self.balances_prefixes else None
@@ -122,11 +144,13 @@ class RQVAE(nn.Module):
         if not self.config.anchored:
             return None
         books = [self.anchor_book(level).float() for level in range(self.config.anchored)]
-        return residual_codes((x if prepared else self.prepare(x)).float(), books, offsets=self._offsets())[0]
+        return residual_codes((x if prepared else self.prepare(x)).float(), books, offsets=self._offsets(),
+                              first_recon=self._first_recon())[0]
 
     def anchor_sum(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, D) sum of the anchored levels' input-space centroids named by ``codes`` (B, >= A)."""
-        return sum((self.anchor_book(level)[codes[:, level]] for level in range(self.config.anchored)),
+        """(B, D) sum of the anchored levels' input-space codewords (:meth:`recon_book`) named by ``codes``
+        (B, >= A)."""
+        return sum((self.recon_book(level)[codes[:, level]] for level in range(self.config.anchored)),
                    torch.zeros(codes.shape[0], self.config.input_dim, device=codes.device))
 
     def _latent_and_anchor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,7 +186,8 @@ class RQVAE(nn.Module):
         anchored, the error and the alternatives are the input-space residual's, as RQ-KMeans'."""
         if self.fully_anchored:
             books = [self.anchor_book(level).float() for level in range(self.num_levels)]
-            return Quantized(*residual_codes(self.prepare(x).float(), books, alternatives, self._offsets()))
+            return Quantized(*residual_codes(self.prepare(x).float(), books, alternatives, self._offsets(),
+                                             self._first_recon()))
         codes, inputs, residual = self.assign(x)
         if alternatives <= 0:
             return Quantized(codes, residual.norm(dim=-1))

@@ -86,7 +86,7 @@ def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[to
 
 
 def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternatives: int = 0,
-                   offsets: torch.Tensor | None = None
+                   offsets: torch.Tensor | None = None, first_recon: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Greedy residual assignment of ``residual`` (B, D) to the codebooks ``books`` (each (K, D)), level by
     level: codes (B, L) int64, the norm of what they leave (B,), and with ``alternatives`` > 0 the ranked
@@ -96,7 +96,11 @@ def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternativ
 
     ``offsets`` (K, K): the second level picks ``argmin_j |r - c_j|^2 + offsets[level-1 code, j]``
     instead of the nearest centroid (:func:`rqvae.kmeans.balance_offsets`); the second level must not
-    be the ranked last one."""
+    be the ranked last one.
+
+    ``first_recon`` (K, D): the first level picks the nearest centroid of ``books[0]`` but subtracts its
+    row of ``first_recon`` (the codeword a level-1 code adds to the reconstruction, when that is not the
+    centroid that picks it: ``rqvae.train``'s joint refinement)."""
     if offsets is not None and (len(books) < 2 or (len(books) == 2 and alternatives > 0)):
         raise ValueError(f"offsets apply to a second level that is not ranked; got {len(books)} levels "
                          f"and {alternatives} alternatives")
@@ -111,7 +115,7 @@ def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternativ
         else:
             idx = nearest(residual, book)[0]
         codes.append(idx)
-        residual = residual - book[idx]
+        residual = residual - (first_recon if level == 0 and first_recon is not None else book)[idx]
     left = residual.norm(dim=-1)
     if errors is not None:
         errors[:, 0] = left

@@ -18,6 +18,7 @@ from rqvae.config import ModelConfig, TrainConfig
 from rqvae.kmeans import balance_offsets, kmeans, nearest, squared_distances
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
+from rqvae.quantizer import cluster_means
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
 from rqvae.taxonomy import guided_centers, guiding_depth
 
@@ -230,7 +231,8 @@ def fit(
         init: a trained model of the same shape to start from (a warm start, e.g. the previous
             generation's champion): its weights and codebooks are the starting point instead of the
             autoencoder warm-up and the k-means initialisation, and its input-space anchor is refined by
-            at most ``warm_start_epochs`` Lloyd iterations that start at its centroids; training then runs
+            at most ``warm_start_epochs`` Lloyd iterations that start at its centroids (and no joint
+            refinement passes: ``TrainConfig.anchor_refine_passes``); training then runs
             at ``lr * warm_start_lr_scale`` for at most ``warm_start_epochs``. Codes therefore keep their
             meaning, so a retrained model gives most items the codes they had (docs/design.md "New
             generations").
@@ -243,7 +245,8 @@ def fit(
     if init is not None:
         passes = max(1, cfg.warm_start_epochs)  # epochs of fine-tuning, and Lloyd iterations of the anchor's refinement
         cfg = dataclasses.replace(cfg, lr=cfg.lr * cfg.warm_start_lr_scale, epochs=min(cfg.epochs, passes),
-                                  kmeans_iters=min(cfg.kmeans_iters, passes))
+                                  kmeans_iters=min(cfg.kmeans_iters, passes),
+                                  anchor_refine_passes=0)  # keeps what its model's refinement added
     with deterministic_algorithms(cfg.deterministic):
         return _fit(x, model_config, cfg, category_ids, list(callbacks), init, catalog_items or len(x))
 
@@ -317,11 +320,14 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
     Lloyd iterations start at the model's current centroids (a warm start keeps their meaning). With
     ``guide`` ((rows, T) category ids) level 1 is taxonomy-guided (``rqvae.taxonomy.guided_centers``)
     at the shallowest depth with at least K categories."""
-    residual = model.prepare(rows).float()
+    prepared = model.prepare(rows).float()
+    residual = prepared
     first = torch.zeros(0, dtype=torch.long)  # the rows' level-1 codes, once level 1 is fitted
     for level in range(model.config.anchored):
         book = model.anchor_book(level)
         init = book.float() if refine else None
+        if level == 0 and model.refines_first_level:  # what refinement added to each centroid, kept by a warm start
+            shift = (model.anchor_recon.float() - book.float()) if refine else torch.zeros_like(book, dtype=torch.float)
         if level == 0 and guide is not None:
             depth = guiding_depth(guide.cpu().numpy(), model.codebook_size)
             centers = guided_centers(residual, guide[:, depth], model.codebook_size,
@@ -331,13 +337,44 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
             centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
                              init=init, tol=cfg.kmeans_tol)
         book.copy_(centers)
+        if level == 0 and model.refines_first_level:
+            model.anchor_recon.copy_(centers + shift)
         if level == 1 and model.balances_prefixes:
             idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine, pool)
         else:
             idx = nearest(residual, centers)[0]
         if level == 0:
             first = idx
-        residual = residual - centers[idx]
+        residual = residual - model.recon_book(level).float()[idx]
+    if model.fully_anchored and cfg.anchor_refine_passes > 0:
+        _refine_jointly(model, prepared, cfg.anchor_refine_passes)
+        if model.balances_prefixes and cfg.prefix_fill > 0:  # the cap again, for the refined codewords
+            c1 = nearest(prepared, model.anchor_book(0).float())[0]
+            _balanced_level2(model, prepared - model.recon_book(0).float()[c1], model.anchor_book(1).float(), c1,
+                             cfg, catalog_items, True, pool)
+
+
+def _refine_jointly(model: RQVAE, prepared: torch.Tensor, passes: int) -> None:
+    """``passes`` rounds of joint codeword refinement of a fully anchored model on its k-means rows
+    (``prepared``: already :meth:`RQVAE.prepare`'d): encode the rows, then give each level in turn the
+    least-squares codewords for those codes, the mean per code of what the other levels' (latest)
+    codewords leave. Level 1's refined codewords go to ``anchor_recon``: its centroids keep picking its
+    codes. A code no row holds keeps its codeword. Each round lowers the rows' squared reconstruction
+    error for the codes it starts from; the next encoding may then pick other codes at levels 2 on."""
+    levels, k = model.num_levels, model.codebook_size
+    for _ in range(passes):
+        parts = [model.anchor_codes(part, prepared=True) for part in prepared.split(65536)]
+        codes = torch.cat([p for p in parts if p is not None])  # never None: the model is fully anchored
+        books = [model.recon_book(level).float() for level in range(levels)]
+        for level in range(levels):
+            rest = prepared.clone()
+            for other in range(levels):
+                if other != level:
+                    rest -= books[other][codes[:, other]]
+            held = torch.bincount(codes[:, level], minlength=k) > 0
+            books[level] = torch.where(held.unsqueeze(1), cluster_means(rest, codes[:, level], k), books[level])
+        for level, book in enumerate(books):
+            model.recon_book(level).copy_(book)
 
 
 # The 2-prefix fill cap's auction runs on up to this many training rows (the k-means fits use
@@ -364,12 +401,12 @@ def _balanced_level2(model: RQVAE, residual: torch.Tensor, centers: torch.Tensor
     bid_d, bid_cells = d, cells
     if pool is not None and len(pool[1]) > len(residual):
         x, idx = pool
-        first_book = model.anchor_book(0).float()
+        first_book, first_recon = model.anchor_book(0).float(), model.recon_book(0).float()
         parts, part_cells = [], []
         for chunk in idx[:BALANCE_ROWS].split(65536):
             p = model.prepare(x[chunk]).float()
             c1 = nearest(p, first_book)[0]
-            parts.append(squared_distances(p - first_book[c1], centers))
+            parts.append(squared_distances(p - first_recon[c1], centers))
             part_cells.append(c1)
         bid_d, bid_cells = torch.cat(parts), torch.cat(part_cells)
     k = model.codebook_size

@@ -103,6 +103,7 @@ BAD_ARGUMENTS = [
     (["--encode-batch-size", "0"], "argument --encode-batch-size: must be at least 1, got 0"),
     (["--gate-min-utilization", "2"], "argument --gate-min-utilization: must be a share between 0 and 1, got 2"),
     (["--prefix-fill", "2"], "argument --prefix-fill: must be a share between 0 and 1, got 2"),
+    (["--anchor-refine-passes", "-1"], "argument --anchor-refine-passes: must be at least 0, got -1"),
     (["--engine-memory", "lots"], "argument --engine-memory: expected a size such as 2g, 1536m or 0, got 'lots'"),
     (["--engine-memory=-2g"], "argument --engine-memory: must be 0 or more, got '-2g'"),
     (["--model-name", "bad/name"], "argument --model-name: 'bad/name' is not a usable registered model name"),

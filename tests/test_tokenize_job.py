@@ -597,6 +597,13 @@ def test_prefix_fill_defaults_to_half_and_is_a_share() -> None:
     assert parse_args(["--demo", "--prefix-fill", "0"]).train_config.prefix_fill == 0.0
 
 
+def test_anchor_refine_passes_default_to_five_and_reach_the_train_config() -> None:
+    from jobs.tokenize_catalog import parse_args
+
+    assert parse_args(["--demo"]).train_config.anchor_refine_passes == 5
+    assert parse_args(["--demo", "--anchor-refine-passes", "0"]).train_config.anchor_refine_passes == 0
+
+
 def test_engine_memory_is_a_size_with_no_cap_by_default() -> None:
     from jobs.tokenize_catalog import parse_args
 
