@@ -160,14 +160,15 @@ class TrainConfig(DictConfig):
             least-squares codewords for those codes). Level 1's codes are still picked by its k-means
             centroids; only what a level-1 code adds to the reconstruction (``RQVAE.anchor_recon``)
             changes, so level-1 cells, P1 and level-1 NMI stay exactly as they were. The 2-prefix
-            offsets are re-balanced after the last pass. On WordNet's nouns (82k x 384) 3 passes raise
-            the collision-free reconstruction cosine 0.6779 -> 0.6810 and P2 nn 0.229 -> 0.239
-            (bench/RESULTS.md). 0 = off (the codewords are the level-by-level k-means centroids). The
-            job's default is 5; this library default is 0. A warm start runs none: it keeps what its
-            model's refinement added to each level-1 centroid, and its Lloyd iterations start at the
-            refined codewords of levels 2 on. Refining there too moved more codes (demo catalog + 10%
-            new items: full code tuples kept 84.6% without, 79.2% with 5 passes) for +0.0003 of
-            reconstruction cosine, so a model gets refined codewords with a fresh generation.
+            offsets are re-balanced after the last pass. On WordNet's nouns (82k x 384) 5 passes raise
+            the collision-free reconstruction cosine 0.6779 -> 0.6809 and P2 nn 0.229 -> 0.240 for
+            6 s of fitting (1 pass: 0.6802; 10: 0.6811; bench/RESULTS.md). 0 = off (the codewords
+            are the level-by-level k-means centroids). The job's default is 5; this library default
+            is 0. A warm start runs none: it keeps what its model's refinement added to each level-1
+            centroid, and its Lloyd iterations start at the refined codewords of levels 2 on.
+            Refining there too moved more codes (demo catalog + 10% new items: full code tuples kept
+            84.6% without, 79.2% with 3 passes) for +0.0003 of reconstruction cosine, so a model gets
+            refined codewords with a fresh generation.
         dead_code_window: steps a code may go unused before it is re-seeded (0 = never).
         taxonomy_weight: lambda of the catalog-tree contrastive regularizer (0 = off; it is
             also off when no categories are given).

@@ -86,7 +86,8 @@ def ranked_codes(residual: torch.Tensor, book: torch.Tensor, k: int) -> tuple[to
 
 
 def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternatives: int = 0,
-                   offsets: torch.Tensor | None = None, first_recon: torch.Tensor | None = None
+                   offsets: torch.Tensor | None = None, first_recon: torch.Tensor | None = None,
+                   first_codes: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Greedy residual assignment of ``residual`` (B, D) to the codebooks ``books`` (each (K, D)), level by
     level: codes (B, L) int64, the norm of what they leave (B,), and with ``alternatives`` > 0 the ranked
@@ -100,7 +101,8 @@ def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternativ
 
     ``first_recon`` (K, D): the first level picks the nearest centroid of ``books[0]`` but subtracts its
     row of ``first_recon`` (the codeword a level-1 code adds to the reconstruction, when that is not the
-    centroid that picks it: ``rqvae.train``'s joint refinement)."""
+    centroid that picks it: ``rqvae.train``'s joint refinement). ``first_codes`` (B,): the level-1 codes,
+    when already known (they are the nearest centroids of ``books[0]``; its search is then skipped)."""
     if offsets is not None and (len(books) < 2 or (len(books) == 2 and alternatives > 0)):
         raise ValueError(f"offsets apply to a second level that is not ranked; got {len(books)} levels "
                          f"and {alternatives} alternatives")
@@ -110,6 +112,8 @@ def residual_codes(residual: torch.Tensor, books: list[torch.Tensor], alternativ
         if level == len(books) - 1 and alternatives > 0:
             ranked, errors = ranked_codes(residual, book, alternatives)
             idx = ranked[:, 0]
+        elif level == 0 and first_codes is not None:
+            idx = first_codes
         elif level == 1 and offsets is not None:
             idx = nearest_offset(residual, book, offsets, codes[0])
         else:

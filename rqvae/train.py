@@ -18,7 +18,7 @@ from rqvae.config import ModelConfig, TrainConfig
 from rqvae.kmeans import balance_offsets, kmeans, nearest, squared_distances
 from rqvae.losses import reconstruction_loss, taxonomy_loss
 from rqvae.model import RQVAE
-from rqvae.quantizer import cluster_means
+from rqvae.quantizer import cluster_means, residual_codes
 from rqvae.sampler import HierarchicalSampler, shuffled_batches
 from rqvae.taxonomy import guided_centers, guiding_depth
 
@@ -362,10 +362,12 @@ def _refine_jointly(model: RQVAE, prepared: torch.Tensor, passes: int) -> None:
     codes. A code no row holds keeps its codeword. Each round lowers the rows' squared reconstruction
     error for the codes it starts from; the next encoding may then pick other codes at levels 2 on."""
     levels, k = model.num_levels, model.codebook_size
+    first = nearest(prepared, model.anchor_book(0).float())[0]  # level 1's centroids do not change here
     for _ in range(passes):
-        parts = [model.anchor_codes(part, prepared=True) for part in prepared.split(65536)]
-        codes = torch.cat([p for p in parts if p is not None])  # never None: the model is fully anchored
         books = [model.recon_book(level).float() for level in range(levels)]
+        codes = torch.cat([residual_codes(part, [model.anchor_book(0).float(), *books[1:]], offsets=model._offsets(),
+                                          first_recon=books[0], first_codes=cells)[0]
+                           for part, cells in zip(prepared.split(65536), first.split(65536))])
         for level in range(levels):
             rest = prepared.clone()
             for other in range(levels):
