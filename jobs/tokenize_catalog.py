@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anchor-refine-passes", type=_at_least(0), default=DEFAULT_ANCHOR_REFINE_PASSES,
                    help="with every level anchored: passes that refine the levels' codewords together after the "
                         "level-by-level k-means, so that their sum reconstructs an item better; level 1's codes "
-                        "stay those of its k-means centroids. 0: off; a warm start runs at most --warm-start-epochs "
-                        "(docs/design.md)")
+                        "stay those of its k-means centroids. 0: off; a warm start runs none and keeps the "
+                        "refinement its model has (docs/design.md)")
     g.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs")
     g.add_argument("--batch-size", type=_at_least(2), default=1024, help="training batch size")
     g.add_argument("--lr", type=_positive, default=1e-3, help="peak learning rate")

@@ -336,9 +336,12 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
         else:
             centers = kmeans(residual, model.codebook_size, iters=cfg.kmeans_iters, seed=cfg.seed + level,
                              init=init, tol=cfg.kmeans_tol)
-        book.copy_(centers)
         if level == 0 and model.refines_first_level:
+            if refine:  # a centroid Lloyd re-seeded elsewhere (its old self is not the nearest) starts unshifted
+                same = nearest(centers, book.float())[0] == torch.arange(len(centers), device=centers.device)
+                shift = shift * same.unsqueeze(1).to(shift.dtype)
             model.anchor_recon.copy_(centers + shift)
+        book.copy_(centers)
         if level == 1 and model.balances_prefixes:
             idx = _balanced_level2(model, residual, centers, first, cfg, catalog_items, refine, pool)
         else:
@@ -346,12 +349,12 @@ def _fit_anchor(model: RQVAE, rows: torch.Tensor, cfg: TrainConfig, catalog_item
         if level == 0:
             first = idx
         residual = residual - model.recon_book(level).float()[idx]
-    if model.fully_anchored and cfg.anchor_refine_passes > 0:
+    if model.refines_first_level and cfg.anchor_refine_passes > 0:
         _refine_jointly(model, prepared, cfg.anchor_refine_passes)
-        if model.balances_prefixes and cfg.prefix_fill > 0:  # the cap again, for the refined codewords
+        if model.balances_prefixes and cfg.prefix_fill > 0:  # the cap again, fitted anew for the refined codewords
             c1 = nearest(prepared, model.anchor_book(0).float())[0]
             _balanced_level2(model, prepared - model.recon_book(0).float()[c1], model.anchor_book(1).float(), c1,
-                             cfg, catalog_items, True, pool)
+                             cfg, catalog_items, refine, pool)
 
 
 def _refine_jointly(model: RQVAE, prepared: torch.Tensor, passes: int) -> None:
@@ -361,6 +364,8 @@ def _refine_jointly(model: RQVAE, prepared: torch.Tensor, passes: int) -> None:
     codewords leave. Level 1's refined codewords go to ``anchor_recon``: its centroids keep picking its
     codes. A code no row holds keeps its codeword. Each round lowers the rows' squared reconstruction
     error for the codes it starts from; the next encoding may then pick other codes at levels 2 on."""
+    if not model.refines_first_level:
+        raise ValueError("joint refinement needs a fully anchored model with at least two levels")
     levels, k = model.num_levels, model.codebook_size
     first = nearest(prepared, model.anchor_book(0).float())[0]  # level 1's centroids do not change here
     for _ in range(passes):

@@ -70,6 +70,8 @@ def test_refined_codes_are_the_residual_walk_by_hand(pair) -> None:  # type: ign
 
 def test_one_pass_gives_each_level_the_mean_of_what_the_others_leave(pair) -> None:  # type: ignore[no-untyped-def]
     model = load_checkpoint(checkpoint_bytes(pair[0].model))
+    with torch.no_grad():  # a level-3 codeword no item is near: no row holds it
+        model.anchor_book(2)[5] = 100.0
     x = unit(CATALOG)
     codes = torch.from_numpy(encode_array(model, CATALOG).codes.astype(np.int64))
     _refine_jointly(model, x, 1)
@@ -81,7 +83,8 @@ def test_one_pass_gives_each_level_the_mean_of_what_the_others_leave(pair) -> No
         if held.any():
             torch.testing.assert_close(books[2][code], rest[held].mean(0), rtol=1e-4, atol=1e-5)
         else:  # no row holds it: it keeps its codeword
-            assert torch.equal(books[2][code], pair[0].model.anchor_book(2)[code])
+            assert code == 5 and bool((books[2][code] == 100.0).all())
+    assert not bool((codes[:, 2] == 5).any())
     assert torch.equal(model.anchor, pair[0].model.anchor)
 
 
@@ -99,8 +102,23 @@ def test_a_checkpoint_from_before_refinement_loads_with_level_1_adding_its_centr
     np.testing.assert_array_equal(encode_array(old, CATALOG).codes, encode_array(pair[0].model, CATALOG).codes)
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_with_fewer_than_three_levels_the_picking_centroids_never_move(levels: int) -> None:
+    config = dataclasses.replace(FULL, num_levels=levels, anchor_levels=levels)
+    plain, refined = fit(CATALOG, config, PLAIN).model, fit(CATALOG, config, REFINED).model
+    assert torch.equal(plain.anchor, refined.anchor)
+    np.testing.assert_array_equal(encode_array(refined, CATALOG).codes[:, 0], encode_array(plain, CATALOG).codes[:, 0])
+    if levels == 1:  # nothing to refine against: the same model
+        assert not hasattr(refined, "anchor_recon")
+        np.testing.assert_array_equal(encode_array(refined, CATALOG).quantization_error,
+                                      encode_array(plain, CATALOG).quantization_error)
+    else:
+        assert squared_error(refined, CATALOG) < squared_error(plain, CATALOG)
+
+
 def test_the_2_prefix_cap_holds_after_refinement() -> None:
-    capped = dataclasses.replace(REFINED, prefix_fill=1.0)
+    # k-means on 1,000 rows, the cap's auction on every training row (the pool path)
+    capped = dataclasses.replace(REFINED, prefix_fill=1.0, kmeans_init_size=1000)
     result = fit(CATALOG, FULL, capped)
     model = result.model
     train = np.setdiff1d(np.arange(len(CATALOG)), result.holdout_index)
