@@ -163,7 +163,7 @@ class TrainConfig(DictConfig):
             offsets are fitted anew after the last pass. Needs at least two levels (one has nothing to
             refine against: the option does nothing there). On WordNet's nouns (82k x 384) 5 passes raise
             the collision-free reconstruction cosine 0.6779 -> 0.6809 and P2 nn 0.229 -> 0.240 for
-            6 s of fitting (1 pass: 0.6802; 10: 0.6811; bench/RESULTS.md). 0 = off (the codewords
+            6-10 s of fitting (1 pass: 0.6802; 10: 0.6811; bench/RESULTS.md). 0 = off (the codewords
             are the level-by-level k-means centroids). The job's default is 5; this library default
             is 0. A warm start runs none: it keeps what its model's refinement added to each level-1
             centroid, and its Lloyd iterations start at the refined codewords of levels 2 on.
