@@ -15,6 +15,12 @@ Same catalog, metric code and columns as bench/quality_real.py (its ``load_catal
    rounds of block-coordinate refinement (each level's centroids re-fitted to what the other levels
    leave, with every item's codes re-assigned greedily between rounds), spreading as above.
 
+3. **Level 1 across seeds** (``--seeds N``): level 1 alone, fitted N times with seeds 0..N-1 by our
+   k-means (the job's settings: at most 100 Lloyd iterations, tol 1e-3) and by scikit-learn's KMeans
+   with one k-means++ start (what semantic-id's RQKMeans runs at each level, 10 times, keeping the
+   lowest inertia): mean squared distance to the centroid, P1 nn, NMI1 and perplexity per seed. Their
+   spread is how far one fit's P1 or NMI1 can be from another's by chance alone.
+
 Prints Markdown tables for bench/RESULTS.md; --json writes the rows.
 """
 from __future__ import annotations
@@ -33,9 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quality_real import DEFAULT_CATALOG, load_catalog, score, table  # noqa: E402
+from quality_real import DEFAULT_CATALOG, DEFAULT_QUERIES, load_catalog, neighbours, score, table  # noqa: E402
 
 from rqvae.kmeans import kmeans, nearest  # noqa: E402
+from rqvae.metrics import _cluster_class_agreement  # noqa: E402
 from rqvae.quantizer import ranked_codes  # noqa: E402
 from rqvae.resolve import spread_last_level  # noqa: E402
 
@@ -99,6 +106,29 @@ def row(x: torch.Tensor, books: list[torch.Tensor], fit_s: float, k: int, lex: n
     return {c: out[c] for c in COLUMNS}
 
 
+SEED_COLUMNS = ("inertia", "p1_nn", "nmi1", "ppl_l1", "fit_s")
+
+
+def level_one(x: torch.Tensor, who: str, seed: int, lex: np.ndarray, query_seed: int) -> dict[str, float]:
+    """Level 1 alone (K = 256) fitted by ``who`` ("ours" or "sklearn") with ``seed``: its columns."""
+    start = time.perf_counter()
+    if who == "ours":
+        centers = kmeans(x, 256, iters=100, seed=seed, tol=1e-3)
+    else:
+        from sklearn.cluster import KMeans
+
+        fitted = KMeans(256, n_init=1, max_iter=100, tol=1e-4, random_state=seed).fit(x.numpy())
+        centers = torch.from_numpy(fitted.cluster_centers_.astype(np.float32))
+    fit_s = time.perf_counter() - start
+    codes, dist = nearest(x, centers)
+    level1 = codes.numpy()
+    queries, nn5, _ = neighbours(x.numpy(), DEFAULT_QUERIES, query_seed)
+    share = np.bincount(level1, minlength=256) / len(level1)
+    return {"inertia": float(dist.mean()), "p1_nn": float((level1[queries] == level1[nn5[:, 0]]).mean()),
+            "nmi1": _cluster_class_agreement(1, level1, lex).nmi,
+            "ppl_l1": float(np.exp(-(share[share > 0] * np.log(share[share > 0])).sum())), "fit_s": fit_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", default=str(DEFAULT_CATALOG), help="catalog parquet (bench/real_catalog.py)")
@@ -107,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated K1xK2 level sizes for the coherence curve ('' skips it)")
     p.add_argument("--refine-rounds", type=int, default=3, help="rounds for the reconstruction curve (0 skips it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=0,
+                   help="fit level 1 alone with this many seeds, ours and scikit-learn's (0 skips it; needs the "
+                        "bench requirements)")
     p.add_argument("--json", help="write the rows to this file")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -114,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     x = F.normalize(torch.from_numpy(x_np), dim=-1)
     print(f"# {len(x)} items x {x.shape[1]}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}", flush=True)
-    rows: dict[str, dict[str, dict[str, float]]] = {"coherence": {}, "refinement": {}}
+    rows: dict[str, dict[str, dict[str, float]]] = {"coherence": {}, "refinement": {}, "level-1 seeds": {}}
     for spec in filter(None, a.grid.split(",")):
         k1, k2 = (int(v) for v in spec.split("x"))
         start = time.perf_counter()
@@ -132,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             fit_s += time.perf_counter() - start
             rows["refinement"][f"{r} rounds"] = row(x, books, fit_s, 256, lex, deep, a.seed)
             print(f"refine {r}: {rows['refinement'][f'{r} rounds']}", file=sys.stderr, flush=True)
+    for seed in range(a.seeds):
+        for who in ("ours", "sklearn"):
+            rows["level-1 seeds"][f"{who} seed {seed}"] = level_one(x, who, seed, lex, a.seed)
+            print(f"{who} seed {seed}: {rows['level-1 seeds'][f'{who} seed {seed}']}", file=sys.stderr, flush=True)
     for name, part in rows.items():
         if part:
-            print(f"\n{name}\n\n{table(part, COLUMNS)}")
+            print(f"\n{name}\n\n{table(part, SEED_COLUMNS if name == 'level-1 seeds' else COLUMNS)}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0
