@@ -80,3 +80,19 @@ def test_the_shared_neighbour_search_scores_as_the_librarys_prefix_coincidence()
         got = quality_real.score(x, codes, None, 3, labels, labels, seed=4, n_queries=n_queries)
         want = prefix_coincidence(x, codes, n_queries=n_queries or 300, seed=4)
         assert (got["p1_nn"], got["p2_nn"], got["p1_random"]) == (want.nn[0], want.nn[1], want.random[0])
+
+
+def test_the_level_1_seed_curve_scores_level_1_as_the_main_table_does() -> None:
+    # bench/tradeoff_real.py --seeds compares one level-1 fit's P1 / NMI1 with another's; they must be the
+    # columns score() gives the same level-1 codes, or the seed spread would be read on another scale.
+    import tradeoff_real  # noqa: E402  (bench/tradeoff_real.py)
+
+    from rqvae.kmeans import kmeans, nearest
+
+    x = torch.nn.functional.normalize(torch.from_numpy(make_catalog(CatalogSpec(800, 8, seed=3)).embeddings), dim=-1)
+    labels = np.arange(800) % 7
+    got = tradeoff_real.level_one(x, "ours", 2, labels, 0)
+    level1 = nearest(x, kmeans(x, 256, iters=100, seed=2, tol=1e-3))[0].numpy()
+    want = quality_real.score(x.numpy(), np.stack([level1, level1, level1], 1), None, 256, labels, labels, seed=0)
+    assert (got["p1_nn"], got["nmi1"]) == (want["p1_nn"], want["nmi1"])
+    assert 0.0 < got["p1_nn"] < 1.0 and got["ppl_l1"] > 100
