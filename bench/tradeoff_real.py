@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quality_real import DEFAULT_CATALOG, DEFAULT_QUERIES, load_catalog, neighbours, score, table  # noqa: E402
 
 from rqvae.kmeans import kmeans, nearest  # noqa: E402
-from rqvae.metrics import _cluster_class_agreement  # noqa: E402
+from rqvae.metrics import _cluster_class_agreement, level_usage  # noqa: E402
 from rqvae.quantizer import ranked_codes  # noqa: E402
 from rqvae.resolve import spread_last_level  # noqa: E402
 
@@ -123,10 +123,9 @@ def level_one(x: torch.Tensor, who: str, seed: int, lex: np.ndarray, query_seed:
     codes, dist = nearest(x, centers)
     level1 = codes.numpy()
     queries, nn5, _ = neighbours(x.numpy(), DEFAULT_QUERIES, query_seed)
-    share = np.bincount(level1, minlength=256) / len(level1)
     return {"inertia": float(dist.mean()), "p1_nn": float((level1[queries] == level1[nn5[:, 0]]).mean()),
             "nmi1": _cluster_class_agreement(1, level1, lex).nmi,
-            "ppl_l1": float(np.exp(-(share[share > 0] * np.log(share[share > 0])).sum())), "fit_s": fit_s}
+            "ppl_l1": level_usage(level1[:, None], 256)[0].perplexity, "fit_s": fit_s}
 
 
 def main(argv: list[str] | None = None) -> int:
