@@ -401,9 +401,10 @@ def plan_changes(
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
     check_compatible(state, model.num_levels, model.codebook_size, f"{model.name} version {model.version}")
-    classified = _classify(state, encoded, mode, on_changed)
-    staged = materialize(classified.where(F.col(CHANGE) != UNCHANGED)) or classified.where(
-        F.col(CHANGE) != UNCHANGED)
+    classified = _classify(state, encoded, mode, on_changed).where(F.col(CHANGE) != UNCHANGED)
+    # Without a table every row is new: the frame is the encoded rows plus constants, read twice below
+    # for the cost of a scan. With one, it holds the full outer join with the table: computed once.
+    staged = classified if state is None else materialize(classified) or classified
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize)
