@@ -63,15 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def catalog_path(n: int, dim: int, fmt: str) -> Path:
-    """The benchmark catalog (written once by bench/make_catalog.py's writer, then reused)."""
+def catalog_path(n: int, dim: int, fmt: str, quantize_bits: int = 0) -> Path:
+    """The benchmark catalog (written once by bench/make_catalog.py's writer, then reused); with
+    ``quantize_bits``, its values rounded as ``make_catalog.py --quantize-bits`` does (``..._q8_delta``)."""
+    from make_catalog import quantizer
+
     from pipelines.demo import write_demo_catalog
     from rqvae.synthetic import CatalogSpec
 
-    path = OUT / f"catalog_{n}_{dim}_{fmt}"
+    path = OUT / f"catalog_{n}_{dim}{f'_q{quantize_bits}' if quantize_bits else ''}_{fmt}"
     if not (path / ("_delta_log" if fmt == "delta" else "part-00000.parquet")).exists():
         print(f"writing {path} ...", flush=True)
-        write_demo_catalog(path, CatalogSpec(n_items=n, dim=dim, seed=0), fmt=fmt)
+        write_demo_catalog(path, CatalogSpec(n_items=n, dim=dim, seed=0), fmt=fmt,
+                           transform=quantizer(quantize_bits) if quantize_bits else None)
     return path
 
 

@@ -103,3 +103,24 @@ def test_the_quantized_benchmark_catalog_has_few_values_close_to_the_generated_o
     step = 4 * float(chunks[0].embeddings.std()) / 127
     inside = np.abs(original) <= 4 * chunks[0].embeddings.std()
     assert np.abs(quantized - original)[inside].max() <= step / 2 + 1e-7  # rounding to the nearest level
+
+
+def test_the_benchmarks_write_the_quantized_catalog_under_its_own_name(monkeypatch, tmp_path) -> None:
+    from deltalake import DeltaTable
+
+    monkeypatch.syspath_prepend(str(helpers.ROOT / "bench"))
+    import encode_throughput
+
+    monkeypatch.setattr(encode_throughput, "OUT", tmp_path)
+    quantized = encode_throughput.catalog_path(500, 16, "delta", quantize_bits=8)
+    plain = encode_throughput.catalog_path(500, 16, "delta")
+    assert (quantized.name, plain.name) == ("catalog_500_16_q8_delta", "catalog_500_16_delta")
+
+    def values(path) -> np.ndarray:
+        table = DeltaTable(str(path)).to_pyarrow_dataset().to_table().sort_by("item_id")
+        return np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+
+    q, x = values(quantized), values(plain)
+    assert q.shape == x.shape == (500, 16)
+    assert len(np.unique(q)) <= 255 < len(np.unique(x))  # the same items, rounded to 255 levels
+    assert np.abs(q - x).max() <= 4 * float(x.std()) / 127  # within one level's step (generous: sigma of all)
