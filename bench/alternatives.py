@@ -26,7 +26,10 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
       when not asked for). Reported as a ratio of wall times: i_local/e and i_spark/k (B has 1% more
       items than the catalog e and k ran on).
 
-Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s.
+Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s; it counts a
+page again in every process that maps it, so a forked child (Python workers forked from one daemon, a
+helper the JVM spawns) adds its parent's pages once more. Peak PSS, sampled with it, counts each page
+once (a shared page split among its processes): the tree's memory (encode_throughput.run_sampled).
 ``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
 wall time of each (peak RSS: the highest); the checks read the last round's tables.
 
@@ -343,22 +346,23 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
             cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
         result = timed(cmd, grown, env=spark_env() if name == "i_spark" else dict(os.environ))
     items = a.items + (int(round(a.items * a.new_share)) if name in NEEDS else 0)
-    figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"], "items": items,
+    figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"],
+               "peak_pss_mb": result["peak_pss_mb"], "items": items,
                "items_per_s": items / result["wall_s"], "table": str(table), "stages": result["stages"],
                "encoded_rows": result["encoded_rows"], **worker_json(result["stdout_tail"])}
     print(f"{name}: {result['wall_s']:.1f} s, {figures['items_per_s']:,.0f} items/s, "
-          f"peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+          f"peak RSS {result['peak_rss_mb']:,.0f} MB, PSS {result['peak_pss_mb']:,.0f} MB", flush=True)
     return figures
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The last round's figures (its table is the one checked) with the median wall time of all rounds, the
-    items/s of that median, every round's wall time and the highest peak RSS."""
+    items/s of that median, every round's wall time and the highest peak RSS and PSS."""
     walls = sorted(r["wall_s"] for r in runs)
     wall = float(np.median(walls))
     last = runs[-1]
     return {**last, "wall_s": wall, "items_per_s": last["items"] / wall, "walls_s": [r["wall_s"] for r in runs],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_pss_mb": max(r["peak_pss_mb"] for r in runs)}
 
 
 # --- correctness ---------------------------------------------------------------------------------------
@@ -440,13 +444,15 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
              f"classic master {a.master}; (i): {n_new:,} new items"
              + (f"; wall s = the median of {a.repeat} rounds (all rounds in the JSON)" if a.repeat > 1 else ""), "",
-             "| variant | wall s | items/s | peak RSS MB | code mism. vs (s) | prefix mism. | ID mism. | items |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | wall s | items/s | peak RSS MB | peak PSS MB | code mism. vs (s) | prefix mism. | ID mism. "
+             "| items |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in figures.items():
         c = checks["vs_s"].get(name)
         cells = ([str(c["code_mismatches"]), str(c["prefix_mismatches"]), str(c["id_mismatches"])] if c
                  else ["ref" if name == "s" else "-"] * 3)
         lines.append(f"| {LABELS[name]} | {f['wall_s']:.1f} | {f['items_per_s']:,.0f} | {f['peak_rss_mb']:,.0f} | "
+                     f"{f['peak_pss_mb']:,.0f} | "
                      + " | ".join(cells) + f" | {f['items']:,} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     for r in ratio_rows:

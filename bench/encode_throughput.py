@@ -110,18 +110,34 @@ def model_path(dim: int, catalog: Path) -> Path:
     return path
 
 
-def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
-    """Run ``cmd``; return (exit code, wall seconds, peak RSS of its process tree in MB, stdout)."""
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, float, str]:
+    """Run ``cmd``; return (exit code, wall seconds, peak RSS and peak PSS of its process tree in MB, stdout).
+
+    The RSS sum counts a page once per process that maps it, so a forked child counts its parent's pages
+    again: a JVM spawning a helper (its child briefly shows the JVM's whole RSS) or Python workers forked
+    from one daemon. The PSS sum (proportional set size: a shared page split among the processes that
+    share it) counts each page once; it equals the RSS sum for a tree without shared pages. PSS is read
+    from /proc (Linux); elsewhere it repeats the RSS figure."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    peak = [0]
+    peak = [0, 0]
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                rss = pss = 0
+                for p in tree:
+                    try:
+                        full = p.memory_full_info()
+                    except (psutil.AccessDenied, psutil.ZombieProcess):
+                        full = p.memory_info()
+                    except psutil.NoSuchProcess:
+                        continue
+                    rss += full.rss
+                    pss += getattr(full, "pss", full.rss)
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -130,7 +146,7 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float,
     sampler.start()
     out, _ = proc.communicate()
     sampler.join()
-    return proc.returncode, time.perf_counter() - start, peak[0] / 2**20, out
+    return proc.returncode, time.perf_counter() - start, peak[0] / 2**20, peak[1] / 2**20, out
 
 
 def codes_digest(ids: np.ndarray, codes: np.ndarray) -> str:
@@ -228,7 +244,7 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
               "--catalog", str(catalog), "--model", str(model_file), "--output", str(run_dir / "encode"),
               "--dim", str(a.dim), "--device", a.device, *batch]
     warm_page_cache(catalog)
-    rc, wall_b, rss_b, out = run_sampled(worker, env)
+    rc, wall_b, rss_b, _, out = run_sampled(worker, env)
     if rc != 0:
         raise RuntimeError(f"encode-only run failed on {engine}:\n{out[-3000:]}")
     seconds_b = next(json.loads(line) for line in out.splitlines() if line.startswith('{"seconds"'))["seconds"]
@@ -239,7 +255,7 @@ def engine_figures(engine: str, a: argparse.Namespace, model_file: Path) -> dict
            "--stages", "validate,encode,report", "--model", str(model_file),
            "--encode-device", a.device, "--max-reject-share", "0",
            *(["--encode-batch-size", str(a.batch_size)] if a.batch_size else [])]
-    rc, wall_c, rss_c, out = run_sampled(job, env)
+    rc, wall_c, rss_c, _, out = run_sampled(job, env)
     if rc != 0:
         raise RuntimeError(f"job failed on {engine}:\n{out[-3000:]}")
     digest = table_codes_digest(run_dir / "tables" / "semantic_ids", fmt)

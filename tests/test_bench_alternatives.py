@@ -5,6 +5,7 @@ the ID strings. Otherwise the benchmark would compare the job with a script that
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -124,3 +125,20 @@ def test_the_benchmarks_write_the_quantized_catalog_under_its_own_name(monkeypat
     assert q.shape == x.shape == (500, 16)
     assert len(np.unique(q)) <= 255 < len(np.unique(x))  # the same items, rounded to 255 levels
     assert np.abs(q - x).max() <= 4 * float(x.std()) / 127  # within one level's step (generous: sigma of all)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PSS is read from /proc")
+def test_the_memory_sampler_counts_a_forked_childs_shared_pages_once_in_pss(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(helpers.ROOT / "bench"))
+    from encode_throughput import run_sampled
+
+    # 400 MB touched by the parent, then a fork that only sleeps: its RSS repeats the parent's pages.
+    script = ("import os, time, numpy as np\n"
+              "a = np.ones(50_000_000)\n"
+              "pid = os.fork()\n"
+              "time.sleep(2.0)\n"
+              "os._exit(0) if pid == 0 else os.waitpid(pid, 0)\n")
+    rc, wall, rss, pss, _ = run_sampled([sys.executable, "-c", script], dict(os.environ))
+    assert rc == 0 and wall >= 2.0
+    assert rss >= 2 * 380  # both processes show the 400 MB
+    assert 380 <= pss <= 0.6 * rss  # counted once between them
