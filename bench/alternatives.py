@@ -31,7 +31,7 @@ page again in every process that maps it, so a forked child (Python workers fork
 helper the JVM spawns) adds its parent's pages once more. Peak PSS, sampled with it, counts each page
 once (a shared page split among its processes): the tree's memory (encode_throughput.run_sampled).
 ``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
-wall time of each (peak RSS: the highest); the checks read the last round's tables.
+wall time of each (peak RSS and PSS: the highest); the checks read the last round's tables.
 
 The model: --model, or bench/encode_throughput.py's cached model for D (the job's default model, fitted once
 on the catalog's first 100k items). Its checkpoint is copied with ``collision_alternatives`` set to
