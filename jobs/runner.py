@@ -53,6 +53,7 @@ from pipelines.schema import (
     InputColumns,
 )
 from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
+from pipelines.uniquify import parts_for
 from pipelines.validate import (
     NoValidRowsError,
     RowAccountingError,
@@ -510,7 +511,8 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         encoded = _encode(job, v, model, state, mode)
         _check_counts(job, catalog.count(), encoded.counts, encoded.rejects)
         plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
-                                   now=job.now, materialize=job.materialize)
+                                   now=job.now, materialize=job.materialize,
+                                   progress=lambda line: print(f"    {line}", flush=True))
         print(f"    {plan.counts.summary()}")
         if encoded.encoded_rows is not None:
             print(f"    {encoded.encoded_rows} rows went through the model")
@@ -587,8 +589,9 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     tables written, a pending entry, the one semantic-ID commit, the checks, the published entry."""
     cfg, location, result, spark = job.cfg, job.location, job.result, job.spark
     table = plan.table()
-    ledger.check_ledger(table, expected_active=result.counts["valid_rows"])  # before anything is written
-    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize)
+    parts = parts_for(result.counts["valid_rows"])  # a large catalog's checks and statistics go in parts
+    ledger.check_ledger(table, expected_active=result.counts["valid_rows"], parts=parts)  # before anything is written
+    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts)
     drifts = [drift] + ([result.comparison] if result.comparison else [])
     frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
                                            n_rejected=result.counts["rejected_rows"]),
@@ -610,7 +613,7 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     sids = location.shown_of(SEMANTIC_IDS_TABLE)
     if written is None:
         print(f"    nothing to change in {sids}: no commit")
-    active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"])
+    active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"], parts=parts)
     if moves:  # the IDs are out and checked: the model that issued them is the one daily runs use
         registry.set_alias(model.name, registry.CHAMPION, model.version)
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
@@ -648,7 +651,8 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
         sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
         if result.comparison is None and cfg.compare_to:
             result.comparison = _compare(job, sids, None)
-        summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize).summary
+        summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize,
+                                parts=parts_for(sids.count())).summary
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.shown_root) / "report"
     staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}-{result.run_id}")
     shutil.rmtree(staging, ignore_errors=True)

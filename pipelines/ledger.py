@@ -60,7 +60,7 @@ from pipelines.schema import (
     RetiredReason,
     prefix_column,
 )
-from pipelines.uniquify import assign_next_suffixes, assign_suffixes, spread_collisions
+from pipelines.uniquify import assign_next_suffixes, assign_suffixes, in_prefix_parts, parts_for, spread_collisions
 from pipelines.validate import RowAccountingError
 
 FULL, INCREMENTAL = "full", "incremental"
@@ -384,6 +384,7 @@ def plan_changes(
     run_id: str,
     now: dt.datetime,
     materialize: Callable[[DataFrame], DataFrame | None],
+    progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
@@ -397,6 +398,7 @@ def plan_changes(
         run_id: the MLflow run stamped on new rows.
         now: the run's time (UTC, aware), stamped as ``tokenized_at`` and ``retired_at``.
         materialize: computes a frame once (``EngineSession.materialize``), or returns None.
+        progress: called with a line of progress when the new IDs are issued in parts (many of them).
     """
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
@@ -407,7 +409,8 @@ def plan_changes(
     staged = classified if state is None else materialize(classified) or classified
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
-    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize)
+    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize,
+                    parts=parts_for(counts.issued), progress=progress)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -503,16 +506,30 @@ class _Stamp:
 
 
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
-           materialize: Callable[[DataFrame], DataFrame | None] | None = None) -> DataFrame:
-    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan_changes`)."""
+           materialize: Callable[[DataFrame], DataFrame | None] | None = None, parts: int = 1,
+           progress: Callable[[str], None] | None = None) -> DataFrame:
+    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan_changes`).
+
+    ``parts`` > 1 (many items to issue): the spreading and the suffixes run one part of the prefixes after
+    another (:func:`pipelines.uniquify.in_prefix_parts`), with the same result, so that the engine's memory
+    follows a part and not the catalog."""
     ranked = _alternatives_in(to_issue)
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
-    if ranked:  # the model's collision-aware last level, away from every tuple ever issued
-        base = spread_collisions(base, num_levels, state.ledger if state is not None else None, materialize)
-        if materialize is not None:  # the suffixes read it three times (their shared tuples, the rest, the join)
-            base = materialize(base) or base
-    numbered = (assign_suffixes(base, num_levels, materialize) if state is None
-                else assign_next_suffixes(base, state.ledger, num_levels))
+    issued = state.ledger if state is not None else None
+
+    def numbered_in(base: DataFrame, issued: DataFrame | None) -> DataFrame:
+        if ranked:  # the model's collision-aware last level, away from every tuple ever issued
+            base = spread_collisions(base, num_levels, issued, materialize)
+            if materialize is not None:  # the suffixes read it three times (their shared tuples, the rest, the join)
+                base = materialize(base) or base
+        return (assign_suffixes(base, num_levels, materialize) if issued is None
+                else assign_next_suffixes(base, issued, num_levels))
+
+    def report(done: int, parts: int) -> None:
+        if progress is not None:
+            progress(f"new IDs issued for part {done} of {parts} of the prefixes")
+
+    numbered = in_prefix_parts([base, issued], num_levels, parts, numbered_in, materialize, report)
     return numbered.withColumns({
         **stamp.generation_columns(), MLFLOW_RUN_ID: F.lit(stamp.run_id), TOKENIZED_AT: stamp.time(),
         ACTIVE: F.lit(True), RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),
@@ -616,10 +633,14 @@ def _is_commit_conflict(error: Exception) -> bool:
                                          "already exists"))
 
 
-def check_ledger(table: DataFrame, expected_active: int) -> int:
-    """The ledger's invariants, in one aggregation: every ``semantic_id`` once over all rows, and the active
-    rows exactly ``expected_active`` distinct items (the run's valid catalog items). Run on the planned
-    table before it is committed, and on the committed version after.
+def check_ledger(table: DataFrame, expected_active: int, parts: int = 1) -> int:
+    """The ledger's invariants: every ``semantic_id`` once over all rows, and the active rows exactly
+    ``expected_active`` distinct items (the run's valid catalog items). Run on the planned table before it
+    is committed, and on the committed version after.
+
+    One aggregation, or ``parts`` (a large table: :func:`pipelines.uniquify.parts_for`): part p counts the
+    IDs and the items whose hash is p modulo ``parts``, so that the engine holds a part's distinct values
+    at a time, not the table's.
 
     Returns the number of active rows.
 
@@ -627,11 +648,18 @@ def check_ledger(table: DataFrame, expected_active: int) -> int:
         RowAccountingError: an invariant does not hold; the message gives the counts.
     """
     active = F.col(ACTIVE)
-    r = table.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(SEMANTIC_ID).alias("ids"),
-                  F.sum(active.cast("long")).alias("active"),
-                  F.countDistinct(F.when(active, F.col(ITEM_ID))).alias("items")).first()
-    assert r is not None
-    rows, ids, n_active, items = int(r["rows"]), int(r["ids"]), int(r["active"] or 0), int(r["items"])
+    rows = ids = n_active = items = 0
+    for part in range(parts):
+        sid_here, item_here = ((F.lit(True), F.lit(True)) if parts == 1 else
+                               (F.pmod(F.hash(SEMANTIC_ID), F.lit(parts)) == part,
+                                F.pmod(F.hash(ITEM_ID), F.lit(parts)) == part))
+        r = table.agg(F.count(F.when(sid_here, F.lit(1))).alias("rows"),
+                      F.countDistinct(F.when(sid_here, F.col(SEMANTIC_ID))).alias("ids"),
+                      F.sum(F.when(item_here, active.cast("long"))).alias("active"),
+                      F.countDistinct(F.when(active & item_here, F.col(ITEM_ID))).alias("items")).first()
+        assert r is not None
+        rows, ids = rows + int(r["rows"]), ids + int(r["ids"])
+        n_active, items = n_active + int(r["active"] or 0), items + int(r["items"])
     if ids != rows or not n_active == items == expected_active:
         raise RowAccountingError(
             f"row accounting failed: {rows} rows hold {ids} distinct semantic IDs, and {n_active} active rows name "
@@ -639,9 +667,9 @@ def check_ledger(table: DataFrame, expected_active: int) -> int:
     return n_active
 
 
-def verify_published(spark: SparkSession, location: io.OutputLocation, expected_active: int) -> int:
-    """:func:`check_ledger` on the table as committed (the version current now); a failure means another
-    run's commit interleaved with this one's (ConcurrentRunError, with the version to go back to)."""
+def verify_published(spark: SparkSession, location: io.OutputLocation, expected_active: int, parts: int = 1) -> int:
+    """:func:`check_ledger` (in ``parts``) on the table as committed (the version current now); a failure means
+    another run's commit interleaved with this one's (ConcurrentRunError, with the version to go back to)."""
     version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
     independent = io.read_independently(location, SEMANTIC_IDS_TABLE, [ACTIVE])
     if independent is not None:  # what any other reader finds at the stated place (delta-rs / pyarrow)
@@ -652,7 +680,8 @@ def verify_published(spark: SparkSession, location: io.OutputLocation, expected_
                 f"the {expected_active} this run wrote: the engine wrote somewhere else (a path it rewrote?). Check "
                 "for a percent-encoded sibling folder, and pass an output path without unusual characters")
     try:
-        return check_ledger(io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version), expected_active)
+        return check_ledger(io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version), expected_active,
+                            parts)
     except RowAccountingError as e:
         before = f"version {version - 1}" if version else "the version before it"
         raise ConcurrentRunError(

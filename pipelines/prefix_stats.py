@@ -40,7 +40,7 @@ from pipelines.schema import (
     QUANTIZATION_ERROR,
     SUFFIX,
 )
-from pipelines.uniquify import code_prefix, require_columns
+from pipelines.uniquify import code_prefix, prefix_parts, require_columns
 from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
@@ -238,8 +238,9 @@ def tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFra
     return sid_df.groupBy(CODES).agg(*aggregates)
 
 
-def prefix_stats_of_groups(groups: DataFrame, num_levels: int) -> DataFrame:
-    """:func:`prefix_stats` from the :func:`tuple_groups` frame (one row per level and tuple, then grouped)."""
+def prefix_stats_of_groups(groups: DataFrame, num_levels: int, levels: Sequence[int] | None = None) -> DataFrame:
+    """:func:`prefix_stats` from the :func:`tuple_groups` frame (one row per level and tuple, then grouped);
+    ``levels``: only the rows of these levels (default: 1..L)."""
     per_level = [
         F.struct(
             F.lit(level).alias(LEVEL),
@@ -248,7 +249,7 @@ def prefix_stats_of_groups(groups: DataFrame, num_levels: int) -> DataFrame:
             F.col(_GROUP_SIZE).alias(_GROUP_SIZE),
             F.col(MAX_SUFFIX).alias(MAX_SUFFIX),
         )
-        for level in range(1, num_levels + 1)
+        for level in (levels if levels is not None else range(1, num_levels + 1))
     ]
     stats = groups.select(F.inline(F.array(*per_level))).groupBy(LEVEL, PREFIX).agg(
         F.sum(_GROUP_SIZE).alias(ITEM_COUNT),
@@ -340,7 +341,7 @@ class ReportTables:
 
 
 def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
-                  materialize: Callable[[DataFrame], DataFrame | None]) -> ReportTables:
+                  materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1) -> ReportTables:
     """Prefix and level statistics of the current IDs of a semantic-ID table.
 
     Args:
@@ -351,12 +352,26 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         materialize: computes a frame once (``EngineSession.materialize``) or returns None. The
             grouping by full tuple (about one row per item) is computed once and every statistic is
             derived from it.
+        parts: > 1 (a large table): the tuples are grouped, and their rows of levels L-1 and L (about
+            one per tuple) aggregated, one part of the prefixes after another
+            (:func:`pipelines.uniquify.prefix_parts`), each part materialised, so that the engine holds
+            one part's groups at a time; the same statistics.
     """
     current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
     levels = len(current.select(CODES).first()[0])  # type: ignore[index]
-    groups = tuple_groups(current, suffix_budget)
-    groups = materialize(groups) or groups
-    stats = prefix_stats_of_groups(groups, levels)
+    if parts <= 1 or levels < 2:
+        groups = tuple_groups(current, suffix_budget)
+        groups = materialize(groups) or groups
+        stats = prefix_stats_of_groups(groups, levels)
+    else:
+        per_part, deep = [], [levels - 1, levels]  # a prefix of these levels lies in one part
+        for here in prefix_parts(levels, parts):
+            part = tuple_groups(current.where(here), suffix_budget)
+            part = materialize(part) or part
+            per_part.append((part, prefix_stats_of_groups(part, levels, deep)))
+        groups = reduce(DataFrame.unionByName, [g for g, _ in per_part])
+        shallow = [prefix_stats_of_groups(groups, levels, range(1, levels - 1))] if levels > 2 else []
+        stats = reduce(DataFrame.unionByName, [materialize(s) or s for _, s in per_part] + shallow)
     stats = materialize(stats) or stats
     summary = summarize_groups(groups, levels, codebook_size, suffix_budget, prefix_table=stats)
     rows = [u.metrics() for u in summary.levels]

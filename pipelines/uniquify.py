@@ -55,6 +55,8 @@ SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashe
 SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (and their prefixes' claims) spread at once
 SPREAD_MAX_CHUNKS = 4096  # chunks halved on an exhausted memory pool: no further than this
 _CHUNK_SEED = 17  # the chunk of a prefix: another hash than its group's
+PART_ITEMS = 5_000_000  # items spread and numbered at once (in_prefix_parts): more go in parts by prefix hash
+_PART_SEED = 29  # the part of a prefix: another hash than its chunk's and its group's
 
 
 def require_columns(df: DataFrame, columns: Iterable[str], where: str) -> None:
@@ -330,6 +332,43 @@ def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
             halved = [(m, r) for m, r in [(modulus, residue), *pending] if m == modulus]
             pending = [(m, r) for m, r in pending if m != modulus]
             pending += [(2 * m, r + half) for m, r in halved for half in (0, m)]
+    return functools.reduce(DataFrame.unionByName, done)
+
+
+def parts_for(items: int) -> int:
+    """How many parts of the prefixes ``items`` rows are worked on in (:func:`in_prefix_parts`): one per
+    ``PART_ITEMS``."""
+    return max(1, -(-int(items) // PART_ITEMS))
+
+
+def prefix_parts(num_levels: int, parts: int) -> list[Column]:
+    """One condition per part: the rows whose ``codes``' prefix (levels 1..L-1) hashes to it."""
+    part = F.pmod(F.hash(code_prefix(num_levels - 1), F.lit(_PART_SEED)), F.lit(parts))
+    return [part == p for p in range(parts)]
+
+
+def in_prefix_parts(frames: list[DataFrame | None], num_levels: int, parts: int,
+                    work: Callable[..., DataFrame], materialize: Callable[[DataFrame], DataFrame | None] | None,
+                    progress: Callable[[int, int], None] | None = None) -> DataFrame:
+    """``work(*frames)`` computed one part of the prefixes after another, each part materialised, then united.
+
+    Every frame has a ``codes`` column; part p is the rows whose prefix (levels 1..L-1) hashes to p, in
+    every frame alike. Collision spreading and suffixes look only inside a prefix (a tuple's items, a
+    prefix's claims), so the result is the same as ``work`` on the whole frames. What changes is what the
+    engine holds at once: the embedded engine keeps a join's hash table and an aggregate's groups in memory,
+    and those follow the tuples, of which a catalog of N items has up to min(N, K^L). With one part per
+    ``PART_ITEMS`` items the job's peak memory no longer grows with the catalog (docs/scaling.md). A
+    ``None`` frame stays ``None``. One part, L = 1 or no ``materialize``: ``work(*frames)`` as it is.
+    ``progress(done, parts)`` is called after each part.
+    """
+    if parts <= 1 or materialize is None or num_levels < 2:
+        return work(*frames)
+    done = []
+    for here in prefix_parts(num_levels, parts):
+        result = work(*(None if f is None else f.where(here) for f in frames))
+        done.append(_computed_once(result, materialize))
+        if progress is not None:
+            progress(len(done), parts)
     return functools.reduce(DataFrame.unionByName, done)
 
 

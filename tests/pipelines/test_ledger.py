@@ -334,17 +334,19 @@ def test_a_parquet_table_lost_in_an_interrupted_swap_is_not_started_again(spark,
         ledger.read_table_state(spark, parquet)
 
 
-def test_check_ledger_counts_ids_and_active_items(spark) -> None:
+@pytest.mark.parametrize("parts", [1, 3])
+def test_check_ledger_counts_ids_and_active_items(spark, parts) -> None:
+    """The same counts whether the distinct IDs and items are counted at once or in parts by their hash."""
     df = spark.createDataFrame(LEDGER, SCHEMA)
-    assert ledger.check_ledger(df, expected_active=4) == 4
+    assert ledger.check_ledger(df, expected_active=4, parts=parts) == 4
     with pytest.raises(RowAccountingError, match="4 active rows name 4 items where the catalog has 5 valid items"):
-        ledger.check_ledger(df, expected_active=5)
+        ledger.check_ledger(df, expected_active=5, parts=parts)
     two_for_a = spark.createDataFrame(LEDGER + [row("a", [9, 9], 0, 10)], SCHEMA)  # a: two active IDs
     with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
-        ledger.check_ledger(two_for_a, expected_active=5)
+        ledger.check_ledger(two_for_a, expected_active=5, parts=parts)
     reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
-        ledger.check_ledger(reissued, expected_active=4)
+        ledger.check_ledger(reissued, expected_active=4, parts=parts)
 
 
 def test_current_codes_of_sampled_items(spark) -> None:
@@ -412,3 +414,47 @@ def test_a_new_generation_confirms_an_id_whose_tuple_is_still_among_the_items_al
     rows = table_rows(p)
     assert rows["1_2_0"][ITEM_ID] == "a" and rows["1_2_0"][ACTIVE] and rows["1_2_0"][GENERATION] == 2
     assert rows["7_7_0"][ITEM_ID] == "b" and rows["1_2_1"][RETIRED_REASON] == RetiredReason.NEW_GENERATION
+
+
+@pytest.mark.parametrize("with_table", [False, True])
+def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch, with_table) -> None:
+    """Many items to issue are spread and numbered one part of the prefixes after another (each part
+    materialised): every row of the resulting ledger is the one a single pass gives."""
+    import numpy as np
+
+    from pipelines import uniquify
+
+    rng = np.random.default_rng(3)
+    n = 400
+    rows = []
+    for j in range(n):  # 6 x 5 tuples for 400 items: crowded, so items move and suffixes count up
+        codes = [int(rng.integers(1, 7)), int(rng.integers(0, 5))]
+        others = [int(c) for c in rng.permutation(16) if c != codes[1]][:3]
+        rows.append((f"n{j:03d}", codes, float(rng.random()), 100 + j, [codes[1], *others]))
+    if with_table:  # the ledger's items come back unchanged; the new ones avoid every tuple it issued
+        rows += [(r[0], None, None, r[10], None) for r in LEDGER if r[11]]
+    state = state_of(spark) if with_table else None
+    mode = INCREMENTAL if with_table else ledger.Mode(ledger.FULL, 1, True, "test")
+    materialized = []
+
+    def materialize(df):
+        materialized.append(df.columns)
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    lines: list[str] = []
+
+    def ledger_rows(part_items):
+        monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
+        materialized.clear()
+        p = ledger.plan_changes(state, encoded_ranked(spark, rows), V1, mode, on_changed="keep", run_id="run-1",
+                                now=NOW, materialize=materialize, progress=lines.append)
+        table = sorted((r[ITEM_ID], r[SEMANTIC_ID], r[ACTIVE]) for r in p.table().collect())
+        return table, len(materialized)
+
+    whole, calls_whole = ledger_rows(10 ** 9)
+    in_parts, calls_parts = ledger_rows(90)  # 400 items to issue: 5 parts
+    assert in_parts == whole
+    assert calls_parts > calls_whole + 4  # each part was computed (and materialised) on its own
+    assert lines == [f"new IDs issued for part {p} of 5 of the prefixes" for p in range(1, 6)]
+    assert len({sid for _, sid, _ in whole}) == len(whole) == n + (len(LEDGER) if with_table else 0)
+    assert len({tuple(sid.split("_")[:2]) for _, sid, _ in whole}) > 30  # items moved off the 30 nearest tuples

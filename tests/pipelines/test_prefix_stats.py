@@ -14,6 +14,7 @@ from pipelines.prefix_stats import (
     code_counts,
     level_stats,
     prefix_stats,
+    report_tables,
     summarize,
 )
 from pipelines.schema import CHILDREN, CODE, COLLISION_GROUPS, ITEM_COUNT, LEVEL, MAX_SUFFIX, PREFIX
@@ -110,3 +111,19 @@ def test_summary_json_round_trip(sids):
 def test_summarize_empty_table_is_an_error(spark):
     with pytest.raises(ValueError, match="no rows"):
         summarize(spark.createDataFrame([], SCHEMA), num_levels=3, codebook_size=8, suffix_budget=2)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_report_tables_in_parts_of_the_prefixes_are_the_hand_checked_ones(spark, sids, parts):
+    """A large table's statistics are computed one part of the prefixes after another, each materialised:
+    the same rows and summary as the whole table's."""
+    materialized = []
+
+    def materialize(df):
+        materialized.append(df)
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    out = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=materialize, parts=parts)
+    assert rows(out.prefix_stats, STATS_COLUMNS) == EXPECTED_STATS
+    assert out.summary == summarize(sids, num_levels=3, codebook_size=8, suffix_budget=2)
+    assert len(materialized) == (2 if parts == 1 else 2 * parts + 1)  # groups and stats of every part, the union
