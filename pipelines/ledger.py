@@ -60,7 +60,14 @@ from pipelines.schema import (
     RetiredReason,
     prefix_column,
 )
-from pipelines.uniquify import assign_next_suffixes, assign_suffixes, in_prefix_parts, parts_for, spread_collisions
+from pipelines.uniquify import (
+    Split,
+    assign_next_suffixes,
+    assign_suffixes,
+    in_prefix_parts,
+    parts_for,
+    spread_collisions,
+)
 from pipelines.validate import RowAccountingError
 
 FULL, INCREMENTAL = "full", "incremental"
@@ -385,6 +392,7 @@ def plan_changes(
     now: dt.datetime,
     materialize: Callable[[DataFrame], DataFrame | None],
     progress: Callable[[str], None] | None = None,
+    split: Split | None = None,
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
@@ -399,6 +407,7 @@ def plan_changes(
         now: the run's time (UTC, aware), stamped as ``tokenized_at`` and ``retired_at``.
         materialize: computes a frame once (``EngineSession.materialize``), or returns None.
         progress: called with a line of progress when the new IDs are issued in parts (many of them).
+        split: ``EngineSession.materialize_split``, to split the rows to issue into those parts once.
     """
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
@@ -410,7 +419,7 @@ def plan_changes(
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize,
-                    parts=parts_for(counts.issued), progress=progress)
+                    parts=parts_for(counts.issued), progress=progress, split=split)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -507,7 +516,7 @@ class _Stamp:
 
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
            materialize: Callable[[DataFrame], DataFrame | None] | None = None, parts: int = 1,
-           progress: Callable[[str], None] | None = None) -> DataFrame:
+           progress: Callable[[str], None] | None = None, split: Split | None = None) -> DataFrame:
     """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan_changes`).
 
     ``parts`` > 1 (many items to issue): the spreading and the suffixes run one part of the prefixes after
@@ -529,7 +538,7 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
         if progress is not None:
             progress(f"new IDs issued for part {done} of {parts} of the prefixes")
 
-    numbered = in_prefix_parts([base, issued], num_levels, parts, numbered_in, materialize, report)
+    numbered = in_prefix_parts([base, issued], num_levels, parts, numbered_in, materialize, report, split)
     return numbered.withColumns({
         **stamp.generation_columns(), MLFLOW_RUN_ID: F.lit(stamp.run_id), TOKENIZED_AT: stamp.time(),
         ACTIVE: F.lit(True), RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,22 @@ class EngineSession:
             log.warning("this %s session cannot materialise intermediate results (%s); falling back to an extra "
                         "pass over the input", self.engine, str(e).splitlines()[0][:200] if str(e) else type(e))
             return None
+
+    def materialize_split(self, df: DataFrame, part: Column, parts: int) -> list[DataFrame] | None:
+        """``df`` computed once and split by ``part`` (an integer expression, 0..parts-1): one frame per part.
+
+        The embedded engine writes the rows partitioned by part to its scratch directory, so each part's
+        frame reads only its own files; a list of ``df.where(part == p)`` over one materialised frame
+        would read all of them for every part. None on classic and remote sessions (their storage is
+        not a folder of this process): the caller filters a materialised frame instead.
+        """
+        if self._scratch is None:
+            return None
+        path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
+        df.withColumn(_PART_COLUMN, part.cast("int")).write.partitionBy(_PART_COLUMN).parquet(path)
+        return [self.spark.read.schema(df.schema).parquet(folder) if os.path.isdir(folder)
+                else self.spark.createDataFrame([], df.schema)
+                for folder in (os.path.join(path, f"{_PART_COLUMN}={p}") for p in range(parts))]
 
     def on_this_machine(self) -> bool:
         """Whether the engine's tasks run on this machine, and so see its files: the embedded engine, or
@@ -248,6 +264,7 @@ def remove_abandoned_scratch() -> list[str]:
 
 
 _SCRATCH_PREFIX = "csid-engine-"
+_PART_COLUMN = "csid_part"  # the folder name of a part of a split frame (materialize_split)
 
 
 def _float_env(name: str, default: float) -> float:

@@ -341,15 +341,23 @@ def parts_for(items: int) -> int:
     return max(1, -(-int(items) // PART_ITEMS))
 
 
+def prefix_part(num_levels: int, parts: int) -> Column:
+    """The part (0..parts-1) of a row: the hash of its ``codes``' prefix (levels 1..L-1) modulo ``parts``."""
+    return F.pmod(F.hash(code_prefix(num_levels - 1), F.lit(_PART_SEED)), F.lit(parts))
+
+
 def prefix_parts(num_levels: int, parts: int) -> list[Column]:
-    """One condition per part: the rows whose ``codes``' prefix (levels 1..L-1) hashes to it."""
-    part = F.pmod(F.hash(code_prefix(num_levels - 1), F.lit(_PART_SEED)), F.lit(parts))
+    """One condition per part (:func:`prefix_part`)."""
+    part = prefix_part(num_levels, parts)
     return [part == p for p in range(parts)]
+
+
+Split = Callable[[DataFrame, Column, int], "list[DataFrame] | None"]
 
 
 def in_prefix_parts(frames: list[DataFrame | None], num_levels: int, parts: int,
                     work: Callable[..., DataFrame], materialize: Callable[[DataFrame], DataFrame | None] | None,
-                    progress: Callable[[int, int], None] | None = None) -> DataFrame:
+                    progress: Callable[[int, int], None] | None = None, split: Split | None = None) -> DataFrame:
     """``work(*frames)`` computed one part of the prefixes after another, each part materialised, then united.
 
     Every frame has a ``codes`` column; part p is the rows whose prefix (levels 1..L-1) hashes to p, in
@@ -357,16 +365,23 @@ def in_prefix_parts(frames: list[DataFrame | None], num_levels: int, parts: int,
     prefix's claims), so the result is the same as ``work`` on the whole frames. What changes is what the
     engine holds at once: the embedded engine keeps a join's hash table and an aggregate's groups in memory,
     and those follow the tuples, of which a catalog of N items has up to min(N, K^L). With one part per
-    ``PART_ITEMS`` items the job's peak memory no longer grows with the catalog (docs/scaling.md). A
-    ``None`` frame stays ``None``. One part, L = 1 or no ``materialize``: ``work(*frames)`` as it is.
+    ``PART_ITEMS`` items the engine holds one part's tuples at a time (docs/scaling.md). A ``None`` frame
+    stays ``None``. One part, L = 1 or no ``materialize``: ``work(*frames)`` as it is.
+
+    ``split(frame, part, parts)`` (``EngineSession.materialize_split``), where it returns frames, splits
+    each frame once, so that a part reads only its own rows; otherwise every part filters the frames.
     ``progress(done, parts)`` is called after each part.
     """
     if parts <= 1 or materialize is None or num_levels < 2:
         return work(*frames)
+    conditions = prefix_parts(num_levels, parts)
+    pieces = []
+    for f in frames:
+        split_up = None if f is None or split is None else split(f, prefix_part(num_levels, parts), parts)
+        pieces.append([None] * parts if f is None else split_up or [f.where(here) for here in conditions])
     done = []
-    for here in prefix_parts(num_levels, parts):
-        result = work(*(None if f is None else f.where(here) for f in frames))
-        done.append(_computed_once(result, materialize))
+    for part in range(parts):
+        done.append(_computed_once(work(*(piece[part] for piece in pieces)), materialize))
         if progress is not None:
             progress(len(done), parts)
     return functools.reduce(DataFrame.unionByName, done)

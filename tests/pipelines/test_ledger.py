@@ -443,11 +443,18 @@ def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch,
 
     lines: list[str] = []
 
-    def ledger_rows(part_items):
+    splits: list[int] = []
+
+    def split(df, part, parts):  # as EngineSession.materialize_split: one frame per part, computed once
+        splits.append(parts)
+        kept = df.withColumn("p", part).collect()
+        return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
+
+    def ledger_rows(part_items, split_with=None):
         monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
         materialized.clear()
         p = ledger.plan_changes(state, encoded_ranked(spark, rows), V1, mode, on_changed="keep", run_id="run-1",
-                                now=NOW, materialize=materialize, progress=lines.append)
+                                now=NOW, materialize=materialize, progress=lines.append, split=split_with)
         table = sorted((r[ITEM_ID], r[SEMANTIC_ID], r[ACTIVE]) for r in p.table().collect())
         return table, len(materialized)
 
@@ -456,5 +463,7 @@ def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch,
     assert in_parts == whole
     assert calls_parts > calls_whole + 4  # each part was computed (and materialised) on its own
     assert lines == [f"new IDs issued for part {p} of 5 of the prefixes" for p in range(1, 6)]
+    assert ledger_rows(90, split)[0] == whole
+    assert splits == ([5, 5] if with_table else [5])  # the rows to issue split once (and the ledger, with a table)
     assert len({sid for _, sid, _ in whole}) == len(whole) == n + (len(LEDGER) if with_table else 0)
     assert len({tuple(sid.split("_")[:2]) for _, sid, _ in whole}) > 30  # items moved off the 30 nearest tuples

@@ -44,6 +44,28 @@ def test_embedded_engine_computes_once_and_cleans_up_at_stop(tmp_path) -> None:
     assert not scratch.exists()
 
 
+def test_embedded_engine_splits_a_frame_into_parts_computed_once(tmp_path, spark) -> None:
+    """Each part is its own folder of the scratch directory: the rows of that part only, read without
+    computing the frame again; a part without rows is an empty frame of the same columns."""
+    from pyspark.sql import functions as F
+
+    calls = tmp_path / "calls.txt"
+    es = start_session("local")
+    try:
+        frame = counted_range(es.spark, 300, calls)
+        parts = es.materialize_split(frame, F.when(F.col("id") < 100, 0).otherwise(2), 3)
+        assert parts is not None and len(parts) == 3 and rows_computed(calls) == 300
+        assert sorted(r.id for r in parts[0].collect()) == list(range(100))
+        assert sorted(r.id for r in parts[2].collect()) == list(range(100, 300))
+        assert parts[1].count() == 0 and parts[1].columns == parts[0].columns == frame.columns
+        assert all(f"csid_part={p}" in "".join(parts[p].inputFiles()) for p in (0, 2))
+        assert rows_computed(calls) == 300
+    finally:
+        es.stop()
+    classic_like = EngineSession(spark, "remote", True, _owns_session=False)
+    assert classic_like.materialize_split(spark.range(3), F.lit(0), 1) is None  # filter a materialised frame
+
+
 class _Refusing:
     """A stand-in DataFrame whose localCheckpoint fails with ``message``."""
 
