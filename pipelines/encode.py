@@ -12,6 +12,7 @@ items a table already holds, encode only the rows that need new codes (an increm
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from pipelines.schema import (
     REASON,
     RejectReason,
 )
-from pipelines.uniquify import require_columns
+from pipelines.uniquify import parts_for, require_columns
 from pipelines.validate import (
     RowAccountingError,
     ValidationCounts,
@@ -359,7 +360,9 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     encode_all = policy == ENCODE_ALL
     every_row = scan(v.rows, encode=encode_all) if files is None else read_files(encode=encode_all)
     # Rows of a duplicated id were scanned before being flagged; they leave with the REASON filters.
-    staged = _scanned_and_flagged(every_row, materialize)
+    # A large catalog's repeated ids are counted in parts; its size is known without a pass when the UDF
+    # reads the files (their footers), else one part.
+    staged = _scanned_and_flagged(every_row, materialize, parts_for(files.rows) if files is not None else 1)
     if staged is None:  # no materialisation: validation's SQL pass counts, the frames are recomputed when used
         counts, rejects, encoded_rows = validation_counts(v), v.rejects, None
         clean = scan(v.clean, encode=encode_all).drop(REASON)
@@ -376,8 +379,8 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     return Encoded(codes, rejects, counts, encoded_rows)
 
 
-def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], DataFrame | None]
-                         ) -> DataFrame | None:
+def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], DataFrame | None],
+                         parts: int = 1) -> DataFrame | None:
     """The encode pass materialised, with every row of a repeated id flagged; None when the engine
     cannot materialise.
 
@@ -393,12 +396,22 @@ def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], 
     # REASON cast as flag_duplicates' expression leaves it: Spark 4.2 types the UDF's output column
     # "string collate UTF8_BINARY", which Delta then writes and delta-rs cannot read.
     first = first.withColumn(REASON, F.col(REASON).cast("string"))
-    repeated = materialize(duplicated_ids(first)) or duplicated_ids(first)
+    repeated = _repeated_ids(first, parts, materialize)
     count = repeated.count()
     if count == 0:
         return first
     flagged = flag_duplicates(first, repeated=repeated, broadcast=count <= BROADCAST_IDS)
     return materialize(flagged) or flagged
+
+
+def _repeated_ids(rows: DataFrame, parts: int, materialize: Callable[[DataFrame], DataFrame | None]) -> DataFrame:
+    """:func:`duplicated_ids` of ``rows``, materialised; in ``parts`` (a large catalog) by the id's hash, one
+    after another, so that the engine's aggregate holds a part's ids, not the catalog's."""
+    if parts <= 1:
+        return materialize(duplicated_ids(rows)) or duplicated_ids(rows)
+    part = F.pmod(F.hash(ITEM_ID), F.lit(parts))
+    found = [duplicated_ids(rows.where(part == p)) for p in range(parts)]
+    return functools.reduce(DataFrame.unionByName, [materialize(f) or f for f in found])
 
 
 BROADCAST_IDS = 1_000_000  # id sets up to this many rows are broadcast to their joins (repeated ids, rows to encode)

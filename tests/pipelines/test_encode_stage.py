@@ -379,3 +379,20 @@ def test_with_the_files_listed_both_passes_read_the_same_snapshot(spark, checkpo
     assert expected.codes[1].tolist() != expected.codes[5].tolist()  # b's new embedding would have other codes
     assert {r[ITEM_ID]: r[CODES] for r in out.codes.collect()} == {"a": expected.codes[0].tolist(),
                                                                    "b": expected.codes[1].tolist()}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("parts", [1, 4])
+def test_repeated_ids_are_the_same_counted_in_parts(spark, parts) -> None:
+    """A large catalog's repeated ids are counted one part of the ids (by hash) after another."""
+    rows = [(f"i{i % 37}",) for i in range(100)] + [(f"u{i}",) for i in range(50)] + [(None,), (None,)]
+    frame = spark.createDataFrame(rows, f"{ITEM_ID} string")
+    materialized = []
+
+    def materialize(df):
+        materialized.append(df)
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    got = encode._repeated_ids(frame, parts, materialize)
+    assert sorted(r[ITEM_ID] for r in got.collect()) == sorted(f"i{i}" for i in range(37))  # u* once, nulls never
+    assert len(materialized) == parts
