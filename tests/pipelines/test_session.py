@@ -44,11 +44,16 @@ def test_embedded_engine_computes_once_and_cleans_up_at_stop(tmp_path) -> None:
     assert not scratch.exists()
 
 
-def test_embedded_engine_splits_a_frame_into_parts_computed_once(tmp_path, spark) -> None:
+def test_embedded_engine_splits_a_frame_into_parts_computed_once(tmp_path, spark, monkeypatch) -> None:
     """Each part is its own folder of the scratch directory: the rows of that part only, read without
-    computing the frame again; a part without rows is an empty frame of the same columns."""
+    computing the frame again, in row groups of at most MATERIALIZED_ROW_GROUP_ROWS (what an open file
+    buffers); a part without rows is an empty frame of the same columns."""
+    import pyarrow.parquet as pq
     from pyspark.sql import functions as F
 
+    from pipelines import session
+
+    monkeypatch.setattr(session, "MATERIALIZED_ROW_GROUP_ROWS", 40)
     calls = tmp_path / "calls.txt"
     es = start_session("local")
     try:
@@ -59,6 +64,9 @@ def test_embedded_engine_splits_a_frame_into_parts_computed_once(tmp_path, spark
         assert sorted(r.id for r in parts[2].collect()) == list(range(100, 300))
         assert parts[1].count() == 0 and parts[1].columns == parts[0].columns == frame.columns
         assert all(f"csid_part={p}" in "".join(parts[p].inputFiles()) for p in (0, 2))
+        groups = [pq.ParquetFile(f.removeprefix("file://")).metadata for f in parts[2].inputFiles()]
+        assert sum(g.num_rows for g in groups) == 200 and max(g.row_group(i).num_rows for g in groups
+                                                              for i in range(g.num_row_groups)) <= 40
         assert rows_computed(calls) == 300
     finally:
         es.stop()
