@@ -36,7 +36,7 @@ from pipelines.schema import (
     REASON,
     RejectReason,
 )
-from pipelines.uniquify import parts_for, require_columns
+from pipelines.uniquify import hash_part, parts_for, require_columns
 from pipelines.validate import (
     RowAccountingError,
     ValidationCounts,
@@ -409,7 +409,7 @@ def _repeated_ids(rows: DataFrame, parts: int, materialize: Callable[[DataFrame]
     after another, so that the engine's aggregate holds a part's ids, not the catalog's."""
     if parts <= 1:
         return materialize(duplicated_ids(rows)) or duplicated_ids(rows)
-    part = F.pmod(F.hash(ITEM_ID), F.lit(parts))
+    part = hash_part(ITEM_ID, parts)
     found = [duplicated_ids(rows.where(part == p)) for p in range(parts)]
     return functools.reduce(DataFrame.unionByName, [materialize(f) or f for f in found])
 

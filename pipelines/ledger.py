@@ -64,6 +64,7 @@ from pipelines.uniquify import (
     Split,
     assign_next_suffixes,
     assign_suffixes,
+    hash_part,
     in_prefix_parts,
     parts_for,
     spread_collisions,
@@ -660,8 +661,7 @@ def check_ledger(table: DataFrame, expected_active: int, parts: int = 1) -> int:
     rows = ids = n_active = items = 0
     for part in range(parts):
         sid_here, item_here = ((F.lit(True), F.lit(True)) if parts == 1 else
-                               (F.pmod(F.hash(SEMANTIC_ID), F.lit(parts)) == part,
-                                F.pmod(F.hash(ITEM_ID), F.lit(parts)) == part))
+                               (hash_part(SEMANTIC_ID, parts) == part, hash_part(ITEM_ID, parts) == part))
         r = table.agg(F.count(F.when(sid_here, F.lit(1))).alias("rows"),
                       F.countDistinct(F.when(sid_here, F.col(SEMANTIC_ID))).alias("ids"),
                       F.sum(F.when(item_here, active.cast("long"))).alias("active"),

@@ -99,7 +99,7 @@ class EngineSession:
         The embedded engine writes the rows partitioned by part to its scratch directory, so each part's
         frame reads only its own files; a list of ``df.where(part == p)`` over one materialised frame
         would read all of them for every part. None on classic and remote sessions (their storage is
-        not a folder of this process): the caller filters a materialised frame instead.
+        not a folder of this process): the caller filters ``df`` once per part instead.
         """
         if self._scratch is None:
             return None

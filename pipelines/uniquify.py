@@ -289,7 +289,7 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
                       *out_columns, ALTERNATIVES, ALTERNATIVE_ERRORS)), _CLAIM_WORD, _CLAIM_BITS))
     # Prefixes never interact (a claim names a full tuple), so many prefixes share one Python call: a
     # call per prefix cost ~1 ms each, and a 1M-item catalog has tens of thousands with movers.
-    rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, F.pmod(F.hash(_PREFIX_KEY), F.lit(SPREAD_BUCKETS)))
+    rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, hash_part(_PREFIX_KEY, SPREAD_BUCKETS))
     schema = StructType([StructField(CODES, ArrayType(IntegerType())) if c == CODES
                          else StructField(QUANTIZATION_ERROR, FloatType()) if c == QUANTIZATION_ERROR
                          else df.schema[c] for c in out_columns])
@@ -316,8 +316,7 @@ def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
     pending = [(chunks, r) for r in range(chunks)]
     while pending:
         modulus, residue = pending.pop(0)
-        part = rows if modulus == 1 else rows.where(
-            F.pmod(F.hash(_PREFIX_KEY, F.lit(_CHUNK_SEED)), F.lit(modulus)) == residue)
+        part = rows if modulus == 1 else rows.where(hash_part(_PREFIX_KEY, modulus, _CHUNK_SEED) == residue)
         try:
             done.append(_computed_once(part.groupBy(_BUCKET).applyInArrow(_spread_group, schema), materialize))
         except Exception as e:  # noqa: BLE001 - pyspark raises engine-specific classes
@@ -341,9 +340,17 @@ def parts_for(items: int) -> int:
     return max(1, -(-int(items) // PART_ITEMS))
 
 
+def hash_part(column: Column | str, parts: int, seed: int | None = None) -> Column:
+    """The part (0..parts-1) of a row by a column: its Spark ``hash`` (with ``seed`` as a second hashed value,
+    for a split independent of another one on the same column) modulo ``parts``. Every split of a large
+    frame into parts one after another (prefixes, ids, items) goes through it."""
+    hashed = F.hash(column) if seed is None else F.hash(column, F.lit(seed))
+    return F.pmod(hashed, F.lit(parts))
+
+
 def prefix_part(num_levels: int, parts: int) -> Column:
     """The part (0..parts-1) of a row: the hash of its ``codes``' prefix (levels 1..L-1) modulo ``parts``."""
-    return F.pmod(F.hash(code_prefix(num_levels - 1), F.lit(_PART_SEED)), F.lit(parts))
+    return hash_part(code_prefix(num_levels - 1), parts, _PART_SEED)
 
 
 def prefix_parts(num_levels: int, parts: int) -> list[Column]:

@@ -87,3 +87,52 @@ def test_summarize(classic_spark):
     assert s.group_size_histogram == ((1, 2), (2, 1), (3, 1))
     assert [(p.level, p.prefix) for p in s.top_prefixes] == [(1, "1"), (2, "1_2"), (3, "1_2_3")]
     assert [u.counts for u in s.levels][0] == (0, 5, 0, 0, 0, 0, 0, 2)
+
+
+def crowded_items(n: int = 300) -> list[tuple[str, list[int], float]]:
+    """``n`` items on 4 x 3 x 3 tuples: every prefix crowded, so suffixes count up within each tuple."""
+    import random
+
+    rng = random.Random(5)
+    return [(f"i{j:03d}", [rng.randrange(4), rng.randrange(3), rng.randrange(3)], rng.random()) for j in range(n)]
+
+
+def test_work_in_parts_of_the_prefixes_on_the_jvm(classic_spark):
+    """A large catalog's suffixes, statistics and ledger check go in parts of the prefixes (or of the ids),
+    one after another, each part checkpointed by the JVM (the job's ``materialize`` on classic Spark, which
+    filters the frame per part, as it has no scratch folder to split into): the same rows as one pass."""
+    from pipelines.ledger import check_ledger
+    from pipelines.prefix_stats import report_tables
+    from pipelines.uniquify import in_prefix_parts
+
+    df = classic_spark.createDataFrame(crowded_items(), SCHEMA)
+    checkpoints = []
+
+    def materialize(frame):
+        checkpoints.append(frame)
+        return frame.localCheckpoint(eager=True)
+
+    def numbered(frame):
+        return assign_suffixes(frame, num_levels=3)
+
+    lines = []
+    whole = rows(numbered(df), COLUMNS)
+    in_parts = in_prefix_parts([df], 3, 4, numbered, materialize, progress=lambda d, n: lines.append((d, n)))
+    assert rows(in_parts, COLUMNS) == whole
+    assert len(checkpoints) == 4 and lines == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert max(s for _, s, *_ in whole) > 5  # crowded: the numbering across a tuple's items is checked
+
+    sids = classic_spark.createDataFrame(
+        [(i, s, sid, list(map(int, sid.split("_")[:3]))) for i, s, sid, *_ in whole],
+        "item_id string, suffix int, semantic_id string, codes array<int>")
+    one, three = (report_tables(sids, codebook_size=4, suffix_budget=8, materialize=materialize, parts=p)
+                  for p in (1, 3))
+    stats = [LEVEL, PREFIX, ITEM_COUNT, CHILDREN, COLLISION_GROUPS, MAX_SUFFIX]
+    assert rows(three.prefix_stats, stats) == rows(one.prefix_stats, stats)
+    assert three.summary == one.summary and one.summary.n_items == 300
+
+    ledger = sids.selectExpr("item_id", "semantic_id", "true AS active")
+    assert check_ledger(ledger, expected_active=300, parts=3) == 300
+    reused = ledger.unionByName(ledger.limit(1).selectExpr("'other' AS item_id", "semantic_id", "false AS active"))
+    with pytest.raises(Exception, match="301 rows hold 300 distinct semantic IDs"):
+        check_ledger(reused, expected_active=300, parts=3)
