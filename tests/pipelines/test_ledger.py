@@ -349,6 +349,27 @@ def test_check_ledger_counts_ids_and_active_items(spark, parts) -> None:
         ledger.check_ledger(reissued, expected_active=4, parts=parts)
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_check_ledger_decides_on_the_strings_when_hashes_collide(spark, monkeypatch, parts) -> None:
+    """The distinct values are counted as 64-bit hashes first. Where two values share a hash the hashed
+    counts fall short, and the strings decide: a sound ledger passes, a broken one fails with the true
+    counts. Here every value hashes alike."""
+    from pyspark.sql import functions as F
+
+    hashed = []
+
+    def colliding(*cols):
+        hashed.append(cols)
+        return F.lit(7).cast("long")
+
+    monkeypatch.setattr(F, "xxhash64", colliding)
+    assert ledger.check_ledger(spark.createDataFrame(LEDGER, SCHEMA), expected_active=4, parts=parts) == 4
+    assert len(hashed) == 2 * parts  # the hashed count ran first (IDs and items of every part)
+    reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
+    with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
+        ledger.check_ledger(reissued, expected_active=4, parts=parts)
+
+
 def test_current_codes_of_sampled_items(spark) -> None:
     import numpy as np
 
