@@ -79,8 +79,7 @@ class EngineSession:
             back to a plan that needs no materialisation.
         """
         if self._scratch is not None:
-            path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
-            df.write.option("max_row_group_size", MATERIALIZED_ROW_GROUP_ROWS).parquet(path)
+            path = self._write_scratch(df)
             # With the schema: an empty result leaves no Parquet file, and a schema-less read of it
             # would come back without columns.
             return self.spark.read.schema(df.schema).parquet(path)
@@ -103,12 +102,19 @@ class EngineSession:
         """
         if self._scratch is None:
             return None
-        path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
-        (df.withColumn(_PART_COLUMN, part.cast("int")).write.partitionBy(_PART_COLUMN)
-         .option("max_row_group_size", MATERIALIZED_ROW_GROUP_ROWS).parquet(path))
+        path = self._write_scratch(df.withColumn(_PART_COLUMN, part.cast("int")), partition_by=_PART_COLUMN)
         return [self.spark.read.schema(df.schema).parquet(folder) if os.path.isdir(folder)
                 else self.spark.createDataFrame([], df.schema)
                 for folder in (os.path.join(path, f"{_PART_COLUMN}={p}") for p in range(parts))]
+
+    def _write_scratch(self, df: DataFrame, partition_by: str | None = None) -> str:
+        """Write ``df`` as Parquet to a new ``materialized-*`` folder of this session's scratch directory
+        (row groups of ``MATERIALIZED_ROW_GROUP_ROWS``; folders by ``partition_by``); returns its path."""
+        assert self._scratch is not None
+        path = os.path.join(self._scratch, f"materialized-{uuid.uuid4().hex}")
+        writer = df.write.option("max_row_group_size", MATERIALIZED_ROW_GROUP_ROWS)
+        (writer.partitionBy(partition_by) if partition_by else writer).parquet(path)
+        return path
 
     def on_this_machine(self) -> bool:
         """Whether the engine's tasks run on this machine, and so see its files: the embedded engine, or
