@@ -6,6 +6,7 @@ Rotation Trick" (arXiv:2410.06424).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,7 +44,9 @@ def usage_entropy_gap(residual: torch.Tensor, book: torch.Tensor) -> torch.Tenso
     temperature = d.min(dim=1).values.mean().detach().clamp_min(1e-8)
     p = torch.softmax(-d / temperature, dim=1).mean(0)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return 1.0 - entropy / torch.log(torch.tensor(float(book.shape[0]), device=book.device))
+    # log K as a Python float, not a tensor made on the book's device: on a GPU that was a host-to-device
+    # copy in every training step (same float32 bits for every K tried, 2 to 8192).
+    return 1.0 - entropy / math.log(book.shape[0])
 
 
 def rotate_onto(e: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -298,6 +298,19 @@ def test_select_device() -> None:
         assert select_device("auto") == torch.device("cpu")
 
 
+def test_adamw_is_fused_on_cuda_only() -> None:
+    """CUDA takes torch's fused AdamW (the GPU step is launch-bound); the CPU keeps torch's default, so
+    its training results stay what they were. The learning rate and decay are the config's either way."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    cfg = TrainConfig(lr=0.02, weight_decay=0.1)
+    on_gpu = rqvae_train.adamw([param], cfg, torch.device("cuda"))  # constructing it touches no GPU
+    on_cpu = rqvae_train.adamw([param], cfg, torch.device("cpu"))
+    assert on_gpu.defaults["fused"] is True and not on_cpu.defaults["fused"]
+    assert on_cpu.defaults["foreach"] is None  # torch picks: the per-parameter loop on CPU
+    for opt in (on_gpu, on_cpu):
+        assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (0.02, 0.1)
+
+
 # ---------------------------------------------------------------- quality
 
 
