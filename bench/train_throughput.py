@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,16 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each full training step from a CUDA graph "
+                   "(TrainConfig.cuda_graphs)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--save", help="write the trained model's checkpoint here (e.g. for bench/encode_device.py)")
     a = p.parse_args(argv)
     x = make_catalog(CatalogSpec(n_items=a.items, dim=a.dim, seed=0)).embeddings
     clock = EpochClock()
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, patience=0, device=a.device, bf16=a.bf16,
-                      compile=a.compile)
+                      compile=a.compile, cuda_graphs=a.cuda_graphs)
     t0 = time.perf_counter()
-    result = fit(x, ModelConfig(input_dim=a.dim, hidden_dims=(512, 256, 128), latent_dim=32), cfg, callbacks=[clock])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = fit(x, ModelConfig(input_dim=a.dim, hidden_dims=(512, 256, 128), latent_dim=32), cfg,
+                     callbacks=[clock])
     total = time.perf_counter() - t0
+    capture_failed = [str(w.message) for w in caught if "CUDA graph capture" in str(w.message)]
     train_items, steps = result.train_items, a.epochs * max(1, result.train_items // a.batch_size)
     loop_seconds = clock.rows[-1][0]
     best = min(v for _, v in clock.rows)
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                "samples_per_s": steps * a.batch_size / loop_seconds, "epochs": a.epochs,
                "loop_seconds": loop_seconds, "fit_seconds": total,
                "epoch_seconds_median": per_epoch, "time_to_quality_s": to_quality,
-               "best_val_recon": best, "train_items": train_items}
+               "best_val_recon": best, "train_items": train_items,
+               "cuda_graphs_replayed": a.cuda_graphs and not capture_failed, "capture_failed": capture_failed}
     print(json.dumps(figures, indent=2))
     if a.save:
         save_checkpoint(result.model, a.save)

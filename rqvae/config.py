@@ -185,6 +185,12 @@ class TrainConfig(DictConfig):
         device: "auto" (cuda > mps > cpu), or a torch device string.
         bf16: bfloat16 autocast for the forward pass on CUDA.
         compile: wrap the model in ``torch.compile`` for training.
+        cuda_graphs: capture one full training step (forward, backward, AdamW) as a CUDA graph after
+            3 eager steps and replay it for every full batch: the host launches one graph instead of
+            each kernel, which is what bounds the seed card's step on a GPU (bench/RESULTS.md). CUDA
+            only, not with ``compile``; with the taxonomy regularizer (whose batches vary) steps run
+            eagerly. If the capture fails, a warning says why and training goes on eagerly. Not yet
+            measured on a GPU.
         eval_every: epochs between held-out evaluations.
         ae_warmup_epochs: epochs of plain autoencoder training (no quantizer) before the codebooks
             are initialised by k-means on the trained latents. A random encoder moves fast once
@@ -237,6 +243,7 @@ class TrainConfig(DictConfig):
     device: str = "auto"
     bf16: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     eval_every: int = 1
     ae_warmup_epochs: int = 5
     codebook_lr_scale: float = 10.0
@@ -247,6 +254,9 @@ class TrainConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.reconstruction_loss not in RECON_LOSSES:
             raise ValueError(f"reconstruction_loss must be one of {RECON_LOSSES}")
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs and compile cannot both be on: a compiled model is not captured here; "
+                             "turn one off (torch.compile(mode='reduce-overhead') makes its own graphs)")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError("holdout_fraction must be in [0, 1)")
         if self.epochs < 1 or self.batch_size < 2:

@@ -220,8 +220,8 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def _track_usage(self, codes: torch.Tensor) -> None:
         self.steps_unused += 1
-        for level in range(self.num_levels):
-            self.steps_unused[0 if self.shared else level, codes[:, level]] = 0
+        for level in range(self.num_levels):  # index_fill_ takes the 0 as a scalar: no host tensor to copy over
+            self.steps_unused[0 if self.shared else level].index_fill_(0, codes[:, level], 0)
 
     @torch.no_grad()
     def init_kmeans(self, z: torch.Tensor, *, iters: int = 25, seed: int = 0,

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import math
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class _Loop:
     quantize: bool = True
     forward: Any = None  # the model, or torch.compile(model); checkpoints always come from ``model``
     anchor_codes: torch.Tensor | None = None  # (N, A) every item's anchored codes: the anchor is fixed in training
+    graphs: _GraphedStep | None = None  # with cfg.cuda_graphs: the captured step (see step_on)
 
     def loss(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for a batch x (B, D); ``idx`` selects category rows for the regularizer."""
@@ -122,11 +124,24 @@ class _Loop:
         return out
 
     def train_step(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on the batch x (B, D) of items ``idx``; returns its loss terms (detached)."""
         self.model.train()
+        terms = self._update(x, idx)
+        self._after_update(x)
+        return terms
+
+    def _update(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss, backward and optimizer step: the part of a step a CUDA graph captures, so it makes no
+        decision on data on the host and reads nothing back."""
         terms = self.loss(x, idx)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _after_update(self, x: torch.Tensor) -> None:
+        """The host's part of a step: the learning-rate schedule, the step count, and every
+        ``dead_code_window // 10`` steps the dead-code reset from the batch x."""
         self.scheduler.step()
         self.step += 1
         window = self.cfg.dead_code_window
@@ -135,7 +150,67 @@ class _Loop:
                 codes, inputs, _ = self.model.assign(x)
                 self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator,
                                                       anchored=self.model.config.anchored)
-        return {k: v.detach() for k, v in terms.items()}
+
+    def step_on(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A training step on the rows ``idx`` of the whole training array x (N, D): replayed from a
+        CUDA graph when ``cfg.cuda_graphs`` holds and the batch is full, else :meth:`train_step`.
+        The terms returned are the graph's own output tensors: use them before the next step."""
+        if self.graphs is None or len(idx) != self.cfg.batch_size:
+            return self.train_step(x[idx], idx)
+        return self.graphs.step(self, x, idx)
+
+
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as torch's capture recipe asks
+
+
+@dataclass
+class _GraphedStep:
+    """One full training step (:meth:`_Loop._update`) captured as a CUDA graph on the first full
+    batches, then replayed: the host then launches one graph a step instead of each of its ~300
+    kernels, which on a GPU cost the host 12-19 ms a step against about 2 ms of GPU work
+    (bench/RESULTS.md). The batch's indices are copied into a fixed buffer and the rows are gathered
+    inside the graph from the training array, which stays at one address for the whole fit. If the
+    capture fails, a warning says why and training goes on without graphs."""
+
+    warmed: int = 0
+    graph: Any = None
+    static_idx: torch.Tensor | None = None
+    static_terms: dict[str, torch.Tensor] | None = None
+
+    def step(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.graph is None and self.warmed < GRAPH_WARMUP_STEPS:
+            self.warmed += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loop.model.train()
+                terms = loop._update(x[idx], idx)
+            torch.cuda.current_stream().wait_stream(side)
+            loop._after_update(x[idx])
+            return terms
+        if self.graph is None and not self._capture(loop, x, idx):
+            loop.graphs = None
+            return loop.train_step(x[idx], idx)
+        assert self.static_idx is not None and self.static_terms is not None
+        loop.model.train()  # what the graph was captured in; the host-side work after it reads the flag too
+        self.static_idx.copy_(idx)
+        self.graph.replay()
+        loop._after_update(x[idx])
+        return dict(self.static_terms)
+
+    def _capture(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> bool:
+        loop.model.train()
+        static_idx, graph = idx.clone(), torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                terms = loop._update(x[static_idx], static_idx)
+        except RuntimeError as err:  # an op that reads back to the host, or one capture does not allow
+            warnings.warn(f"CUDA graph capture of the training step failed, training goes on without graphs: "
+                          f"{err}", RuntimeWarning, stacklevel=2)
+            torch.cuda.synchronize()
+            return False
+        self.graph, self.static_idx, self.static_terms = graph, static_idx, terms
+        return True
 
 
 def _batches(loop: _Loop, train_idx: torch.Tensor,
@@ -182,13 +257,19 @@ def _init_codebooks(model: RQVAE, x: torch.Tensor, train_idx: torch.Tensor, cfg:
     model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, first=first, tol=cfg.kmeans_tol)
 
 
-def adamw(params: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(params: Any, cfg: TrainConfig, device: torch.device, *, graphed: bool = False) -> torch.optim.AdamW:
     """AdamW at ``cfg``'s rate and decay: torch's fused implementation on CUDA, its default elsewhere.
 
     The seed card's training step is bound by the host launching kernels on a GPU, not by the GPU
     (bench/RESULTS.md): fused AdamW updates every parameter in one kernel per group where the
     multi-tensor default launches a dozen. CPU training keeps torch's default, and so its results bit
-    for bit."""
+    for bit. ``graphed`` (a step replayed from a CUDA graph; ``params`` are param groups): the step
+    counts live on the device (``capturable``) and every group's rate is a tensor there, which the
+    schedule fills in place, since a replayed step reads its rate where the captured one did."""
+    if graphed:
+        groups = [dict(g, lr=torch.tensor(float(g.get("lr", cfg.lr)), device=device)) for g in params]
+        return torch.optim.AdamW(groups, lr=torch.tensor(cfg.lr, device=device), weight_decay=cfg.weight_decay,
+                                 fused=True, capturable=True)
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
@@ -198,13 +279,14 @@ def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator:
     books = [model.quantizer.codebooks]
     others = [p for name, p in model.named_parameters() if not name.startswith("quantizer.")]
     groups: list[dict[str, Any]] = [{"params": others}, {"params": books, "lr": cfg.lr * cfg.codebook_lr_scale}]
-    optimizer = adamw(groups, cfg, device)
+    optimizer = adamw(groups, cfg, device, graphed=cfg.cuda_graphs)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(total * cfg.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))  # same factor for both groups
     forward = torch.compile(model) if cfg.compile else model
-    return _Loop(model, cfg, optimizer, scheduler, generator, device, categories, forward=forward)
+    return _Loop(model, cfg, optimizer, scheduler, generator, device, categories, forward=forward,
+                 graphs=_GraphedStep() if cfg.cuda_graphs and categories is None else None)
 
 
 @contextmanager
@@ -273,6 +355,9 @@ def _fit(x: np.ndarray, model_config: ModelConfig | None, cfg: TrainConfig, cate
         raise ValueError(f"category_ids must have shape (N={len(x)}, T), got {np.shape(category_ids)}")
     generator = seed_everything(cfg.seed)
     device = select_device(cfg.device)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got {device}: train with device='cuda' (or 'auto' on "
+                         "a GPU machine), or leave cuda_graphs off")
     train_np, hold_np = split_holdout(len(x), cfg.holdout_fraction, cfg.seed)
     if len(train_np) < 2:
         raise ValueError(f"need at least 2 training items, got {len(train_np)}")
@@ -477,7 +562,7 @@ def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx:
         sums: dict[str, torch.Tensor] = {}
         n_batches = 0
         for idx in _batches(loop, train_idx, sampler):
-            for k, v in loop.train_step(x[idx], idx).items():
+            for k, v in loop.step_on(x, idx).items():
                 sums[k] = sums.get(k, 0) + v
             n_batches += 1
         metrics = {f"train_{k}": float(v) / n_batches for k, v in sums.items()}

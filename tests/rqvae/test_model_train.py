@@ -311,6 +311,50 @@ def test_adamw_is_fused_on_cuda_only() -> None:
         assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (0.02, 0.1)
 
 
+def test_graphed_optimizer_takes_its_rates_from_tensors_the_schedule_fills_in_place() -> None:
+    """A step replayed from a CUDA graph reads the rate from the address it was captured with: the
+    graphed AdamW's rates are tensors (per group), and the schedule must fill those very tensors."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    cfg = TrainConfig(lr=0.01)
+    opt = rqvae_train.adamw([{"params": [a]}, {"params": [b], "lr": 0.1}], cfg, torch.device("cpu"), graphed=True)
+    assert opt.defaults["capturable"] and opt.defaults["fused"]
+    rates = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(r, torch.Tensor) for r in rates) and [float(r) for r in rates] == pytest.approx([0.01, 0.1])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for _ in range(3):
+        a.grad, b.grad = torch.ones(3), torch.ones(2)
+        opt.step()
+        schedule.step()
+    assert [g["lr"] for g in opt.param_groups] == rates  # the same tensor objects ...
+    assert [float(r) for r in rates] == pytest.approx([0.01 / 8, 0.1 / 8])  # ... holding the scheduled rates
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_with_compile(catalog: Any) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, got cpu: train with device='cuda'"):
+        fit(catalog.embeddings[:300], MODEL, TrainConfig(epochs=1, device="cpu", cuda_graphs=True))
+    with pytest.raises(ValueError, match="cuda_graphs and compile cannot both be on"):
+        TrainConfig(cuda_graphs=True, compile=True)
+
+
+def test_full_batches_go_to_the_graphed_step_and_a_short_one_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    class GraphedSteps:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def step(self, loop: Any, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.sizes.append(len(idx))
+            return {}
+
+    loop = rqvae_train._Loop(RQVAE(MODEL), TrainConfig(batch_size=8), None, None, None,  # type: ignore[arg-type]
+                             torch.device("cpu"), None, graphs=GraphedSteps())  # type: ignore[arg-type]
+    eager: list[int] = []
+    monkeypatch.setattr(loop, "train_step", lambda x, idx: eager.append(len(idx)) or {})
+    x = torch.zeros(20, MODEL.input_dim)
+    for idx in torch.arange(20).split(8):
+        loop.step_on(x, idx)
+    assert loop.graphs.sizes == [8, 8] and eager == [4]  # type: ignore[union-attr]
+
+
 # ---------------------------------------------------------------- quality
 
 
