@@ -189,8 +189,9 @@ class TrainConfig(DictConfig):
             3 eager steps and replay it for every full batch: the host launches one graph instead of
             each kernel, which is what bounds the seed card's step on a GPU (bench/RESULTS.md). CUDA
             only, not with ``compile``; with the taxonomy regularizer (whose batches vary) steps run
-            eagerly. If the capture fails, a warning says why and training goes on eagerly. Not yet
-            measured on a GPU.
+            eagerly. A step that cannot be captured (an op reading back to the host) stops the fit
+            with an error that says to turn this off. The graphed optimizer's rates are float32
+            tensors, so runs differ from eager ones in the last bits. Not yet measured on a GPU.
         eval_every: epochs between held-out evaluations.
         ae_warmup_epochs: epochs of plain autoencoder training (no quantizer) before the codebooks
             are initialised by k-means on the trained latents. A random encoder moves fast once

@@ -5,8 +5,7 @@ import copy
 import dataclasses
 import math
 import random
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +93,9 @@ class _Loop:
         if self.quantize:  # the anchored codes in float32, outside autocast: as encoding computes them
             first = (self.anchor_codes[idx] if self.anchor_codes is not None and idx is not None
                      else self.model.anchor_codes(x))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.cfg.bf16 and self.device.type == "cuda"):
+        bf16 = self.cfg.bf16 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16,
+                            cache_enabled=self.graphs is None):  # a graph must not keep casts made outside it
             if not self.quantize:  # autoencoder warm-up: no quantizer in the loop
                 x_hat = self.model.decoder(self.model.encode_latent(x)).float()
                 recon = reconstruction_loss(self.model.prepare(x), x_hat, self.cfg.reconstruction_loss)
@@ -127,7 +127,7 @@ class _Loop:
         """One optimisation step on the batch x (B, D) of items ``idx``; returns its loss terms (detached)."""
         self.model.train()
         terms = self._update(x, idx)
-        self._after_update(x)
+        self._after_update(lambda: x)
         return terms
 
     def _update(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,15 +139,16 @@ class _Loop:
         self.optimizer.step()
         return {k: v.detach() for k, v in terms.items()}
 
-    def _after_update(self, x: torch.Tensor) -> None:
+    def _after_update(self, batch: Callable[[], torch.Tensor]) -> None:
         """The host's part of a step: the learning-rate schedule, the step count, and every
-        ``dead_code_window // 10`` steps the dead-code reset from the batch x."""
+        ``dead_code_window // 10`` steps the dead-code reset from the step's batch (``batch()``: only
+        gathered on those steps)."""
         self.scheduler.step()
         self.step += 1
         window = self.cfg.dead_code_window
         if self.quantize and window > 0 and self.step % max(1, window // 10) == 0:
             with torch.no_grad():
-                codes, inputs, _ = self.model.assign(x)
+                codes, inputs, _ = self.model.assign(batch())
                 self.model.quantizer.reset_dead_codes(inputs, codes, window, self.generator,
                                                       anchored=self.model.config.anchored)
 
@@ -169,48 +170,64 @@ class _GraphedStep:
     batches, then replayed: the host then launches one graph a step instead of each of its ~300
     kernels, which on a GPU cost the host 12-19 ms a step against about 2 ms of GPU work
     (bench/RESULTS.md). The batch's indices are copied into a fixed buffer and the rows are gathered
-    inside the graph from the training array, which stays at one address for the whole fit. If the
-    capture fails, a warning says why and training goes on without graphs."""
+    inside the graph from the training array, which stays at one address for the whole fit.
+
+    The last warm-up step runs with torch's sync debug mode at "error", so an op that would read back
+    to the host (which a capture cannot hold) fails there, eagerly and with its own traceback, instead
+    of breaking the capture. Either failure stops the fit with an error that names the fix."""
 
     warmed: int = 0
+    replays: int = 0
     graph: Any = None
+    side: Any = None  # the warm-up's side stream
     static_idx: torch.Tensor | None = None
     static_terms: dict[str, torch.Tensor] | None = None
 
     def step(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.graph is None and self.warmed < GRAPH_WARMUP_STEPS:
-            self.warmed += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loop.model.train()
-                terms = loop._update(x[idx], idx)
-            torch.cuda.current_stream().wait_stream(side)
-            loop._after_update(x[idx])
-            return terms
-        if self.graph is None and not self._capture(loop, x, idx):
-            loop.graphs = None
-            return loop.train_step(x[idx], idx)
+            return self._warm_up(loop, x, idx)
+        if self.graph is None:
+            self._capture(loop, x, idx)
         assert self.static_idx is not None and self.static_terms is not None
         loop.model.train()  # what the graph was captured in; the host-side work after it reads the flag too
         self.static_idx.copy_(idx)
         self.graph.replay()
-        loop._after_update(x[idx])
+        self.replays += 1
+        loop._after_update(lambda: x[idx])
         return dict(self.static_terms)
 
-    def _capture(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> bool:
+    def _warm_up(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.warmed += 1
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        last, mode = self.warmed == GRAPH_WARMUP_STEPS, torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(self.side):
+                loop.model.train()
+                if last:
+                    torch.cuda.set_sync_debug_mode("error")
+                terms = loop._update(x[idx], idx)
+        except RuntimeError as err:
+            raise RuntimeError(f"cuda_graphs: the training step reads back to the host, so it cannot be captured "
+                               f"as a CUDA graph ({err}); train with cuda_graphs off") from err
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream().wait_stream(self.side)
+        loop._after_update(lambda: x[idx])
+        return terms
+
+    def _capture(self, loop: _Loop, x: torch.Tensor, idx: torch.Tensor) -> None:
         loop.model.train()
-        static_idx, graph = idx.clone(), torch.cuda.CUDAGraph()
+        static_idx, graph, stream = idx.clone(), torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 terms = loop._update(x[static_idx], static_idx)
-        except RuntimeError as err:  # an op that reads back to the host, or one capture does not allow
-            warnings.warn(f"CUDA graph capture of the training step failed, training goes on without graphs: "
-                          f"{err}", RuntimeWarning, stacklevel=2)
-            torch.cuda.synchronize()
-            return False
+        except RuntimeError as err:  # torch's capture context may leave the capture stream current
+            torch.cuda.set_stream(stream)
+            cause = err.__context__ or err
+            raise RuntimeError(f"cuda_graphs: capturing the training step as a CUDA graph failed ({cause}); train "
+                               "with cuda_graphs off") from err
         self.graph, self.static_idx, self.static_terms = graph, static_idx, terms
-        return True
 
 
 def _batches(loop: _Loop, train_idx: torch.Tensor,
@@ -279,14 +296,15 @@ def _build_loop(model: RQVAE, cfg: TrainConfig, steps_per_epoch: int, generator:
     books = [model.quantizer.codebooks]
     others = [p for name, p in model.named_parameters() if not name.startswith("quantizer.")]
     groups: list[dict[str, Any]] = [{"params": others}, {"params": books, "lr": cfg.lr * cfg.codebook_lr_scale}]
-    optimizer = adamw(groups, cfg, device, graphed=cfg.cuda_graphs)
+    graphed = cfg.cuda_graphs and categories is None  # the taxonomy's batches vary: those steps stay eager
+    optimizer = adamw(groups, cfg, device, graphed=graphed)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(total * cfg.warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))  # same factor for both groups
     forward = torch.compile(model) if cfg.compile else model
     return _Loop(model, cfg, optimizer, scheduler, generator, device, categories, forward=forward,
-                 graphs=_GraphedStep() if cfg.cuda_graphs and categories is None else None)
+                 graphs=_GraphedStep() if graphed else None)
 
 
 @contextmanager
@@ -579,6 +597,9 @@ def _run_epochs(loop: _Loop, x: torch.Tensor, train_idx: torch.Tensor, hold_idx:
         if cfg.patience and epoch - best[1] >= cfg.patience:
             break
     loop.model.load_state_dict(best[2])
-    call(callbacks, "on_train_end", {"best_epoch": best[1], "epochs_run": len(history)})
+    summary: dict[str, Any] = {"best_epoch": best[1], "epochs_run": len(history)}
+    if loop.graphs is not None:
+        summary["graph_replays"] = loop.graphs.replays  # steps replayed from the CUDA graph (the rest ran eagerly)
+    call(callbacks, "on_train_end", summary)
     return FitResult(loop.model.eval(), history, best[1], str(loop.device), len(train_idx), len(hold_idx),
                      hold_idx.cpu().numpy())

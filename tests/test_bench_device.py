@@ -28,7 +28,7 @@ def test_trained_checkpoint_is_encoded_on_the_device_at_every_setting(tmp_path: 
     assert out.returncode == 0, out.stderr
     trained = json.loads(train_json.read_text())
     assert trained["device"] == "cpu" and trained["epochs"] == 2 and trained["train_items"] < 1200
-    assert trained["cuda_graphs_replayed"] is False and trained["capture_failed"] == []
+    assert trained["graph_replays"] == 0  # no --cuda-graphs
     assert 0 < trained["epoch_seconds_median"] <= trained["loop_seconds"]
     assert load_checkpoint(model).config.input_dim == 48
 
