@@ -28,7 +28,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rqvae import RQVAE, ModelConfig, encode_array, load_checkpoint  # noqa: E402
+from rqvae import RQVAE, ModelConfig, encode_array, load_checkpoint, select_device  # noqa: E402
 from rqvae.synthetic import CatalogSpec, make_catalog  # noqa: E402
 
 
@@ -49,16 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.items < 1 or a.base_items < 1 or a.repeat < 1:
         p.error("--items, --base-items and --repeat must be at least 1")
     return a
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_model(path: str | None, dim: int) -> RQVAE:
@@ -98,7 +88,7 @@ def device_name(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    device = pick_device(a.device)
+    device = select_device(a.device)
     t0 = time.perf_counter()
     base = make_catalog(CatalogSpec(n_items=min(a.base_items, a.items), dim=a.dim, seed=0)).embeddings
     x = np.ascontiguousarray(np.resize(base, (a.items, a.dim)), dtype=np.float32)  # tiled rows
