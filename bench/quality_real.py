@@ -26,6 +26,7 @@ nearest last-level codewords as alternatives, ``spread_additive``): what being c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -84,6 +85,13 @@ def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, 
     ids = np.unique(np.asarray(paths), return_inverse=True)[1].astype(np.int64)
     ids[np.asarray(paths) == ""] = -1
     return x, lex.astype(np.int64), ids, category_ids_from_paths(table["category"].to_pylist())
+
+
+def embeddings_digest(x: np.ndarray) -> str:
+    """The first 16 hex digits of the SHA-256 of ``x``'s float32 bytes (row-major): which build of the catalog's
+    embeddings a run scored. The sentence encoder's output differs in its last bits between CPUs, and so, by
+    about 0.001, do the table's columns; equal digests mean bit-identical inputs."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 # Query rows of the neighbour columns: all items by default (P1 nn's standard error on WordNet's 82k items
@@ -335,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     # learnt for items it never saw a category of (all items are scored on every other column).
     hidden = np.random.default_rng([a.seed, 1]).random(len(x)) < a.hidden_categories
     cats = np.where(hidden[:, None], -1, cats)
-    print(f"{len(x)} items x {x.shape[1]}, {a.levels} x {a.codebook_size}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", flush=True)
+    digest = embeddings_digest(x)
+    print(f"{len(x)} items x {x.shape[1]} (embeddings sha256 {digest}), {a.levels} x {a.codebook_size}; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+          flush=True)
     rows: dict[str, dict[str, float]] = {}
     for name in a.methods.split(","):
         try:
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     if a.json:
-        a.json.write_text(json.dumps({"items": len(x), "versions": peers.peer_versions(), "rows": rows}, indent=2))
+        a.json.write_text(json.dumps({"items": len(x), "embeddings_sha256": digest, "versions": peers.peer_versions(),
+                                      "rows": rows}, indent=2))
     return 0
 
 

@@ -96,3 +96,29 @@ def test_the_level_1_seed_curve_scores_level_1_as_the_main_table_does() -> None:
     want = quality_real.score(x.numpy(), np.stack([level1, level1, level1], 1), None, 256, labels, labels, seed=0)
     assert (got["p1_nn"], got["nmi1"]) == (want["p1_nn"], want["nmi1"])
     assert 0.0 < got["p1_nn"] < 1.0 and got["ppl_l1"] > 100
+
+
+def test_a_run_names_the_embeddings_it_scored(tmp_path, capsys) -> None:
+    """The header and the JSON carry the embeddings' digest: a one-ulp change to one value changes it, so two
+    tables with equal digests scored bit-identical inputs."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = make_catalog(CatalogSpec(300, 8, seed=3)).embeddings.astype(np.float32)
+    lex = [f"noun.{i % 5}" for i in range(len(x))]
+    paths = [["entity", f"a{i % 3}", f"b{i % 7}", f"c{i % 11}", f"d{i % 13}", f"item{i}"] for i in range(len(x))]
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"embedding": list(x), "lexname": lex, "category": paths}), catalog)
+    out = tmp_path / "rows.json"
+    assert quality_real.main(["--catalog", str(catalog), "--levels", "2", "--codebook-size", "4",
+                              "--methods", "ours_rqkmeans", "--json", str(out)]) == 0
+    digest = quality_real.embeddings_digest(x)
+    assert len(digest) == 16 and f"(embeddings sha256 {digest})" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["embeddings_sha256"] == digest and set(written["rows"]) == {"ours_rqkmeans"}
+    nudged = x.copy()
+    nudged[17, 3] = np.nextafter(nudged[17, 3], np.float32(np.inf))
+    assert quality_real.embeddings_digest(nudged) != digest
+    assert quality_real.embeddings_digest(x.astype(np.float64)) == digest  # the float32 bits, whatever the dtype
