@@ -22,6 +22,10 @@ Markdown table for bench/RESULTS.md. Columns (all computed here, from codes and 
 
 A "<peer>_spread16" row is that peer with the job's collision-aware last level added (its items' 16
 nearest last-level codewords as alternatives, ``spread_additive``): what being collision-free costs it.
+
+The header line and the JSON name the embeddings scored (the first 16 hex digits of their SHA-256): the
+sentence encoder's last bits differ between CPUs, and the columns by about 0.001 with them, so compare
+tables across machines only where the digests are equal.
 """
 from __future__ import annotations
 
