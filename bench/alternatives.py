@@ -130,22 +130,6 @@ def torch_threads() -> int:
     return 1 << (cores.bit_length() - 1)
 
 
-def suffix_order_suffixes(codes: np.ndarray, errors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """int32 (N,) suffixes: 0..n-1 within each group of items sharing a code tuple, ordered by
-    quantization error ascending, then item id (the job's rule, pipelines/uniquify.py)."""
-    n = len(codes)
-    if n == 0:
-        return np.zeros(0, dtype=np.int32)
-    order = np.lexsort((ids, errors, *[codes[:, level] for level in reversed(range(codes.shape[1]))]))
-    ordered = codes[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    out = np.empty(n, dtype=np.int32)
-    out[order] = np.arange(n) - first
-    return out
-
-
 def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str | Path,
                         read_rows: int = 32_768) -> dict[str, int]:
     """(s): semantic IDs of a Delta catalog (item_id, embedding) without Spark, written as a Delta table
@@ -157,7 +141,7 @@ def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str
     from deltalake import DeltaTable, write_deltalake
 
     from rqvae import encode_array, load_checkpoint
-    from rqvae.resolve import spread_last_level
+    from rqvae.resolve import spread_last_level, suffixes_in_tuples
 
     torch.set_num_threads(torch_threads())
     model = load_checkpoint(Path(model_file).read_bytes())
@@ -192,7 +176,7 @@ def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str
         spread = spread_last_level(all_codes, all_errors, np.concatenate(alts), np.concatenate(alt_errors),
                                    tiebreak=all_ids)
         all_codes, all_errors, moved = spread.codes, spread.quantization_error, int(spread.moved.sum())
-    suffix = suffix_order_suffixes(all_codes, all_errors, all_ids)
+    suffix = suffixes_in_tuples(all_codes, all_errors, all_ids)
     n, levels = all_codes.shape
     parts = [pa.array(all_codes[:, level]).cast(pa.string()) for level in range(levels)]
     table = pa.table({

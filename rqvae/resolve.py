@@ -89,3 +89,30 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
                 moved[i] = True
                 break
     return Spread(out_codes, out_errors, moved)
+
+
+def suffixes_in_tuples(codes: np.ndarray, errors: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """int32 (N,) uniquifying suffixes: 0..n-1 within each group of n items sharing a full code tuple,
+    ordered by error ascending (NaN, a missing error, last), then by the tie-break key (the item id).
+
+    The rule of ``pipelines.uniquify.assign_suffixes`` on NumPy arrays; like it, the result does not
+    depend on the row order.
+
+    Args:
+        codes: (N, L) int codes.
+        errors: (N,) float quantization errors (NaN for a missing one).
+        tiebreak: (N,) sortable keys, unique (item ids).
+    """
+    codes = np.asarray(codes)
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    order = np.lexsort((np.asarray(tiebreak), np.asarray(errors),
+                        *[codes[:, level] for level in reversed(range(codes.shape[1]))]))
+    ordered = codes[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    out = np.empty(n, dtype=np.int32)
+    out[order] = np.arange(n) - first
+    return out
