@@ -67,6 +67,7 @@ from pipelines.uniquify import (
     hash_part,
     in_prefix_parts,
     parts_for,
+    spread_and_number,
     spread_collisions,
 )
 from pipelines.validate import RowAccountingError
@@ -394,6 +395,7 @@ def plan_changes(
     materialize: Callable[[DataFrame], DataFrame | None],
     progress: Callable[[str], None] | None = None,
     split: Split | None = None,
+    one_map: bool = False,
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
@@ -409,6 +411,9 @@ def plan_changes(
         materialize: computes a frame once (``EngineSession.materialize``), or returns None.
         progress: called with a line of progress when the new IDs are issued in parts (many of them).
         split: ``EngineSession.materialize_split``, to split the rows to issue into those parts once.
+        one_map: the items to issue are spread and numbered in one grouped map
+            (:func:`pipelines.uniquify.spread_and_number`) instead of a plan of joins and a window: the same
+            IDs, fewer computed frames (the job's choice on classic Spark).
     """
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
@@ -420,7 +425,7 @@ def plan_changes(
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize,
-                    parts=parts_for(counts.issued), progress=progress, split=split)
+                    parts=parts_for(counts.issued), progress=progress, split=split, one_map=one_map)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -517,8 +522,10 @@ class _Stamp:
 
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
            materialize: Callable[[DataFrame], DataFrame | None] | None = None, parts: int = 1,
-           progress: Callable[[str], None] | None = None, split: Split | None = None) -> DataFrame:
-    """New rows (full table columns) for the items that get a new ID (``materialize``: see :func:`plan_changes`).
+           progress: Callable[[str], None] | None = None, split: Split | None = None,
+           one_map: bool = False) -> DataFrame:
+    """New rows (full table columns) for the items that get a new ID (``materialize``, ``one_map``: see
+    :func:`plan_changes`).
 
     ``parts`` > 1 (many items to issue): the spreading and the suffixes run one part of the prefixes after
     another (:func:`pipelines.uniquify.in_prefix_parts`), with the same result, so that the engine's memory
@@ -528,6 +535,8 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
     issued = state.ledger if state is not None else None
 
     def numbered_in(base: DataFrame, issued: DataFrame | None) -> DataFrame:
+        if ranked and one_map:
+            return spread_and_number(base, num_levels, issued)
         if ranked:  # the model's collision-aware last level, away from every tuple ever issued
             base = spread_collisions(base, num_levels, issued, materialize)
             if materialize is not None:  # the suffixes read it three times (their shared tuples, the rest, the join)

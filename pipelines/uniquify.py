@@ -50,7 +50,9 @@ _SHARED = "__csid_shared"
 _COUNT = "__csid_count"
 _KEEPER = "__csid_keeper"
 _BEST_ERROR = "__csid_best_error"
-_SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET})
+_HELD_SUFFIX = "__csid_held_suffix"
+_SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET,
+                          _HELD_SUFFIX})
 SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
 SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (and their prefixes' claims) spread at once
 SPREAD_MAX_CHUNKS = 4096  # chunks halved on an exhausted memory pool: no further than this
@@ -290,9 +292,7 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     # Prefixes never interact (a claim names a full tuple), so many prefixes share one Python call: a
     # call per prefix cost ~1 ms each, and a 1M-item catalog has tens of thousands with movers.
     rows = mover_rows.unionByName(claim_rows).withColumn(_BUCKET, hash_part(_PREFIX_KEY, SPREAD_BUCKETS))
-    schema = StructType([StructField(CODES, ArrayType(IntegerType())) if c == CODES
-                         else StructField(QUANTIZATION_ERROR, FloatType()) if c == QUANTIZATION_ERROR
-                         else df.schema[c] for c in out_columns])
+    schema = StructType(_spread_output_fields(df, out_columns))
     staged = materialize(rows) if materialize is not None else None
     if staged is None:
         moved = rows.groupBy(_BUCKET).applyInArrow(_spread_group, schema)
@@ -303,6 +303,51 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
         movers_n = staged.where(F.col(_CLAIM_BITS).isNull()).count()
         moved = _spread_in_chunks(staged, max(1, -(-movers_n // SPREAD_CHUNK_MOVERS)), schema, materialize)
     return keepers.select(*out_columns).unionByName(moved.select(*out_columns))
+
+
+def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None = None,
+                      buckets: int = SPREAD_BUCKETS) -> DataFrame:
+    """:func:`spread_collisions` then :func:`assign_suffixes` (no ledger) or :func:`assign_next_suffixes`
+    (``issued``), in one grouped map.
+
+    Every row goes to Python once, its prefix (levels 1..L-1) hashed into one of ``buckets`` groups, and
+    each group is spread (:func:`rqvae.resolve.spread_last_level`) and numbered
+    (:func:`rqvae.resolve.suffixes_in_tuples`) there: both look only inside a prefix, so the result is
+    exactly theirs. With a ledger, each tuple it holds in the rows' prefixes joins the group as one row
+    (its largest suffix): a tuple given out there, and the suffixes start after it. It replaces the joins,
+    aggregates and window of the two steps (about ten frames computed one after another) by one shuffle,
+    the cheaper plan where each computed frame costs seconds (classic Spark). The engine's grouped map
+    holds a group at a time on classic Spark, but all of its input at once on the embedded engine, so
+    the job uses it on classic Spark only.
+
+    Args:
+        df: as for :func:`spread_collisions`.
+        num_levels: L.
+        issued: ``codes`` and ``suffix`` of every ID ever issued (the ledger), or None (a first issue).
+        buckets: the number of Python calls (groups of prefixes).
+
+    Returns:
+        ``df``'s columns without the alternatives, with the moved items' ``codes`` and
+        ``quantization_error``, then ``suffix``, ``semantic_id`` and ``prefix_1``..``prefix_L``, as
+        the two steps give them.
+    """
+    _check_levels(num_levels)
+    require_columns(df, (ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS), "spread_and_number")
+    out_columns = [c for c in df.columns if c not in (ALTERNATIVES, ALTERNATIVE_ERRORS, *_added_columns(num_levels))]
+    rows = df.select(*out_columns, ALTERNATIVES, ALTERNATIVE_ERRORS).withColumns(
+        {CODES: checked_codes(num_levels), _HELD_SUFFIX: F.lit(None).cast("int")})
+    if issued is not None:
+        require_columns(issued, (CODES, SUFFIX), "spread_and_number(issued)")
+        prefixes = rows.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY)).distinct()
+        held = (issued.select(CODES, SUFFIX, code_prefix(num_levels - 1).alias(_PREFIX_KEY))
+                .join(prefixes, _PREFIX_KEY, "left_semi")
+                .groupBy(code_prefix(num_levels).alias(_TUPLE_KEY))
+                .agg(F.first(CODES).alias(CODES), F.max(SUFFIX).alias(_HELD_SUFFIX)).drop(_TUPLE_KEY))
+        rows = rows.unionByName(held, allowMissingColumns=True)
+    rows = rows.withColumn(_BUCKET, hash_part(code_prefix(num_levels - 1), buckets))
+    schema = StructType([*_spread_output_fields(df, out_columns), StructField(SUFFIX, IntegerType())])
+    numbered = rows.groupBy(_BUCKET).applyInArrow(_spread_and_number_group, schema)
+    return _with_ids(numbered.withColumn(_TUPLE_KEY, code_prefix(num_levels)), num_levels).drop(_TUPLE_KEY)
 
 
 def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
@@ -423,12 +468,59 @@ def _spread_group(table: pa.Table) -> pa.Table:
     rows_of_claims = np.fromiter((first_row[claim_keys[i]] for i in claim_of), np.int64, count=len(claim_of))
     taken = np.column_stack([codes[rows_of_claims, :-1], claimed])
     tie = ids.astype(str) if ids.dtype == object else ids
-    out = spread_last_level(codes, movers.column(QUANTIZATION_ERROR).to_numpy().astype(np.float32),
-                            _int_matrix(movers.column(ALTERNATIVES), len(ids)),
+    errors, missing = _errors_of(movers.column(QUANTIZATION_ERROR))
+    out = spread_last_level(codes, errors, _int_matrix(movers.column(ALTERNATIVES), len(ids)),
                             embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
     new = {CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
-           QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32())}
+           QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32(), mask=missing & ~out.moved)}
     return pa.table({c: new.get(c, movers.column(c)) for c in out_columns})
+
+
+def _spread_output_fields(df: DataFrame, out_columns: list[str]) -> list[StructField]:
+    """The fields of the spreading's grouped map: ``df``'s ``out_columns``, with ``codes`` ARRAY<INT> and
+    ``quantization_error`` FLOAT as the Python side writes them."""
+    return [StructField(CODES, ArrayType(IntegerType())) if c == CODES
+            else StructField(QUANTIZATION_ERROR, FloatType()) if c == QUANTIZATION_ERROR
+            else df.schema[c] for c in out_columns]
+
+
+def _spread_and_number_group(table: pa.Table) -> pa.Table:
+    """The items of some prefixes (and the ledger's tuples there: HELD_SUFFIX set) -> the items' rows with
+    the codes and quantization error of :func:`rqvae.resolve.spread_last_level` (the ledger's tuples
+    taken) and their suffixes (:func:`rqvae.resolve.suffixes_in_tuples`, after the ledger's largest one
+    in the tuple). A missing error orders last in both, as in the Spark plans."""
+    from rqvae.resolve import spread_last_level, suffixes_in_tuples  # numpy only, imported where the group runs
+
+    out_columns = [c for c in table.column_names if c not in _SPREAD_ONLY]
+    is_held = pc.is_valid(table.column(_HELD_SUFFIX))
+    held, table = table.filter(is_held), table.filter(pc.invert(is_held))
+    n = table.num_rows
+    if not n:
+        return table.select(out_columns).append_column(SUFFIX, pa.array([], pa.int32()))
+    ids = table.column(ITEM_ID).to_numpy()
+    tie = ids.astype(str) if ids.dtype == object else ids
+    errors, missing = _errors_of(table.column(QUANTIZATION_ERROR))
+    codes = _int_matrix(table.column(CODES), n)
+    taken = _int_matrix(held.column(CODES), held.num_rows) if held.num_rows else None
+    spread = spread_last_level(codes, errors, _int_matrix(table.column(ALTERNATIVES), n),
+                               embeddings_to_numpy(table.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
+    suffix = suffixes_in_tuples(spread.codes, spread.quantization_error, tie)
+    if taken is not None:  # a tuple of the ledger numbers on from its largest suffix
+        _, tuple_of = np.unique(np.concatenate([spread.codes, taken]), axis=0, return_inverse=True)
+        tuple_of = tuple_of.reshape(-1)
+        first_free = np.zeros(tuple_of.max() + 1, dtype=np.int64)
+        first_free[tuple_of[n:]] = held.column(_HELD_SUFFIX).to_numpy().astype(np.int64) + 1
+        suffix = (suffix + first_free[tuple_of[:n]]).astype(np.int32)
+    new = {CODES: matrix_to_list_array(spread.codes.astype(np.int32, copy=False)),
+           QUANTIZATION_ERROR: pa.array(spread.quantization_error, pa.float32(), mask=missing & ~spread.moved)}
+    return pa.table({**{c: new.get(c, table.column(c)) for c in out_columns}, SUFFIX: pa.array(suffix, pa.int32())})
+
+
+def _errors_of(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 errors with NaN for a missing one (NumPy's sorts put NaN last, as the Spark plans put nulls),
+    and where they were missing: an item that keeps its code keeps a null error, not NaN."""
+    errors = pc.fill_null(column.cast(pa.float32()), float("nan")).to_numpy().astype(np.float32)
+    return errors, column.is_null().to_numpy(zero_copy_only=False)
 
 
 def _bit_of(code: str) -> Column:
@@ -464,9 +556,14 @@ def _with_ids(ranked: DataFrame, num_levels: int) -> DataFrame:
     return with_prefix_columns(ranked.withColumn(SEMANTIC_ID, semantic_id), num_levels)
 
 
+def _added_columns(num_levels: int) -> list[str]:
+    """The columns numbering adds: suffix, semantic_id, prefix_1..prefix_L."""
+    return [SUFFIX, SEMANTIC_ID, *(prefix_column(level) for level in range(1, num_levels + 1))]
+
+
 def _output_columns(input_columns: list[str], num_levels: int) -> list[str]:
     """Input columns in their order, then suffix, semantic_id, prefix_1..prefix_L (once each)."""
-    added = [SUFFIX, SEMANTIC_ID, *(prefix_column(level) for level in range(1, num_levels + 1))]
+    added = _added_columns(num_levels)
     return [c for c in input_columns if c not in added] + added
 
 

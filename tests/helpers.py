@@ -309,3 +309,22 @@ def ensure_java(error: type[RuntimeError] = ToolMissing) -> str:
 
     return apt_install(JAVA_PACKAGE, find, f"install Java 17 (`sudo apt-get install -y {JAVA_PACKAGE}` on "
                        "Debian/Ubuntu) or set JAVA_HOME", error)
+
+
+def crowded_ranked_items(n: int, seed: int, numeric_ids: bool = False) -> list[tuple]:
+    """``n`` items for the collision spreading: (item_id, codes, quantization_error, extra, alternatives,
+    alternative_errors) on 5 x 4 prefixes of 6 last codes, ranked among 24, so that many tuples are shared,
+    some prefixes fill up (suffixes needed), some errors tie and some are null (they order last).
+    ``numeric_ids``: BIGINT ids whose string order differs from their numeric one."""
+    rng = np.random.default_rng(seed)
+    k = 6
+    codes = np.column_stack([rng.integers(0, 5, n), rng.integers(0, 4, n), rng.integers(0, 6, n)])
+    errors = rng.choice(np.float32([0.1, 0.2, 0.3]), n) + rng.integers(0, 3, n).astype(np.float32) / 10
+    out = []
+    for j, order in enumerate(rng.permuted(np.tile(np.arange(24), (n, 1)), axis=1)):
+        alternatives = [int(codes[j, 2]), *[int(c) for c in order if c != codes[j, 2]][:k - 1]]
+        error = None if j % 17 == 0 else float(errors[j])
+        alt_errors = [float(errors[j]), *np.sort(rng.random(k - 1) + 0.6).astype(np.float32).tolist()]
+        item_id: Any = int(10 ** (j % 4) + j) if numeric_ids else f"i{(j * 7919) % n:04d}"
+        out.append((item_id, codes[j].tolist(), error, f"x{j}", alternatives, alt_errors))
+    return out

@@ -136,3 +136,26 @@ def test_work_in_parts_of_the_prefixes_on_the_jvm(classic_spark):
     reused = ledger.unionByName(ledger.limit(1).selectExpr("'other' AS item_id", "semantic_id", "false AS active"))
     with pytest.raises(Exception, match="301 rows hold 300 distinct semantic IDs"):
         check_ledger(reused, expected_active=300, parts=3)
+
+
+@pytest.mark.parametrize("with_ledger", [False, True])
+def test_spread_and_number_in_one_map_on_the_jvm(classic_spark, with_ledger):
+    """The plan the job uses on classic Spark (one grouped map of the items to issue, with the ledger's
+    tuples in their prefixes) gives the IDs of spreading then numbering, with crowded prefixes, tied and
+    null errors."""
+    from helpers import crowded_ranked_items
+
+    from pipelines.schema import ALTERNATIVE_ERRORS, ALTERNATIVES, CODES, QUANTIZATION_ERROR
+    from pipelines.uniquify import assign_next_suffixes, spread_and_number, spread_collisions
+
+    schema = (f"item_id string, codes array<int>, quantization_error float, extra string, "
+              f"{ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>")
+    df = classic_spark.createDataFrame(crowded_ranked_items(600, seed=8), schema).repartition(3)
+    issued = classic_spark.createDataFrame([([p % 5, p // 5 % 4, p % 23], p % 3) for p in range(0, 400, 3)],
+                                           "codes array<int>, suffix int") if with_ledger else None
+    columns = [ITEM_ID, CODES, QUANTIZATION_ERROR, "extra", SUFFIX, SEMANTIC_ID, *map(prefix_column, (1, 2, 3))]
+    got = rows(spread_and_number(df, 3, issued), columns)
+    spread = spread_collisions(df, 3, issued)
+    two_steps = assign_suffixes(spread, 3) if issued is None else assign_next_suffixes(spread, issued, 3)
+    assert got == rows(two_steps, columns)
+    assert len({r[5] for r in got}) == 600 and sum(r[4] > 0 for r in got) > 50

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import crowded_ranked_items
 
 from pipelines import uniquify
 from pipelines.schema import (
@@ -17,7 +18,13 @@ from pipelines.schema import (
     SUFFIX,
     prefix_column,
 )
-from pipelines.uniquify import SPREAD_BUCKETS, assign_suffixes, assign_suffixes_incremental, spread_collisions
+from pipelines.uniquify import (
+    SPREAD_BUCKETS,
+    assign_next_suffixes,
+    assign_suffixes,
+    assign_suffixes_incremental,
+    spread_collisions,
+)
 from pipelines.validate import SchemaError
 from rqvae.resolve import spread_last_level
 
@@ -288,3 +295,46 @@ def test_spread_matches_rqvae_resolve_and_never_hands_out_an_issued_tuple(spark,
     # 6 prefixes x 12 codes for 400 items (320 for 1,600): the crowded prefixes fill up to the codes
     # their items rank.
     assert sum(got[i] != nearest[i] for i in got) > 30
+
+
+def ledger_of(spark, seed: int):
+    """A ledger (codes, suffix) on the prefixes of crowded_ranked_items: 150 tuples, some with several
+    suffixes (retired rows), some in prefixes that get no new items (5 x 4 prefixes of which 5 x 5 exist)."""
+    rng = np.random.default_rng(seed)
+    rows = [([int(rng.integers(0, 5)), int(rng.integers(0, 5)), int(rng.integers(0, 24))], int(rng.integers(0, 3)))
+            for _ in range(150)]
+    return spark.createDataFrame(rows, "codes array<int>, suffix int")
+
+
+@pytest.mark.parametrize("numeric_ids, with_ledger", [(False, False), (True, False), (False, True)])
+def test_spread_and_number_in_one_map_gives_the_ids_of_the_two_steps(spark, numeric_ids, with_ledger):
+    """The one grouped map (the job's plan on classic Spark) against spreading then numbering: the same
+    codes, errors, suffixes and IDs for every item, with shared and filled-up tuples, tied and null errors,
+    ids whose string order is not their numeric one, and a ledger whose tuples are never given out and
+    whose suffixes the new ones follow."""
+    items = crowded_ranked_items(900, seed=3, numeric_ids=numeric_ids)
+    schema = SPREAD_SCHEMA.replace("item_id string", "item_id bigint") if numeric_ids else SPREAD_SCHEMA
+    df = spark.createDataFrame(items, schema).repartition(3)
+    issued = ledger_of(spark, seed=1) if with_ledger else None
+    columns = [ITEM_ID, CODES, QUANTIZATION_ERROR, "extra", SUFFIX, SEMANTIC_ID, *map(prefix_column, (1, 2, 3))]
+    spread = spread_collisions(df, 3, issued)
+    two_steps = assign_suffixes(spread, 3) if issued is None else assign_next_suffixes(spread, issued, 3)
+    one_map = uniquify.spread_and_number(df, 3, issued, buckets=7)
+    assert set(one_map.columns) == set(columns)
+    got = rows(one_map, columns)
+    assert got == rows(two_steps, columns)
+    assert len(got) == 900 and len({r[5] for r in got}) == 900  # every item once, every ID unique
+    suffixed = sum(r[4] > 0 for r in got)
+    moved = sum(r[1] != it[1] for r, it in zip(got, sorted(items, key=lambda it: it[0])))
+    assert suffixed > 50 and moved > 100  # both rules were exercised, not just passed through
+    assert sum(r[2] is None for r in got) > 10  # null errors stay null where the item kept its code
+    if issued is not None:
+        ledger = {(tuple(r[CODES]), r[SUFFIX]) for r in issued.collect()}
+        assert not ledger & {(tuple(r[1]), r[4]) for r in got}  # no ID of the ledger is issued again
+        after_ledger = {tuple(r[1]) for r in got if r[4] > 0} & {codes for codes, _ in ledger}
+        assert after_ledger  # some new items number on after a tuple's issued suffixes
+
+
+def test_spread_and_number_of_an_empty_frame(spark):
+    out = uniquify.spread_and_number(spark.createDataFrame([], SPREAD_SCHEMA), 3)
+    assert out.count() == 0 and SEMANTIC_ID in out.columns
