@@ -240,27 +240,41 @@ def tuple_groups(sid_df: DataFrame, suffix_budget: int | None = None) -> DataFra
 
 def prefix_stats_of_groups(groups: DataFrame, num_levels: int, levels: Sequence[int] | None = None) -> DataFrame:
     """:func:`prefix_stats` from the :func:`tuple_groups` frame (one row per level and tuple, then grouped);
-    ``levels``: only the rows of these levels (default: 1..L)."""
-    per_level = [
-        F.struct(
-            F.lit(level).alias(LEVEL),
-            code_prefix(level).alias(PREFIX),
-            (F.col(CODES)[level] if level < num_levels else F.lit(None).cast("int")).alias(_NEXT_CODE),
-            F.col(_GROUP_SIZE).alias(_GROUP_SIZE),
-            F.col(MAX_SUFFIX).alias(MAX_SUFFIX),
+    ``levels``: only the rows of these levels (default: 1..L).
+
+    Level L's prefixes are the tuples themselves, one row of ``groups`` each, so its rows are selected,
+    not aggregated: about one group per item was the largest part of the aggregation."""
+    wanted = list(levels if levels is not None else range(1, num_levels + 1))
+    out = []
+    shallower = [level for level in wanted if level < num_levels]
+    if shallower:
+        per_level = [
+            F.struct(
+                F.lit(level).alias(LEVEL),
+                code_prefix(level).alias(PREFIX),
+                F.col(CODES)[level].alias(_NEXT_CODE),
+                F.col(_GROUP_SIZE).alias(_GROUP_SIZE),
+                F.col(MAX_SUFFIX).alias(MAX_SUFFIX),
+            )
+            for level in shallower
+        ]
+        stats = groups.select(F.inline(F.array(*per_level))).groupBy(LEVEL, PREFIX).agg(
+            F.sum(_GROUP_SIZE).alias(ITEM_COUNT),
+            F.countDistinct(_NEXT_CODE).alias(_NEXT_CODE),
+            F.sum(F.when(F.col(_GROUP_SIZE) > 1, 1).otherwise(0)).cast("long").alias(COLLISION_GROUPS),
+            F.max(MAX_SUFFIX).alias(MAX_SUFFIX),
         )
-        for level in (levels if levels is not None else range(1, num_levels + 1))
-    ]
-    stats = groups.select(F.inline(F.array(*per_level))).groupBy(LEVEL, PREFIX).agg(
-        F.sum(_GROUP_SIZE).alias(ITEM_COUNT),
-        F.countDistinct(_NEXT_CODE).alias(_NEXT_CODE),
-        F.sum(F.when(F.col(_GROUP_SIZE) > 1, 1).otherwise(0)).cast("long").alias(COLLISION_GROUPS),
-        F.max(MAX_SUFFIX).alias(MAX_SUFFIX),
-    )
-    children = F.when(F.col(LEVEL) == num_levels, F.col(ITEM_COUNT)).otherwise(F.col(_NEXT_CODE))
-    return stats.select(
-        LEVEL, PREFIX, ITEM_COUNT, children.cast("long").alias(CHILDREN), COLLISION_GROUPS, MAX_SUFFIX
-    )
+        out.append(stats.select(LEVEL, PREFIX, ITEM_COUNT, F.col(_NEXT_CODE).cast("long").alias(CHILDREN),
+                                COLLISION_GROUPS, MAX_SUFFIX))
+    if num_levels in wanted:
+        size = F.col(_GROUP_SIZE).cast("long")
+        out.append(groups.select(
+            F.lit(num_levels).alias(LEVEL), code_prefix(num_levels).alias(PREFIX), size.alias(ITEM_COUNT),
+            size.alias(CHILDREN), F.when(F.col(_GROUP_SIZE) > 1, 1).otherwise(0).cast("long").alias(COLLISION_GROUPS),
+            F.col(MAX_SUFFIX)))
+    if not out:
+        raise ValueError(f"prefix_stats_of_groups: no level of 1..{num_levels} asked for (got {wanted})")
+    return reduce(DataFrame.unionByName, out)
 
 
 def _code_counts(df: DataFrame, num_levels: int, weight: Column) -> DataFrame:
