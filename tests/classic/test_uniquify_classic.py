@@ -159,3 +159,31 @@ def test_spread_and_number_in_one_map_on_the_jvm(classic_spark, with_ledger):
     two_steps = assign_suffixes(spread, 3) if issued is None else assign_next_suffixes(spread, issued, 3)
     assert got == rows(two_steps, columns)
     assert len({r[5] for r in got}) == 600 and sum(r[4] > 0 for r in got) > 50
+
+
+def test_spread_and_number_in_parts_of_the_prefixes_on_the_jvm(classic_spark):
+    """Above PART_ITEMS the job runs the one grouped map per part of the prefixes, the items and the ledger
+    split alike (``in_prefix_parts``): the same IDs as one pass."""
+    from helpers import crowded_ranked_items
+
+    from pipelines.schema import ALTERNATIVE_ERRORS, ALTERNATIVES, CODES, QUANTIZATION_ERROR
+    from pipelines.uniquify import in_prefix_parts, spread_and_number
+
+    schema = (f"item_id string, codes array<int>, quantization_error float, extra string, "
+              f"{ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>")
+    df = classic_spark.createDataFrame(crowded_ranked_items(600, seed=2), schema)
+    issued = classic_spark.createDataFrame([([p % 5, p // 5 % 4, p % 23], p % 3) for p in range(0, 400, 3)],
+                                           "codes array<int>, suffix int")
+    columns = [ITEM_ID, CODES, QUANTIZATION_ERROR, "extra", SUFFIX, SEMANTIC_ID, *map(prefix_column, (1, 2, 3))]
+    checkpoints = []
+
+    def materialize(frame):
+        checkpoints.append(frame)
+        return frame.localCheckpoint(eager=True)
+
+    def work(items, ledger):
+        return spread_and_number(items, 3, ledger)
+
+    whole = rows(work(df, issued), columns)
+    assert rows(in_prefix_parts([df, issued], 3, 3, work, materialize), columns) == whole
+    assert len(checkpoints) == 3 and len(whole) == 600
