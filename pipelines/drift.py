@@ -121,7 +121,10 @@ def level_changes(pairs: DataFrame, num_levels: int, top_n: int = 10) -> tuple[t
 def drift_of_plan(plan: Plan, top_n: int = 10) -> Drift:
     """Drift of a run's result against the table version it started from (read from the plan)."""
     counts = plan.counts
-    prefix_changed, flows = level_changes(plan.pairs().select(OLD_CODES, NEW_CODES), plan.num_levels, top_n)
+    if counts.ids_changed:
+        prefix_changed, flows = level_changes(plan.pairs().select(OLD_CODES, NEW_CODES), plan.num_levels, top_n)
+    else:  # no active ID is replaced (a first run, most scheduled runs): no pair, and no Spark job to find none
+        prefix_changed, flows = (0,) * plan.num_levels, ()
     against = "no previous table" if plan.previous is None else (
         f"previous table ({plan.previous.describe()})")
     return Drift(against=against, compared=counts.compared, ids_changed=counts.ids_changed,

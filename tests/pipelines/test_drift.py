@@ -54,3 +54,28 @@ def test_drift_rows_metrics_and_table(spark) -> None:
     assert rows[("v3", "id_churn", None)] == 0.2 and rows[("v3", "prefix_changed", 1)] == 1.0
     assert rows[("v3", "flow", 1)] == 1.0 and rows[("other table", "id_churn", None)] == 1.0
     assert Drift("none", 0, 0, 0, 0, (), ()).churn == 0.0
+
+
+def test_drift_of_plan_compares_pairs_only_when_an_active_id_is_replaced(spark) -> None:
+    """With replaced IDs the flows come from the plan's pairs; with none (a first run, most scheduled runs)
+    the drift is zero without a Spark job over the plan (whose pairs would be empty anyway)."""
+    from types import SimpleNamespace
+
+    from pipelines.drift import drift_of_plan
+    from pipelines.ledger import ChangeCounts
+
+    pairs = spark.createDataFrame([([1, 2, 3], [1, 5, 3])], PAIRS)
+    asked = []
+
+    def plan(ids_changed: int) -> SimpleNamespace:
+        def read_pairs():
+            asked.append(ids_changed)
+            return pairs
+        counts = ChangeCounts(valid=4, compared=4, ids_changed=ids_changed, new_item=ids_changed)
+        return SimpleNamespace(counts=counts, pairs=read_pairs, num_levels=3, previous=None)
+
+    replaced = drift_of_plan(plan(1))
+    assert replaced.prefix_changed == (0, 1, 1) and replaced.flows[0] == Flow(2, "1_2", "1_5", 1)
+    none = drift_of_plan(plan(0))
+    assert none.prefix_changed == (0, 0, 0) and none.flows == () and none.churn == 0.0
+    assert asked == [1]
