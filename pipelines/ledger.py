@@ -535,7 +535,7 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
     issued = state.ledger if state is not None else None
 
     def numbered_in(base: DataFrame, issued: DataFrame | None) -> DataFrame:
-        if ranked and one_map:
+        if ranked and one_map and num_levels >= 2:  # one level: no prefix to split the items by, one Python call
             return spread_and_number(base, num_levels, issued)
         if ranked:  # the model's collision-aware last level, away from every tuple ever issued
             base = spread_collisions(base, num_levels, issued, materialize)

@@ -342,7 +342,8 @@ def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None =
         held = (issued.select(CODES, SUFFIX, code_prefix(num_levels - 1).alias(_PREFIX_KEY))
                 .join(prefixes, _PREFIX_KEY, "left_semi")
                 .groupBy(code_prefix(num_levels).alias(_TUPLE_KEY))
-                .agg(F.first(CODES).alias(CODES), F.max(SUFFIX).alias(_HELD_SUFFIX)).drop(_TUPLE_KEY))
+                .agg(F.first(CODES).alias(CODES), F.coalesce(F.max(SUFFIX), F.lit(-1)).alias(_HELD_SUFFIX))
+                .drop(_TUPLE_KEY))  # a tuple of null suffixes only: taken, numbered from 0 (as assign_next_suffixes)
         rows = rows.unionByName(held, allowMissingColumns=True)
     rows = rows.withColumn(_BUCKET, hash_part(code_prefix(num_levels - 1), buckets))
     schema = StructType([*_spread_output_fields(df, out_columns), StructField(SUFFIX, IntegerType())])
@@ -467,10 +468,10 @@ def _spread_group(table: pa.Table) -> pa.Table:
     claim_keys = claims.column(_PREFIX_KEY).to_pylist()
     rows_of_claims = np.fromiter((first_row[claim_keys[i]] for i in claim_of), np.int64, count=len(claim_of))
     taken = np.column_stack([codes[rows_of_claims, :-1], claimed])
-    tie = ids.astype(str) if ids.dtype == object else ids
     errors, missing = _errors_of(movers.column(QUANTIZATION_ERROR))
     out = spread_last_level(codes, errors, _int_matrix(movers.column(ALTERNATIVES), len(ids)),
-                            embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
+                            embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)),
+                            tiebreak=_id_ranks(movers.column(ITEM_ID)), taken=taken, missing=missing)
     new = {CODES: matrix_to_list_array(out.codes.astype(np.int32, copy=False)),
            QUANTIZATION_ERROR: pa.array(out.quantization_error, pa.float32(), mask=missing & ~out.moved)}
     return pa.table({c: new.get(c, movers.column(c)) for c in out_columns})
@@ -497,14 +498,14 @@ def _spread_and_number_group(table: pa.Table) -> pa.Table:
     n = table.num_rows
     if not n:
         return table.select(out_columns).append_column(SUFFIX, pa.array([], pa.int32()))
-    ids = table.column(ITEM_ID).to_numpy()
-    tie = ids.astype(str) if ids.dtype == object else ids
+    tie = _id_ranks(table.column(ITEM_ID))
     errors, missing = _errors_of(table.column(QUANTIZATION_ERROR))
     codes = _int_matrix(table.column(CODES), n)
     taken = _int_matrix(held.column(CODES), held.num_rows) if held.num_rows else None
     spread = spread_last_level(codes, errors, _int_matrix(table.column(ALTERNATIVES), n),
-                               embeddings_to_numpy(table.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken)
-    suffix = suffixes_in_tuples(spread.codes, spread.quantization_error, tie)
+                               embeddings_to_numpy(table.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken,
+                               missing=missing)
+    suffix = suffixes_in_tuples(spread.codes, spread.quantization_error, tie, missing)
     if taken is not None:  # a tuple of the ledger numbers on from its largest suffix
         _, tuple_of = np.unique(np.concatenate([spread.codes, taken]), axis=0, return_inverse=True)
         tuple_of = tuple_of.reshape(-1)
@@ -516,9 +517,17 @@ def _spread_and_number_group(table: pa.Table) -> pa.Table:
     return pa.table({**{c: new.get(c, table.column(c)) for c in out_columns}, SUFFIX: pa.array(suffix, pa.int32())})
 
 
+def _id_ranks(column: pa.ChunkedArray) -> np.ndarray:
+    """int64 (N,) rank of each item id in Spark's order of the ids (numbers by value, strings byte by byte):
+    the tie-break of the Python side. NumPy's own strings would drop trailing NUL characters and hold
+    4 bytes x the longest id per row."""
+    return pc.rank(column, sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64)
+
+
 def _errors_of(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 errors with NaN for a missing one (NumPy's sorts put NaN last, as the Spark plans put nulls),
-    and where they were missing: an item that keeps its code keeps a null error, not NaN."""
+    """float32 errors (NaN for a missing one) and where they were missing: the sorts put a missing error
+    after every known one, NaN included, as the Spark plans' nulls-last order does, and an item that keeps
+    its code keeps a null error."""
     errors = pc.fill_null(column.cast(pa.float32()), float("nan")).to_numpy().astype(np.float32)
     return errors, column.is_null().to_numpy(zero_copy_only=False)
 

@@ -31,7 +31,7 @@ class Spread(NamedTuple):
 
 def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.ndarray,
                       alternative_errors: np.ndarray, tiebreak: np.ndarray | None = None,
-                      taken: np.ndarray | None = None) -> Spread:
+                      taken: np.ndarray | None = None, missing: np.ndarray | None = None) -> Spread:
     """Give colliding items free last-level codes from their ranked alternatives.
 
     Args:
@@ -41,6 +41,8 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
         alternative_errors: (N, k) the error each alternative gives.
         tiebreak: (N,) sortable keys (e.g. item ids) that order items of equal error; default row order.
         taken: (M, L) tuples already issued: their last-level codes are never given to these items.
+        missing: (N,) bool, items whose error is unknown (a null in a table; ``errors`` holds anything there):
+            they order after every known error, NaN included, as SQL's nulls-last order puts them.
 
     Returns: :class:`Spread`.
     """
@@ -59,6 +61,7 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
     if n == 0 or levels == 0:
         return Spread(out_codes, out_errors, moved)
     tie = np.arange(n) if tiebreak is None else np.asarray(tiebreak)
+    unknown = np.zeros(n, dtype=bool) if missing is None else np.asarray(missing, dtype=bool)
     taken_rows = np.zeros((0, levels), dtype=codes.dtype) if taken is None else np.asarray(taken).reshape(-1, levels)
     # One id per prefix over the items and the issued tuples together.
     _, prefix = np.unique(np.concatenate([codes[:, :-1], taken_rows[:, :-1]]), axis=0, return_inverse=True)
@@ -68,7 +71,7 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
     full = prefix[:n] * width + codes[:, -1]
     claimed = set((prefix[n:] * width + taken_rows[:, -1]).tolist())
     # Pass 1: the best-fitting item of each tuple keeps it (unless the tuple is already issued).
-    order = np.lexsort((tie, out_errors, full))
+    order = np.lexsort((tie, out_errors, unknown, full))
     first = np.ones(n, dtype=bool)
     first[1:] = full[order][1:] != full[order][:-1]
     keeps = np.zeros(n, dtype=bool)
@@ -77,7 +80,7 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
     claimed.update(full[keeps].tolist())
     # Pass 2: the others, best fit first, take the nearest alternative nobody holds.
     losers = np.flatnonzero(~keeps)
-    losers = losers[np.lexsort((tie[losers], out_errors[losers]))]
+    losers = losers[np.lexsort((tie[losers], out_errors[losers], unknown[losers]))]
     for i in losers.tolist():
         base = int(prefix[i]) * width
         for j in range(1, alternatives.shape[1]):
@@ -91,23 +94,26 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
     return Spread(out_codes, out_errors, moved)
 
 
-def suffixes_in_tuples(codes: np.ndarray, errors: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+def suffixes_in_tuples(codes: np.ndarray, errors: np.ndarray, tiebreak: np.ndarray,
+                       missing: np.ndarray | None = None) -> np.ndarray:
     """int32 (N,) uniquifying suffixes: 0..n-1 within each group of n items sharing a full code tuple,
-    ordered by error ascending (NaN, a missing error, last), then by the tie-break key (the item id).
+    ordered by error ascending (NaN after every number), then by the tie-break key (the item id).
 
     The rule of ``pipelines.uniquify.assign_suffixes`` on NumPy arrays; like it, the result does not
     depend on the row order.
 
     Args:
         codes: (N, L) int codes.
-        errors: (N,) float quantization errors (NaN for a missing one).
-        tiebreak: (N,) sortable keys, unique (item ids).
+        errors: (N,) float quantization errors.
+        tiebreak: (N,) sortable keys, unique (item ids, or their ranks).
+        missing: (N,) bool, items whose error is unknown (a null): after every known error, NaN included.
     """
     codes = np.asarray(codes)
     n = len(codes)
     if n == 0:
         return np.zeros(0, dtype=np.int32)
-    order = np.lexsort((np.asarray(tiebreak), np.asarray(errors),
+    unknown = np.zeros(n, dtype=bool) if missing is None else np.asarray(missing, dtype=bool)
+    order = np.lexsort((np.asarray(tiebreak), np.asarray(errors), unknown,
                         *[codes[:, level] for level in reversed(range(codes.shape[1]))]))
     ordered = codes[order]
     starts = np.ones(n, dtype=bool)

@@ -187,3 +187,23 @@ def test_spread_and_number_in_parts_of_the_prefixes_on_the_jvm(classic_spark):
     whole = rows(work(df, issued), columns)
     assert rows(in_prefix_parts([df, issued], 3, 3, work, materialize), columns) == whole
     assert len(checkpoints) == 3 and len(whole) == 600
+
+
+def test_one_map_follows_the_jvms_byte_order_of_ids_and_its_nulls_last(classic_spark):
+    """Ids that differ by trailing NUL characters or hold non-ASCII characters, a NaN and a null error: the
+    one grouped map keeps, moves and numbers them as the JVM's plan does."""
+    from pipelines.schema import ALTERNATIVE_ERRORS, ALTERNATIVES, CODES
+    from pipelines.uniquify import spread_and_number, spread_collisions
+
+    schema = (f"item_id string, codes array<int>, quantization_error float, {ALTERNATIVES} array<int>, "
+              f"{ALTERNATIVE_ERRORS} array<float>")
+    items = [(i, [0, 0, 1], e, [1, 2], [0.25 if e is None else e, 0.5])
+             for i, e in [("a\x00\x00", 0.25), ("a\x00", 0.25), ("a", 0.25), ("\u00e9", 0.25), ("z", 0.25),
+                          ("n", float("nan")), ("u", None)]]
+    df = classic_spark.createDataFrame(items, schema)
+    columns = [ITEM_ID, CODES, SUFFIX, SEMANTIC_ID]
+    got = rows(spread_and_number(df, 3), columns)
+    assert got == rows(assign_suffixes(spread_collisions(df, 3), 3), columns)
+    # "a" keeps 0_0_1, "a\x00" (next in byte order) takes the free 0_0_2, the rest number on 0_0_1.
+    by_id = [r[0] for r in sorted(got, key=lambda r: r[3])]
+    assert by_id == ["a", "a\x00\x00", "z", "\u00e9", "n", "u", "a\x00"]

@@ -338,3 +338,43 @@ def test_spread_and_number_in_one_map_gives_the_ids_of_the_two_steps(spark, nume
 def test_spread_and_number_of_an_empty_frame(spark):
     out = uniquify.spread_and_number(spark.createDataFrame([], SPREAD_SCHEMA), 3)
     assert out.count() == 0 and SEMANTIC_ID in out.columns
+
+
+def one_map_and_two_steps(spark, items, issued=None, schema=SPREAD_SCHEMA):
+    """(one map, two steps) rows of the same input, every output column."""
+    df = spark.createDataFrame(items, schema)
+    columns = [ITEM_ID, CODES, QUANTIZATION_ERROR, SUFFIX, SEMANTIC_ID]
+    spread = spread_collisions(df, 3, issued)
+    two = assign_suffixes(spread, 3) if issued is None else assign_next_suffixes(spread, issued, 3)
+    return rows(uniquify.spread_and_number(df, 3, issued, buckets=1), columns), rows(two, columns)
+
+
+def test_one_map_orders_ids_byte_by_byte_as_spark_does(spark):
+    """Ids that differ only by trailing NUL characters (which NumPy's strings drop) and a non-ASCII one:
+    the keeper and the suffixes follow Spark's byte order in both plans."""
+    ids = ["a\x00\x00", "a\x00", "a", "\u00e9", "z"]
+    keep_or_suffix = [(i, [0, 0, 1], 0.25, "x", [1], [0.25]) for i in ids]
+    one, two = one_map_and_two_steps(spark, keep_or_suffix)
+    assert one == two
+    assert {r[0]: r[3] for r in one} == {"a": 0, "a\x00": 1, "a\x00\x00": 2, "z": 3, "\u00e9": 4}
+    move = [("a\x00", [0, 0, 1], 0.25, "x", [1, 2], [0.25, 0.5]), ("a", [0, 0, 1], 0.25, "x", [1, 2], [0.25, 0.5])]
+    one, two = one_map_and_two_steps(spark, move)
+    assert one == two and {r[0]: r[1] for r in one} == {"a": [0, 0, 1], "a\x00": [0, 0, 2]}
+
+
+def test_one_map_puts_a_null_error_after_nan_as_spark_does(spark):
+    items = [("b", [0, 0, 1], float("nan"), "x", [1], [0.25]), ("a", [0, 0, 1], None, "x", [1], [0.25]),
+             ("c", [0, 0, 1], 0.5, "x", [1], [0.5])]
+    one, two = one_map_and_two_steps(spark, items)
+    assert one == two or str(one) == str(two)  # NaN != NaN: compared as text where the rows hold one
+    assert {r[0]: r[3] for r in one} == {"c": 0, "b": 1, "a": 2}
+
+
+def test_one_map_takes_a_ledger_tuple_whose_suffixes_are_null(spark):
+    """A ledger row without a suffix (a damaged table) still holds its tuple; numbering starts at 0, as in
+    assign_next_suffixes."""
+    issued = spark.createDataFrame([([0, 0, 1], None)], "codes array<int>, suffix int")
+    items = [("a", [0, 0, 1], 0.1, "x", [1, 2], [0.1, 0.2]), ("b", [0, 0, 1], 0.2, "x", [1, 2], [0.2, 0.3])]
+    one, two = one_map_and_two_steps(spark, items, issued)
+    assert one == two
+    assert {r[0]: (r[1], r[3]) for r in one} == {"a": ([0, 0, 2], 0), "b": ([0, 0, 1], 0)}

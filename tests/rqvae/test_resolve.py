@@ -7,7 +7,7 @@ import torch
 
 from rqvae import RQKMeans, RQKMeansConfig, encode_array
 from rqvae.quantizer import _smallest_stable, ranked_codes
-from rqvae.resolve import spread_last_level
+from rqvae.resolve import spread_last_level, suffixes_in_tuples
 from rqvae.synthetic import CatalogSpec, make_catalog
 
 
@@ -114,3 +114,24 @@ def test_ranked_codes_are_the_stable_sorts_first_columns_ties_included(levels_of
     np.testing.assert_allclose(errors.numpy(), [[0, 1, 1, 1], [0, 0, 1, 1]])
     # three codes tie for the second place of a 2-best list: the lowest code number takes it
     assert ranked_codes(torch.tensor([[0.0]]), book, 2)[0].tolist() == [[0, 1]]
+
+
+def test_suffixes_follow_error_then_tiebreak_with_unknown_errors_after_nan_in_any_row_order() -> None:
+    codes = np.array([[1, 2], [1, 2], [1, 2], [1, 2], [3, 4], [1, 2]])
+    errors = np.array([0.5, np.nan, 0.1, 0.0, 0.9, 0.1], np.float32)
+    ids = np.array([10, 11, 12, 13, 14, 9])
+    missing = np.array([False, False, False, True, False, False])  # row 3's error is unknown (its 0.0 is filler)
+    # (1, 2) in order: 0.1 (id 9), 0.1 (id 12), 0.5, NaN, unknown; the lone tuple (3, 4) gets 0.
+    assert suffixes_in_tuples(codes, errors, ids, missing).tolist() == [2, 3, 1, 4, 0, 0]
+    perm = np.random.default_rng(0).permutation(6)
+    shuffled = suffixes_in_tuples(codes[perm], errors[perm], ids[perm], missing[perm])
+    assert shuffled.tolist() == [[2, 3, 1, 4, 0, 0][i] for i in perm]
+    assert suffixes_in_tuples(np.zeros((0, 2), int), np.zeros(0), np.zeros(0)).tolist() == []
+
+
+def test_an_unknown_error_never_keeps_a_shared_tuple_from_a_known_one() -> None:
+    # Both on (0, 0): the unknown error's filler value 0.0 would win if it were read as an error.
+    out = spread_last_level(np.array([[0, 0], [0, 0]]), np.array([0.0, 0.7], np.float32),
+                            np.array([[0, 1], [0, 1]]), np.array([[0.0, 0.8], [0.7, 0.9]], np.float32),
+                            missing=np.array([True, False]))
+    assert out.codes.tolist() == [[0, 1], [0, 0]] and out.moved.tolist() == [True, False]
