@@ -505,7 +505,8 @@ def _spread_and_number_group(table: pa.Table) -> pa.Table:
     spread = spread_last_level(codes, errors, _int_matrix(table.column(ALTERNATIVES), n),
                                embeddings_to_numpy(table.column(ALTERNATIVE_ERRORS)), tiebreak=tie, taken=taken,
                                missing=missing)
-    suffix = suffixes_in_tuples(spread.codes, spread.quantization_error, tie, missing)
+    # A moved item's error is its new code's (known), as the two steps' suffixes see it.
+    suffix = suffixes_in_tuples(spread.codes, spread.quantization_error, tie, missing & ~spread.moved)
     if taken is not None:  # a tuple of the ledger numbers on from its largest suffix
         _, tuple_of = np.unique(np.concatenate([spread.codes, taken]), axis=0, return_inverse=True)
         tuple_of = tuple_of.reshape(-1)
