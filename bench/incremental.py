@@ -10,7 +10,9 @@ the catalog's files in the page cache, the MLflow store already created):
 
   (f) full:        B into an empty output: every row through the model, the whole table written;
   (i) incremental: B into A's table (auto mode picks incremental): only the new rows through the
-                   model, one Delta MERGE;
+                   model, one Delta MERGE; the run that tokenized A kept its row groups' fingerprints
+                   (``--fingerprint-cache``), so only the appended file's embeddings are read;
+  (n) the same without the fingerprint cache (``--fingerprint-cache none``): every embedding read;
   (t) with --with-training: the job's default run of B into an empty output (sample, train, encode,
                    report), what every run cost before incremental runs existed.
 
@@ -125,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizing A ({a.items:,} items) once, untimed ...", flush=True)
     base = timed(job(cat_a, run / "base", work, model), cat_a)
     shutil.copytree(run / "base", run / "incremental")
+    shutil.copytree(run / "base", run / "incremental_uncached")
 
     print("(f) full run of B into an empty output ...", flush=True)
-    full = timed(job(cat_b, run / "full", work, model), cat_b)
+    # Its own cache folder: it keeps B's row groups (the cost of a full run), which (i) must not find.
+    full = timed(job(cat_b, run / "full", work, model, "--fingerprint-cache", str(run / "full_cache")), cat_b)
     print("(i) incremental run of B into A's table ...", flush=True)
     incremental = timed(job(cat_b, run / "incremental", work, model), cat_b)
+    print("(n) incremental run of B into A's table, without the fingerprint cache ...", flush=True)
+    uncached = timed(job(cat_b, run / "incremental_uncached", work, model, "--fingerprint-cache", "none"), cat_b)
     trained = None
     if a.with_training:
         print("(t) full run of B with training, into an empty output ...", flush=True)
@@ -137,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         cut = cmd.index("--stages")
         trained = timed(cmd[:cut] + cmd[cut + 4:], cat_b)  # default stages, no --model: it trains
 
-    assert "mode: incremental" in incremental["stdout_tail"] or incremental["encoded_rows"] == n_new
-    if incremental["encoded_rows"] != n_new:
-        raise RuntimeError(f"the incremental run encoded {incremental['encoded_rows']} rows, not the {n_new} new ones")
+    for name, r in (("incremental", incremental), ("incremental_uncached", uncached)):
+        if r["encoded_rows"] != n_new:
+            raise RuntimeError(f"the {name} run encoded {r['encoded_rows']} rows, not the {n_new} new ones")
     ids_f, ids_i = active_ids(run / "full" / "semantic_ids"), active_ids(run / "incremental" / "semantic_ids")
+    if ids_i != active_ids(run / "incremental_uncached" / "semantic_ids"):
+        raise RuntimeError("the incremental runs with and without the fingerprint cache issued different IDs")
     old_items = set(active_ids(run / "base" / "semantic_ids"))
     same = sum(ids_f[i] == ids_i[i] for i in old_items)
     checker = subprocess.run([sys.executable, str(CHECKER), str(run / "incremental" / "semantic_ids"),
@@ -148,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"items": a.items, "dim": a.dim, "new_items": n_new, "base_wall_s": base["wall_s"],
                "full": {k: v for k, v in full.items() if k != "stdout_tail"},
                "incremental": {k: v for k, v in incremental.items() if k != "stdout_tail"},
+               "incremental_uncached": {k: v for k, v in uncached.items() if k != "stdout_tail"},
                "ratio_wall": incremental["wall_s"] / full["wall_s"],
+               "ratio_wall_uncached": uncached["wall_s"] / full["wall_s"],
                "trained": None if trained is None else {k: v for k, v in trained.items() if k != "stdout_tail"},
                "ratio_wall_to_trained": None if trained is None else incremental["wall_s"] / trained["wall_s"],
                "old_items_same_id_as_full_run": same / len(old_items),
@@ -164,13 +174,15 @@ def report(f: dict[str, Any]) -> str:
     lines = [f"N = {f['items']:,} x {f['dim']}, {f['new_items']:,} new items, {os.cpu_count()} cores", "",
              "| run | wall s | peak RSS MB | rows through the model | " + " | ".join(stages) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(stages)]
-    for name in ("full", "incremental", "trained"):
-        r = f[name]
+    for name in ("full", "incremental", "incremental_uncached", "trained"):
+        r = f.get(name)
         if r is None:
             continue
         lines.append(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_mb']:,.0f} | {r['encoded_rows']:,} | "
                      + " | ".join(f"{r['stages'].get(s, 0):.1f}" for s in stages) + " |")
     lines += ["", f"incremental / full wall time: {f['ratio_wall']:.3f}"]
+    if f.get("incremental_uncached"):
+        lines.append(f"incremental without the fingerprint cache / full: {f['ratio_wall_uncached']:.3f}")
     if f["trained"]:
         lines.append(f"incremental / full run with training: {f['ratio_wall_to_trained']:.3f}")
     lines += [

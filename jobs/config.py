@@ -53,6 +53,7 @@ class JobConfig:
     encode_device: str = "cpu"
     encode_threads: int | None = 1
     read_embeddings: str = "auto"  # auto / engine / files: who reads the embeddings in the pass over every row
+    fingerprint_cache: str | None = None  # folder (None: <work_dir>/fingerprint_cache; "none": no cache)
     suffix_budget: int = 16
     shuffle_partitions: int | None = None
     engine_memory: int = 0  # bytes; the embedded engine's memory pool, 0: no limit

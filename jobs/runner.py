@@ -24,10 +24,10 @@ import pandas as pd
 from pyspark.sql import DataFrame
 
 from jobs.config import EXIT_BAD_INPUT, EXIT_CONFLICT, EXIT_GATE, JobConfig
-from pipelines import io, ledger, publish, registry
+from pipelines import fingerprint_cache, io, ledger, publish, registry
 from pipelines.demo import TITLE, write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
-from pipelines.encode import Encoded, TokenizerModel, encode_catalog
+from pipelines.encode import ENCODE_ALL, Encoded, TokenizerModel, cache_keys, encode_catalog
 from pipelines.gate import churn_failure, gate_failures
 from pipelines.prefix_stats import (
     LABEL_ORDER,
@@ -44,6 +44,7 @@ from pipelines.schema import (
     CATEGORY,
     DRIFT_TABLE,
     ID_CHANGES_TABLE,
+    ITEM_ID,
     LEVEL_STATS_TABLE,
     PREFIX_STATS_TABLE,
     REJECTS_TABLE,
@@ -543,10 +544,35 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
             mode: ledger.Mode) -> Encoded:
     cfg = job.cfg
     policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
-    return encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
-                          batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads,
-                          alternatives=model.collision_alternatives, files=_embedding_files(job, v.rows),
-                          tasks=job.session.parallelism())
+    files = _embedding_files(job, v.rows)
+    cache, keys = _fingerprint_cache(cfg, files, v, reads=policy != ENCODE_ALL)
+    encoded = encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
+                             batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads,
+                             alternatives=model.collision_alternatives, files=files, tasks=job.session.parallelism(),
+                             cache=cache)
+    if cache is not None:
+        fingerprint_cache.tidy(cache, keys)
+    return encoded
+
+
+def _fingerprint_cache(cfg: JobConfig, files: io.EmbeddingFiles | None, v: ValidationResult,
+                       reads: bool) -> tuple[str | None, tuple[str, ...]]:
+    """The fingerprint cache's folder for this pass and its row groups' keys, or (None, ()): no cache
+    (--fingerprint-cache none, or the engine reads the embeddings). ``reads``: the pass uses what is kept
+    (an incremental run's first pass; a full pass only keeps). Says how many row groups are kept."""
+    if files is None or (cfg.fingerprint_cache or "").lower() == "none":
+        return None, ()
+    keys = cache_keys(files, v.dim, v.rows.schema[ITEM_ID].dataType.simpleString())
+    if keys is None:
+        return None, ()
+    # Absolute: the engine's Python workers need not share the driver's working directory.
+    folder = os.path.abspath(cfg.fingerprint_cache or Path(cfg.work_dir) / fingerprint_cache.FOLDER)
+    if reads:
+        kept = fingerprint_cache.present(folder, keys)
+        print(f"    {kept} of {len(keys)} row groups' fingerprints are kept in {folder}: their embeddings are not "
+              "read (--fingerprint-cache)")
+        mlflow.log_metric("fingerprint_cache_row_groups", kept)
+    return folder, keys
 
 
 def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = False) -> io.EmbeddingFiles | None:

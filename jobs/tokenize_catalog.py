@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "list<float> embedding column; the job stops and says why when the table is not one. engine: "
                    "the engine reads the table. auto (default): files where the table allows it on the embedded "
                    "engine or classic Spark, the engine otherwise (the job says which)")
+    g.add_argument("--fingerprint-cache", default=None, metavar="DIR|none",
+                   help="where the pass over every row keeps each catalog row group's checked and fingerprinted "
+                   "rows when the UDF reads the files (--read-embeddings), so that an incremental run reads the "
+                   "embeddings of new files only (default <work-dir>/fingerprint_cache; entries are keyed by the "
+                   "file's path in the table, size and modification time, and deleted after 7 days unused). none: "
+                   "no cache, every run reads every embedding (for a Parquet folder whose writer rewrites files in "
+                   "place keeping their size and modification time; Delta never does)")
     g.add_argument("--suffix-budget", type=_at_least(0), default=16, help="suffixes beyond this count as overflow")
     g = p.add_argument_group("scheduled runs: ID stability and generations (docs/scheduling.md)")
     g.add_argument("--mode", default="auto", choices=MODES,
@@ -421,7 +428,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         gate=GateThresholds(min_utilization=a.gate_min_utilization, min_unique_rate=a.gate_min_unique_rate,
                             min_recon_cosine=a.gate_min_recon_cosine),
         encode_batch_size=a.encode_batch_size, encode_device=a.encode_device,
-        encode_threads=a.encode_threads, read_embeddings=a.read_embeddings, suffix_budget=a.suffix_budget,
+        encode_threads=a.encode_threads, read_embeddings=a.read_embeddings,
+        fingerprint_cache=a.fingerprint_cache, suffix_budget=a.suffix_budget,
         shuffle_partitions=a.shuffle_partitions, engine_memory=a.engine_memory, mode=a.mode,
         on_changed=a.on_changed, compare_to=a.compare_to,
         max_id_churn=a.max_id_churn, align=a.align, debug=a.debug, label_col=a.label_col,

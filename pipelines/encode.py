@@ -23,6 +23,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines import fingerprint_cache
 from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array, row_fingerprints
 from pipelines.io import EmbeddingFiles
 from pipelines.schema import (
@@ -194,7 +195,7 @@ def _output_schema(id_type: str, fingerprints: bool, alternatives: int) -> str:
 def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, dim: int, *, id_type: str,
                  tasks: int, batch_size: int | None = None, device: str = "cpu", threads: int | None = TASK_THREADS,
                  fingerprints: bool = False, encode: bool = True, alternatives: int = 0,
-                 only_ids: pa.Array | None = None) -> DataFrame:
+                 only_ids: pa.Array | None = None, cache: str | None = None) -> DataFrame:
     """:func:`encode_embeddings` of a file table whose rows the UDF reads itself, with pyarrow.
 
     The engine is handed only the list of row groups (one small row each), spread over ``tasks``
@@ -214,6 +215,10 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
             ``v.rows.join(ids, "left_semi")`` the engine would read). Each task reads a row group's id
             column first and its embeddings only where it holds one of them, so a run whose new items
             sit in new files reads little more than the id column. The ids travel with every task.
+        cache: a folder of row groups' checked and fingerprinted rows (:mod:`pipelines.fingerprint_cache`),
+            used with ``fingerprints`` over whole row groups (not with ``only_ids``) when ``files`` has
+            their identities: every row group read is kept there, and a pass that does not ``encode``
+            reads a kept row group's rows instead of its embeddings.
         the rest: as for :func:`encode_embeddings`.
     """
     if id_type not in ("string", "bigint"):
@@ -226,17 +231,57 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
     id_column, embedding_column = files.id_column, files.embedding_column
 
     wanted = None if only_ids is None else only_ids.cast(arrow_id)
+    keys = cache_keys(files, dim, id_type) if cache and fingerprints and only_ids is None else None
 
     def read_and_encode(units: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield from encoder(_row_group_batches(units, id_column, embedding_column, arrow_id, wanted))
+        if keys is None:
+            yield from encoder(_row_group_batches(units, id_column, embedding_column, arrow_id, wanted))
+            return
+        assert cache is not None
+        for unit in units:
+            listed = (unit.column(c).to_pylist() for c in (_FILE, _ROW_GROUP, _KEY, _ROWS))
+            for file, group, key, rows in zip(*listed, strict=True):
+                kept = None if encode else fingerprint_cache.read(cache, key, rows, arrow_id)
+                if kept is not None:  # this row group's rows as an earlier pass computed them: no embedding read
+                    yield _uncoded(kept, kept.column(REASON), kept.column(EMBEDDING_FINGERPRINT), alternatives)
+                    continue
+                computed = []
+                for out in encoder(_batches_of(file, group, id_column, embedding_column, arrow_id)):
+                    computed.append(out.select(fingerprint_cache.schema(arrow_id).names))
+                    yield out
+                fingerprint_cache.write(cache, key, computed, arrow_id)
 
-    units = spark.createDataFrame([list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int")
+    if keys is None:
+        units = spark.createDataFrame([list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int")
+    else:
+        listed = zip(files.row_groups, keys, files.group_rows, strict=True)
+        units = spark.createDataFrame([[*unit, key, rows] for unit, key, rows in listed],
+                                      f"{_FILE} string, {_ROW_GROUP} int, {_KEY} string, {_ROWS} bigint")
     return units.repartition(max(1, min(tasks, len(files.row_groups)))).mapInArrow(
         read_and_encode, _output_schema(id_type, fingerprints, alternatives))
 
 
+def cache_keys(files: EmbeddingFiles, dim: int, id_type: str) -> tuple[str, ...] | None:
+    """The fingerprint cache's key of each of ``files``' row groups (None when their identities are unknown)."""
+    if not len(files.identities) == len(files.group_rows) == len(files.row_groups):
+        return None
+    return fingerprint_cache.keys(files.identities, files.id_column, files.embedding_column, id_type, dim)
+
+
 FILE_BATCH_ROWS = 8192  # rows per Arrow batch read from a row group (the embedded engine's own batch size)
-_FILE, _ROW_GROUP = "__csid_file", "__csid_row_group"
+_FILE, _ROW_GROUP, _KEY, _ROWS = "__csid_file", "__csid_row_group", "__csid_cache_key", "__csid_rows"
+
+
+def _batches_of(file: str, group: int, id_column: str, embedding_column: str,
+                id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
+    """The (ITEM_ID, EMBEDDING) batches of one whole row group."""
+    import pyarrow.parquet as pq
+
+    # One thread: the engine already runs one task per core.
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
+                                                   columns=[id_column, embedding_column], use_threads=False):
+        yield pa.RecordBatch.from_arrays([batch.column(id_column).cast(id_type), batch.column(embedding_column)],
+                                         names=[ITEM_ID, EMBEDDING])
 
 
 def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embedding_column: str,
@@ -250,18 +295,14 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
     among = None if wanted is None else _membership(wanted)  # built once per task, used for every batch
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
-            parquet = pq.ParquetFile(file)
             if among is not None:  # the ids first: a row group without a wanted one is not read further
-                ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
+                ids = pq.ParquetFile(file).read_row_group(group, columns=[id_column],
+                                                          use_threads=False).column(0).cast(id_type)
                 if not among(ids).any():
                     continue
-            # One thread: the engine already runs one task per core.
-            for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
-                                              columns=[id_column, embedding_column], use_threads=False):
-                ids, embeddings = batch.column(id_column).cast(id_type), batch.column(embedding_column)
-                out = pa.RecordBatch.from_arrays([ids, embeddings], names=[ITEM_ID, EMBEDDING])
+            for out in _batches_of(file, group, id_column, embedding_column, id_type):
                 if among is not None:
-                    out = out.filter(pa.array(among(ids)))
+                    out = out.filter(pa.array(among(out.column(ITEM_ID))))
                 if out.num_rows:
                     yield out
 
@@ -306,7 +347,7 @@ class Encoded:
 def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Callable[[DataFrame], DataFrame | None],
                    known: DataFrame | None = None, policy: str = ENCODE_ALL, batch_size: int | None = None,
                    device: str = "cpu", threads: int | None = TASK_THREADS, alternatives: int = 0,
-                   files: EmbeddingFiles | None = None, tasks: int = 1) -> Encoded:
+                   files: EmbeddingFiles | None = None, tasks: int = 1, cache: str | None = None) -> Encoded:
     """Encode a validated catalog: codes, fingerprints, rejects and counts.
 
     ``policy`` "all" (a full run) reads the embeddings once: the UDF checks, fingerprints and encodes
@@ -340,6 +381,9 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
             (:func:`encode_files`, in ``tasks`` tasks) instead of through the engine, and so does an
             incremental run's second pass when it has at most ``BROADCAST_IDS`` rows to encode. Without
             materialisation, or with more rows to encode, the engine reads ``v`` as usual.
+        cache: with ``files``, the folder of :mod:`pipelines.fingerprint_cache`: the pass over every row
+            keeps each row group's checked and fingerprinted rows there, and an incremental run's first
+            pass reads a kept row group's rows instead of its embeddings.
     """
     if policy not in ENCODE_POLICIES:
         raise ValueError(f"unknown encode policy {policy!r}; choose one of {', '.join(ENCODE_POLICIES)}")
@@ -355,7 +399,7 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
         return encode_files(v.rows.sparkSession, files, checkpoint, v.dim,
                             id_type=v.rows.schema[ITEM_ID].dataType.simpleString(), tasks=tasks,
                             batch_size=batch_size, device=device, threads=threads, fingerprints=True, encode=encode,
-                            alternatives=alternatives, only_ids=only_ids)
+                            alternatives=alternatives, only_ids=only_ids, cache=cache)
 
     encode_all = policy == ENCODE_ALL
     every_row = scan(v.rows, encode=encode_all) if files is None else read_files(encode=encode_all)

@@ -253,6 +253,11 @@ class EmbeddingFiles:
     embedding_column: str
     source: str
     rows: int = 0  # the files' rows by their footers: checked against the engine's count before they are used
+    # One per row group: what identifies its content without reading it (the file's path inside the table,
+    # its size and modification time, the row group's rows and bytes); the key of its cached fingerprints
+    # (pipelines/fingerprint_cache.py). Empty: not known, nothing is cached.
+    identities: tuple[str, ...] = ()
+    group_rows: tuple[int, ...] = ()  # each row group's rows (its footer's count), with the identities
 
 
 # Delta reader features that change nothing about how a data file's rows are read.
@@ -306,20 +311,32 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
     else:
         files, shown = _spark_visible_files(path), str(path)
     row_groups: list[tuple[str, int]] = []
+    identities: list[str] = []
+    group_rows: list[int] = []
     rows = 0
     for file in files:
         try:
             meta = pq.ParquetFile(file).metadata
+            stat = os.stat(file)
         except Exception as e:  # noqa: BLE001 - not a Parquet file pyarrow can read: the engine decides
             return None, f"{file}: {_first_line(e)}"
         why = _unreadable_columns(meta.schema.to_arrow_schema(), id_column, embedding_column)
         if why:
             return None, f"{file}: {why}"
-        row_groups += [(file, g) for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
+        # Relative to the table, so a copied or moved table (copies keep the modification time) keeps it.
+        inside = os.path.relpath(file, path) if path.is_dir() else os.path.basename(file)
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if group.num_rows:
+                row_groups.append((file, g))
+                group_rows.append(group.num_rows)
+                identities.append(f"{inside}|{stat.st_size}|{stat.st_mtime_ns}|{g}|{group.num_rows}|"
+                                  f"{group.total_byte_size}")
         rows += meta.num_rows
     if not row_groups:
         return None, "no rows in its files"
-    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown, rows), ""
+    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown, rows, tuple(identities),
+                          tuple(group_rows)), ""
 
 
 def _spark_visible_files(path: Path) -> list[str]:

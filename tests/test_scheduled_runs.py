@@ -351,3 +351,52 @@ def test_compare_to_a_table_that_is_no_semantic_id_table_names_the_columns(world
                                    tmp_path / "tables", "--stages", "validate,encode", "--model", CHAMPION,
                                    "--compare-to", missing])
     assert rc == 2 and str(missing) in err
+
+
+def test_a_catalog_grown_by_an_append_is_read_only_where_it_grew(world, tmp_path) -> None:
+    """The fingerprint cache: the full run keeps every row group's fingerprints, the next incremental run
+    reads the embeddings of the appended file only, and issues exactly the IDs a run without the cache does."""
+    from deltalake import write_deltalake
+
+    from pipelines import io
+
+    catalog = copy_table(world.catalogs[0], tmp_path / "catalog")
+    cache = tmp_path / "cache"
+
+    def encode(out: Path, *extra: str) -> str:
+        rc, stdout, err = helpers.run_main(["--input", catalog, "--work-dir", world.work, "--output", out,
+                                            "--stages", "validate,encode", "--model", CHAMPION, "--model-name", MODEL,
+                                            "--experiment", MODEL, *extra])
+        assert rc == 0, err[-3000:]
+        return stdout
+
+    first = encode(tmp_path / "out", "--fingerprint-cache", cache)
+    assert "mode: full" in first
+    before, _ = io.embedding_files(str(catalog), "delta", "item_id", "embedding")
+    assert before is not None and len(os.listdir(cache)) == len(before.row_groups)
+
+    start = max(valid_ids(catalog)) + 1
+    fresh = np.random.default_rng(11).normal(size=(40, DIM)).astype(np.float32)
+    schema = DeltaTable(str(catalog)).schema().to_arrow()
+    columns = {"item_id": pa.array(np.arange(start, start + 40)),
+               "embedding": pa.array(list(fresh), pa.list_(pa.float32()))}
+    write_deltalake(str(catalog), pa.table({f.name: columns.get(f.name, pa.nulls(40)) for f in schema}).cast(
+        pa.schema(schema)), mode="append")
+    after, _ = io.embedding_files(str(catalog), "delta", "item_id", "embedding")
+    assert after is not None and len(after.row_groups) == len(before.row_groups) + 1
+    copy_table(tmp_path / "out", tmp_path / "plain")
+    version = DeltaTable(str(tmp_path / "out" / SEMANTIC_IDS_TABLE)).version()
+
+    grown = encode(tmp_path / "out", "--fingerprint-cache", cache)
+    assert "mode: incremental" in grown and "40 rows went through the model" in grown
+    assert f"{len(before.row_groups)} of {len(after.row_groups)} row groups' fingerprints are kept in {cache}" in grown
+    plain = encode(tmp_path / "plain", "--fingerprint-cache", "none")
+    assert "40 rows went through the model" in plain and "fingerprints are kept" not in plain
+
+    def ids(out: Path) -> list[tuple]:
+        return sorted((r["item_id"], r["semantic_id"], r["active"]) for r in ledger_rows(out / SEMANTIC_IDS_TABLE))
+
+    assert ids(tmp_path / "out") == ids(tmp_path / "plain") and len(ids(tmp_path / "out")) == len(valid_ids(catalog))
+    check = helpers.run_sid_checker(tmp_path / "out" / SEMANTIC_IDS_TABLE, "--levels", "3", "--codebook-size", "16",
+                                    "--previous-version", str(version))
+    assert check.returncode == 0, check.stdout + check.stderr

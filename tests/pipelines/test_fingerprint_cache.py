@@ -1,0 +1,134 @@
+"""The fingerprint cache (:mod:`pipelines.fingerprint_cache`): an incremental run's first pass reads a kept
+row group's checked and fingerprinted rows instead of its embeddings, gives the rows the embeddings would,
+and never uses an entry whose row group, rules or columns are not the ones it was computed from."""
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import pytest
+from test_embedding_files import DIM, catalog, rows_of, write_table
+
+from pipelines import fingerprint_cache, io
+from pipelines.encode import cache_keys, encode_catalog
+from pipelines.schema import EMBEDDING_FINGERPRINT, ITEM_ID, REASON
+from pipelines.validate import RowAccountingError, validate_catalog
+
+
+def entry_rows(n: int, first_fp: int = 0) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array([f"i{i}" for i in range(n)]), pa.array([None] * (n - 1) + ["zero_vector"], pa.string()),
+         pa.array([first_fp + i for i in range(n - 1)] + [None], pa.int64())],
+        schema=fingerprint_cache.schema(pa.string()))
+
+
+def test_an_entry_is_read_back_whole_and_only_as_written(tmp_path) -> None:
+    folder = str(tmp_path / "cache")
+    rows = entry_rows(5)
+    assert fingerprint_cache.read(folder, "k", 5, pa.string()) is None  # none yet
+    assert fingerprint_cache.write(folder, "k", [rows.slice(0, 2), rows.slice(2)], pa.string())
+    assert os.listdir(folder) == ["k.arrow"]  # the temporary file renamed, nothing else left
+    back = fingerprint_cache.read(folder, "k", 5, pa.string())
+    assert back is not None and back.to_pylist() == rows.to_pylist()
+    assert fingerprint_cache.read(folder, "k", 6, pa.string()) is None  # another row count: not this row group's
+    assert fingerprint_cache.read(folder, "k", 5, pa.int64()) is None  # another id type
+    (tmp_path / "cache" / "k.arrow").write_bytes(b"not arrow at all")
+    assert fingerprint_cache.read(folder, "k", 5, pa.string()) is None  # unreadable: computed again
+    (tmp_path / "blocked").write_text("a file where the folder would be")
+    assert not fingerprint_cache.write(str(tmp_path / "blocked"), "k", [rows], pa.string())  # never raises
+
+
+def test_keys_change_with_the_row_group_the_columns_the_type_and_the_dimension() -> None:
+    base = fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 8)
+    others = [fingerprint_cache.keys(["part-0.parquet|100|6|0|16|800"], "item_id", "embedding", "string", 8),
+              fingerprint_cache.keys(["part-0.parquet|100|5|1|16|800"], "item_id", "embedding", "string", 8),
+              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "id", "embedding", "string", 8),
+              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "vec", "string", 8),
+              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "bigint", 8),
+              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 9)]
+    assert len({base, *others}) == 7
+    assert base == fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 8)
+
+
+def test_tidy_keeps_what_this_run_used_and_what_was_used_lately(tmp_path) -> None:
+    folder = str(tmp_path)
+    for key in ("used", "recent", "old"):
+        assert fingerprint_cache.write(folder, key, [entry_rows(3)], pa.string())
+    week_ago = time.time() - 8 * 86400
+    for key in ("used", "old"):
+        os.utime(fingerprint_cache.entry(folder, key), (week_ago, week_ago))
+    (tmp_path / ".old.123.abc.tmp").write_bytes(b"left by a killed run")
+    os.utime(tmp_path / ".old.123.abc.tmp", (week_ago, week_ago))
+    assert fingerprint_cache.tidy(folder, ["used"]) == 2
+    assert sorted(os.listdir(folder)) == ["recent.arrow", "used.arrow"]
+    assert os.stat(fingerprint_cache.entry(folder, "used")).st_mtime > time.time() - 60  # marked as used now
+    assert fingerprint_cache.tidy(str(tmp_path / "absent"), ["used"]) == 0
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("id_type", [pa.string(), pa.int32()])
+def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark, tmp_path, id_type) -> None:
+    import helpers
+
+    from pipelines.session import EngineSession
+
+    checkpoint = helpers.untrained_checkpoint(DIM, levels=3, codebook_size=8, seed=1)
+    table, _ = catalog(id_type=id_type)
+    write_table(tmp_path / "catalog", table, "delta")
+    source = str(tmp_path / "catalog")
+    v = validate_catalog(io.read_catalog(spark, source, "delta"), dim=DIM)
+    contract = v.rows.schema[ITEM_ID].dataType.simpleString()
+    files, _ = io.embedding_files(source, "delta", "item_id", "embedding")
+    assert files is not None and len(files.group_rows) == len(files.row_groups) >= 6
+    keys = cache_keys(files, DIM, contract)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    folder = str(tmp_path / "cache")
+
+    # The full pass keeps every row group's rows (rejects included) and reads none.
+    full = encode_catalog(v, checkpoint, materialize=scratch.materialize, files=files, tasks=2, cache=folder)
+    first = rows_of(full.codes)
+    assert fingerprint_cache.present(folder, keys) == len(keys)
+    arrow_id = pa.string() if contract == "string" else pa.int64()
+    kept = [fingerprint_cache.read(folder, k, n, arrow_id) for k, n in zip(keys, files.group_rows, strict=True)]
+    assert sum(b.num_rows for b in kept) == table.num_rows
+    clean = {r[ITEM_ID]: r[EMBEDDING_FINGERPRINT] for b in kept for r in b.to_pylist() if r[REASON] is None}
+    # The repeated id is flagged after the pass, on its output: its rows are kept as the per-row rules leave them.
+    assert set(clean) - set(first) == {"dup" if contract == "string" else 7}
+    assert {i: clean[i] for i in first} == {i: row[EMBEDDING_FINGERPRINT] for i, row in first.items()}
+
+    held = sorted(first)[:60]
+    known = spark.createDataFrame([(i, first[i][EMBEDDING_FINGERPRINT]) for i in held],
+                                  f"{ITEM_ID} {contract}, {EMBEDDING_FINGERPRINT} bigint")
+
+    def incremental(listed: io.EmbeddingFiles, cache: str | None) -> tuple[dict, object]:
+        out = encode_catalog(v, checkpoint, materialize=scratch.materialize, known=known, policy="new_or_changed",
+                             files=listed, tasks=2, cache=cache)
+        return rows_of(out.codes), out
+
+    without, plain = incremental(files, None)
+    cached, out = incremental(files, folder)
+    assert cached == without and (out.counts, out.encoded_rows) == (plain.counts, plain.encoded_rows) == (
+        plain.counts, 30)
+    assert sorted(map(tuple, out.rejects.collect()), key=str) == sorted(map(tuple, plain.rejects.collect()), key=str)
+
+    # The entries are what the pass reads: one held item's kept fingerprint altered makes it "changed", and
+    # the second pass, reading that item's embedding to encode it, finds another fingerprint: the run stops.
+    victim = held[0]
+    at = next(j for j, b in enumerate(kept) if victim in b.column(ITEM_ID).to_pylist())
+    altered = kept[at].to_pydict()
+    altered[EMBEDDING_FINGERPRINT] = [fp + 1 if i == victim else fp
+                                      for i, fp in zip(altered[ITEM_ID], altered[EMBEDDING_FINGERPRINT], strict=True)]
+    assert fingerprint_cache.write(folder, keys[at], [pa.RecordBatch.from_pydict(
+        altered, schema=fingerprint_cache.schema(arrow_id))], arrow_id)
+    with pytest.raises(RowAccountingError, match="read 31 rows again and read 31, 30 of them as the first pass"):
+        incremental(files, folder)
+
+    # A new modification time is another row group: the altered entry is not used, the embeddings are read.
+    file = files.row_groups[at][0]
+    later = os.stat(file).st_mtime_ns + 1_000_000_000
+    os.utime(file, ns=(later, later))
+    relisted, _ = io.embedding_files(source, "delta", "item_id", "embedding")
+    assert relisted is not None and cache_keys(relisted, DIM, contract)[at] != keys[at]
+    again, _ = incremental(relisted, folder)
+    assert again == without
