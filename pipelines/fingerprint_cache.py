@@ -70,7 +70,7 @@ def entry(folder: str, key: str) -> str:
 def read(folder: str, key: str, rows: int, id_type: pa.DataType) -> pa.RecordBatch | None:
     """The entry's rows, or None when it is missing, unreadable or not the row group's (row count, columns)."""
     try:
-        with pa.memory_map(entry(folder, key)) as source:
+        with pa.OSFile(entry(folder, key)) as source:
             table = pa.ipc.open_file(source).read_all()
     except (OSError, pa.ArrowException):
         return None

@@ -40,7 +40,7 @@ from pipelines.schema import (
     QUANTIZATION_ERROR,
     SUFFIX,
 )
-from pipelines.uniquify import code_prefix, prefix_parts, require_columns
+from pipelines.uniquify import CODE_SEPARATOR, code_prefix, prefix_parts, require_columns
 from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
@@ -216,8 +216,8 @@ def summarize_groups(
     ).collect()
     if not histogram:
         raise ValueError("summarize: the semantic-ID table has no rows; nothing to summarize")
-    counts = _code_counts(groups, num_levels, F.col(_GROUP_SIZE)).collect()
     stats = prefix_table if prefix_table is not None else prefix_stats_of_groups(groups, num_levels)
+    counts = _code_counts_of(stats, groups, num_levels).collect()
     top = _top_prefixes(stats, num_levels, top_n).collect()
     return _build_summary(
         histogram, _level_usages(counts, num_levels, codebook_size), top, suffix_budget, codebook_size
@@ -285,6 +285,17 @@ def _code_counts(df: DataFrame, num_levels: int, weight: Column) -> DataFrame:
     ]
     exploded = df.select(F.inline(F.array(*per_level)))
     return exploded.groupBy(LEVEL, CODE).agg(F.sum(ITEM_COUNT).cast("long").alias(ITEM_COUNT))
+
+
+def _code_counts_of(stats: DataFrame, groups: DataFrame, num_levels: int) -> DataFrame:
+    """:func:`code_counts` from a table's prefix statistics and its :func:`tuple_groups`: a level above L
+    from its prefix rows (few: at most K^l), its code the prefix's last; level L from the groups by their
+    last code. Not the groups exploded into L rows each (1.0 s at 5M x 256 against about 0.4 s)."""
+    last = F.substring_index(F.col(PREFIX), CODE_SEPARATOR, -1).cast("int")
+    shallow = stats.where(F.col(LEVEL) < num_levels).select(LEVEL, last.alias(CODE), ITEM_COUNT)
+    deepest = groups.select(F.lit(num_levels).alias(LEVEL), F.col(CODES)[num_levels - 1].alias(CODE),
+                            F.col(_GROUP_SIZE).alias(ITEM_COUNT))
+    return shallow.unionByName(deepest).groupBy(LEVEL, CODE).agg(F.sum(ITEM_COUNT).cast("long").alias(ITEM_COUNT))
 
 
 def _top_prefixes(stats: DataFrame, num_levels: int, top_n: int) -> DataFrame:
@@ -385,8 +396,15 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
             per_part.append((part, prefix_stats_of_groups(part, levels, deep)))
         groups = reduce(DataFrame.unionByName, [g for g, _ in per_part])
         shallow = [prefix_stats_of_groups(groups, levels, range(1, levels - 1))] if levels > 2 else []
-        stats = reduce(DataFrame.unionByName, [materialize(s) or s for _, s in per_part] + shallow)
-    stats = materialize(stats) or stats
+        # Every piece computed once; their union is not written again (its deepest levels hold about a
+        # row per item: 1.6 s of rewriting at 5M x 256).
+        computed = [materialize(s) for s in [*(s for _, s in per_part), *shallow]]
+        stats = reduce(DataFrame.unionByName, [c if c is not None else s for c, s in
+                                              zip(computed, [*(s for _, s in per_part), *shallow], strict=True)])
+        if any(c is None for c in computed):  # an engine that cannot materialise: one lazy plan, as before
+            stats = reduce(DataFrame.unionByName, [s for _, s in per_part] + shallow)
+    if parts <= 1 or levels < 2:
+        stats = materialize(stats) or stats
     summary = summarize_groups(groups, levels, codebook_size, suffix_budget, prefix_table=stats)
     rows = [u.metrics() for u in summary.levels]
     names = list(rows[0])  # "level" first
