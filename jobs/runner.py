@@ -562,11 +562,16 @@ def _fingerprint_cache(cfg: JobConfig, files: io.EmbeddingFiles | None, v: Valid
     (an incremental run's first pass; a full pass only keeps). Says how many row groups are kept."""
     if files is None or (cfg.fingerprint_cache or "").lower() == "none":
         return None, ()
+    # Absolute: the engine's Python workers need not share the driver's working directory.
+    folder = os.path.abspath(cfg.fingerprint_cache or Path(cfg.work_dir) / fingerprint_cache.FOLDER)
+    why = fingerprint_cache.unusable(folder)
+    if why:
+        print(f"    no fingerprint cache: {folder} cannot be used ({why}); every embedding is read. Fix its "
+              "permissions, or point --fingerprint-cache at a folder this user can write")
+        return None, ()
     keys = cache_keys(files, v.dim, v.rows.schema[ITEM_ID].dataType.simpleString())
     if keys is None:
         return None, ()
-    # Absolute: the engine's Python workers need not share the driver's working directory.
-    folder = os.path.abspath(cfg.fingerprint_cache or Path(cfg.work_dir) / fingerprint_cache.FOLDER)
     if reads:
         kept = fingerprint_cache.present(folder, keys)
         print(f"    {kept} of {len(keys)} row groups' fingerprints are kept in {folder}: their embeddings are not "

@@ -12,8 +12,10 @@ items a table already holds, encode only the rows that need new codes (an increm
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from pyspark.sql import functions as F
 
 from pipelines import fingerprint_cache
 from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array, row_fingerprints
-from pipelines.io import EmbeddingFiles
+from pipelines.io import EmbeddingFiles, RowGroupStamp
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -217,7 +219,7 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
             sit in new files reads little more than the id column. The ids travel with every task.
         cache: a folder of row groups' checked and fingerprinted rows (:mod:`pipelines.fingerprint_cache`),
             used with ``fingerprints`` over whole row groups (not with ``only_ids``) when ``files`` has
-            their identities: every row group read is kept there, and a pass that does not ``encode``
+            their stamps: every row group read is kept there, and a pass that does not ``encode``
             reads a kept row group's rows instead of its embeddings.
         the rest: as for :func:`encode_embeddings`.
     """
@@ -232,44 +234,51 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
 
     wanted = None if only_ids is None else only_ids.cast(arrow_id)
     keys = cache_keys(files, dim, id_type) if cache and fingerprints and only_ids is None else None
+    folder = os.path.abspath(cache) if cache else ""  # the workers' working directory need not be the driver's
 
     def read_and_encode(units: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if keys is None:
             yield from encoder(_row_group_batches(units, id_column, embedding_column, arrow_id, wanted))
             return
-        assert cache is not None
         for unit in units:
-            listed = (unit.column(c).to_pylist() for c in (_FILE, _ROW_GROUP, _KEY, _ROWS))
-            for file, group, key, rows in zip(*listed, strict=True):
-                kept = None if encode else fingerprint_cache.read(cache, key, rows, arrow_id)
+            listed = (unit.column(c).to_pylist() for c in (_FILE, _ROW_GROUP, _KEY, _STAMP))
+            for file, group, key, stamp in zip(*listed, strict=True):
+                stamp = RowGroupStamp(**stamp)
+                kept = None
+                if not encode and fingerprint_cache.unchanged(file, stamp):
+                    kept = fingerprint_cache.read(folder, key, stamp.rows, arrow_id)
                 if kept is not None:  # this row group's rows as an earlier pass computed them: no embedding read
                     yield _uncoded(kept, kept.column(REASON), kept.column(EMBEDDING_FINGERPRINT), alternatives)
                     continue
+                before = fingerprint_cache.unchanged(file, stamp)
                 computed = []
                 for out in encoder(_batches_of(file, group, id_column, embedding_column, arrow_id)):
                     computed.append(out.select(fingerprint_cache.schema(arrow_id).names))
                     yield out
-                fingerprint_cache.write(cache, key, computed, arrow_id)
+                if before and fingerprint_cache.unchanged(file, stamp):  # kept only as the file was listed
+                    fingerprint_cache.write(folder, key, computed, arrow_id)
 
     if keys is None:
         units = spark.createDataFrame([list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int")
     else:
-        listed = zip(files.row_groups, keys, files.group_rows, strict=True)
-        units = spark.createDataFrame([[*unit, key, rows] for unit, key, rows in listed],
-                                      f"{_FILE} string, {_ROW_GROUP} int, {_KEY} string, {_ROWS} bigint")
+        listed = zip(files.row_groups, keys, files.stamps, strict=True)
+        units = spark.createDataFrame(
+            [[*unit, key, dataclasses.asdict(stamp)] for unit, key, stamp in listed],
+            f"{_FILE} string, {_ROW_GROUP} int, {_KEY} string, {_STAMP} struct<table: string, path: string, "
+            "size: bigint, mtime_ns: bigint, index: int, rows: bigint, footer: string>")
     return units.repartition(max(1, min(tasks, len(files.row_groups)))).mapInArrow(
         read_and_encode, _output_schema(id_type, fingerprints, alternatives))
 
 
 def cache_keys(files: EmbeddingFiles, dim: int, id_type: str) -> tuple[str, ...] | None:
-    """The fingerprint cache's key of each of ``files``' row groups (None when their identities are unknown)."""
-    if not len(files.identities) == len(files.group_rows) == len(files.row_groups):
+    """The fingerprint cache's key of each of ``files``' row groups (None when their stamps are unknown)."""
+    if len(files.stamps) != len(files.row_groups):
         return None
-    return fingerprint_cache.keys(files.identities, files.id_column, files.embedding_column, id_type, dim)
+    return fingerprint_cache.keys(files.stamps, files.id_column, files.embedding_column, id_type, dim)
 
 
 FILE_BATCH_ROWS = 8192  # rows per Arrow batch read from a row group (the embedded engine's own batch size)
-_FILE, _ROW_GROUP, _KEY, _ROWS = "__csid_file", "__csid_row_group", "__csid_cache_key", "__csid_rows"
+_FILE, _ROW_GROUP, _KEY, _STAMP = "__csid_file", "__csid_row_group", "__csid_cache_key", "__csid_stamp"
 
 
 def _batches_of(file: str, group: int, id_column: str, embedding_column: str,

@@ -7,15 +7,18 @@ a function of its bytes, and a Delta table never rewrites a data file in place (
 so the encode UDF keeps, per row group, the (item id, reason, fingerprint) rows it computed, and a
 later pass over the same row group reads those instead of its embeddings.
 
-The key of an entry is everything the rows depend on: the row group's identity (its file's path inside
-the table, size and modification time, its index, rows and bytes: :attr:`pipelines.io.EmbeddingFiles.identities`),
-the two columns, the id's type, the dimension D, and a digest of the code of the per-row rules and of
-the fingerprint (``pipelines/validate.py`` and ``pipelines/arrow_utils.py``), so an edit to either
-makes every entry unused. An entry that cannot be read, or holds another number of rows than the row
-group, is computed again. Entries are written whole (a temporary file renamed), so a killed run
-leaves none half-written. A file rewritten in place with the same size and modification time to the
-nanosecond would be taken for the old one: Delta never does that; ``--fingerprint-cache none`` turns the
-cache off for a Parquet folder whose writer might.
+The key of an entry is everything the rows depend on: the row group's stamp
+(:class:`pipelines.io.RowGroupStamp`: the Delta table's id or the Parquet folder's real path, the file's
+path inside the table, its size and modification time, the row group's index and rows, a digest of its
+footer metadata), the two columns, the id's type, the dimension D, and :func:`rules_digest` (the source
+of the modules that check and fingerprint a row, and the versions of xxhash, pyarrow and NumPy), so an
+edit to the rules or an upgrade makes every entry unused. A worker uses or keeps an entry only while
+the file still has the listed size and modification time (checked before and after reading it). An
+entry that cannot be read, or holds another number of rows than the row group, is computed again.
+Entries are written whole (a temporary file synced and renamed), so a killed run leaves none
+half-written. A file rewritten in place with the same size, modification time to the nanosecond and
+footer would be taken for the old one: Delta never rewrites a file; ``--fingerprint-cache none`` turns
+the cache off for a Parquet folder whose writer might.
 
 The folder is ``<work-dir>/fingerprint_cache`` (``--fingerprint-cache``). After each pass, entries this
 run did not use and that no run used for :data:`KEEP_UNUSED_DAYS` days are deleted (a compacted
@@ -24,8 +27,10 @@ catalog's old files, another catalog's entries in a shared work dir).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipelines.io import RowGroupStamp
 from pipelines.schema import EMBEDDING_FINGERPRINT, ITEM_ID, REASON
 
 FOLDER = "fingerprint_cache"  # under --work-dir, the default
@@ -42,20 +48,57 @@ _SUFFIX = ".arrow"
 _COLUMNS = (ITEM_ID, REASON, EMBEDDING_FINGERPRINT)
 
 
+# The modules whose code decides a row's reason and fingerprint: the per-row rules and their limits, the
+# reasons' names, the fingerprint, and the encoder that applies them.
+_RULES = ("validate.py", "arrow_utils.py", "schema.py", "encode.py")
+
+
 @functools.lru_cache(maxsize=1)
 def rules_digest() -> str:
-    """SHA-256 of the source of the per-row rules and the fingerprint: a change to either is a new key."""
+    """SHA-256 of :data:`_RULES`' source and of the xxhash, pyarrow and NumPy versions: a change to any of
+    them is a new key for every entry. Raises OSError when the sources cannot be read (the cache is off)."""
+    import numpy as np
+    import xxhash
+
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("validate.py", "arrow_utils.py"):
+    for name in _RULES:
         digest.update((here / name).read_bytes())
+    digest.update(json.dumps([xxhash.VERSION, getattr(xxhash, "XXHASH_VERSION", ""), pa.__version__,
+                              np.__version__]).encode())
     return digest.hexdigest()
 
 
-def keys(identities: Sequence[str], id_column: str, embedding_column: str, id_type: str, dim: int) -> tuple[str, ...]:
-    """The entry key of each row group (hex, one per identity)."""
-    common = f"{id_column}|{embedding_column}|{id_type}|{dim}|{rules_digest()}"
-    return tuple(hashlib.sha256(f"{identity}|{common}".encode()).hexdigest()[:40] for identity in identities)
+def keys(stamps: Sequence[RowGroupStamp], id_column: str, embedding_column: str, id_type: str,
+         dim: int) -> tuple[str, ...]:
+    """The entry key of each row group (hex, one per stamp)."""
+    common = [id_column, embedding_column, id_type, dim, rules_digest()]
+    return tuple(hashlib.sha256(json.dumps([dataclasses.astuple(stamp), common]).encode()).hexdigest()[:40]
+                 for stamp in stamps)
+
+
+def unchanged(file: str, stamp: RowGroupStamp) -> bool:
+    """Whether ``file`` still has the size and modification time it was listed with."""
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (stamp.size, stamp.mtime_ns)
+
+
+def unusable(folder: str) -> str:
+    """Why the cache cannot be used in ``folder`` (it cannot be created, written or listed), or ""."""
+    try:
+        rules_digest()
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+        os.listdir(folder)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return ""
 
 
 def schema(id_type: pa.DataType) -> pa.Schema:
@@ -91,6 +134,8 @@ def write(folder: str, key: str, batches: Sequence[pa.RecordBatch], id_type: pa.
         with pa.OSFile(temporary, "wb") as sink, pa.ipc.new_file(sink, schema(id_type)) as writer:
             for batch in batches:
                 writer.write_batch(batch)
+        with open(temporary, "rb+") as written:  # on disk before it has its name (a power loss)
+            os.fsync(written.fileno())
         os.replace(temporary, target)
         return True
     except (OSError, pa.ArrowException):
@@ -107,12 +152,14 @@ def present(folder: str, wanted: Sequence[str]) -> int:
 def tidy(folder: str, used: Sequence[str], keep_unused_s: float = KEEP_UNUSED_DAYS * 86400.0) -> int:
     """Mark the ``used`` entries as just used, and delete the entries (and temporary files) no run used for
     ``keep_unused_s`` seconds; returns how many were deleted. Nothing happens without the folder."""
-    if not os.path.isdir(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no folder, or one this user may not list: nothing to tidy
         return 0
     now = time.time()
     in_use = set(used)
     deleted = 0
-    for name in os.listdir(folder):
+    for name in names:
         path = os.path.join(folder, name)
         key = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else None
         try:

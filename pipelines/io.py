@@ -17,6 +17,7 @@ Overwrites are atomic so that a failed or killed run leaves the previous version
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -239,6 +240,29 @@ def read_catalog(spark: SparkSession, source: str, fmt: str = "auto") -> DataFra
 
 
 @dataclass(frozen=True)
+class RowGroupStamp:
+    """What identifies a Parquet row group's content without reading its data: the key of its cached
+    fingerprints (pipelines/fingerprint_cache.py).
+
+    Attributes:
+        table: the Delta table's id (kept by a copy or a move of the table), or a Parquet table's real path.
+        path: the file's path inside the table.
+        size, mtime_ns: the file's size and modification time (nanoseconds) when it was listed.
+        index: the row group's index in the file.
+        rows: the row group's rows by the footer.
+        footer: SHA-256 of the row group's footer metadata (column chunks' offsets, sizes, statistics).
+    """
+
+    table: str
+    path: str
+    size: int
+    mtime_ns: int
+    index: int
+    rows: int
+    footer: str
+
+
+@dataclass(frozen=True)
 class EmbeddingFiles:
     """The Parquet row groups that hold every row of a file table, for a reader outside the engine.
 
@@ -253,11 +277,7 @@ class EmbeddingFiles:
     embedding_column: str
     source: str
     rows: int = 0  # the files' rows by their footers: checked against the engine's count before they are used
-    # One per row group: what identifies its content without reading it (the file's path inside the table,
-    # its size and modification time, the row group's rows and bytes); the key of its cached fingerprints
-    # (pipelines/fingerprint_cache.py). Empty: not known, nothing is cached.
-    identities: tuple[str, ...] = ()
-    group_rows: tuple[int, ...] = ()  # each row group's rows (its footer's count), with the identities
+    stamps: tuple[RowGroupStamp, ...] = ()  # one per row group, when known: the fingerprint cache's key
 
 
 # Delta reader features that change nothing about how a data file's rows are read.
@@ -308,11 +328,12 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
             return None, "data files outside the table's folder (a shallow clone)"
         files = [str(path / unquote(uri)) for uri in relative]
         shown = f"{path} (Delta version {table.version()})"
+        table_id = f"delta:{metadata.id}"
     else:
         files, shown = _spark_visible_files(path), str(path)
+        table_id = f"parquet:{os.path.realpath(path)}"
     row_groups: list[tuple[str, int]] = []
-    identities: list[str] = []
-    group_rows: list[int] = []
+    stamps: list[RowGroupStamp] = []
     rows = 0
     for file in files:
         try:
@@ -323,20 +344,18 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
         why = _unreadable_columns(meta.schema.to_arrow_schema(), id_column, embedding_column)
         if why:
             return None, f"{file}: {why}"
-        # Relative to the table, so a copied or moved table (copies keep the modification time) keeps it.
         inside = os.path.relpath(file, path) if path.is_dir() else os.path.basename(file)
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             if group.num_rows:
                 row_groups.append((file, g))
-                group_rows.append(group.num_rows)
-                identities.append(f"{inside}|{stat.st_size}|{stat.st_mtime_ns}|{g}|{group.num_rows}|"
-                                  f"{group.total_byte_size}")
+                footer = hashlib.sha256(repr(group.to_dict()).encode()).hexdigest()
+                stamps.append(RowGroupStamp(table_id, inside, stat.st_size, stat.st_mtime_ns, g, group.num_rows,
+                                            footer))
         rows += meta.num_rows
     if not row_groups:
         return None, "no rows in its files"
-    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown, rows, tuple(identities),
-                          tuple(group_rows)), ""
+    return EmbeddingFiles(tuple(row_groups), id_column, embedding_column, shown, rows, tuple(stamps)), ""
 
 
 def _spark_visible_files(path: Path) -> list[str]:

@@ -3,6 +3,7 @@ row group's checked and fingerprinted rows instead of its embeddings, gives the 
 and never uses an entry whose row group, rules or columns are not the ones it was computed from."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -12,6 +13,7 @@ from test_embedding_files import DIM, catalog, rows_of, write_table
 
 from pipelines import fingerprint_cache, io
 from pipelines.encode import cache_keys, encode_catalog
+from pipelines.io import RowGroupStamp
 from pipelines.schema import EMBEDDING_FINGERPRINT, ITEM_ID, REASON
 from pipelines.validate import RowAccountingError, validate_catalog
 
@@ -39,16 +41,26 @@ def test_an_entry_is_read_back_whole_and_only_as_written(tmp_path) -> None:
     assert not fingerprint_cache.write(str(tmp_path / "blocked"), "k", [rows], pa.string())  # never raises
 
 
-def test_keys_change_with_the_row_group_the_columns_the_type_and_the_dimension() -> None:
-    base = fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 8)
-    others = [fingerprint_cache.keys(["part-0.parquet|100|6|0|16|800"], "item_id", "embedding", "string", 8),
-              fingerprint_cache.keys(["part-0.parquet|100|5|1|16|800"], "item_id", "embedding", "string", 8),
-              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "id", "embedding", "string", 8),
-              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "vec", "string", 8),
-              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "bigint", 8),
-              fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 9)]
-    assert len({base, *others}) == 7
-    assert base == fingerprint_cache.keys(["part-0.parquet|100|5|0|16|800"], "item_id", "embedding", "string", 8)
+def test_keys_change_with_the_row_group_the_table_the_columns_the_type_and_the_dimension() -> None:
+    stamp = RowGroupStamp("delta:1234", "part-0.parquet", 100, 5, 0, 16, "f00")
+
+    def key(changed: RowGroupStamp = stamp, columns: tuple[str, str] = ("item_id", "embedding"),
+            id_type: str = "string", dim: int = 8) -> str:
+        return fingerprint_cache.keys([changed], *columns, id_type, dim)[0]
+
+    others = [key(dataclasses.replace(stamp, **{name: value})) for name, value in (
+        ("table", "delta:5678"), ("path", "part-1.parquet"), ("size", 101), ("mtime_ns", 6), ("index", 1),
+        ("rows", 17), ("footer", "f01"))]
+    others += [key(columns=("id", "embedding")), key(columns=("item_id", "vec")), key(id_type="bigint"), key(dim=9)]
+    assert len({key(), *others}) == 12 and key() == key(RowGroupStamp("delta:1234", "part-0.parquet", 100, 5, 0, 16,
+                                                                       "f00"))
+
+
+def test_a_folder_that_cannot_be_used_is_named_with_the_reason(tmp_path) -> None:
+    assert fingerprint_cache.unusable(str(tmp_path / "new" / "cache")) == ""  # created
+    (tmp_path / "blocked").write_text("a file where the folder would be")
+    assert "FileExistsError" in fingerprint_cache.unusable(str(tmp_path / "blocked"))
+    assert fingerprint_cache.tidy(str(tmp_path / "blocked"), []) == 0  # never raises
 
 
 def test_tidy_keeps_what_this_run_used_and_what_was_used_lately(tmp_path) -> None:
@@ -80,7 +92,7 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
     v = validate_catalog(io.read_catalog(spark, source, "delta"), dim=DIM)
     contract = v.rows.schema[ITEM_ID].dataType.simpleString()
     files, _ = io.embedding_files(source, "delta", "item_id", "embedding")
-    assert files is not None and len(files.group_rows) == len(files.row_groups) >= 6
+    assert files is not None and len(files.stamps) == len(files.row_groups) >= 6
     keys = cache_keys(files, DIM, contract)
     scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
     folder = str(tmp_path / "cache")
@@ -90,7 +102,7 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
     first = rows_of(full.codes)
     assert fingerprint_cache.present(folder, keys) == len(keys)
     arrow_id = pa.string() if contract == "string" else pa.int64()
-    kept = [fingerprint_cache.read(folder, k, n, arrow_id) for k, n in zip(keys, files.group_rows, strict=True)]
+    kept = [fingerprint_cache.read(folder, k, st.rows, arrow_id) for k, st in zip(keys, files.stamps, strict=True)]
     assert sum(b.num_rows for b in kept) == table.num_rows
     clean = {r[ITEM_ID]: r[EMBEDDING_FINGERPRINT] for b in kept for r in b.to_pylist() if r[REASON] is None}
     # The repeated id is flagged after the pass, on its output: its rows are kept as the per-row rules leave them.
@@ -124,11 +136,20 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
     with pytest.raises(RowAccountingError, match="read 31 rows again and read 31, 30 of them as the first pass"):
         incremental(files, folder)
 
-    # A new modification time is another row group: the altered entry is not used, the embeddings are read.
+    # The file touched after it was listed: the workers see it is not the listed one, so they neither use the
+    # altered entry nor keep what they read under the old key.
     file = files.row_groups[at][0]
     later = os.stat(file).st_mtime_ns + 1_000_000_000
     os.utime(file, ns=(later, later))
-    relisted, _ = io.embedding_files(source, "delta", "item_id", "embedding")
-    assert relisted is not None and cache_keys(relisted, DIM, contract)[at] != keys[at]
-    again, _ = incremental(relisted, folder)
+    again, _ = incremental(files, folder)
     assert again == without
+    assert fingerprint_cache.read(folder, keys[at], files.stamps[at].rows, arrow_id).to_pydict() == altered
+    # Listed again, it is another row group (a new key): read, and kept under that key.
+    relisted, _ = io.embedding_files(source, "delta", "item_id", "embedding")
+    assert relisted is not None
+    new_keys = cache_keys(relisted, DIM, contract)
+    same_file = [f == file for f, _ in files.row_groups]  # the file's every row group has a new key, no other
+    assert [new != old for new, old in zip(new_keys, keys, strict=True)] == same_file
+    assert incremental(relisted, folder)[0] == without
+    assert fingerprint_cache.read(folder, new_keys[at], relisted.stamps[at].rows, arrow_id).to_pylist() == \
+        kept[at].to_pylist()
