@@ -4,6 +4,7 @@ Runs only inside ``tests/test_classic_engine.py``'s subprocess (``CSID_CLASSIC_T
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -173,7 +174,7 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
         assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path) -> None:
+def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path, capsys) -> None:
     # The ledger's plan (full outer join, window, MERGE-free Parquet rewrite) on classic Spark.
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -204,3 +205,20 @@ def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path) -> None:
     assert all(active[i] == before[i] for i in catalog.item_ids[keep].tolist())
     assert {r["item_id"] for r in rows if r["retired_reason"] == "left_catalog"} == {0, 50, 100, 150, 200, 250}
     assert len({r["semantic_id"] for r in rows}) == len(rows) == 320
+
+    # A file appended to the folder: the JVM's Python workers kept the first file's fingerprints in the last
+    # run, and read them now instead of its embeddings; only the new file's rows are read and encoded.
+    more = make_catalog(CatalogSpec(10, DIM, seed=6))
+    pq.write_table(pa.table({"item_id": pa.array(more.item_ids + 20_000),
+                             "embedding": pa.array(list(more.embeddings), pa.list_(pa.float32()))}),
+                   grown / "part-1.parquet")
+    capsys.readouterr()
+    assert main([*base, "--input", str(grown), "--stages", "validate,encode", "--model",
+                 "models:/catalog-semantic-ids@champion"]) == 0
+    said = capsys.readouterr().out
+    cache = os.path.abspath(work / "fingerprint_cache")
+    assert f"1 of 2 row groups' fingerprints are kept in {cache}" in said, said[-3000:]
+    assert "10 rows went through the model" in said
+    now = {r["item_id"]: r["semantic_id"] for r in helpers.read_parquet(out / "semantic_ids").to_pylist()
+           if r["active"]}
+    assert {i: now[i] for i in active} == active and len(now) == len(active) + 10
