@@ -27,7 +27,8 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
       items than the catalog e and k ran on). B's copies of A's files keep their modification times, so
       the row-group fingerprints (e) and (k) kept (``--fingerprint-cache``, in their work dirs) are found
       as a scheduled run on a table that grew by an append finds them: only the new file's embeddings
-      are read. ``i_uncached``: i_local with ``--fingerprint-cache none`` (every embedding read).
+      are read. ``i_uncached`` and ``i_spark_uncached``: i_local and i_spark with ``--fingerprint-cache
+      none`` (every embedding read).
 
 Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s; it counts a
 page again in every process that maps it, so a forked child (Python workers forked from one daemon, a
@@ -83,19 +84,22 @@ from encode_throughput import (  # noqa: E402 - the catalog, model and process-t
 )
 from incremental import grown_catalog, job, timed  # noqa: E402 - catalog B, the job's command, a timed run
 
-VARIANTS = ("s", "u", "e", "k", "i_local", "i_uncached", "i_spark")
-INCREMENTAL = ("i_local", "i_uncached", "i_spark")
+VARIANTS = ("s", "u", "e", "k", "i_local", "i_uncached", "i_spark", "i_spark_uncached")
+INCREMENTAL = ("i_local", "i_uncached", "i_spark", "i_spark_uncached")
+ON_THE_JVM = ("k", "i_spark", "i_spark_uncached")
 # an incremental run starts from a copy of this variant's table
-NEEDS = {"i_local": "e", "i_uncached": "e", "i_spark": "k"}
+NEEDS = {"i_local": "e", "i_uncached": "e", "i_spark": "k", "i_spark_uncached": "k"}
 LABELS = {"s": "(s) no Spark: delta-rs + rqvae + NumPy", "u": "(u) spark_udf + row_number, classic Spark",
           "e": "(e) job, embedded engine", "k": "(k) job, classic Spark",
           "i_local": "(i) incremental job, embedded",
           "i_uncached": "(i) incremental job, embedded, no fingerprint cache",
-          "i_spark": "(i) incremental job, classic Spark"}
+          "i_spark": "(i) incremental job, classic Spark",
+          "i_spark_uncached": "(i) incremental job, classic Spark, no fingerprint cache"}
 # (name, numerator, denominator, kind, target): kind "speed" = items/s ratio (>= target), "wall" = wall ratio (<=)
 TARGETS = [("e/s", "e", "s", "speed", 0.8), ("e/u", "e", "u", "speed", 2.0), ("k/s", "k", "s", "speed", 0.4),
            ("k/u", "k", "u", "speed", 1.5), ("i_local/e", "i_local", "e", "wall", 0.15),
            ("i_uncached/e", "i_uncached", "e", "wall", 0.15),
+           ("i_spark_uncached/k", "i_spark_uncached", "k", "wall", 0.15),
            ("i_spark/k", "i_spark", "k", "wall", 0.15)]
 MODEL_NAME = "bench-alternatives"
 ITEM_ID, EMBEDDING, CODES, SUFFIX = "item_id", "embedding", "codes", "suffix"
@@ -106,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size N")
     p.add_argument("--dim", type=int, default=768, help="embedding length D")
     p.add_argument("--variants", default="s,u,e,k,i",
-                   help="comma-separated subset of s,u,e,k,i,i_uncached (i = i_local,i_spark; each adds the full "
-                   "run it starts from)")
+                   help="comma-separated subset of s,u,e,k,i,i_uncached,i_spark_uncached (i = i_local,i_spark; "
+                   "each adds the full run it starts from)")
     p.add_argument("--quantize-bits", type=int, default=0,
                    help="use (and write once) the catalog with values rounded to 2^B - 1 levels "
                    "(bench/make_catalog.py --quantize-bits: 50M x 256 in 13 GB instead of 51 GB); 0: float32")
@@ -334,10 +338,10 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
         shutil.copytree(base / "tables", folder / "tables")
         table = folder / "tables" / "semantic_ids"
         cmd = job(grown, folder / "tables", base / "work", model,
-                  *(["--fingerprint-cache", "none"] if name == "i_uncached" else []))
-        if name == "i_spark":
+                  *(["--fingerprint-cache", "none"] if name.endswith("_uncached") else []))
+        if name in ON_THE_JVM:
             cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
-        result = timed(cmd, grown, env=spark_env() if name == "i_spark" else dict(os.environ))
+        result = timed(cmd, grown, env=spark_env() if name in ON_THE_JVM else dict(os.environ))
     items = a.items + (int(round(a.items * a.new_share)) if name in NEEDS else 0)
     figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"],
                "peak_pss_mb": result["peak_pss_mb"], "items": items,
@@ -410,10 +414,11 @@ def check(figures: dict[str, dict[str, Any]], n_new: int) -> dict[str, Any]:
         if name in figures and figures[name]["encoded_rows"] != n_new:
             problems.append(f"{name}: {figures[name]['encoded_rows']} rows went through the model, not the "
                             f"{n_new} new ones")
-    if "i_local" in figures and "i_uncached" in figures:
-        c = checks["i_local_vs_i_uncached"] = compare(figures["i_local"]["table"], figures["i_uncached"]["table"])
-        if c["missing"] or c["extra"] or c["id_mismatches"]:
-            problems.append(f"i_uncached: {c} against i_local")
+    for cached, uncached in (("i_local", "i_uncached"), ("i_spark", "i_spark_uncached")):
+        if cached in figures and uncached in figures:
+            c = checks[f"{cached}_vs_{uncached}"] = compare(figures[cached]["table"], figures[uncached]["table"])
+            if c["missing"] or c["extra"] or c["id_mismatches"]:
+                problems.append(f"{uncached}: {c} against {cached}")
     if "i_local" in figures and "i_spark" in figures:
         c = checks["i_local_vs_i_spark"] = compare(figures["i_local"]["table"], figures["i_spark"]["table"])
         if c["missing"] or c["extra"] or c["id_mismatches"]:
@@ -464,7 +469,7 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
     for name in INCREMENTAL:
         if name in figures:
             lines.append(f"{name}: {figures[name]['encoded_rows']} rows through the model ({n_new} new)")
-    for pair in ("i_local_vs_i_uncached", "i_local_vs_i_spark"):
+    for pair in ("i_local_vs_i_uncached", "i_spark_vs_i_spark_uncached", "i_local_vs_i_spark"):
         if pair in checks:
             lines.append(f"{pair.replace('_vs_', ' vs ')} tables: {checks[pair]}")
     lines.append("correctness: " + ("OK" if not checks["problems"] else "PROBLEMS: " + "; ".join(checks["problems"])))
