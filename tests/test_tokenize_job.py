@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -296,6 +297,20 @@ def test_encoding_twice_keeps_every_row_and_full_mode_rewrites_one_version(train
     second = encode_only(trained, catalog.path, out, stages="validate,encode")
     assert "mode: incremental" in second.stdout and "no commit" in second.stdout
     assert delta_version(str(out / SEMANTIC_IDS_TABLE)) == v1 == 0
+    # Its first pass read every row group's kept rows (the earlier runs' passes kept them), bad rows included:
+    # the rejects and their reasons are those read from the embeddings.
+    kept = re.search(r"(\d+) of (\d+) row groups' fingerprints are kept", second.stdout)
+    assert kept is not None and kept.group(1) == kept.group(2), second.stdout[-2000:]
+    reasons = sorted((r["item_id"] or "", r["reason"]) for r in second.table(REJECTS_TABLE).to_pylist())
+    assert reasons == catalog.rejects
+    # A cache folder that cannot be made: the run says why, reads every embedding, and does the same.
+    (trained.work.parent / "not-a-folder").write_text("")
+    blocked = encode_only(trained, catalog.path, out, "validate,encode", "--fingerprint-cache",
+                          trained.work.parent / "not-a-folder")
+    assert f"no fingerprint cache: {trained.work.parent / 'not-a-folder'} cannot be used (FileExistsError" in \
+        blocked.stdout
+    assert "no commit" in blocked.stdout and sorted(
+        (r["item_id"] or "", r["reason"]) for r in blocked.table(REJECTS_TABLE).to_pylist()) == catalog.rejects
     # --mode full encodes every row again: one new version, every row as it was (issue columns included).
     rc, stdout, err = helpers.run_main([
         "--input", catalog.path, "--work-dir", trained.work, "--output", out, "--stages", "validate,encode",
