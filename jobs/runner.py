@@ -577,6 +577,9 @@ def _fingerprint_cache(cfg: JobConfig, files: io.EmbeddingFiles | None, v: Valid
         print(f"    {kept} of {len(keys)} row groups' fingerprints are kept in {folder}: their embeddings are not "
               "read (--fingerprint-cache)")
         mlflow.log_metric("fingerprint_cache_row_groups", kept)
+    else:
+        print(f"    each row group's fingerprints are kept in {folder} (--fingerprint-cache): an incremental run "
+              "reads the embeddings of new files only")
     return folder, keys
 
 

@@ -371,7 +371,7 @@ def test_a_catalog_grown_by_an_append_is_read_only_where_it_grew(world, tmp_path
         return stdout
 
     first = encode(tmp_path / "out", "--fingerprint-cache", cache)
-    assert "mode: full" in first
+    assert "mode: full" in first and f"each row group's fingerprints are kept in {cache} (" in first
     before, _ = io.embedding_files(str(catalog), "delta", "item_id", "embedding")
     assert before is not None and len(os.listdir(cache)) == len(before.row_groups)
 
