@@ -235,6 +235,7 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
     wanted = None if only_ids is None else only_ids.cast(arrow_id)
     keys = cache_keys(files, dim, id_type) if cache and fingerprints and only_ids is None else None
     folder = os.path.abspath(cache) if cache else ""  # the workers' working directory need not be the driver's
+    kept_columns = fingerprint_cache.schema(arrow_id).names
 
     def read_and_encode(units: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if keys is None:
@@ -252,8 +253,8 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
                     continue
                 before = fingerprint_cache.unchanged(file, stamp)
                 computed = []
-                for out in encoder(_batches_of(file, group, id_column, embedding_column, arrow_id)):
-                    computed.append(out.select(fingerprint_cache.schema(arrow_id).names))
+                for out in encoder(_batches_of(_parquet(file), group, id_column, embedding_column, arrow_id)):
+                    computed.append(out.select(kept_columns))
                     yield out
                 if before and fingerprint_cache.unchanged(file, stamp):  # kept only as the file was listed
                     fingerprint_cache.write(folder, key, computed, arrow_id)
@@ -281,14 +282,19 @@ FILE_BATCH_ROWS = 8192  # rows per Arrow batch read from a row group (the embedd
 _FILE, _ROW_GROUP, _KEY, _STAMP = "__csid_file", "__csid_row_group", "__csid_cache_key", "__csid_stamp"
 
 
-def _batches_of(file: str, group: int, id_column: str, embedding_column: str,
-                id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
-    """The (ITEM_ID, EMBEDDING) batches of one whole row group."""
+def _parquet(file: str) -> Any:
+    """``file`` opened with pyarrow (its footer read once)."""
     import pyarrow.parquet as pq
 
+    return pq.ParquetFile(file)
+
+
+def _batches_of(parquet: Any, group: int, id_column: str, embedding_column: str,
+                id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
+    """The (ITEM_ID, EMBEDDING) batches of one whole row group of an opened Parquet file."""
     # One thread: the engine already runs one task per core.
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
-                                                   columns=[id_column, embedding_column], use_threads=False):
+    for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
+                                      columns=[id_column, embedding_column], use_threads=False):
         yield pa.RecordBatch.from_arrays([batch.column(id_column).cast(id_type), batch.column(embedding_column)],
                                          names=[ITEM_ID, EMBEDDING])
 
@@ -297,19 +303,17 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
                        id_type: pa.DataType, wanted: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
     """The (ITEM_ID, EMBEDDING) batches of the row groups listed in ``units`` (file, row group); with
     ``wanted``, only the rows whose id is one of those, and a row group's embeddings only if it has any."""
-    import pyarrow.parquet as pq
-
     if wanted is not None and not len(wanted):
         return
     among = None if wanted is None else _membership(wanted)  # built once per task, used for every batch
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
+            parquet = _parquet(file)
             if among is not None:  # the ids first: a row group without a wanted one is not read further
-                ids = pq.ParquetFile(file).read_row_group(group, columns=[id_column],
-                                                          use_threads=False).column(0).cast(id_type)
+                ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
                 if not among(ids).any():
                     continue
-            for out in _batches_of(file, group, id_column, embedding_column, id_type):
+            for out in _batches_of(parquet, group, id_column, embedding_column, id_type):
                 if among is not None:
                     out = out.filter(pa.array(among(out.column(ITEM_ID))))
                 if out.num_rows:

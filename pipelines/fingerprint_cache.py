@@ -45,7 +45,6 @@ from pipelines.schema import EMBEDDING_FINGERPRINT, ITEM_ID, REASON
 FOLDER = "fingerprint_cache"  # under --work-dir, the default
 KEEP_UNUSED_DAYS = 7
 _SUFFIX = ".arrow"
-_COLUMNS = (ITEM_ID, REASON, EMBEDDING_FINGERPRINT)
 
 
 # The modules whose code decides a row's reason and fingerprint: the per-row rules and their limits, the

@@ -388,6 +388,7 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         groups = tuple_groups(current, suffix_budget)
         groups = materialize(groups) or groups
         stats = prefix_stats_of_groups(groups, levels)
+        stats = materialize(stats) or stats
     else:
         per_part, deep = [], [levels - 1, levels]  # a prefix of these levels lies in one part
         for here in prefix_parts(levels, parts):
@@ -398,13 +399,7 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         shallow = [prefix_stats_of_groups(groups, levels, range(1, levels - 1))] if levels > 2 else []
         # Every piece computed once; their union is not written again (its deepest levels hold about a
         # row per item: 1.6 s of rewriting at 5M x 256).
-        computed = [materialize(s) for s in [*(s for _, s in per_part), *shallow]]
-        stats = reduce(DataFrame.unionByName, [c if c is not None else s for c, s in
-                                              zip(computed, [*(s for _, s in per_part), *shallow], strict=True)])
-        if any(c is None for c in computed):  # an engine that cannot materialise: one lazy plan, as before
-            stats = reduce(DataFrame.unionByName, [s for _, s in per_part] + shallow)
-    if parts <= 1 or levels < 2:
-        stats = materialize(stats) or stats
+        stats = reduce(DataFrame.unionByName, [materialize(s) or s for s in [*(s for _, s in per_part), *shallow]])
     summary = summarize_groups(groups, levels, codebook_size, suffix_budget, prefix_table=stats)
     rows = [u.metrics() for u in summary.levels]
     names = list(rows[0])  # "level" first
