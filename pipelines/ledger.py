@@ -56,6 +56,7 @@ from pipelines.schema import (
     SEMANTIC_ID,
     SEMANTIC_ID_COLUMNS,
     SEMANTIC_IDS_TABLE,
+    SUFFIX,
     TOKENIZED_AT,
     RetiredReason,
     prefix_column,
@@ -65,6 +66,7 @@ from pipelines.uniquify import (
     assign_next_suffixes,
     assign_suffixes,
     hash_part,
+    in_parts,
     in_prefix_parts,
     parts_for,
     spread_and_number,
@@ -418,14 +420,22 @@ def plan_changes(
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
     check_compatible(state, model.num_levels, model.codebook_size, f"{model.name} version {model.version}")
-    classified = _classify(state, encoded, mode, on_changed).where(F.col(CHANGE) != UNCHANGED)
     # Without a table every row is new: the frame is the encoded rows plus constants, read twice below
-    # for the cost of a scan. With one, it holds the full outer join with the table: computed once.
-    staged = classified if state is None else materialize(classified) or classified
+    # for the cost of a scan. With one, it holds the full outer join with the table: computed once, and for a
+    # large catalog or table in parts of the item ids (the embedded engine holds a join's rows in memory:
+    # 17 GB for 50M items in one join, bench/RESULTS.md).
+    if state is None:
+        staged = _all_new(encoded)
+    else:
+        staged = _classified_in_parts(state, encoded, mode, on_changed, materialize, split,
+                                      parts_for(max(encoded.counts.clean, state.rows)))
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
+    # The ledger's rows go through the spreading and the suffixes beside the items to issue: the parts follow
+    # the larger of the two.
+    parts = parts_for(max(counts.issued, state.rows if state is not None else 0))
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize,
-                    parts=parts_for(counts.issued), progress=progress, split=split, one_map=one_map)
+                    parts=parts, progress=progress, split=split, one_map=one_map)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -434,18 +444,52 @@ def plan_changes(
     return Plan(materialize(changes) or changes, counts, mode, state, model.num_levels)
 
 
-def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed: str) -> DataFrame:
-    """One row per item of the catalog or the table's candidate rows, with its CHANGE."""
-    ranked = _alternatives_in(encoded.codes)
-    new = encoded.codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, *ranked,
-                               F.lit(True).alias(_IN_CATALOG))
-    if state is None:
-        return new.withColumns({CHANGE: F.lit(NEW_ITEM), _OLD_SID: F.lit(None).cast("string"),
-                                _OLD_ACTIVE: F.lit(None).cast("boolean"), _FP_CHANGED: F.lit(False)})
-    old = state.candidates().select(ITEM_ID, F.col(SEMANTIC_ID).alias(_OLD_SID), F.col(CODES).alias(_OLD_CODES),
-                                    F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP), F.col(ACTIVE).alias(_OLD_ACTIVE))
-    rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(ITEM_ID).distinct()
+def _all_new(encoded: Encoded) -> DataFrame:
+    """Without a table: every catalog item is NEW_ITEM."""
+    return _catalog_side(encoded).withColumns({
+        CHANGE: F.lit(NEW_ITEM), _OLD_SID: F.lit(None).cast("string"), _OLD_ACTIVE: F.lit(None).cast("boolean"),
+        _FP_CHANGED: F.lit(False)})
+
+
+def _classified_in_parts(state: TableState, encoded: Encoded, mode: Mode, on_changed: str,
+                         materialize: Callable[[DataFrame], DataFrame | None], split: Split | None,
+                         parts: int) -> DataFrame:
+    """One row per item of the catalog or the table's candidate rows whose ID this run changes (every row but
+    the UNCHANGED ones), with its CHANGE; materialised. With ``parts`` > 1 computed one part of the item ids
+    after another (every input split by its id's hash: an item's catalog row, table row and reject meet in
+    one part), so that the engine's join holds a part's rows (:func:`pipelines.uniquify.in_parts`)."""
+    new = _catalog_side(encoded)
+    old, rejected = _table_side(state, encoded, new)
+
+    def compared(new: DataFrame, old: DataFrame, rejected: DataFrame) -> DataFrame:
+        return _compared(new, old, rejected, mode, on_changed)
+
+    if parts <= 1:
+        one = compared(new, old, rejected)
+        return materialize(one) or one
+    return in_parts([new, old, rejected], lambda: hash_part(ITEM_ID, parts), parts, compared, materialize, split=split)
+
+
+def _catalog_side(encoded: Encoded) -> DataFrame:
+    return encoded.codes.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT,
+                                *_alternatives_in(encoded.codes), F.lit(True).alias(_IN_CATALOG))
+
+
+def _table_side(state: TableState, encoded: Encoded, new: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """The table's candidate rows and the rejected ids, their ids of the catalog side's type (an id hashes
+    to the same part on every side only when its type is the same)."""
+    item = F.col(ITEM_ID).cast(new.schema[ITEM_ID].dataType)
+    old = state.candidates().select(item.alias(ITEM_ID), F.col(SEMANTIC_ID).alias(_OLD_SID),
+                                    F.col(CODES).alias(_OLD_CODES), F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP),
+                                    F.col(ACTIVE).alias(_OLD_ACTIVE))
+    rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(item.alias(ITEM_ID)).distinct()
                 .withColumn(_REJECTED, F.lit(True)))
+    return old, rejected
+
+
+def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, on_changed: str) -> DataFrame:
+    """The catalog side joined with the table side (and the rejects): each item's CHANGE, UNCHANGED left out."""
+    ranked = _alternatives_in(new)
     joined = new.join(old, ITEM_ID, "full_outer").join(rejected, ITEM_ID, "left")
     in_catalog = F.col(_IN_CATALOG).isNotNull()
     has_row, was_active = F.col(_OLD_SID).isNotNull(), F.coalesce(F.col(_OLD_ACTIVE), F.lit(False))
@@ -468,7 +512,8 @@ def _classify(state: TableState | None, encoded: Encoded, mode: Mode, on_changed
               .when(~in_catalog & was_active, F.lit(RETIRED_LEFT))
               .when(~in_catalog, F.lit(UNCHANGED))
               .otherwise(both))
-    return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same})
+    return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same}).where(
+        F.col(CHANGE) != UNCHANGED)
 
 
 def _alternatives_in(df: DataFrame) -> list[str]:
@@ -532,7 +577,7 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
     follows a part and not the catalog."""
     ranked = _alternatives_in(to_issue)
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
-    issued = state.ledger if state is not None else None
+    issued = state.ledger.select(CODES, SUFFIX) if state is not None else None  # what the spreading reads of it
 
     def numbered_in(base: DataFrame, issued: DataFrame | None) -> DataFrame:
         if ranked and one_map and num_levels >= 2:  # one level: no prefix to split the items by, one Python call

@@ -425,13 +425,27 @@ def in_prefix_parts(frames: list[DataFrame | None], num_levels: int, parts: int,
     each frame once, so that a part reads only its own rows; otherwise every part filters the frames.
     ``progress(done, parts)`` is called after each part.
     """
-    if parts <= 1 or materialize is None or num_levels < 2:
+    if num_levels < 2:
         return work(*frames)
-    conditions = prefix_parts(num_levels, parts)
+    return in_parts(frames, lambda: prefix_part(num_levels, parts), parts, work, materialize, progress, split)
+
+
+def in_parts(frames: list[DataFrame | None], part: Callable[[], Column], parts: int, work: Callable[..., DataFrame],
+             materialize: Callable[[DataFrame], DataFrame | None] | None,
+             progress: Callable[[int, int], None] | None = None, split: Split | None = None) -> DataFrame:
+    """``work(*frames)`` computed one part after another, each part materialised, then united; part p of every
+    frame is its rows where ``part()`` (an integer expression, 0..parts-1, resolved on each frame) is p.
+
+    The same result as ``work(*frames)`` whenever ``work`` relates only rows of the same part (the rows of one
+    prefix, :func:`in_prefix_parts`; of one item id, the ledger's comparison of the catalog with the table).
+    ``split``: see :func:`in_prefix_parts`. One part or no ``materialize``: ``work(*frames)`` as it is.
+    """
+    if parts <= 1 or materialize is None:
+        return work(*frames)
     pieces = []
     for f in frames:
-        split_up = None if f is None or split is None else split(f, prefix_part(num_levels, parts), parts)
-        pieces.append([None] * parts if f is None else split_up or [f.where(here) for here in conditions])
+        split_up = None if f is None or split is None else split(f, part(), parts)
+        pieces.append([None] * parts if f is None else split_up or [f.where(part() == p) for p in range(parts)])
     done = []
     for part in range(parts):
         done.append(_computed_once(work(*(piece[part] for piece in pieces)), materialize))

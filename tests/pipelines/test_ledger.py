@@ -485,6 +485,48 @@ def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch,
     assert calls_parts > calls_whole + 4  # each part was computed (and materialised) on its own
     assert lines == [f"new IDs issued for part {p} of 5 of the prefixes" for p in range(1, 6)]
     assert ledger_rows(90, split)[0] == whole
-    assert splits == ([5, 5] if with_table else [5])  # the rows to issue split once (and the ledger, with a table)
+    # With a table: the catalog side, the table side and the rejects split once for their comparison (parts of
+    # the item ids), then the rows to issue and the ledger (parts of the prefixes).
+    assert splits == ([5, 5, 5, 5, 5] if with_table else [5])
     assert len({sid for _, sid, _ in whole}) == len(whole) == n + (len(LEDGER) if with_table else 0)
     assert len({tuple(sid.split("_")[:2]) for _, sid, _ in whole}) > 30  # items moved off the 30 nearest tuples
+
+
+@pytest.mark.parametrize("scenario", ["incremental", "retokenize", "new_generation", "unchanged"])
+def test_comparing_the_catalog_with_the_table_in_parts_of_the_ids_gives_the_same_plan(spark, monkeypatch,
+                                                                                         scenario) -> None:
+    """A large catalog or table is compared with the other one part of the item ids after another (each part
+    materialised): the counts and every row of the planned ledger are those of one comparison."""
+    from pipelines import uniquify
+
+    catalog, rejected, mode, on_changed, model = {
+        "incremental": (NEXT, ["c"], INCREMENTAL, "keep", V1),
+        "retokenize": ([("a", [1, 2], 0.2, 50), ("b", [3, 4], 0.2, 99), ("c", None, None, 12),
+                        ("e", None, None, 15)], [], INCREMENTAL, "retokenize", V1),
+        "new_generation": ([("a", [1, 2], 0.4, 10), ("b", [7, 7], 0.4, 11), ("c", [3, 4], 0.9, 12),
+                            ("d", [5, 5], 0.1, 13), ("e", [6, 6], 0.1, 15)], [], NEW_GENERATION, "keep", V2),
+        "unchanged": ([("a", None, None, 10), ("b", None, None, 11), ("c", None, None, 12), ("e", None, None, 15)],
+                      [], INCREMENTAL, "keep", V1),
+    }[scenario]
+    splits: list[tuple[int, tuple[str, ...]]] = []
+
+    def materialize(df):
+        return spark.createDataFrame(df.collect(), df.schema)
+
+    def split(df, part, parts):
+        splits.append((parts, tuple(df.columns)))
+        kept = df.withColumn("p", part).collect()
+        return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
+
+    def planned(part_items):
+        monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
+        p = ledger.plan_changes(state_of(spark), encoded(spark, catalog, rejected), model, mode, on_changed=on_changed,
+                                run_id="run-1", now=NOW, materialize=materialize, split=split)
+        return p.counts, table_rows(p)
+
+    whole = planned(10 ** 9)
+    assert splits == []
+    in_parts = planned(2)  # 6 ledger rows: 3 parts
+    assert in_parts == whole
+    assert [parts for parts, _ in splits[:3]] == [3, 3, 3]  # catalog side, table side, rejects: each split once
+    assert all(ITEM_ID in columns for _, columns in splits[:3])
