@@ -625,8 +625,10 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     cfg, location, result, spark = job.cfg, job.location, job.result, job.spark
     table = plan.table()
     parts = parts_for(result.counts["valid_rows"])  # a large catalog's checks and statistics go in parts
-    ledger.check_ledger(table, expected_active=result.counts["valid_rows"], parts=parts)  # before anything is written
-    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts)
+    split = job.session.materialize_split
+    # Before anything is written:
+    ledger.check_ledger(table, expected_active=result.counts["valid_rows"], parts=parts, split=split)
+    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts, split=split)
     drifts = [drift] + ([result.comparison] if result.comparison else [])
     frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
                                            n_rejected=result.counts["rejected_rows"]),
@@ -648,7 +650,8 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     sids = location.shown_of(SEMANTIC_IDS_TABLE)
     if written is None:
         print(f"    nothing to change in {sids}: no commit")
-    active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"], parts=parts)
+    active = ledger.verify_published(spark, location, expected_active=result.counts["valid_rows"], parts=parts,
+                                     split=split)
     if moves:  # the IDs are out and checked: the model that issued them is the one daily runs use
         registry.set_alias(model.name, registry.CHAMPION, model.version)
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
@@ -687,7 +690,7 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
         if result.comparison is None and cfg.compare_to:
             result.comparison = _compare(job, sids, None)
         summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize,
-                                parts=parts_for(sids.count())).summary
+                                parts=parts_for(sids.count()), split=job.session.materialize_split).summary
     out_dir = Path(cfg.work_dir) / "report" if location.is_catalog else Path(location.shown_root) / "report"
     staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}-{result.run_id}")
     shutil.rmtree(staging, ignore_errors=True)

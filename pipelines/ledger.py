@@ -697,7 +697,7 @@ def _is_commit_conflict(error: Exception) -> bool:
                                          "already exists"))
 
 
-def check_ledger(table: DataFrame, expected_active: int, parts: int = 1) -> int:
+def check_ledger(table: DataFrame, expected_active: int, parts: int = 1, split: Split | None = None) -> int:
     """The ledger's invariants: every ``semantic_id`` once over all rows, and the active rows exactly
     ``expected_active`` distinct items (the run's valid catalog items). Run on the planned table before it
     is committed, and on the committed version after.
@@ -713,12 +713,18 @@ def check_ledger(table: DataFrame, expected_active: int, parts: int = 1) -> int:
     it holds with the strings; when one does not (a failure, or two values sharing a hash), the check runs
     again on the strings, and that verdict stands.
 
+    ``split`` (``EngineSession.materialize_split``) with ``parts`` > 1: the hashes are written split into the parts
+    in two passes over the table (by the ID's hash, and the active rows by the item's), and each part is counted
+    from its own rows, instead of every part reading the whole table (at 50M rows on the embedded engine: 11
+    reads of 5 s each).
+
     Returns the number of active rows.
 
     Raises:
         RowAccountingError: an invariant does not hold; the message gives the counts.
     """
-    counts = _ledger_counts(table, parts, hashed=True)
+    counts = (_split_hash_counts(table, parts, split) if split is not None and parts > 1 else None) or \
+        _ledger_counts(table, parts, hashed=True)
     if not _ledger_holds(counts, expected_active):
         counts = _ledger_counts(table, parts, hashed=False)
     if not _ledger_holds(counts, expected_active):
@@ -732,6 +738,30 @@ def check_ledger(table: DataFrame, expected_active: int, parts: int = 1) -> int:
 def _ledger_holds(counts: tuple[int, int, int, int], expected_active: int) -> bool:
     rows, ids, n_active, items = counts
     return ids == rows and n_active == items == expected_active
+
+
+_SID_HASH, _ITEM_HASH = "__csid_sid_hash", "__csid_item_hash"
+
+
+def _split_hash_counts(table: DataFrame, parts: int, split: Split) -> tuple[int, int, int, int] | None:
+    """:func:`_ledger_counts` with ``hashed``, each part counted from its share of the hashes (split once per
+    kind); None when ``split`` cannot split (the caller counts without it)."""
+    by_id = split(table.select(F.xxhash64(SEMANTIC_ID).alias(_SID_HASH)), F.pmod(F.col(_SID_HASH), F.lit(parts)),
+                  parts)
+    if by_id is None:
+        return None
+    by_item = split(table.where(F.col(ACTIVE)).select(F.xxhash64(ITEM_ID).alias(_ITEM_HASH)),
+                    F.pmod(F.col(_ITEM_HASH), F.lit(parts)), parts)
+    if by_item is None:
+        return None
+    rows = ids = n_active = items = 0
+    for ids_here, items_here in zip(by_id, by_item, strict=True):
+        r = ids_here.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct(_SID_HASH).alias("ids")).first()
+        a = items_here.agg(F.count(F.lit(1)).alias("active"), F.countDistinct(_ITEM_HASH).alias("items")).first()
+        assert r is not None and a is not None
+        rows, ids, n_active, items = rows + int(r["rows"]), ids + int(r["ids"]), n_active + int(a["active"]), \
+            items + int(a["items"])
+    return rows, ids, n_active, items
 
 
 def _ledger_counts(table: DataFrame, parts: int, hashed: bool) -> tuple[int, int, int, int]:
@@ -756,7 +786,8 @@ def _ledger_counts(table: DataFrame, parts: int, hashed: bool) -> tuple[int, int
     return rows, ids, n_active, items
 
 
-def verify_published(spark: SparkSession, location: io.OutputLocation, expected_active: int, parts: int = 1) -> int:
+def verify_published(spark: SparkSession, location: io.OutputLocation, expected_active: int, parts: int = 1,
+                     split: Split | None = None) -> int:
     """:func:`check_ledger` (in ``parts``) on the table as committed (the version current now); a failure means
     another run's commit interleaved with this one's (ConcurrentRunError, with the version to go back to)."""
     version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
@@ -770,7 +801,7 @@ def verify_published(spark: SparkSession, location: io.OutputLocation, expected_
                 "for a percent-encoded sibling folder, and pass an output path without unusual characters")
     try:
         return check_ledger(io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version), expected_active,
-                            parts)
+                            parts, split)
     except RowAccountingError as e:
         before = f"version {version - 1}" if version else "the version before it"
         raise ConcurrentRunError(

@@ -40,7 +40,7 @@ from pipelines.schema import (
     QUANTIZATION_ERROR,
     SUFFIX,
 )
-from pipelines.uniquify import CODE_SEPARATOR, code_prefix, prefix_parts, require_columns
+from pipelines.uniquify import CODE_SEPARATOR, Split, code_prefix, prefix_part, prefix_parts, require_columns
 from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
@@ -366,7 +366,8 @@ class ReportTables:
 
 
 def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
-                  materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1) -> ReportTables:
+                  materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1,
+                  split: Split | None = None) -> ReportTables:
     """Prefix and level statistics of the current IDs of a semantic-ID table.
 
     Args:
@@ -381,6 +382,9 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
             one per tuple) aggregated, one part of the prefixes after another
             (:func:`pipelines.uniquify.prefix_parts`), each part materialised, so that the engine holds
             one part's groups at a time; the same statistics.
+        split: ``EngineSession.materialize_split``: the table's (codes, suffix) are split into those parts in
+            one pass, and each part's grouping reads only its own rows (otherwise each part reads the whole
+            table and keeps its own: 11 reads of 50M rows, 5.5 s each, on the embedded engine).
     """
     current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
     levels = len(current.select(CODES).first()[0])  # type: ignore[index]
@@ -391,8 +395,10 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         stats = materialize(stats) or stats
     else:
         per_part, deep = [], [levels - 1, levels]  # a prefix of these levels lies in one part
-        for here in prefix_parts(levels, parts):
-            part = tuple_groups(current.where(here), suffix_budget)
+        rows = current.select(CODES, SUFFIX)
+        split_up = split(rows, prefix_part(levels, parts), parts) if split is not None else None
+        for rows_here in split_up or [rows.where(here) for here in prefix_parts(levels, parts)]:
+            part = tuple_groups(rows_here, suffix_budget)
             part = materialize(part) or part
             per_part.append((part, prefix_stats_of_groups(part, levels, deep)))
         groups = reduce(DataFrame.unionByName, [g for g, _ in per_part])

@@ -328,3 +328,14 @@ def crowded_ranked_items(n: int, seed: int, numeric_ids: bool = False) -> list[t
         item_id: Any = int(10 ** (j % 4) + j) if numeric_ids else f"i{(j * 7919) % n:04d}"
         out.append((item_id, codes[j].tolist(), error, f"x{j}", alternatives, alt_errors))
     return out
+
+
+def collected_split(spark, calls: list | None = None):
+    """A stand-in for ``EngineSession.materialize_split``: ``df`` collected once and handed back as one frame
+    per part (``calls`` records each split's parts and columns)."""
+    def split(df, part, parts):
+        if calls is not None:
+            calls.append((parts, tuple(df.columns)))
+        kept = df.withColumn("p", part).collect()
+        return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
+    return split

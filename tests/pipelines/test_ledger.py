@@ -334,23 +334,30 @@ def test_a_parquet_table_lost_in_an_interrupted_swap_is_not_started_again(spark,
         ledger.read_table_state(spark, parquet)
 
 
-@pytest.mark.parametrize("parts", [1, 3])
-def test_check_ledger_counts_ids_and_active_items(spark, parts) -> None:
+PARTS = [(1, False), (3, False), (3, True)]  # (parts, split): at once, in parts filtered, in parts split once
+
+
+@pytest.mark.parametrize(("parts", "with_split"), PARTS)
+def test_check_ledger_counts_ids_and_active_items(spark, parts, with_split) -> None:
     """The same counts whether the distinct IDs and items are counted at once or in parts by their hash."""
+    calls: list = []
+    split = helpers.collected_split(spark, calls) if with_split else None
     df = spark.createDataFrame(LEDGER, SCHEMA)
-    assert ledger.check_ledger(df, expected_active=4, parts=parts) == 4
+    assert ledger.check_ledger(df, expected_active=4, parts=parts, split=split) == 4
     with pytest.raises(RowAccountingError, match="4 active rows name 4 items where the catalog has 5 valid items"):
-        ledger.check_ledger(df, expected_active=5, parts=parts)
+        ledger.check_ledger(df, expected_active=5, parts=parts, split=split)
     two_for_a = spark.createDataFrame(LEDGER + [row("a", [9, 9], 0, 10)], SCHEMA)  # a: two active IDs
     with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
-        ledger.check_ledger(two_for_a, expected_active=5, parts=parts)
+        ledger.check_ledger(two_for_a, expected_active=5, parts=parts, split=split)
     reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
-        ledger.check_ledger(reissued, expected_active=4, parts=parts)
+        ledger.check_ledger(reissued, expected_active=4, parts=parts, split=split)
+    if with_split:  # the IDs' hashes and the active items' hashes, split once per check
+        assert calls[:2] == [(3, ("__csid_sid_hash",)), (3, ("__csid_item_hash",))]
 
 
-@pytest.mark.parametrize("parts", [1, 3])
-def test_check_ledger_decides_on_the_strings_when_hashes_collide(spark, monkeypatch, parts) -> None:
+@pytest.mark.parametrize(("parts", "with_split"), PARTS)
+def test_check_ledger_decides_on_the_strings_when_hashes_collide(spark, monkeypatch, parts, with_split) -> None:
     """The distinct values are counted as 64-bit hashes first. Where two values share a hash the hashed
     counts fall short, and the strings decide: a sound ledger passes, a broken one fails with the true
     counts. Here every value hashes alike."""
@@ -363,11 +370,13 @@ def test_check_ledger_decides_on_the_strings_when_hashes_collide(spark, monkeypa
         return F.lit(7).cast("long")
 
     monkeypatch.setattr(F, "xxhash64", colliding)
-    assert ledger.check_ledger(spark.createDataFrame(LEDGER, SCHEMA), expected_active=4, parts=parts) == 4
-    assert len(hashed) == 2 * parts  # the hashed count ran first (IDs and items of every part)
+    split = helpers.collected_split(spark) if with_split else None
+    assert ledger.check_ledger(spark.createDataFrame(LEDGER, SCHEMA), expected_active=4, parts=parts, split=split) == 4
+    # The hashed count ran first: IDs and items of every part, or once each for the split.
+    assert len(hashed) == (2 if with_split else 2 * parts)
     reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
-        ledger.check_ledger(reissued, expected_active=4, parts=parts)
+        ledger.check_ledger(reissued, expected_active=4, parts=parts, split=split)
 
 
 def test_current_codes_of_sampled_items(spark) -> None:
@@ -464,12 +473,8 @@ def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch,
 
     lines: list[str] = []
 
-    splits: list[int] = []
-
-    def split(df, part, parts):  # as EngineSession.materialize_split: one frame per part, computed once
-        splits.append(parts)
-        kept = df.withColumn("p", part).collect()
-        return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
+    splits: list[tuple[int, tuple[str, ...]]] = []
+    split = helpers.collected_split(spark, splits)
 
     def ledger_rows(part_items, split_with=None):
         monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
@@ -487,7 +492,7 @@ def test_issuing_in_parts_of_the_prefixes_gives_the_same_ids(spark, monkeypatch,
     assert ledger_rows(90, split)[0] == whole
     # With a table: the catalog side, the table side and the rejects split once for their comparison (parts of
     # the item ids), then the rows to issue and the ledger (parts of the prefixes).
-    assert splits == ([5, 5, 5, 5, 5] if with_table else [5])
+    assert [parts for parts, _ in splits] == ([5, 5, 5, 5, 5] if with_table else [5])
     assert len({sid for _, sid, _ in whole}) == len(whole) == n + (len(LEDGER) if with_table else 0)
     assert len({tuple(sid.split("_")[:2]) for _, sid, _ in whole}) > 30  # items moved off the 30 nearest tuples
 
@@ -509,14 +514,10 @@ def test_comparing_the_catalog_with_the_table_in_parts_of_the_ids_gives_the_same
                       [], INCREMENTAL, "keep", V1),
     }[scenario]
     splits: list[tuple[int, tuple[str, ...]]] = []
+    split = helpers.collected_split(spark, splits)
 
     def materialize(df):
         return spark.createDataFrame(df.collect(), df.schema)
-
-    def split(df, part, parts):
-        splits.append((parts, tuple(df.columns)))
-        kept = df.withColumn("p", part).collect()
-        return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
 
     def planned(part_items):
         monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
@@ -530,3 +531,25 @@ def test_comparing_the_catalog_with_the_table_in_parts_of_the_ids_gives_the_same
     assert in_parts == whole
     assert [parts for parts, _ in splits[:3]] == [3, 3, 3]  # catalog side, table side, rejects: each split once
     assert all(ITEM_ID in columns for _, columns in splits[:3])
+
+
+def test_the_engines_own_split_gives_the_same_checks_and_plan(spark, monkeypatch, tmp_path) -> None:
+    """The embedded engine's split (partitioned scratch files, EngineSession.materialize_split) in the ledger
+    check and the comparison with the table: the counts and plan of the unsplit path."""
+    from pipelines import uniquify
+    from pipelines.session import EngineSession
+
+    engine = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    df = spark.createDataFrame(LEDGER, SCHEMA)
+    assert ledger.check_ledger(df, expected_active=4, parts=3, split=engine.materialize_split) == 4
+    reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
+    with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
+        ledger.check_ledger(reissued, expected_active=4, parts=3, split=engine.materialize_split)
+
+    def planned(part_items):
+        monkeypatch.setattr(uniquify, "PART_ITEMS", part_items)
+        p = ledger.plan_changes(state_of(spark), encoded(spark, NEXT, ["c"]), V1, INCREMENTAL, on_changed="keep",
+                                run_id="run-1", now=NOW, materialize=engine.materialize, split=engine.materialize_split)
+        return p.counts, table_rows(p)
+
+    assert planned(2) == planned(10 ** 9)

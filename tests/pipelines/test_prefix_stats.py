@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import helpers
 import numpy as np
 import pytest
 
@@ -113,17 +114,20 @@ def test_summarize_empty_table_is_an_error(spark):
         summarize(spark.createDataFrame([], SCHEMA), num_levels=3, codebook_size=8, suffix_budget=2)
 
 
-@pytest.mark.parametrize("parts", [1, 3])
-def test_report_tables_in_parts_of_the_prefixes_are_the_hand_checked_ones(spark, sids, parts):
-    """A large table's statistics are computed one part of the prefixes after another, each materialised:
-    the same rows and summary as the whole table's."""
-    materialized = []
+@pytest.mark.parametrize(("parts", "with_split"), [(1, False), (3, False), (3, True)])
+def test_report_tables_in_parts_of_the_prefixes_are_the_hand_checked_ones(spark, sids, parts, with_split):
+    """A large table's statistics are computed one part of the prefixes after another, each materialised
+    (with ``split``, the table's rows split into the parts once): the same rows and summary as the whole
+    table's."""
+    materialized, splits = [], []
 
     def materialize(df):
         materialized.append(df)
         return spark.createDataFrame(df.collect(), df.schema)
 
-    out = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=materialize, parts=parts)
+    out = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=materialize, parts=parts,
+                        split=helpers.collected_split(spark, splits) if with_split else None)
     assert rows(out.prefix_stats, STATS_COLUMNS) == EXPECTED_STATS
     assert out.summary == summarize(sids, num_levels=3, codebook_size=8, suffix_budget=2)
     assert len(materialized) == (2 if parts == 1 else 2 * parts + 1)  # groups and stats of every part, the union
+    assert splits == ([(3, ("codes", "suffix"))] if with_split else [])
