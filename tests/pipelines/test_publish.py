@@ -1,0 +1,46 @@
+"""A describing table whose write fails: the tables written before it hold the run's rows, the error is
+raised, and the next run's :func:`publish.recover` puts every table back to the published set."""
+from __future__ import annotations
+
+import pytest
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from pipelines import io, publish
+from pipelines.schema import DRIFT_TABLE, SEMANTIC_IDS_TABLE
+
+pytestmark = pytest.mark.spark
+
+
+def frames_of(spark, run: int) -> dict:
+    """One small frame per describing table, each holding ``run`` and its own name."""
+    return {name: spark.createDataFrame([(run, name)], "run INT, name STRING") for name in publish.DESCRIBING}
+
+
+def rows(location: io.OutputLocation, name: str) -> list[tuple]:
+    return sorted((r["run"], r["name"]) for r in DeltaTable(location.of(name)).to_pyarrow_table().to_pylist())
+
+
+def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark, tmp_path):
+    location = io.OutputLocation.for_path(str(tmp_path / "tables"))
+    io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
+    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1")
+    assert written == {name: "0" for name in publish.DESCRIBING}
+    publish.record(spark, location, [], "run-1", publish.PUBLISHED,
+                   {**written, SEMANTIC_IDS_TABLE: publish.token(spark, location, SEMANTIC_IDS_TABLE)})
+
+    frames = frames_of(spark, 2)
+    frames[DRIFT_TABLE] = frames[DRIFT_TABLE].withColumn("name", F.raise_error(F.lit("drift broke")).cast("string"))
+    with pytest.raises(Exception, match="drift broke"):
+        publish.write_describing(spark, location, frames, "run-2")
+    order = list(publish.DESCRIBING)
+    before, after = order[:order.index(DRIFT_TABLE)], order[order.index(DRIFT_TABLE):]
+    assert before and all(rows(location, name) == [(2, name)] for name in before)  # written, in order
+    assert all(rows(location, name) == [(1, name)] for name in after)  # the failed one and those after it
+
+    recovery = publish.recover(spark, location, "run-3")
+    assert recovery is not None
+    assert recovery.action.startswith(f"{', '.join(before)} rolled back to the set run run-1 published")
+    for name in publish.DESCRIBING:
+        assert rows(location, name) == [(1, name)]  # the published set's rows again
+    assert publish.recover(spark, location, "run-4") is None  # nothing left to do
