@@ -68,6 +68,7 @@ def test_embedded_engine_splits_a_frame_into_parts_computed_once(tmp_path, spark
         assert sum(g.num_rows for g in groups) == 200 and max(g.row_group(i).num_rows for g in groups
                                                               for i in range(g.num_row_groups)) <= 40
         assert rows_computed(calls) == 300
+        assert es.materialize_split(frame, F.lit(0), 2) is None  # two parts: the caller filters twice
     finally:
         es.stop()
     classic_like = EngineSession(spark, "remote", True, _owns_session=False)
