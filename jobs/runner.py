@@ -514,7 +514,8 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
                                    now=job.now, materialize=job.materialize,
                                    progress=lambda line: print(f"    {line}", flush=True),
-                                   split=job.session.materialize_split, one_map=job.session.engine == "spark")
+                                   split=job.session.materialize_split, one_map=job.session.engine == "spark",
+                                   table_parts=job.session.engine == "local")
         print(f"    {plan.counts.summary()}")
         if encoded.encoded_rows is not None:
             print(f"    {encoded.encoded_rows} rows went through the model")

@@ -398,6 +398,7 @@ def plan_changes(
     progress: Callable[[str], None] | None = None,
     split: Split | None = None,
     one_map: bool = False,
+    table_parts: bool = True,
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
@@ -412,10 +413,15 @@ def plan_changes(
         now: the run's time (UTC, aware), stamped as ``tokenized_at`` and ``retired_at``.
         materialize: computes a frame once (``EngineSession.materialize``), or returns None.
         progress: called with a line of progress when the new IDs are issued in parts (many of them).
-        split: ``EngineSession.materialize_split``, to split the rows to issue into those parts once.
+        split: ``EngineSession.materialize_split``, to split each input of a part-wise step (the comparison
+            with the table, the rows to issue and the ledger) into its parts once.
         one_map: the items to issue are spread and numbered in one grouped map
             (:func:`pipelines.uniquify.spread_and_number`) instead of a plan of joins and a window: the same
             IDs, fewer computed frames (the job's choice on classic Spark).
+        table_parts: a large catalog or table (more than ``PART_ITEMS`` rows) puts the comparison with the
+            table in parts, and the ledger's rows count toward the spreading's parts: for an engine that holds a
+            join's rows in memory (the embedded one). Classic Spark's joins spill; there parts would only read
+            the inputs again, so only many items to issue go in parts.
     """
     if on_changed not in ON_CHANGED:
         raise ValueError(f"unknown --on-changed {on_changed!r}; choose one of {', '.join(ON_CHANGED)}")
@@ -424,18 +430,20 @@ def plan_changes(
     # for the cost of a scan. With one, it holds the full outer join with the table: computed once, and for a
     # large catalog or table in parts of the item ids (the embedded engine holds a join's rows in memory:
     # 17 GB for 50M items in one join, bench/RESULTS.md).
+    table_rows = state.rows if state is not None and table_parts else 0
     if state is None:
         staged = _all_new(encoded)
     else:
         staged = _classified_in_parts(state, encoded, mode, on_changed, materialize, split,
-                                      parts_for(max(encoded.counts.clean, state.rows)))
+                                      parts_for(max(encoded.counts.clean, table_rows)) if table_parts else 1)
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
     # The ledger's rows go through the spreading and the suffixes beside the items to issue: the parts follow
-    # the larger of the two.
-    parts = parts_for(max(counts.issued, state.rows if state is not None else 0))
-    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), state, model.num_levels, stamp, materialize,
-                    parts=parts, progress=progress, split=split, one_map=one_map)
+    # the larger of the two. Nothing to issue: the ledger is not read at all.
+    ledger_state = state if counts.issued else None
+    issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), ledger_state, model.num_levels, stamp, materialize,
+                    parts=parts_for(max(counts.issued, table_rows if counts.issued else 0)), progress=progress,
+                    split=split, one_map=one_map)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -459,12 +467,15 @@ def _classified_in_parts(state: TableState, encoded: Encoded, mode: Mode, on_cha
     after another (every input split by its id's hash: an item's catalog row, table row and reject meet in
     one part), so that the engine's join holds a part's rows (:func:`pipelines.uniquify.in_parts`)."""
     new = _catalog_side(encoded)
-    old, rejected = _table_side(state, encoded, new)
+    old, rejected = _table_side(state, encoded)
 
     def compared(new: DataFrame, old: DataFrame, rejected: DataFrame) -> DataFrame:
         return _compared(new, old, rejected, mode, on_changed)
 
-    if parts <= 1:
+    # An id hashes to one part on every side only when its type is the same there (a table written from
+    # integer ids, a catalog of string ids: the one join compares them as Spark converts them).
+    same_type = len({f.schema[ITEM_ID].dataType.simpleString() for f in (new, old, rejected)}) == 1
+    if parts <= 1 or not same_type:
         one = compared(new, old, rejected)
         return materialize(one) or one
     return in_parts([new, old, rejected], lambda: hash_part(ITEM_ID, parts), parts, compared, materialize, split=split)
@@ -475,14 +486,12 @@ def _catalog_side(encoded: Encoded) -> DataFrame:
                                 *_alternatives_in(encoded.codes), F.lit(True).alias(_IN_CATALOG))
 
 
-def _table_side(state: TableState, encoded: Encoded, new: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """The table's candidate rows and the rejected ids, their ids of the catalog side's type (an id hashes
-    to the same part on every side only when its type is the same)."""
-    item = F.col(ITEM_ID).cast(new.schema[ITEM_ID].dataType)
-    old = state.candidates().select(item.alias(ITEM_ID), F.col(SEMANTIC_ID).alias(_OLD_SID),
+def _table_side(state: TableState, encoded: Encoded) -> tuple[DataFrame, DataFrame]:
+    """The table's candidate rows and the rejected ids, as the comparison reads them."""
+    old = state.candidates().select(ITEM_ID, F.col(SEMANTIC_ID).alias(_OLD_SID),
                                     F.col(CODES).alias(_OLD_CODES), F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP),
                                     F.col(ACTIVE).alias(_OLD_ACTIVE))
-    rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(item.alias(ITEM_ID)).distinct()
+    rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(ITEM_ID).distinct()
                 .withColumn(_REJECTED, F.lit(True)))
     return old, rejected
 
@@ -572,9 +581,9 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
     """New rows (full table columns) for the items that get a new ID (``materialize``, ``one_map``: see
     :func:`plan_changes`).
 
-    ``parts`` > 1 (many items to issue): the spreading and the suffixes run one part of the prefixes after
-    another (:func:`pipelines.uniquify.in_prefix_parts`), with the same result, so that the engine's memory
-    follows a part and not the catalog."""
+    ``parts`` > 1 (many items to issue, or a large ledger beside them: :func:`plan_changes`): the spreading and
+    the suffixes run one part of the prefixes after another (:func:`pipelines.uniquify.in_prefix_parts`), with
+    the same result, so that the engine's memory follows a part and not the catalog."""
     ranked = _alternatives_in(to_issue)
     base = to_issue.select(ITEM_ID, CODES, QUANTIZATION_ERROR, EMBEDDING_FINGERPRINT, CHANGE, *ranked)
     issued = state.ledger.select(CODES, SUFFIX) if state is not None else None  # what the spreading reads of it
@@ -713,10 +722,11 @@ def check_ledger(table: DataFrame, expected_active: int, parts: int = 1, split: 
     it holds with the strings; when one does not (a failure, or two values sharing a hash), the check runs
     again on the strings, and that verdict stands.
 
-    ``split`` (``EngineSession.materialize_split``) with ``parts`` > 1: the hashes are written split into the parts
-    in two passes over the table (by the ID's hash, and the active rows by the item's), and each part is counted
-    from its own rows, instead of every part reading the whole table (at 50M rows on the embedded engine: 11
-    reads of 5 s each).
+    ``split`` (``EngineSession.materialize_split``, which splits from 3 parts on) with ``parts`` > 1: the hashes
+    are written split into the parts in two passes over the table (by the ID's hash, and the active rows by the
+    item's), and each part is counted from its own rows, instead of every part reading the whole table (at 50M
+    rows on the embedded engine: 11 reads of 5 s each). A null ID or item counts as no value, as in the
+    strings' count.
 
     Returns the number of active rows.
 
@@ -743,15 +753,26 @@ def _ledger_holds(counts: tuple[int, int, int, int], expected_active: int) -> bo
 _SID_HASH, _ITEM_HASH = "__csid_sid_hash", "__csid_item_hash"
 
 
+def _hash_of(name: str) -> Column:
+    """The 64-bit hash of a column's value, null for null (``xxhash64`` of a null is its seed, 42, which a
+    distinct count would count as a value where the strings' count does not)."""
+    return F.when(F.col(name).isNotNull(), F.xxhash64(name))
+
+
+def _part_of(name: str, parts: int) -> Column:
+    """The part of a row by a hash column; a null hash in part 0 (a null partition value would leave the
+    row out of every part's files)."""
+    return F.coalesce(F.pmod(F.col(name), F.lit(parts)), F.lit(0))
+
+
 def _split_hash_counts(table: DataFrame, parts: int, split: Split) -> tuple[int, int, int, int] | None:
     """:func:`_ledger_counts` with ``hashed``, each part counted from its share of the hashes (split once per
     kind); None when ``split`` cannot split (the caller counts without it)."""
-    by_id = split(table.select(F.xxhash64(SEMANTIC_ID).alias(_SID_HASH)), F.pmod(F.col(_SID_HASH), F.lit(parts)),
-                  parts)
+    by_id = split(table.select(_hash_of(SEMANTIC_ID).alias(_SID_HASH)), _part_of(_SID_HASH, parts), parts)
     if by_id is None:
         return None
-    by_item = split(table.where(F.col(ACTIVE)).select(F.xxhash64(ITEM_ID).alias(_ITEM_HASH)),
-                    F.pmod(F.col(_ITEM_HASH), F.lit(parts)), parts)
+    by_item = split(table.where(F.col(ACTIVE)).select(_hash_of(ITEM_ID).alias(_ITEM_HASH)), _part_of(_ITEM_HASH, parts),
+                    parts)
     if by_item is None:
         return None
     rows = ids = n_active = items = 0
@@ -770,7 +791,7 @@ def _ledger_counts(table: DataFrame, parts: int, hashed: bool) -> tuple[int, int
     active = F.col(ACTIVE)
 
     def value(name: str) -> Column:
-        return F.xxhash64(name) if hashed else F.col(name)
+        return _hash_of(name) if hashed else F.col(name)
 
     rows = ids = n_active = items = 0
     for part in range(parts):

@@ -381,7 +381,7 @@ def _spread_in_chunks(rows: DataFrame, chunks: int, schema: StructType,
 
 
 def parts_for(items: int) -> int:
-    """How many parts of the prefixes ``items`` rows are worked on in (:func:`in_prefix_parts`): one per
+    """How many parts ``items`` rows are worked on in (:func:`in_prefix_parts`, :func:`in_parts`): one per
     ``PART_ITEMS``."""
     return max(1, -(-int(items) // PART_ITEMS))
 
@@ -447,8 +447,8 @@ def in_parts(frames: list[DataFrame | None], part: Callable[[], Column], parts: 
         split_up = None if f is None or split is None else split(f, part(), parts)
         pieces.append([None] * parts if f is None else split_up or [f.where(part() == p) for p in range(parts)])
     done = []
-    for part in range(parts):
-        done.append(_computed_once(work(*(piece[part] for piece in pieces)), materialize))
+    for p in range(parts):
+        done.append(_computed_once(work(*(piece[p] for piece in pieces)), materialize))
         if progress is not None:
             progress(len(done), parts)
     return functools.reduce(DataFrame.unionByName, done)

@@ -352,6 +352,16 @@ def test_check_ledger_counts_ids_and_active_items(spark, parts, with_split) -> N
     reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
         ledger.check_ledger(reissued, expected_active=4, parts=parts, split=split)
+    # A damaged row without an ID is no ID (the hash of a null would have counted as one).
+    no_id = row("zz", [8, 8], 0, 99, active=False, reason="left_catalog")
+    no_id = (*no_id[:3], None, *no_id[4:])
+    with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
+        ledger.check_ledger(spark.createDataFrame(LEDGER + [no_id], SCHEMA), expected_active=4, parts=parts,
+                            split=split)
+    active_without_item = (None, *row("zz", [8, 8], 0, 99)[1:])
+    with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
+        ledger.check_ledger(spark.createDataFrame(LEDGER + [active_without_item], SCHEMA), expected_active=5,
+                            parts=parts, split=split)
     if with_split:  # the IDs' hashes and the active items' hashes, split once per check
         assert calls[:2] == [(3, ("__csid_sid_hash",)), (3, ("__csid_item_hash",))]
 
@@ -531,6 +541,14 @@ def test_comparing_the_catalog_with_the_table_in_parts_of_the_ids_gives_the_same
     assert in_parts == whole
     assert [parts for parts, _ in splits[:3]] == [3, 3, 3]  # catalog side, table side, rejects: each split once
     assert all(ITEM_ID in columns for _, columns in splits[:3])
+    if scenario == "unchanged":
+        assert len(splits) == 3  # nothing to issue: the ledger is not split (nor read) for the spreading
+    splits.clear()
+    assert ledger.plan_changes(state_of(spark), encoded(spark, catalog, rejected), model, mode, on_changed=on_changed,
+                               run_id="run-1", now=NOW, materialize=materialize, split=split,
+                               table_parts=False).counts == whole[0]
+    # Classic Spark: no comparison in parts, and only the items to issue set the spreading's parts.
+    assert [parts for parts, _ in splits] == ([2, 2] if whole[0].issued == 3 else [])
 
 
 def test_the_engines_own_split_gives_the_same_checks_and_plan(spark, monkeypatch, tmp_path) -> None:
