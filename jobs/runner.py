@@ -708,6 +708,11 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
     mlflow.log_metrics({f"table_{k}": float(v) for k, v in table_metrics.items()})
     print(f"    unique_rate {summary.unique_rate:.4f}, max group {summary.max_group_size}, "
           f"suffix overflow {summary.suffix_overflow} (budget {cfg.suffix_budget}); report of run {result.run_id}")
+    if summary.suffix_overflow:
+        print(f"    {summary.suffix_overflow} items have a suffix of {cfg.suffix_budget} or more: more items share "
+              f"their code tuple than --suffix-budget's {cfg.suffix_budget} suffix tokens name. Families of "
+              "near-duplicates (product variants) crowding a 2-prefix do that; a retrain with --prefix-fill 0.15, "
+              "or more --collision-alternatives, leaves fewer (docs/design.md, \"2-prefix fill cap\")")
 
 
 def _sample_labels(job: _Job, catalog: DataFrame, sids: DataFrame | None, summary: PrefixSummary) -> SampleLabels:

@@ -662,3 +662,20 @@ def test_the_fill_cap_is_scaled_to_the_whole_valid_catalog(catalog, tmp_path, mo
     assert rc == 0, err[-3000:]
     assert seen["rows"] < len(catalog.valid_ids)
     assert seen["catalog_items"] == len(catalog.valid_ids)  # valid rows: the rejects and the duplicate id excluded
+
+
+def test_a_suffix_beyond_the_budget_is_explained_with_the_settings_that_help(trained, catalog, tmp_path) -> None:
+    """40 copies of one embedding share a tuple beyond what the 16 collision alternatives can spread: the run
+    says how many items have a suffix past the budget and names the settings that leave fewer; a run with
+    nothing past the budget says nothing of it."""
+    copies = 40
+    path = helpers.write_delta(tmp_path / "copies", helpers.catalog_table(
+        [*catalog.valid_ids, *(f"copy-{i}" for i in range(copies))],
+        [*map(list, catalog.valid_embeddings), *[list(catalog.valid_embeddings[0])] * copies], pa.list_(pa.float32())))
+    crowded = encode_only(trained, path, tmp_path / "crowded", "validate,encode,report", "--suffix-budget", "4")
+    overflow = int(re.search(r"suffix overflow (\d+) \(budget 4\)", crowded.stdout).group(1))
+    assert overflow > 0, crowded.stdout[-2000:]
+    assert f"{overflow} items have a suffix of 4 or more" in crowded.stdout
+    assert "--prefix-fill 0.15" in crowded.stdout and "--collision-alternatives" in crowded.stdout
+    roomy = encode_only(trained, path, tmp_path / "roomy", "validate,encode,report", "--suffix-budget", "1000")
+    assert "suffix overflow 0 (budget 1000)" in roomy.stdout and "items have a suffix of" not in roomy.stdout
