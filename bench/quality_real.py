@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 python bench/real_catalog.py                 # once: WordNet nouns x MiniLM (cached)
     python bench/quality_real.py                                  # every method at 3 x 256, ~82k items
+    HF_HUB_OFFLINE=1 python bench/debian_catalog.py               # a second catalog: Debian's ~64k packages
+    python bench/quality_real.py --catalog bench/.cache/debian_packages.parquet --nmi2-depth 2
     python bench/quality_real.py --items 20000 --methods ours,faiss_kmeans_residual --json out.json
 
 Needs bench/requirements-bench.txt for the peers (a missing package only drops its rows). Prints a
@@ -17,7 +19,8 @@ Markdown table for bench/RESULTS.md. Columns (all computed here, from codes and 
   5 nearest neighbours that share its 2-prefix. Every item is a query (``--queries`` to sample); the
   neighbour search runs once per run for all methods.
 * NMI1 / pur1: level-1 codes against WordNet's lexicographer file (26 noun files); NMI2 / pur2:
-  2-prefixes against the hypernym path cut at depth 5 (entity > ... 4 levels below).
+  2-prefixes against the hypernym path cut at depth 5 (entity > ... 4 levels below). On the Debian
+  catalog: the section (58), and [section, source package] (``--nmi2-depth 2``).
 * fit s and encode items/s on this machine.
 
 A "<peer>_spread16" row is that peer with the job's collision-aware last level added (its items' 16
@@ -72,9 +75,10 @@ DEFAULT_CATALOG = Path(__file__).resolve().parent / ".cache" / "wordnet_nouns.pa
 NMI2_DEPTH = 5
 
 
-def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x (N, D) float32, lexname ids (N,), hypernym-path-prefix ids at NMI2_DEPTH (N,) (-1: shallower),
-    and the (N, T) hypernym-path-prefix ids of every depth (rqvae.taxonomy), the regularizer's input."""
+def load_catalog(path: Path, items: int | None, seed: int, nmi2_depth: int = NMI2_DEPTH
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (N, D) float32, lexname ids (N,), category-path-prefix ids at ``nmi2_depth`` (N,) (-1: shallower),
+    and the (N, T) category-path-prefix ids of every depth (rqvae.taxonomy), the regularizer's input."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
@@ -85,7 +89,7 @@ def load_catalog(path: Path, items: int | None, seed: int) -> tuple[np.ndarray, 
         table = table.take(pick)
     x = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     lex = np.unique(np.asarray(table["lexname"].to_pylist()), return_inverse=True)[1]
-    paths = ["/".join(p[:NMI2_DEPTH]) if len(p) >= NMI2_DEPTH else "" for p in table["category"].to_pylist()]
+    paths = ["/".join(p[:nmi2_depth]) if len(p) >= nmi2_depth else "" for p in table["category"].to_pylist()]
     ids = np.unique(np.asarray(paths), return_inverse=True)[1].astype(np.int64)
     ids[np.asarray(paths) == ""] = -1
     return x, lex.astype(np.int64), ids, category_ids_from_paths(table["category"].to_pylist())
@@ -159,19 +163,49 @@ def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, le
 Method = Callable[[np.ndarray, int, int, int, np.ndarray], tuple[np.ndarray, np.ndarray | None, float, float]]
 
 
-def encode_spread(model: Any, x: np.ndarray, spread: int) -> np.ndarray:
+def encode_spread(model: Any, x: np.ndarray, spread: int, second_chance: bool = False) -> np.ndarray:
     """Codes (N, L); with ``spread`` > 0, colliding items moved to free last-level codes among their
-    ``spread`` nearest (rqvae.resolve, as the job does), ties by row number."""
+    ``spread`` nearest (rqvae.resolve, as the job does), ties by row number.
+
+    ``second_chance`` (not in the job yet; bench/RESULTS.md, the Debian catalog): the items that still share a
+    tuple and are not its best-fitting holder are encoded again with every last-level code ranked and spread
+    once more, with every other item's tuple taken; no prefix changes."""
     if spread <= 0:
         return encode_array(model, x).codes
     r = encode_array(model, x, alternatives=spread)
-    return spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors).codes
+    spread_codes = spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors)
+    if not second_chance:
+        return spread_codes.codes
+    left = not_keepers(spread_codes.codes, spread_codes.quantization_error)
+    if not len(left):
+        return spread_codes.codes
+    again = encode_array(model, x[left], alternatives=int(model.codebook_size))
+    others = np.ones(len(x), dtype=bool)
+    others[left] = False
+    moved = spread_last_level(again.codes, again.quantization_error, again.alternatives, again.alternative_errors,
+                              tiebreak=left, taken=spread_codes.codes[others])
+    out = spread_codes.codes.copy()
+    out[left] = moved.codes
+    return out
+
+
+def not_keepers(codes: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Row numbers of the items that share their full tuple with a better-fitting item (lower error, then
+    lower row number): every item of a shared tuple but the one that keeps it."""
+    _, tuple_id = np.unique(codes, axis=0, return_inverse=True)
+    tuple_id = tuple_id.reshape(-1)
+    order = np.lexsort((np.arange(len(codes)), errors, tuple_id))
+    first = np.ones(len(codes), dtype=bool)
+    first[1:] = tuple_id[order][1:] != tuple_id[order][:-1]
+    return np.sort(order[~first])
 
 
 def ours(**changes: object) -> Method:
     """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs
     (``collision_alternatives=0`` turns the collision-aware last level off). The categories reach the fit
     only when ``taxonomy_weight`` > 0 (the regularizer)."""
+    second_chance = bool(changes.pop("second_chance", False))  # the bench's, not a config key
+
     def run(x: np.ndarray, levels: int, k: int, seed: int, cats: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
         model_keys = set(ModelConfig.__dataclass_fields__)
@@ -190,7 +224,7 @@ def ours(**changes: object) -> Method:
         model = fit(x, mcfg, tcfg, category_ids=cats if tcfg.taxonomy_weight > 0 else None).model.eval()
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
-        codes = encode_spread(model, x, mcfg.collision_alternatives)
+        codes = encode_spread(model, x, mcfg.collision_alternatives, second_chance)
         enc = len(x) / (time.perf_counter() - start)
         with torch.no_grad():
             recon = np.concatenate([model.decode_codes(torch.as_tensor(codes[i:i + 8192], dtype=torch.long)).numpy()
@@ -269,13 +303,19 @@ METHODS: dict[str, Method] = {
     # 2-prefix fill cap (TrainConfig.prefix_fill): 0 is the default before it existed
     "ours_fill0": ours(prefix_fill=0.0),
     "ours_fill0.1": ours(prefix_fill=0.1),
+    "ours_fill0.15": ours(prefix_fill=0.15),
+    "ours_fill0.2": ours(prefix_fill=0.2),
+    "ours_fill0.25": ours(prefix_fill=0.25),
     "ours_fill1": ours(prefix_fill=1.0),
     "ours_before_spread16": ours(**{**BEFORE, "collision_alternatives": 16}),
     "ours_anchor2_spread16": ours(**{**BEFORE, "anchor_levels": 2, "collision_alternatives": 16}),
     "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),
     "ours_no_spread": ours(collision_alternatives=0),
+    # the items still sharing a tuple after the spreading get every last-level code (not in the job yet)
+    "ours_second_chance": ours(second_chance=True),
     # the k-means of every level run a fixed 25 Lloyd iterations (the default until TrainConfig.kmeans_tol)
     "ours_kmeans25": ours(kmeans_iters=25, kmeans_tol=0.0),
+    "ours_kmeans300": ours(kmeans_iters=300, kmeans_tol=1e-4),
     # joint codeword refinement (TrainConfig.anchor_refine_passes): 0 is the default before it existed
     "ours_refine0": ours(anchor_refine_passes=0),
     "ours_refine1": ours(anchor_refine_passes=1),
@@ -331,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG, help="bench/real_catalog.py's Parquet file")
     p.add_argument("--items", type=int, help="a random subset of this many items (default: all)")
+    p.add_argument("--nmi2-depth", type=int, default=NMI2_DEPTH,
+                   help="NMI2 / pur2 group the items by their category path cut at this depth (WordNet: 5; "
+                        "bench/debian_catalog.py's [section, source package]: 2)")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -342,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of items whose categories the regularized methods never see (NMI *_hidden)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    x, lex, deep, cats = load_catalog(a.catalog, a.items, a.seed)
+    x, lex, deep, cats = load_catalog(a.catalog, a.items, a.seed, a.nmi2_depth)
     # Half the items' categories are hidden from every method: NMI on them shows what the regularizer
     # learnt for items it never saw a category of (all items are scored on every other column).
     hidden = np.random.default_rng([a.seed, 1]).random(len(x)) < a.hidden_categories

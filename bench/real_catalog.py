@@ -181,7 +181,9 @@ def embed_texts(texts: list[str], cache_dir: Path, batch_size: int = 256, refres
     return emb
 
 
-def write_parquet(path: Path, synsets: list[Synset], categories: list[list[str]], emb: np.ndarray) -> None:
+def write_parquet(path: Path, item_ids: list[int], categories: list[list[str]], lexnames: list[str], texts: list[str],
+                  emb: np.ndarray) -> None:
+    """The catalog's Parquet file (the schema in the module docstring), written to a temporary name and renamed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -189,11 +191,11 @@ def write_parquet(path: Path, synsets: list[Synset], categories: list[list[str]]
     embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)),
                                          pa.array(emb.reshape(-1), type=pa.float32()))
     table = pa.table({
-        "item_id": pa.array([s.offset for s in synsets], type=pa.int64()),
+        "item_id": pa.array(item_ids, type=pa.int64()),
         "embedding": embedding,
         "category": pa.array(categories, type=pa.list_(pa.string())),
-        "lexname": pa.array([s.lexname for s in synsets], type=pa.string()),
-        "text": pa.array([s.text for s in synsets], type=pa.string()),
+        "lexname": pa.array(lexnames, type=pa.string()),
+        "text": pa.array(texts, type=pa.string()),
     })
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -201,14 +203,20 @@ def write_parquet(path: Path, synsets: list[Synset], categories: list[list[str]]
     os.replace(tmp, path)
 
 
+def add_build_args(p: argparse.ArgumentParser, file_name: str, items: str) -> None:
+    """A catalog builder's common options: --cache-dir, --out (default <cache-dir>/``file_name``), --limit (the
+    first N ``items``), --batch-size and --refresh of the embeddings."""
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedding cache folder")
+    p.add_argument("--out", type=Path, default=None, help=f"Parquet file (default <cache-dir>/{file_name})")
+    p.add_argument("--limit", type=int, default=None, help=f"keep only the first N {items} (smoke tests)")
+    p.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
+    p.add_argument("--refresh", action="store_true", help="recompute embeddings even when cached")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET, help="folder holding data.noun")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="embedding cache folder")
-    p.add_argument("--out", type=Path, default=None, help="Parquet file (default <cache-dir>/wordnet_nouns.parquet)")
-    p.add_argument("--limit", type=int, default=None, help="keep only the first N synsets (smoke tests)")
-    p.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
-    p.add_argument("--refresh", action="store_true", help="recompute embeddings even when cached")
+    add_build_args(p, "wordnet_nouns.parquet", "synsets")
     a = p.parse_args(argv)
     out = a.out if a.out is not None else a.cache_dir / "wordnet_nouns.parquet"
 
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     emb = embed_texts([s.text for s in synsets], a.cache_dir, batch_size=a.batch_size, refresh=a.refresh)
 
     t0 = time.perf_counter()
-    write_parquet(out, synsets, categories, emb)
+    write_parquet(out, [s.offset for s in synsets], categories, [s.lexname for s in synsets], [s.text for s in synsets],
+                  emb)
     print(f"write: {out} ({out.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     print(f"total: {time.perf_counter() - t_all:.1f}s")
     return 0

@@ -122,3 +122,99 @@ def test_a_run_names_the_embeddings_it_scored(tmp_path, capsys) -> None:
     nudged[17, 3] = np.nextafter(nudged[17, 3], np.float32(np.inf))
     assert quality_real.embeddings_digest(nudged) != digest
     assert quality_real.embeddings_digest(x.astype(np.float64)) == digest  # the float32 bits, whatever the dtype
+
+
+def test_nmi2_depth_groups_by_the_category_path_cut_there(tmp_path) -> None:
+    """--nmi2-depth 2 (the Debian catalog's [section, source]) groups by the first two names of the path;
+    an item whose path is shallower than the depth belongs to no group (-1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.eye(4, dtype=np.float32)
+    paths = [["libs", "zlib"], ["libs", "zlib"], ["libs", "openssl"], ["games"]]
+    catalog = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"embedding": list(x), "lexname": ["libs", "libs", "libs", "games"], "category": paths}),
+                   catalog)
+
+    _, lex, deep, _ = quality_real.load_catalog(catalog, None, 0, nmi2_depth=2)
+    _, _, deep5, _ = quality_real.load_catalog(catalog, None, 0)
+
+    assert lex[0] == lex[1] == lex[2] != lex[3]
+    assert deep[0] == deep[1] != deep[2] and deep[2] >= 0 and deep[3] == -1
+    assert (deep5 == -1).all()  # WordNet's default depth: none of these paths is that deep
+
+
+def test_the_debian_catalog_parses_a_package_list(tmp_path) -> None:
+    """bench/debian_catalog.py: one row per package name (its first stanza), the section without its area,
+    the source without its version (the package itself when none is named), continuation lines and stanzas
+    without a description skipped; the Parquet file has bench/real_catalog.py's schema."""
+    import debian_catalog
+    import pyarrow.parquet as pq
+
+    listing = "\n".join([
+        "Package: zlib1g-dev", "Source: zlib (1:1.2.13-1)", "Section: libdevel",
+        "Description: compression library - development", " The long description,", " on two lines.", "",
+        "Package: 0ad", "Section: contrib/games", "Description: Real-time strategy game", "",
+        "Package: zlib1g-dev", "Section: oldlibs", "Description: a second stanza of the same name", "",
+        "Package: no-description", "Section: misc", "",
+    ])
+    packages = debian_catalog.parse_packages(listing)
+    ids, categories, sections, texts = debian_catalog.catalog_rows(packages)
+
+    assert ids == [0, 1]
+    assert texts == ["0ad: Real-time strategy game", "zlib1g-dev: compression library - development"]
+    assert categories == [["games", "0ad"], ["libdevel", "zlib"]] and sections == ["games", "libdevel"]
+
+    from real_catalog import write_parquet
+
+    out = tmp_path / "debian.parquet"
+    write_parquet(out, ids, categories, sections, texts, np.eye(2, 384, dtype=np.float32))
+    table = pq.read_table(out)
+    assert table.column_names == ["item_id", "embedding", "category", "lexname", "text"]
+    assert table["category"].to_pylist() == categories and table["lexname"].to_pylist() == sections
+
+
+def test_the_second_chance_frees_a_family_the_alternatives_cannot() -> None:
+    """bench/quality_real.py's second chance (the change bench/RESULTS.md measures on the Debian catalog): a family
+    of near-duplicates larger than the alternatives can spread leaves items sharing a tuple; encoded again with
+    every last-level code ranked, each takes a free one. Prefixes never change, items that kept their tuple keep
+    it, and the result is collision-free when the prefixes have room."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)).astype(np.float32) * 4
+    family = centers[0] + rng.normal(scale=0.01, size=(40, 8)).astype(np.float32)  # 40 near-copies
+    rest = (centers[rng.integers(1, 4, 200)] + rng.normal(size=(200, 8))).astype(np.float32)
+    x = np.concatenate([family, rest])
+    model = RQKMeans.fit(x, RQKMeansConfig(input_dim=8, num_levels=2, codebook_size=64, normalize_inputs=False),
+                         seed=1)
+
+    once = quality_real.encode_spread(model, x, 3)
+    twice = quality_real.encode_spread(model, x, 3, second_chance=True)
+
+    def shared(codes: np.ndarray) -> int:
+        _, counts = np.unique(codes, axis=0, return_counts=True)
+        return int(counts[counts > 1].sum())
+
+    assert shared(once) > 10  # the 3 alternatives cannot spread the family
+    assert shared(twice) == 0
+    np.testing.assert_array_equal(twice[:, :-1], once[:, :-1])
+    _, tuple_id, counts = np.unique(once, axis=0, return_inverse=True, return_counts=True)
+    tuple_id = tuple_id.reshape(-1)
+    unique = counts[tuple_id] == 1
+    np.testing.assert_array_equal(twice[unique], once[unique])  # an item nobody shared with is never moved
+    for t in np.flatnonzero(counts > 1):  # of a shared tuple's holders exactly one keeps it
+        holders = np.flatnonzero(tuple_id == t)
+        assert int((twice[holders] == once[holders]).all(axis=1).sum()) == 1
+
+
+def test_not_keepers_are_every_holder_of_a_shared_tuple_but_the_best_fitting() -> None:
+    codes = np.array([[0, 1], [0, 1], [0, 2], [0, 1], [3, 3], [3, 3]])
+    errors = np.array([0.5, 0.2, 0.9, 0.2, 0.1, 0.1])
+    # tuple (0,1): rows 1 and 3 tie at 0.2, the lower row number keeps it; (3,3): rows 4, 5 tie, 4 keeps
+    np.testing.assert_array_equal(quality_real.not_keepers(codes, errors), [0, 3, 5])
+
+
+def test_the_debian_catalog_names_a_missing_packages_file(tmp_path, capsys) -> None:
+    import debian_catalog
+
+    assert debian_catalog.main(["--packages-file", str(tmp_path / "no such list"), "--out", str(tmp_path / "o")]) == 2
+    assert "--packages-file" in capsys.readouterr().err and not (tmp_path / "o").exists()
