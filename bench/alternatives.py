@@ -10,9 +10,10 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
 
   (s) no Spark: this script's own ``--worker s`` (:func:`standalone_tokenize`), the script a user would
       write instead: read the catalog Delta table with delta-rs/pyarrow in batches, ``rqvae.encode_array``
-      with the model's collision alternatives, ``rqvae.resolve.spread_last_level`` (the job's collision
-      rule), suffixes with NumPy, write a Delta table with delta-rs. One process; torch uses the largest
-      power of two <= the cores as threads (rqvae/encode.py: then every error has the job's bits).
+      with the model's collision alternatives, ``rqvae.resolve.spread_last_level`` and the second chance of
+      the items still sharing a tuple (read again, ranked over every code: ``rqvae.resolve.spread_again``;
+      the job's collision rule), suffixes with NumPy, write a Delta table with delta-rs. One process; torch
+      uses the largest power of two <= the cores as threads (rqvae/encode.py: then every error has the job's bits).
   (u) the Databricks default, on classic Spark + Delta (spark-submit --packages <delta-spark>):
       ``mlflow.pyfunc.spark_udf`` of the registered model (registered once, untimed, in a store of its
       own) over the catalog, suffixes by a plain ``row_number`` window over the code tuple ordered by
@@ -153,7 +154,7 @@ def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str
     from deltalake import DeltaTable, write_deltalake
 
     from rqvae import encode_array, load_checkpoint
-    from rqvae.resolve import spread_last_level, suffixes_in_tuples
+    from rqvae.resolve import not_keepers, spread_again, spread_last_level, suffixes_in_tuples
 
     torch.set_num_threads(torch_threads())
     model = load_checkpoint(Path(model_file).read_bytes())
@@ -187,6 +188,21 @@ def standalone_tokenize(catalog: str | Path, model_file: str | Path, output: str
     if k:
         spread = spread_last_level(all_codes, all_errors, np.concatenate(alts), np.concatenate(alt_errors),
                                    tiebreak=all_ids)
+        # The job's second chance: the items still sharing a tuple, read again and ranked over every code.
+        left = not_keepers(spread.codes, spread.quantization_error, all_ids)
+        if len(left):
+            wanted = all_ids[left]
+            found_ids, found_x = [], []
+            for batch in dataset.to_batches(columns=[ITEM_ID, EMBEDDING], batch_size=read_rows,
+                                            filter=pc.field(ITEM_ID).isin(pa.array(wanted))):
+                found_ids.append(batch.column(ITEM_ID).to_numpy(zero_copy_only=False))
+                found_x.append(batch.column(EMBEDDING).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+            got = np.concatenate(found_ids)
+            order = np.argsort(got, kind="stable")
+            at = order[np.searchsorted(got, wanted, sorter=order)]  # row of each wanted id among those read
+            again = encode_array(model, np.concatenate(found_x)[at], alternatives=model.codebook_size)
+            spread = spread_again(spread, left, again.codes, again.quantization_error, again.alternatives,
+                                  again.alternative_errors, all_ids)
         all_codes, all_errors, moved = spread.codes, spread.quantization_error, int(spread.moved.sum())
     suffix = suffixes_in_tuples(all_codes, all_errors, all_ids)
     n, levels = all_codes.shape

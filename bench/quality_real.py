@@ -24,7 +24,8 @@ Markdown table for bench/RESULTS.md. Columns (all computed here, from codes and 
 * fit s and encode items/s on this machine.
 
 A "<peer>_spread16" row is that peer with the job's collision-aware last level added (its items' 16
-nearest last-level codewords as alternatives, ``spread_additive``): what being collision-free costs it.
+nearest last-level codewords as alternatives, ``spread_additive``; without the job's second chance over
+every code): what being collision-free costs it.
 
 The header line and the JSON name the embeddings scored (the first 16 hex digits of their SHA-256): the
 sentence encoder's last bits differ between CPUs, and the columns by about 0.001 with them, so compare
@@ -58,7 +59,7 @@ from jobs.tokenize_catalog import (  # noqa: E402
     DEFAULT_PREFIX_FILL,
     anchored_levels,
 )
-from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit  # noqa: E402
+from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, fit, issue_codes  # noqa: E402
 from rqvae.metrics import (  # noqa: E402
     _cluster_class_agreement,
     _prefix_ids,
@@ -163,48 +164,18 @@ def score(x: np.ndarray, codes: np.ndarray, recon: np.ndarray | None, k: int, le
 Method = Callable[[np.ndarray, int, int, int, np.ndarray], tuple[np.ndarray, np.ndarray | None, float, float]]
 
 
-def encode_spread(model: Any, x: np.ndarray, spread: int, second_chance: bool = False) -> np.ndarray:
+def encode_spread(model: Any, x: np.ndarray, spread: int, second_chance: bool = True) -> np.ndarray:
     """Codes (N, L); with ``spread`` > 0, colliding items moved to free last-level codes among their
-    ``spread`` nearest (rqvae.resolve, as the job does), ties by row number.
-
-    ``second_chance`` (not in the job yet; bench/RESULTS.md, the Debian catalog): the items that still share a
-    tuple and are not its best-fitting holder are encoded again with every last-level code ranked and spread
-    once more, with every other item's tuple taken; no prefix changes."""
-    if spread <= 0:
-        return encode_array(model, x).codes
-    r = encode_array(model, x, alternatives=spread)
-    spread_codes = spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors)
-    if not second_chance:
-        return spread_codes.codes
-    left = not_keepers(spread_codes.codes, spread_codes.quantization_error)
-    if not len(left):
-        return spread_codes.codes
-    again = encode_array(model, x[left], alternatives=int(model.codebook_size))
-    others = np.ones(len(x), dtype=bool)
-    others[left] = False
-    moved = spread_last_level(again.codes, again.quantization_error, again.alternatives, again.alternative_errors,
-                              tiebreak=left, taken=spread_codes.codes[others])
-    out = spread_codes.codes.copy()
-    out[left] = moved.codes
-    return out
-
-
-def not_keepers(codes: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Row numbers of the items that share their full tuple with a better-fitting item (lower error, then
-    lower row number): every item of a shared tuple but the one that keeps it."""
-    _, tuple_id = np.unique(codes, axis=0, return_inverse=True)
-    tuple_id = tuple_id.reshape(-1)
-    order = np.lexsort((np.arange(len(codes)), errors, tuple_id))
-    first = np.ones(len(codes), dtype=bool)
-    first[1:] = tuple_id[order][1:] != tuple_id[order][:-1]
-    return np.sort(order[~first])
+    ``spread`` nearest, ties by row number, and with ``second_chance`` the items still sharing a tuple ranked
+    over every last-level code and spread again: the job's issue path (:func:`rqvae.issue_codes`)."""
+    return issue_codes(model, x, spread, second_chance=second_chance).codes
 
 
 def ours(**changes: object) -> Method:
     """The job's tokenizer with its defaults (jobs/tokenize_catalog.py), plus ``changes`` to its configs
     (``collision_alternatives=0`` turns the collision-aware last level off). The categories reach the fit
     only when ``taxonomy_weight`` > 0 (the regularizer)."""
-    second_chance = bool(changes.pop("second_chance", False))  # the bench's, not a config key
+    second_chance = bool(changes.pop("second_chance", True))  # the job's step, not a model config key
 
     def run(x: np.ndarray, levels: int, k: int, seed: int, cats: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray | None, float, float]:
@@ -311,8 +282,8 @@ METHODS: dict[str, Method] = {
     "ours_anchor2_spread16": ours(**{**BEFORE, "anchor_levels": 2, "collision_alternatives": 16}),
     "ours_anchor1_recon_spread16": ours(**{**BEFORE, "anchor_reconstruction": True, "collision_alternatives": 16}),
     "ours_no_spread": ours(collision_alternatives=0),
-    # the items still sharing a tuple after the spreading get every last-level code (not in the job yet)
-    "ours_second_chance": ours(second_chance=True),
+    # without the job's second chance for the items still sharing a tuple after the spreading
+    "ours_no_second_chance": ours(second_chance=False),
     # the k-means of every level run a fixed 25 Lloyd iterations (the default until TrainConfig.kmeans_tol)
     "ours_kmeans25": ours(kmeans_iters=25, kmeans_tol=0.0),
     "ours_kmeans300": ours(kmeans_iters=300, kmeans_tol=1e-4),

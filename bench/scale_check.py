@@ -13,7 +13,9 @@ and counts:
 * ``exact``: the full tuple is encode_array's (an item that kept its code);
 * ``moved_to_alternative``: the last code is another of the item's ranked alternatives (the
   collision-aware last level moved it; which one depends on the other items of its prefix);
-* ``last_code_not_ranked``: the last code is none of them (never expected);
+* ``second_chance``: the last code is none of them, and the table holds every one of their tuples (the
+  job's second chance gave the item the nearest free code of its prefix);
+* ``last_code_not_ranked``: the last code is none of them though one was free (never expected);
 * ``missing``: a sampled valid item has no row in the table.
 
 Prints one JSON object; exit code 1 when any of the last three counts, or ``prefix_mismatches``, is not 0.
@@ -75,11 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     exact = (got == want).all(axis=1)
     alternatives = result.alternatives[found] if k else want[:, -1:]
     ranked = (alternatives == got[:, -1:]).any(axis=1)
+    beyond = np.flatnonzero(prefix_ok & ~ranked)
+    all_taken = np.zeros(len(got), dtype=bool)
+    if len(beyond):  # the tuples the table holds in those items' prefixes
+        levels = got.shape[1]
+        keys = sorted({"_".join(map(str, got[i, :-1])) for i in beyond})
+        held = DeltaTable(a.table).to_pyarrow_dataset().to_table(
+            columns=["codes"], filter=ds.field(f"prefix_{levels - 1}").isin(pa.array(keys)))
+        held_codes = held.column("codes").combine_chunks().flatten().to_numpy().reshape(held.num_rows, -1)
+        tuples = {tuple(map(int, t)) for t in held_codes}
+        for i in beyond:
+            all_taken[i] = all((*map(int, got[i, :-1]), int(c)) in tuples for c in alternatives[i])
     out = {
         "catalog": a.catalog, "table": a.table, "sampled": int(len(sample)), "valid": int(ok.sum()),
         "missing": int((~found).sum()), "prefix_mismatches": int((~prefix_ok).sum()), "exact": int(exact.sum()),
         "moved_to_alternative": int((prefix_ok & ~exact & ranked).sum()),
-        "last_code_not_ranked": int((prefix_ok & ~ranked).sum()), "seconds": round(time.perf_counter() - start, 1),
+        "second_chance": int((prefix_ok & ~ranked & all_taken).sum()),
+        "last_code_not_ranked": int((prefix_ok & ~ranked & ~all_taken).sum()),
+        "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(out))
     if a.json:

@@ -349,12 +349,19 @@ class Encoded:
         counts: clean rows and rejected rows per reason (computed, not lazy).
         encoded_rows: rows that went through the model (None when the engine could not materialise
             the pass, so counting them would run it again).
+        again: ``again(ids, k)`` reads the catalog rows of ``ids`` (ITEM_ID, EMBEDDING_FINGERPRINT: clean rows
+            of ``codes``) once more and encodes them with their ``k`` nearest last-level codes ranked: ITEM_ID,
+            EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS, materialised. It
+            raises :class:`~pipelines.validate.RowAccountingError` when a row is gone or is not the one this pass
+            saw. The collision spreading's second chance (:func:`pipelines.uniquify.second_chance`) uses it;
+            None without materialisation.
     """
 
     codes: DataFrame
     rejects: DataFrame
     counts: ValidationCounts
     encoded_rows: int | None = None
+    again: Callable[[DataFrame, int], DataFrame] | None = None
 
 
 def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Callable[[DataFrame], DataFrame | None],
@@ -403,16 +410,16 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
     if policy != ENCODE_ALL and known is None:
         raise ValueError(f"encode policy {policy!r} needs the known fingerprints (known=...)")
 
-    def scan(df: DataFrame, encode: bool = True) -> DataFrame:
+    def scan(df: DataFrame, encode: bool = True, ranked: int = alternatives) -> DataFrame:
         return encode_embeddings(df, checkpoint, v.dim, batch_size=batch_size, device=device, threads=threads,
-                                 fingerprints=True, encode=encode, alternatives=alternatives)
+                                 fingerprints=True, encode=encode, alternatives=ranked)
 
-    def read_files(encode: bool = True, only_ids: pa.Array | None = None) -> DataFrame:
+    def read_files(encode: bool = True, only_ids: pa.Array | None = None, ranked: int = alternatives) -> DataFrame:
         assert files is not None
         return encode_files(v.rows.sparkSession, files, checkpoint, v.dim,
                             id_type=v.rows.schema[ITEM_ID].dataType.simpleString(), tasks=tasks,
                             batch_size=batch_size, device=device, threads=threads, fingerprints=True, encode=encode,
-                            alternatives=alternatives, only_ids=only_ids, cache=cache)
+                            alternatives=ranked, only_ids=only_ids, cache=cache)
 
     encode_all = policy == ENCODE_ALL
     every_row = scan(v.rows, encode=encode_all) if files is None else read_files(encode=encode_all)
@@ -428,12 +435,18 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
         clean = staged.where(F.col(REASON).isNull()).drop(REASON)
         rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
         encoded_rows = counts.clean if encode_all else None
+    def ranked_again(ids: DataFrame, k: int) -> DataFrame:
+        coded, _ = _encode_ids(v, clean, ids, functools.partial(scan, ranked=k), materialize,
+                               functools.partial(read_files, ranked=k) if files is not None else None)
+        return coded.select(ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS)
+
+    again = ranked_again if staged is not None else None
     if encode_all:
-        return Encoded(clean, rejects, counts, encoded_rows)
+        return Encoded(clean, rejects, counts, encoded_rows, again)
     assert known is not None
     codes, encoded_rows = _encode_needed(v, clean, known, policy, scan, materialize,
                                          read_files if files is not None else None)
-    return Encoded(codes, rejects, counts, encoded_rows)
+    return Encoded(codes, rejects, counts, encoded_rows, again)
 
 
 def _scanned_and_flagged(scanned: DataFrame, materialize: Callable[[DataFrame], DataFrame | None],
@@ -479,10 +492,6 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
                    read_files: Callable[..., DataFrame] | None = None) -> tuple[DataFrame, int | None]:
     """The second pass of an incremental run: codes for the clean rows that need them, joined back.
 
-    With ``read_files`` (the catalog's row groups, :func:`encode_files`) and at most ``BROADCAST_IDS``
-    rows to encode, the UDF reads those rows itself: each row group's ids, and its embeddings only where
-    it holds one of them. Otherwise the engine reads the catalog joined with the ids.
-
     Returns the clean rows (ITEM_ID, CODES, QUANTIZATION_ERROR[, the alternatives], EMBEDDING_FINGERPRINT;
     codes null where not needed) and how many rows went through the model (None without materialisation).
     """
@@ -491,7 +500,26 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
     needed = F.col(_HELD_FP).isNull()
     if policy == ENCODE_NEW_OR_CHANGED:
         needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
-    todo = marked.where(needed).select(ITEM_ID)
+    second, encoded_rows = _encode_ids(v, clean, marked.where(needed).select(ITEM_ID), scan, materialize, read_files)
+    # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes.
+    carried = [c for c in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS) if c in second.columns]
+    coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, *carried)
+    codes = clean.drop(*carried).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
+    return codes.select(ITEM_ID, *carried, EMBEDDING_FINGERPRINT), encoded_rows
+
+
+def _encode_ids(v: ValidationResult, clean: DataFrame, todo: DataFrame, scan: Callable[[DataFrame], DataFrame],
+                materialize: Callable[[DataFrame], DataFrame | None],
+                read_files: Callable[..., DataFrame] | None = None) -> tuple[DataFrame, int | None]:
+    """The catalog rows of the ids in ``todo`` (ITEM_ID), read and encoded again: the encode UDF's output
+    (materialised) and how many rows that was (None without materialisation).
+
+    With ``read_files`` (the catalog's row groups, :func:`encode_files`) and at most ``BROADCAST_IDS`` ids,
+    the UDF reads those rows itself: each row group's ids, and its embeddings only where it holds one of
+    them. Otherwise the engine reads the catalog joined with the ids. Every row read must be clean and have
+    the fingerprint it has in ``clean`` (the first pass), or :class:`RowAccountingError` says the catalog
+    changed during the run.
+    """
     # Counted first, so the ids can be broadcast: classic Spark knows nothing of a checkpoint's size and
     # sort-merge joined the catalog with them, shuffling every embedding (1.01M x 768: 24.9 s for a second
     # pass of 10,000 rows; broadcast, the rows are filtered as they are read).
@@ -513,11 +541,7 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
                 f"{read}, {same} of them as the first pass had. Nothing was written; run again on a stable snapshot "
                 "(e.g. a Delta version).")
         encoded_rows = wanted
-    # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes.
-    carried = [c for c in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS) if c in second.columns]
-    coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, *carried)
-    codes = clean.drop(*carried).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
-    return codes.select(ITEM_ID, *carried, EMBEDDING_FINGERPRINT), encoded_rows
+    return second, encoded_rows
 
 
 _HELD_FP = "__csid_held_fingerprint"

@@ -69,6 +69,7 @@ from pipelines.uniquify import (
     in_parts,
     in_prefix_parts,
     parts_for,
+    second_chance,
     spread_and_number,
     spread_collisions,
 )
@@ -402,6 +403,10 @@ def plan_changes(
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
+    The new IDs' items still sharing a tuple after the spreading get a second chance over every last-level
+    code (:func:`pipelines.uniquify.second_chance`) when ``encoded.again`` and ``materialize`` can read them
+    again.
+
     Args:
         state: the table as found, or None.
         encoded: the catalog encoded for ``mode`` (:func:`pipelines.encode.encode_catalog`): in an
@@ -449,7 +454,16 @@ def plan_changes(
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
                                 state, stamp, model.num_levels)
         changes = updated.unionByName(issued)
-    return Plan(materialize(changes) or changes, counts, mode, state, model.num_levels)
+    staged = materialize(changes)
+    changes = staged or changes
+    if staged is not None and counts.issued and encoded.again is not None and _alternatives_in(encoded.codes):
+        # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
+        respread = second_chance(changes, ledger_state.ledger.select(CODES) if ledger_state is not None else None,
+                                 model.num_levels, model.codebook_size, encoded.again, materialize,
+                                 movable=F.col(ACTION) == "insert", progress=progress)
+        if respread is not changes:
+            changes = materialize(respread) or respread
+    return Plan(changes, counts, mode, state, model.num_levels)
 
 
 def _all_new(encoded: Encoded) -> DataFrame:

@@ -27,6 +27,7 @@ from pipelines.schema import (
     ALTERNATIVES,
     CODE_SEPARATOR,
     CODES,
+    EMBEDDING_FINGERPRINT,
     ITEM_ID,
     QUANTIZATION_ERROR,
     SEMANTIC_ID,
@@ -51,12 +52,19 @@ _COUNT = "__csid_count"
 _KEEPER = "__csid_keeper"
 _BEST_ERROR = "__csid_best_error"
 _HELD_SUFFIX = "__csid_held_suffix"
+_OLD_CODES = "__csid_old_codes"
+_OLD_SUFFIX = "__csid_old_suffix"
+_TUPLES = "__csid_tuples"
+_NEW_CODES = "__csid_new_codes"
+_NEW_ERROR = "__csid_new_error"
+_SHIFT = "__csid_shift"
 _SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET,
                           _HELD_SUFFIX})
 SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
 SPREAD_CHUNK_MOVERS = 1_500_000  # at most about this many movers (and their prefixes' claims) spread at once
 SPREAD_MAX_CHUNKS = 4096  # chunks halved on an exhausted memory pool: no further than this
 _CHUNK_SEED = 17  # the chunk of a prefix: another hash than its group's
+SECOND_CHANCE_ITEMS = 1_000_000  # items ranked again over every last-level code in one run, at most
 PART_ITEMS = 5_000_000  # items spread and numbered at once (in_prefix_parts): more go in parts by prefix hash
 _PART_SEED = 29  # the part of a prefix: another hash than its chunk's and its group's
 
@@ -276,6 +284,17 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
     if issued is not None:  # the ledger has a row per suffix, retired ones included: the bitmaps fold repeats
         claims = claims.unionByName(issued.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY),
                                                   last.alias(_LAST_CODE)))
+    moved = _spread_movers(movers, claims, df, out_columns, materialize, SPREAD_CHUNK_MOVERS)
+    return keepers.select(*out_columns).unionByName(moved.select(*out_columns))
+
+
+def _spread_movers(movers: DataFrame, claims: DataFrame, df: DataFrame, out_columns: list[str],
+                   materialize: Callable[[DataFrame], DataFrame | None] | None, chunk_movers: int,
+                   movers_n: int | None = None) -> DataFrame:
+    """The movers (``_PREFIX_KEY``, ``out_columns`` of ``df`` and the ranked alternatives) with the codes and
+    errors :func:`rqvae.resolve.spread_last_level` gives them against ``claims`` (``_PREFIX_KEY``,
+    ``_LAST_CODE``: the codes their prefixes' other items and the ledger hold). ``movers_n``: their number,
+    when the caller knows it."""
     # A prefix's claimed last-level codes travel to the Python call of its prefix as 64-code bitmaps:
     # one row per (prefix, word of 64 codes), at most K^(L-1) * K/64 rows whatever the catalog's size.
     # A row per claim (every keeper of a prefix with movers) was most of the grouped map's input, which
@@ -300,9 +319,110 @@ def spread_collisions(df: DataFrame, num_levels: int, issued: DataFrame | None =
         # The engine's grouped map holds all of its input at once (650 bytes per mover on the embedded
         # engine: 5.4 GB at 20M x 256), so many movers are spread in chunks of whole prefixes, one after
         # another, each computed once; a chunk that does not fit the engine's memory pool is halved.
-        movers_n = staged.where(F.col(_CLAIM_BITS).isNull()).count()
-        moved = _spread_in_chunks(staged, max(1, -(-movers_n // SPREAD_CHUNK_MOVERS)), schema, materialize)
-    return keepers.select(*out_columns).unionByName(moved.select(*out_columns))
+        if movers_n is None:
+            movers_n = staged.where(F.col(_CLAIM_BITS).isNull()).count()
+        moved = _spread_in_chunks(staged, max(1, -(-movers_n // chunk_movers)), schema, materialize)
+    return moved
+
+
+def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, codebook_size: int,
+                  again: Callable[[DataFrame, int], DataFrame], materialize: Callable[[DataFrame], DataFrame | None],
+                  movable: Column | None = None, progress: Callable[[str], None] | None = None) -> DataFrame:
+    """The items still sharing a tuple after the spreading, ranked again over all K last-level codes and
+    spread once more: ``rows`` with their new codes, errors and IDs, and the suffixes of the tuples they left
+    closed up.
+
+    The spreading offers a colliding item its ``collision_alternatives`` nearest last-level codes. A family of
+    near-duplicates (product variants; one package built for 20 architectures) has nearly the same few, so
+    some of its items find none free and are told apart by a suffix though their prefix has room. Those items
+    (a suffix of 1 or more: they share their tuple with a better-fitting item or with the ledger) whose prefix
+    has a last-level code no tuple holds are read and encoded again with every code ranked (``again``), and
+    :func:`spread_collisions` gives each, best fit first, the nearest code that no item and no ledger row of its
+    prefix holds. The prefix never changes, nor does any other item's code. An item that moves is alone on its
+    tuple (suffix 0); in each tuple it left, the suffixes above its own close up, so they stay 0..n-1 (after the
+    ledger's largest one) in the suffix order. Deterministic as the spreading is: the same rows give the same
+    result on either engine, in any order.
+
+    Args:
+        rows: the items with IDs (ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, SUFFIX, SEMANTIC_ID,
+            prefix_1..prefix_L; other columns carried), materialised.
+        issued: ``codes`` of every ID the table has issued (the ledger), or None.
+        num_levels, codebook_size: L and K.
+        again: :attr:`pipelines.encode.Encoded.again`.
+        materialize: ``EngineSession.materialize``.
+        movable: the rows issued in this run (default every row): only they move, and only their suffixes
+            close up; the others' tuples are taken.
+        progress: called with a line saying how many items moved.
+
+    Returns:
+        ``rows`` (same columns, same rows), unchanged when no item could move. More than
+        ``SECOND_CHANCE_ITEMS`` candidates (a catalog beyond what its codes tell apart) leave ``rows`` as they
+        are, said through ``progress``.
+    """
+    require_columns(rows, (ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, SUFFIX), "second_chance")
+    mine = F.lit(True) if movable is None else movable
+    prefix = code_prefix(num_levels - 1)
+    left = rows.where(mine & (F.col(SUFFIX) >= 1)).select(
+        ITEM_ID, EMBEDDING_FINGERPRINT, F.col(CODES).alias(_OLD_CODES), F.col(SUFFIX).alias(_OLD_SUFFIX),
+        prefix.alias(_PREFIX_KEY))
+    taken = rows.where(mine).select(CODES)
+    if issued is not None:
+        taken = taken.unionByName(issued.select(CODES))
+    # Only prefixes with a code no tuple holds can take anyone; the tuples are counted in the left items' prefixes.
+    taken = taken.withColumn(_PREFIX_KEY, prefix).join(left.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
+    taken = _computed_once(taken, materialize)
+    roomy = (taken.groupBy(_PREFIX_KEY).agg(F.count_distinct(code_prefix(num_levels)).alias(_TUPLES))
+             .where(F.col(_TUPLES) < codebook_size).select(_PREFIX_KEY))
+    candidates = _computed_once(left.join(roomy, _PREFIX_KEY, "left_semi"), materialize)
+    n = candidates.count()
+    if n == 0:
+        return rows
+    if n > SECOND_CHANCE_ITEMS:
+        if progress is not None:
+            progress(f"second chance skipped: {n:,} items share a tuple in prefixes with room, more than the "
+                     f"{SECOND_CHANCE_ITEMS:,} ranked again at most; they keep their suffixes")
+        return rows
+    ranked = again(candidates.select(ITEM_ID, EMBEDDING_FINGERPRINT), codebook_size)
+    # Ranked again, an item has the codes it had (its embedding is the first pass's); one that did not, were a
+    # model call ever to differ in its last bit, is left as it is.
+    movers = (ranked.join(candidates.select(ITEM_ID, _OLD_CODES, _OLD_SUFFIX), ITEM_ID)
+              .where(F.col(CODES) == F.col(_OLD_CODES))
+              .select(ITEM_ID, CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS, _OLD_CODES, _OLD_SUFFIX))
+    # Every mover's tuple is taken (by its keeper, or the ledger), so none keeps it: they all go to the
+    # spreading's grouped map, with the codes their prefixes hold.
+    out_columns = [c for c in movers.columns if c not in (ALTERNATIVES, ALTERNATIVE_ERRORS)]
+    spread = _spread_movers(movers.withColumn(_PREFIX_KEY, prefix),
+                            taken.select(_PREFIX_KEY, F.element_at(F.col(CODES), num_levels).alias(_LAST_CODE)),
+                            movers, out_columns, materialize,
+                            max(1, SPREAD_CHUNK_MOVERS * 16 // max(codebook_size, 16)), movers_n=n)
+    moved = _computed_once(spread.where(F.col(CODES) != F.col(_OLD_CODES)), materialize)
+    m = moved.count()
+    if progress is not None:
+        progress(f"second chance: {m:,} of {n:,} items still sharing a tuple moved to a free last-level code "
+                 "(ranked over every code)")
+    if m == 0:
+        return rows
+    small = m <= SECOND_CHANCE_ITEMS
+
+    def hinted(df: DataFrame) -> DataFrame:
+        return F.broadcast(df) if small else df
+
+    new = moved.select(ITEM_ID, F.col(CODES).alias(_NEW_CODES), F.col(QUANTIZATION_ERROR).alias(_NEW_ERROR))
+    gone = moved.select(code_prefix(num_levels, _OLD_CODES).alias(_TUPLE_KEY), _OLD_SUFFIX)
+    keyed = rows.withColumn(_TUPLE_KEY, code_prefix(num_levels))
+    # A row of a tuple that lost items moves down by the number of them ranked before it.
+    shift = (keyed.where(mine).select(ITEM_ID, _TUPLE_KEY, SUFFIX).join(hinted(gone), _TUPLE_KEY)
+             .where(F.col(_OLD_SUFFIX) < F.col(SUFFIX)).groupBy(ITEM_ID).agg(F.count(F.lit(1)).alias(_SHIFT)))
+    shift = _computed_once(shift, materialize)
+    joined = keyed.join(hinted(new), ITEM_ID, "left").join(hinted(shift), ITEM_ID, "left")
+    has_moved = F.col(_NEW_CODES).isNotNull()
+    out = joined.withColumns({
+        CODES: F.when(has_moved, F.col(_NEW_CODES)).otherwise(F.col(CODES)),
+        QUANTIZATION_ERROR: F.when(has_moved, F.col(_NEW_ERROR)).otherwise(F.col(QUANTIZATION_ERROR)),
+        SUFFIX: F.when(has_moved, F.lit(0)).otherwise(F.col(SUFFIX) - F.coalesce(F.col(_SHIFT), F.lit(0)))
+        .cast("int"),
+    }).withColumn(_TUPLE_KEY, code_prefix(num_levels))
+    return _with_ids(out, num_levels).select(*rows.columns)
 
 
 def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None = None,

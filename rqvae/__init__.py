@@ -10,13 +10,13 @@ from rqvae.baseline import RQKMeans, RQKMeansConfig
 from rqvae.callbacks import Callback, ProgressPrinter
 from rqvae.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from rqvae.config import ModelConfig, TrainConfig
-from rqvae.encode import EncodeResult, encode_array, reconstruct_array
+from rqvae.encode import EncodeResult, encode_array, issue_codes, reconstruct_array
 from rqvae.model import RQVAE
 from rqvae.train import FitResult, fit, select_device
 
 __all__ = [
     "RQVAE", "Callback", "CheckpointError", "EncodeResult", "FitResult", "ModelConfig", "ProgressPrinter",
     "RQKMeans", "RQKMeansConfig", "TrainConfig", "checkpoint_bytes", "encode_array", "fit",
-    "load_checkpoint", "reconstruct_array", "save_checkpoint", "select_device",
+    "issue_codes", "load_checkpoint", "reconstruct_array", "save_checkpoint", "select_device",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rqvae.model import Quantized
+from rqvae.resolve import Spread, not_keepers, spread_again, spread_last_level
 
 
 class Tokenizer(Protocol):
@@ -158,3 +159,30 @@ def reconstruct_array(model: Tokenizer, x: np.ndarray, *, batch_size: int | None
             codes = model.quantize(block).codes
             out[start:start + rows] = model.decode_codes(codes)[:rows].float().cpu().numpy()
     return out
+
+
+def issue_codes(model: Tokenizer, x: np.ndarray, alternatives: int, *, second_chance: bool = True,
+                tiebreak: np.ndarray | None = None, batch_size: int | None = None) -> Spread:
+    """The codes a first run of the job issues for catalog x (N, D), in process: :func:`encode_array` with
+    ``alternatives`` ranked last-level codes, colliding items spread over them
+    (:func:`rqvae.resolve.spread_last_level`, ties by ``tiebreak``, default the row number), and with
+    ``second_chance`` the items still sharing a tuple (:func:`rqvae.resolve.not_keepers`) encoded again with
+    every last-level code ranked and spread once more, every other item's tuple taken
+    (``pipelines.uniquify.second_chance`` on a DataFrame). ``alternatives`` 0: the model's codes as they are.
+
+    Returns a :class:`rqvae.resolve.Spread` (``moved``: the last-level code is not the nearest).
+    """
+    if alternatives <= 0:
+        r = encode_array(model, x, batch_size=batch_size)
+        return Spread(r.codes, r.quantization_error, np.zeros(len(r.codes), dtype=bool))
+    tie = np.arange(len(x)) if tiebreak is None else np.asarray(tiebreak)
+    r = encode_array(model, x, batch_size=batch_size, alternatives=alternatives)
+    assert r.alternatives is not None and r.alternative_errors is not None
+    first = spread_last_level(r.codes, r.quantization_error, r.alternatives, r.alternative_errors, tiebreak=tie)
+    left = not_keepers(first.codes, first.quantization_error, tie) if second_chance else np.zeros(0, np.int64)
+    if not len(left):
+        return first
+    again = encode_array(model, _as_float32(x)[left], batch_size=batch_size, alternatives=model.codebook_size)
+    assert again.alternatives is not None and again.alternative_errors is not None
+    return spread_again(first, left, again.codes, again.quantization_error, again.alternatives,
+                        again.alternative_errors, tie)

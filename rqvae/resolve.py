@@ -12,6 +12,11 @@ exactly the model's.
 Deterministic: the result depends on the items' codes, errors and tie-break keys only, not on their
 order. Incremental runs pass the tuples already issued (``taken``): those are never handed out again,
 so a new item neither moves a published one nor lands on its tuple when a free code is near.
+
+Second chance: an item that found no free code among its ``k`` alternatives (a family of near-duplicates
+has nearly the same ``k``) can be ranked again over all K last-level codes and spread once more with every
+other item's tuple taken (:func:`not_keepers` names those items; the job does it in
+``pipelines.uniquify.second_chance``).
 """
 from __future__ import annotations
 
@@ -91,6 +96,44 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
                 out_errors[i] = alternative_errors[i, j]
                 moved[i] = True
                 break
+    return Spread(out_codes, out_errors, moved)
+
+
+def not_keepers(codes: np.ndarray, errors: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Row numbers (ascending) of the items that share their full tuple with a better-fitting item: every item
+    of a shared tuple but the one that keeps it (lowest error, then the lowest ``tiebreak`` key, default the row
+    number). After :func:`spread_last_level` they are the items that found no free code, and the ones a
+    uniquifying suffix of 1 or more tells apart (:func:`suffixes_in_tuples`)."""
+    codes = np.asarray(codes)
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    tie = np.arange(n) if tiebreak is None else np.asarray(tiebreak)
+    _, tuple_id = np.unique(codes, axis=0, return_inverse=True)
+    tuple_id = tuple_id.reshape(-1)
+    order = np.lexsort((tie, np.asarray(errors), tuple_id))
+    first = np.ones(n, dtype=bool)
+    first[1:] = tuple_id[order][1:] != tuple_id[order][:-1]
+    return np.sort(order[~first]).astype(np.int64)
+
+
+def spread_again(spread: Spread, left: np.ndarray, codes: np.ndarray, errors: np.ndarray, alternatives: np.ndarray,
+                 alternative_errors: np.ndarray, tiebreak: np.ndarray | None = None) -> Spread:
+    """The second chance: rows ``left`` of ``spread`` (:func:`not_keepers`), ranked again over (usually) every
+    last-level code, given the nearest free code of their prefix in that order, every tuple of ``spread``
+    taken. ``codes``, ``errors``, ``alternatives`` and ``alternative_errors`` are the new ranking of the
+    ``left`` rows, in their order (``encode_array(model, x[left], alternatives=K)``); a row whose ``codes``
+    differ from the ones it holds is left as it is. ``tiebreak``: (N,) keys of all rows (default the row
+    number). Returns the whole :class:`Spread`, ``moved`` set for the rows that moved either time."""
+    tie = np.arange(len(spread.codes)) if tiebreak is None else np.asarray(tiebreak)
+    left = np.asarray(left, dtype=np.int64)
+    same = (np.asarray(codes) == spread.codes[left]).all(axis=1)
+    rows = np.flatnonzero(same)
+    again = spread_last_level(np.asarray(codes)[rows], np.asarray(errors)[rows], np.asarray(alternatives)[rows],
+                              np.asarray(alternative_errors)[rows], tiebreak=tie[left[rows]], taken=spread.codes)
+    out_codes, out_errors, moved = spread.codes.copy(), spread.quantization_error.copy(), spread.moved.copy()
+    out_codes[left[rows]], out_errors[left[rows]] = again.codes, again.quantization_error
+    moved[left[rows]] |= again.moved
     return Spread(out_codes, out_errors, moved)
 
 

@@ -249,19 +249,14 @@ def assert_suffix_contract(rows: Sequence[dict[str, Any]]) -> int:
     return len(groups)
 
 
-def issued_codes(model: Any, x: np.ndarray, ids: Sequence[Any]) -> Any:
+def issued_codes(model: Any, x: np.ndarray, ids: Sequence[Any], second_chance: bool = True) -> Any:
     """The codes the job issues for a first run of catalog ``x`` (rows named by ``ids``), computed
-    in-process: ``rqvae.encode_array`` with the model's ranked last-level alternatives, then
-    ``rqvae.resolve.spread_last_level`` (ties by item id). A :class:`rqvae.resolve.Spread`."""
-    from rqvae import encode_array
-    from rqvae.resolve import spread_last_level
+    in-process by :func:`rqvae.issue_codes` with the model's ranked last-level alternatives (ties by item id),
+    and the second chance unless told. A :class:`rqvae.resolve.Spread`."""
+    from rqvae import issue_codes
 
-    ranked = encode_array(model, x, alternatives=model.config.collision_alternatives)
-    if ranked.alternatives is None:
-        return spread_last_level(ranked.codes, ranked.quantization_error, ranked.codes[:, -1:],
-                                 ranked.quantization_error[:, None], tiebreak=np.asarray(ids))
-    return spread_last_level(ranked.codes, ranked.quantization_error, ranked.alternatives,
-                             ranked.alternative_errors, tiebreak=np.asarray(ids))
+    return issue_codes(model, x, model.config.collision_alternatives, second_chance=second_chance,
+                       tiebreak=np.asarray(ids))
 
 
 # --- tools a test installs from Debian's packages (CI runs as root with apt-get) ----------------------

@@ -31,7 +31,7 @@ def _model_and_codes() -> tuple[RQKMeans, np.ndarray]:
 
 def test_a_peers_spread_equals_the_librarys_for_the_same_codebooks() -> None:
     model, x = _model_and_codes()
-    expected = quality_real.encode_spread(model, x, 3)
+    expected = quality_real.encode_spread(model, x, 3, second_chance=False)
     plain = encode_array(model, x).codes.astype(np.int64)
     recon = model.decode_codes(torch.as_tensor(plain)).numpy()
 
@@ -172,45 +172,6 @@ def test_the_debian_catalog_parses_a_package_list(tmp_path) -> None:
     table = pq.read_table(out)
     assert table.column_names == ["item_id", "embedding", "category", "lexname", "text"]
     assert table["category"].to_pylist() == categories and table["lexname"].to_pylist() == sections
-
-
-def test_the_second_chance_frees_a_family_the_alternatives_cannot() -> None:
-    """bench/quality_real.py's second chance (the change bench/RESULTS.md measures on the Debian catalog): a family
-    of near-duplicates larger than the alternatives can spread leaves items sharing a tuple; encoded again with
-    every last-level code ranked, each takes a free one. Prefixes never change, items that kept their tuple keep
-    it, and the result is collision-free when the prefixes have room."""
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 8)).astype(np.float32) * 4
-    family = centers[0] + rng.normal(scale=0.01, size=(40, 8)).astype(np.float32)  # 40 near-copies
-    rest = (centers[rng.integers(1, 4, 200)] + rng.normal(size=(200, 8))).astype(np.float32)
-    x = np.concatenate([family, rest])
-    model = RQKMeans.fit(x, RQKMeansConfig(input_dim=8, num_levels=2, codebook_size=64, normalize_inputs=False),
-                         seed=1)
-
-    once = quality_real.encode_spread(model, x, 3)
-    twice = quality_real.encode_spread(model, x, 3, second_chance=True)
-
-    def shared(codes: np.ndarray) -> int:
-        _, counts = np.unique(codes, axis=0, return_counts=True)
-        return int(counts[counts > 1].sum())
-
-    assert shared(once) > 10  # the 3 alternatives cannot spread the family
-    assert shared(twice) == 0
-    np.testing.assert_array_equal(twice[:, :-1], once[:, :-1])
-    _, tuple_id, counts = np.unique(once, axis=0, return_inverse=True, return_counts=True)
-    tuple_id = tuple_id.reshape(-1)
-    unique = counts[tuple_id] == 1
-    np.testing.assert_array_equal(twice[unique], once[unique])  # an item nobody shared with is never moved
-    for t in np.flatnonzero(counts > 1):  # of a shared tuple's holders exactly one keeps it
-        holders = np.flatnonzero(tuple_id == t)
-        assert int((twice[holders] == once[holders]).all(axis=1).sum()) == 1
-
-
-def test_not_keepers_are_every_holder_of_a_shared_tuple_but_the_best_fitting() -> None:
-    codes = np.array([[0, 1], [0, 1], [0, 2], [0, 1], [3, 3], [3, 3]])
-    errors = np.array([0.5, 0.2, 0.9, 0.2, 0.1, 0.1])
-    # tuple (0,1): rows 1 and 3 tie at 0.2, the lower row number keeps it; (3,3): rows 4, 5 tie, 4 keeps
-    np.testing.assert_array_equal(quality_real.not_keepers(codes, errors), [0, 3, 5])
 
 
 def test_the_debian_catalog_names_a_missing_packages_file(tmp_path, capsys) -> None:

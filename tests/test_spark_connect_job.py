@@ -37,8 +37,10 @@ pytestmark = [pytest.mark.spark, pytest.mark.classic, pytest.mark.slow]
 
 JOB = helpers.ROOT / "jobs" / "tokenize_catalog.py"
 N_ITEMS, DIM, SAMPLE = 600, 16, 400  # SAMPLE < N_ITEMS: both engines must pick the same items by id hash
+# 2 collision alternatives of 16 codes: some items still share a tuple after the spreading, so the second
+# chance (read again, ranked over every code) runs through the server too.
 FIRST_RUN = ["--demo", "--demo-items", N_ITEMS, "--demo-dim", DIM, "--format", "delta", "--sample-size", SAMPLE,
-             "--shuffle-partitions", 4, *helpers.SMALL_MODEL, *helpers.GATE_OFF]
+             "--shuffle-partitions", 4, *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--collision-alternatives", 2]
 
 
 def run_job(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -111,8 +113,12 @@ def test_the_job_through_spark_connect_publishes_the_delta_set(first_run: FirstR
     # The codes are the trained model's: an in-process encode of its checkpoint issues the same.
     (checkpoint,) = (first_run.work / "checkpoints").glob("*.pt")
     x = make_catalog(CatalogSpec(N_ITEMS, DIM, seed=0)).embeddings
-    expected = helpers.issued_codes(load_checkpoint(checkpoint), x, list(range(N_ITEMS)))
+    model = load_checkpoint(checkpoint)
+    expected = helpers.issued_codes(model, x, list(range(N_ITEMS)))
     np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in range(N_ITEMS)]), expected.codes)
+    gained = int((expected.codes != helpers.issued_codes(model, x, list(range(N_ITEMS)), second_chance=False).codes)
+                 .any(axis=1).sum())
+    assert gained > 0 and f"second chance: {gained} of " in out, out[-3000:]
     assert first_run.rejects == 0
     # Written by the server's JVM (delta-spark), not by the embedded engine or delta-rs.
     history = DeltaTable(str(first_run.tables / "semantic_ids")).history()

@@ -679,3 +679,57 @@ def test_a_suffix_beyond_the_budget_is_explained_with_the_settings_that_help(tra
     assert "--prefix-fill 0.15" in crowded.stdout and "--collision-alternatives" in crowded.stdout
     roomy = encode_only(trained, path, tmp_path / "roomy", "validate,encode,report", "--suffix-budget", "1000")
     assert "suffix overflow 0 (budget 1000)" in roomy.stdout and "items have a suffix of" not in roomy.stdout
+
+
+def assert_stuck_items_have_no_free_code(rows: list[dict], codebook_size: int) -> int:
+    """Every prefix holding an item with a suffix of 1 or more has all of its K last-level codes issued: the
+    second chance left no item on a shared tuple while its prefix had a code free. Returns how many such
+    items there are."""
+    held: dict[tuple, set[int]] = {}
+    for r in rows:
+        held.setdefault(tuple(r["codes"][:-1]), set()).add(r["codes"][-1])
+    stuck = [r for r in rows if r["suffix"] >= 1]
+    for r in stuck:
+        assert len(held[tuple(r["codes"][:-1])]) == codebook_size, r
+    return len(stuck)
+
+
+def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(catalog, tmp_path) -> None:
+    """A model that offers colliding items only 2 alternatives leaves some sharing a tuple; the job ranks those
+    over all K codes and spreads them again. The table holds rqvae.issue_codes' codes (the NumPy path), an
+    item keeps a suffix only where its prefix has no code free, and an incremental run of 30 copies of one
+    item fills its prefix's free codes the same way, moving no published ID."""
+    work, name = tmp_path / "work", "csid-second-chance"
+    rc, out, err = helpers.run_main([
+        "--input", catalog.path, "--work-dir", work, "--model-name", name, "--experiment", name,
+        "--sample-size", "800", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--collision-alternatives", "2"])
+    assert rc == 0, err[-4000:]
+    first = Run(work, work / "tables", out)
+    (checkpoint,) = (work / "checkpoints").glob("*.pt")
+    model = load_checkpoint(checkpoint)
+    rows = helpers.by_item(first.table(SEMANTIC_IDS_TABLE))
+    expected = helpers.issued_codes(model, catalog.valid_embeddings, catalog.valid_ids)
+    without = helpers.issued_codes(model, catalog.valid_embeddings, catalog.valid_ids, second_chance=False)
+    np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in catalog.valid_ids]), expected.codes)
+    gained = int((expected.codes != without.codes).any(axis=1).sum())
+    assert gained > 0, "the catalog should leave items sharing a tuple after 2 alternatives"
+    assert re.search(rf"second chance: {gained} of \d+ items still sharing a tuple moved", out), out[-3000:]
+    assert_stuck_items_have_no_free_code(list(rows.values()), K)
+    helpers.assert_suffix_contract(list(rows.values()))
+
+    copies = [f"copy-{j:02d}" for j in range(30)]
+    path = helpers.write_delta(tmp_path / "grown", helpers.catalog_table(
+        [*catalog.valid_ids, *copies],
+        [*map(list, catalog.valid_embeddings), *[list(catalog.valid_embeddings[5])] * 30], pa.list_(pa.float32())))
+    version = delta_version(str(first.tables / SEMANTIC_IDS_TABLE))
+    rc, out, err = helpers.run_main([
+        "--input", path, "--work-dir", work, "--stages", "validate,encode,report",
+        "--model", f"models:/{name}@champion", "--model-name", name, "--experiment", name])
+    assert rc == 0, err[-4000:]
+    assert "mode: incremental" in out and "second chance:" in out
+    grown = helpers.by_item(first.table(SEMANTIC_IDS_TABLE))
+    assert {i: grown[i]["semantic_id"] for i in rows} == {i: r["semantic_id"] for i, r in rows.items()}
+    assert len({grown[c]["semantic_id"] for c in copies}) == 30
+    assert_stuck_items_have_no_free_code(list(grown.values()), K)
+    check = helpers.run_sid_checker(first.tables / SEMANTIC_IDS_TABLE, "--previous-version", str(version))
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -39,7 +39,8 @@ def test_spark_submit_writes_parquet_tables(tmp_path) -> None:
         [str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
          "--conf", "spark.driver.memory=1g", str(JOB), "--engine", "spark", "--format", "parquet",
          "--demo", "--demo-items", str(N_ITEMS), "--demo-dim", str(DIM), "--shuffle-partitions", "4",
-         "--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--work-dir", str(work)],
+         "--sample-size", "600", *helpers.SMALL_MODEL, *helpers.GATE_OFF, "--work-dir", str(work),
+         "--collision-alternatives", "2"],  # of 16 codes: the second chance runs on the JVM too
         cwd=tmp_path, env=helpers.subprocess_env(PYSPARK_PYTHON=sys.executable), capture_output=True, text=True,
         timeout=580,
     )
@@ -55,8 +56,12 @@ def test_spark_submit_writes_parquet_tables(tmp_path) -> None:
     helpers.assert_suffix_contract(list(rows.values()))
     (checkpoint,) = (work / "checkpoints").glob("*.pt")
     x = make_catalog(CatalogSpec(N_ITEMS, DIM, seed=0)).embeddings
-    expected = helpers.issued_codes(load_checkpoint(checkpoint), x, list(range(N_ITEMS)))
+    model = load_checkpoint(checkpoint)
+    expected = helpers.issued_codes(model, x, list(range(N_ITEMS)))
     np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in range(N_ITEMS)]), expected.codes)
+    gained = int((expected.codes != helpers.issued_codes(model, x, list(range(N_ITEMS)), second_chance=False).codes)
+                 .any(axis=1).sum())
+    assert gained > 0 and f"second chance: {gained} of " in proc.stdout, proc.stdout[-3000:]
     assert helpers.read_parquet(tables / "rejects").num_rows == 0
     assert (tables / "report" / "prefix_summary.json").is_file()
     assert not list(tables.glob(".*staging*")) and not list(tables.glob(".*backup*"))

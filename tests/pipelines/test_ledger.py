@@ -571,3 +571,91 @@ def test_the_engines_own_split_gives_the_same_checks_and_plan(spark, monkeypatch
         return p.counts, table_rows(p)
 
     assert planned(2) == planned(10 ** 9)
+
+
+def collected(spark):
+    """A materialize callback: the frame's rows, collected and handed back as a new frame."""
+    return lambda df: spark.createDataFrame(df.collect(), df.schema)
+
+
+def ranked_again(spark, rankings: dict[str, tuple[list[int], float, list[int]]], asked: list[tuple[list[str], int]]):
+    """Encoded.again for hand-made rows: item -> (codes, error, every last-level code ranked); each alternative's
+    error is the item's error + 0.1 per rank. Records the ids and the k it was asked for."""
+    def again(ids, k):
+        wanted = sorted(r[ITEM_ID] for r in ids.collect())
+        asked.append((wanted, k))
+        rows = [(i, 100, rankings[i][0], rankings[i][1], rankings[i][2],
+                 [rankings[i][1] + 0.1 * r for r in range(len(rankings[i][2]))]) for i in wanted]
+        return spark.createDataFrame(rows, f"item_id string, embedding_fingerprint bigint, codes array<int>, "
+                                           f"quantization_error float, {ALTERNATIVES} array<int>, "
+                                           f"{ALTERNATIVE_ERRORS} array<float>")
+    return again
+
+
+def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark) -> None:
+    # Prefix 1: p keeps 1_2 and q takes 1_3 (their 2 alternatives); r, s, t find nothing free among theirs.
+    # Ranked over every code, r (the better fit) takes 1_7, s takes 1_8, t's codes are all taken: it stays,
+    # its suffix closed up from 3 to 1. Prefix 4: w is ranked otherwise the second time (a model call that
+    # differs): it stays as it was. Items nobody shares with (z) are never asked for.
+    first = [("p", [1, 2], 0.1, 100, [2, 3]), ("q", [1, 2], 0.2, 100, [2, 3]), ("r", [1, 2], 0.3, 100, [2, 3]),
+             ("s", [1, 2], 0.4, 100, [2, 3]), ("t", [1, 2], 0.5, 100, [2, 3]), ("u", [4, 4], 0.2, 100, [4, 5]),
+             ("v", [4, 4], 0.3, 100, [4, 5]), ("w", [4, 4], 0.4, 100, [4, 5]), ("z", [9, 9], 0.1, 100, [9, 8])]
+    rankings = {"r": ([1, 2], 0.3, [2, 3, 7, 8]), "s": ([1, 2], 0.4, [2, 3, 7, 8]), "t": ([1, 2], 0.5, [2, 3, 7, 8]),
+                "w": ([4, 6], 0.4, [6, 4, 5, 1])}
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, rankings, asked))
+    lines: list[str] = []
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=collected(spark), progress=lines.append)
+    rows = table_rows(p)
+    assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {
+        "1_2_0": "p", "1_3_0": "q", "1_7_0": "r", "1_8_0": "s", "1_2_1": "t", "4_4_0": "u", "4_5_0": "v",
+        "4_4_1": "w", "9_9_0": "z"}
+    assert asked == [(["r", "s", "t", "w"], 16)]  # K = 16: every last-level code ranked
+    assert rows["1_7_0"]["quantization_error"] == pytest.approx(0.5)  # r's error on its third-ranked code
+    assert rows["1_2_1"]["quantization_error"] == pytest.approx(0.5)  # t kept its code and error
+    assert rows["1_7_0"]["prefix_2"] == "1_7" and rows["1_7_0"]["codes"] == [1, 7]
+    assert lines == ["second chance: 2 of 4 items still sharing a tuple moved to a free last-level code (ranked "
+                     "over every code)"]
+    helpers.assert_suffix_contract([r for r in rows.values()])
+
+
+def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(spark) -> None:
+    # 1_2 is a's and b's: g takes 1_3, f finds nothing free among its two and would be 1_2_2; ranked over every
+    # code it takes 1_6. m's 6_7 is e's and its alternative 6_6 was e's (retired): ranked again, 6_6 is still
+    # never handed out and m takes 6_8. Only the new items are ever asked for or moved.
+    nxt = [("a", None, None, 10, None), ("b", None, None, 11, None), ("c", None, None, 12, None),
+           ("e", None, None, 15, None), ("f", [1, 2], 0.5, 20, [2, 3]), ("g", [1, 2], 0.1, 21, [2, 3]),
+           ("m", [6, 7], 0.2, 24, [7, 6])]
+    rankings = {"f": ([1, 2], 0.5, [2, 3, 6, 9]), "m": ([6, 7], 0.2, [7, 6, 8, 1])}
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, nxt), again=ranked_again(spark, rankings, asked))
+    p = ledger.plan_changes(state_of(spark), enc, V1, INCREMENTAL, on_changed="keep", run_id="run-1", now=NOW,
+                            materialize=collected(spark))
+    rows = table_rows(p)
+    assert {(r[ITEM_ID], sid) for sid, r in rows.items() if r[ACTIVE]} == {
+        ("a", "1_2_0"), ("b", "1_2_1"), ("c", "3_4_0"), ("e", "6_7_0"), ("g", "1_3_0"), ("f", "1_6_0"),
+        ("m", "6_8_0")}
+    assert asked == [(["f", "m"], 16)]
+    assert rows["6_6_0"][ITEM_ID] == "e" and not rows["6_6_0"][ACTIVE]
+
+
+def test_no_second_chance_where_the_prefix_has_no_free_code(spark) -> None:
+    # 17 items on 3_3 in prefix 3, 16 of them spread over every code of it (K = 16): the last one cannot move,
+    # so nobody is read again.
+    first = [(f"i{j:02d}", [3, 3], 0.1 + 0.01 * j, 100, list(range(3, 16)) + [0, 1, 2]) for j in range(17)]
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, {}, asked))
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=collected(spark))
+    assert asked == []
+    assert sorted(r["suffix"] for r in table_rows(p).values()) == [0] * 16 + [1]
+
+
+def test_no_second_chance_without_materialisation(spark) -> None:
+    first = [("p", [1, 2], 0.1, 100, [2, 3]), ("q", [1, 2], 0.2, 100, [2, 3]), ("r", [1, 2], 0.3, 100, [2, 3])]
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, {}, asked))
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=lambda df: None)
+    assert asked == [] and set(table_rows(p)) == {"1_2_0", "1_3_0", "1_2_1"}
