@@ -58,6 +58,9 @@ _TUPLES = "__csid_tuples"
 _NEW_CODES = "__csid_new_codes"
 _NEW_ERROR = "__csid_new_error"
 _SHIFT = "__csid_shift"
+_MOVED = "__csid_moved"
+_CHANGED = "__csid_changed"
+_WAS = "__csid_was_"
 _SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET,
                           _HELD_SUFFIX})
 SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
@@ -414,15 +417,25 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     shift = (keyed.where(mine).select(ITEM_ID, _TUPLE_KEY, SUFFIX).join(hinted(gone), _TUPLE_KEY)
              .where(F.col(_OLD_SUFFIX) < F.col(SUFFIX)).groupBy(ITEM_ID).agg(F.count(F.lit(1)).alias(_SHIFT)))
     shift = _computed_once(shift, materialize)
+    # Joined by id, so only the movable row of an item changes: in a new generation an item can also have
+    # a row of the ledger in ``rows`` (its old ID, retired), which keeps every value it has.
     joined = keyed.join(hinted(new), ITEM_ID, "left").join(hinted(shift), ITEM_ID, "left")
-    has_moved = F.col(_NEW_CODES).isNotNull()
-    out = joined.withColumns({
-        CODES: F.when(has_moved, F.col(_NEW_CODES)).otherwise(F.col(CODES)),
-        QUANTIZATION_ERROR: F.when(has_moved, F.col(_NEW_ERROR)).otherwise(F.col(QUANTIZATION_ERROR)),
-        SUFFIX: F.when(has_moved, F.lit(0)).otherwise(F.col(SUFFIX) - F.coalesce(F.col(_SHIFT), F.lit(0)))
-        .cast("int"),
-    }).withColumn(_TUPLE_KEY, code_prefix(num_levels))
-    return _with_ids(out, num_levels).select(*rows.columns)
+    has_moved = mine & F.col(_NEW_CODES).isNotNull()
+    flagged = joined.withColumns({_MOVED: has_moved, _CHANGED: has_moved | (mine & F.col(_SHIFT).isNotNull())})
+    moved_now, changed = F.col(_MOVED), F.col(_CHANGED)
+    suffix = F.when(moved_now, F.lit(0)).otherwise(F.col(SUFFIX) - F.coalesce(F.col(_SHIFT), F.lit(0))).cast("int")
+    # The ID columns are written anew only on the rows that changed: the others keep theirs as they are.
+    named = [c for c in (SEMANTIC_ID, *(prefix_column(level) for level in range(1, num_levels + 1)))
+             if c in rows.columns]
+    out = flagged.withColumns({
+        CODES: F.when(moved_now, F.col(_NEW_CODES)).otherwise(F.col(CODES)),
+        QUANTIZATION_ERROR: F.when(moved_now, F.col(_NEW_ERROR)).otherwise(F.col(QUANTIZATION_ERROR)),
+        SUFFIX: F.when(changed, suffix).otherwise(F.col(SUFFIX)),
+        **{_WAS + c: F.col(c) for c in named},
+    })
+    renamed = _with_ids(out.withColumn(_TUPLE_KEY, code_prefix(num_levels)), num_levels)
+    return renamed.withColumns({c: F.when(changed, F.col(c)).otherwise(F.col(_WAS + c)) for c in named}
+                               ).select(*rows.columns)
 
 
 def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None = None,

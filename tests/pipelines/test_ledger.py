@@ -659,3 +659,25 @@ def test_no_second_chance_without_materialisation(spark) -> None:
     p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
                             run_id="run-1", now=NOW, materialize=lambda df: None)
     assert asked == [] and set(table_rows(p)) == {"1_2_0", "1_3_0", "1_2_1"}
+
+
+def test_a_new_generations_moved_items_get_the_second_chance_on_their_new_rows_only(spark) -> None:
+    # The new model puts a, b and c on 8_1: a keeps it, b takes 8_2, c finds nothing free among its two and gets
+    # its second chance (8_5). Their old rows are retired as they were (codes, suffix, ID), e is confirmed.
+    every = [("a", [8, 1], 0.1, 10, [1, 2]), ("b", [8, 1], 0.2, 11, [1, 2]), ("c", [8, 1], 0.3, 12, [1, 2]),
+             ("e", [6, 7], 0.1, 15, [7, 6])]
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, every),
+                              again=ranked_again(spark, {"c": ([8, 1], 0.3, [1, 2, 5, 7])}, asked))
+    p = ledger.plan_changes(state_of(spark), enc, V2, NEW_GENERATION, on_changed="keep", run_id="run-1", now=NOW,
+                            materialize=collected(spark))
+    assert (p.counts.moved, p.counts.confirmed) == (3, 1) and asked == [(["c"], 16)]
+    rows = table_rows(p)
+    assert len(rows) == len(LEDGER) + 3
+    assert {(r[ITEM_ID], sid) for sid, r in rows.items() if r[ACTIVE]} == {
+        ("a", "8_1_0"), ("b", "8_2_0"), ("c", "8_5_0"), ("e", "6_7_0")}
+    for sid, item in (("1_2_0", "a"), ("1_2_1", "b"), ("3_4_0", "c")):
+        old = rows[sid]
+        assert (old[ITEM_ID], old[ACTIVE], old[RETIRED_REASON]) == (item, False, RetiredReason.NEW_GENERATION)
+        assert old["codes"] == [int(x) for x in sid.split("_")[:2]] and old["prefix_2"] == "_".join(sid.split("_")[:2])
+    assert rows["8_5_0"]["prefix_2"] == "8_5" and rows["8_5_0"]["quantization_error"] == pytest.approx(0.5)
