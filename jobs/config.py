@@ -55,6 +55,7 @@ class JobConfig:
     read_embeddings: str = "auto"  # auto / engine / files: who reads the embeddings in the pass over every row
     fingerprint_cache: str | None = None  # folder (None: <work_dir>/fingerprint_cache; "none": no cache)
     suffix_budget: int = 16
+    second_chance: bool = True  # the new IDs' items still sharing a tuple get every free code of their prefix
     shuffle_partitions: int | None = None
     engine_memory: int = 0  # bytes; the embedded engine's memory pool, 0: no limit
     mode: str = "auto"

@@ -515,7 +515,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
                                    now=job.now, materialize=job.materialize,
                                    progress=lambda line: print(f"    {line}", flush=True),
                                    split=job.session.materialize_split, one_map=job.session.engine == "spark",
-                                   table_parts=job.session.engine == "local")
+                                   table_parts=job.session.engine == "local", second_chance=cfg.second_chance)
         print(f"    {plan.counts.summary()}")
         if encoded.encoded_rows is not None:
             print(f"    {encoded.encoded_rows} rows went through the model")

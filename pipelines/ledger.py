@@ -69,10 +69,10 @@ from pipelines.uniquify import (
     in_parts,
     in_prefix_parts,
     parts_for,
-    second_chance,
     spread_and_number,
     spread_collisions,
 )
+from pipelines.uniquify import second_chance as spread_the_rest
 from pipelines.validate import RowAccountingError
 
 FULL, INCREMENTAL = "full", "incremental"
@@ -400,12 +400,13 @@ def plan_changes(
     split: Split | None = None,
     one_map: bool = False,
     table_parts: bool = True,
+    second_chance: bool = True,
 ) -> Plan:
     """Decide, for every item, what happens to its ID in this run, and build the rows to write.
 
-    The new IDs' items still sharing a tuple after the spreading get a second chance over every last-level
-    code (:func:`pipelines.uniquify.second_chance`) when ``encoded.again`` and ``materialize`` can read them
-    again.
+    With ``second_chance``, the new IDs' items still sharing a tuple after the spreading get a second chance over
+    every last-level code (:func:`pipelines.uniquify.second_chance`) when ``encoded.again`` and ``materialize``
+    can read them again.
 
     Args:
         state: the table as found, or None.
@@ -456,11 +457,12 @@ def plan_changes(
         changes = updated.unionByName(issued)
     staged = materialize(changes)
     changes = staged or changes
-    if staged is not None and counts.issued and encoded.again is not None and _alternatives_in(encoded.codes):
+    if (second_chance and staged is not None and counts.issued and encoded.again is not None
+            and _alternatives_in(encoded.codes)):
         # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
-        respread = second_chance(changes, ledger_state.ledger.select(CODES) if ledger_state is not None else None,
-                                 model.num_levels, model.codebook_size, encoded.again, materialize,
-                                 movable=F.col(ACTION) == "insert", progress=progress)
+        respread = spread_the_rest(changes, ledger_state.ledger.select(CODES) if ledger_state is not None else None,
+                                   model.num_levels, model.codebook_size, encoded.again, materialize,
+                                   movable=F.col(ACTION) == "insert", progress=progress)
         if respread is not changes:
             changes = materialize(respread) or respread
     return Plan(changes, counts, mode, state, model.num_levels)

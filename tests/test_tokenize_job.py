@@ -716,6 +716,14 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     assert re.search(rf"second chance: {gained} of \d+ items still sharing a tuple moved", out), out[-3000:]
     assert_stuck_items_have_no_free_code(list(rows.values()), K)
     helpers.assert_suffix_contract(list(rows.values()))
+    # --no-second-chance: the spreading's IDs alone, nothing read again.
+    rc, off, err = helpers.run_main([
+        "--input", catalog.path, "--work-dir", work, "--output", tmp_path / "off", "--stages", "validate,encode,report",
+        "--model", f"models:/{name}@champion", "--model-name", name, "--experiment", name, "--no-second-chance"])
+    assert rc == 0, err[-4000:]
+    assert "second chance" not in off
+    off_rows = helpers.by_item(helpers.read_delta(tmp_path / "off" / SEMANTIC_IDS_TABLE))
+    np.testing.assert_array_equal(np.array([off_rows[i]["codes"] for i in catalog.valid_ids]), without.codes)
 
     copies = [f"copy-{j:02d}" for j in range(30)]
     path = helpers.write_delta(tmp_path / "grown", helpers.catalog_table(
@@ -733,3 +741,4 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     assert_stuck_items_have_no_free_code(list(grown.values()), K)
     check = helpers.run_sid_checker(first.tables / SEMANTIC_IDS_TABLE, "--previous-version", str(version))
     assert check.returncode == 0, check.stdout + check.stderr
+
