@@ -55,6 +55,7 @@ _HELD_SUFFIX = "__csid_held_suffix"
 _OLD_CODES = "__csid_old_codes"
 _OLD_SUFFIX = "__csid_old_suffix"
 _TUPLES = "__csid_tuples"
+_ROOM = "__csid_room"
 _NEW_CODES = "__csid_new_codes"
 _NEW_ERROR = "__csid_new_error"
 _SHIFT = "__csid_shift"
@@ -339,7 +340,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     near-duplicates (product variants; one package built for 20 architectures) has nearly the same few, so
     some of its items find none free and are told apart by a suffix though their prefix has room. Those items
     (a suffix of 1 or more: they share their tuple with a better-fitting item or with the ledger) whose prefix
-    has a last-level code no tuple holds are read and encoded again with every code ranked (``again``), and
+    has a last-level code no tuple holds, as many of them per prefix as it has such codes (the first in the
+    suffix order), are read and encoded again with every code ranked (``again``), and
     :func:`spread_collisions` gives each, best fit first, the nearest code that no item and no ledger row of its
     prefix holds. The prefix never changes, nor does any other item's code. An item that moves is alone on its
     tuple (suffix 0); in each tuple it left, the suffixes above its own close up, so they stay 0..n-1 (after the
@@ -366,17 +368,22 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     mine = F.lit(True) if movable is None else movable
     prefix = code_prefix(num_levels - 1)
     left = rows.where(mine & (F.col(SUFFIX) >= 1)).select(
-        ITEM_ID, EMBEDDING_FINGERPRINT, F.col(CODES).alias(_OLD_CODES), F.col(SUFFIX).alias(_OLD_SUFFIX),
-        prefix.alias(_PREFIX_KEY))
+        ITEM_ID, EMBEDDING_FINGERPRINT, QUANTIZATION_ERROR, F.col(CODES).alias(_OLD_CODES),
+        F.col(SUFFIX).alias(_OLD_SUFFIX), prefix.alias(_PREFIX_KEY))
     taken = rows.where(mine).select(CODES)
     if issued is not None:
         taken = taken.unionByName(issued.select(CODES))
-    # Only prefixes with a code no tuple holds can take anyone; the tuples are counted in the left items' prefixes.
+    # Ranked over every code, the left items of a prefix take its free codes one each, in the suffix order
+    # (error, then id: the spreading's order), until none is left: so in a prefix with r codes no tuple holds,
+    # exactly the first r of them move, and only they are read again. The tuples are counted in the left items'
+    # prefixes only.
     taken = taken.withColumn(_PREFIX_KEY, prefix).join(left.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
     taken = _computed_once(taken, materialize)
-    roomy = (taken.groupBy(_PREFIX_KEY).agg(F.count_distinct(code_prefix(num_levels)).alias(_TUPLES))
-             .where(F.col(_TUPLES) < codebook_size).select(_PREFIX_KEY))
-    candidates = _computed_once(left.join(roomy, _PREFIX_KEY, "left_semi"), materialize)
+    room = (taken.groupBy(_PREFIX_KEY).agg(F.count_distinct(code_prefix(num_levels)).alias(_TUPLES))
+            .select(_PREFIX_KEY, (F.lit(codebook_size) - F.col(_TUPLES)).alias(_ROOM)).where(F.col(_ROOM) > 0))
+    in_order = Window.partitionBy(_PREFIX_KEY).orderBy(*_suffix_order())
+    candidates = _computed_once(left.join(room, _PREFIX_KEY).withColumn(_RANK, F.row_number().over(in_order))
+                                .where(F.col(_RANK) <= F.col(_ROOM)).drop(_RANK, _ROOM), materialize)
     n = candidates.count()
     if n == 0:
         return rows
@@ -401,8 +408,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     moved = _computed_once(spread.where(F.col(CODES) != F.col(_OLD_CODES)), materialize)
     m = moved.count()
     if progress is not None:
-        progress(f"second chance: {m:,} of {n:,} items still sharing a tuple moved to a free last-level code "
-                 "(ranked over every code)")
+        progress(f"second chance: {m:,} items still sharing a tuple moved to a free last-level code of their "
+                 f"prefix ({n:,} read again, ranked over every code)")
     if m == 0:
         return rows
     small = m <= SECOND_CHANCE_ITEMS

@@ -713,7 +713,7 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     np.testing.assert_array_equal(np.array([rows[i]["codes"] for i in catalog.valid_ids]), expected.codes)
     gained = int((expected.codes != without.codes).any(axis=1).sum())
     assert gained > 0, "the catalog should leave items sharing a tuple after 2 alternatives"
-    assert re.search(rf"second chance: {gained} of \d+ items still sharing a tuple moved", out), out[-3000:]
+    assert re.search(rf"second chance: {gained} items still sharing a tuple moved", out), out[-3000:]
     assert_stuck_items_have_no_free_code(list(rows.values()), K)
     helpers.assert_suffix_contract(list(rows.values()))
     # --no-second-chance: the spreading's IDs alone, nothing read again.

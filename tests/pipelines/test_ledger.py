@@ -615,8 +615,8 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     assert rows["1_7_0"]["quantization_error"] == pytest.approx(0.5)  # r's error on its third-ranked code
     assert rows["1_2_1"]["quantization_error"] == pytest.approx(0.5)  # t kept its code and error
     assert rows["1_7_0"]["prefix_2"] == "1_7" and rows["1_7_0"]["codes"] == [1, 7]
-    assert lines == ["second chance: 2 of 4 items still sharing a tuple moved to a free last-level code (ranked "
-                     "over every code)"]
+    assert lines == ["second chance: 2 items still sharing a tuple moved to a free last-level code of their prefix "
+                     "(4 read again, ranked over every code)"]
     helpers.assert_suffix_contract([r for r in rows.values()])
 
 
@@ -681,3 +681,21 @@ def test_a_new_generations_moved_items_get_the_second_chance_on_their_new_rows_o
         assert (old[ITEM_ID], old[ACTIVE], old[RETIRED_REASON]) == (item, False, RetiredReason.NEW_GENERATION)
         assert old["codes"] == [int(x) for x in sid.split("_")[:2]] and old["prefix_2"] == "_".join(sid.split("_")[:2])
     assert rows["8_5_0"]["prefix_2"] == "8_5" and rows["8_5_0"]["quantization_error"] == pytest.approx(0.5)
+
+
+def test_a_prefix_with_r_free_codes_reads_again_only_its_first_r_items_still_sharing_a_tuple(spark) -> None:
+    # Prefix 3 holds 15 of its 16 tuples; x, y and z share 3_0 with i00 and find both their alternatives taken.
+    # Ranked over every code, the first of them in the suffix order (x, the best fit) takes the one free code and
+    # the others could not move whatever their ranking: only x is read again, and y, z close up behind it.
+    first = [(f"i{c:02d}", [3, c], 0.1, 100, [c, (c + 1) % 15]) for c in range(15)]
+    first += [("x", [3, 0], 0.2, 100, [0, 1]), ("y", [3, 0], 0.3, 100, [0, 1]), ("z", [3, 0], 0.4, 100, [0, 1])]
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first),
+                              again=ranked_again(spark, {"x": ([3, 0], 0.2, [0, *range(1, 16)])}, asked))
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=collected(spark))
+    assert asked == [(["x"], 16)]
+    rows = table_rows(p)
+    assert {sid: r[ITEM_ID] for sid, r in rows.items() if r[ITEM_ID] in "xyz"} == {"3_15_0": "x", "3_0_1": "y",
+                                                                                  "3_0_2": "z"}
+    helpers.assert_suffix_contract(list(rows.values()))
