@@ -711,8 +711,10 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
     if summary.suffix_overflow:
         print(f"    {summary.suffix_overflow} items have a suffix of {cfg.suffix_budget} or more: more items share "
               f"their code tuple than --suffix-budget's {cfg.suffix_budget} suffix tokens name. Families of "
-              "near-duplicates (product variants) crowding a 2-prefix do that; a retrain with --prefix-fill 0.15, "
-              "or more --collision-alternatives, leaves fewer (docs/design.md, \"2-prefix fill cap\")")
+              "near-duplicates (product variants) crowding a 2-prefix past its codes do that; a retrain with "
+              "--prefix-fill 0.15 spreads crowded 2-prefixes over more of them, a larger --codebook-size gives each "
+              "more codes (docs/design.md, \"2-prefix fill cap\")"
+              + ("" if cfg.second_chance else "; without --no-second-chance more of them get a tuple of their own"))
 
 
 def _sample_labels(job: _Job, catalog: DataFrame, sids: DataFrame | None, summary: PrefixSummary) -> SampleLabels:

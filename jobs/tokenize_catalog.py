@@ -335,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "after the collision spreading (families of near-duplicates) are read again, ranked over every "
                    "last-level code and given a free one of their prefix (docs/design.md). It reads the "
                    "embeddings of the row groups holding them again: a full run of 1M x 768 with 2,515 such "
-                   "items took 14 s more on the embedded engine, 32 s on classic Spark (bench/RESULTS.md); an "
-                   "incremental run reads only its new items' row groups")
+                   "items took 32 -> 42 s on the embedded engine, 98 -> 128 s on classic Spark (bench/RESULTS.md); "
+                   "an incremental run reads only its new items' row groups")
     g = p.add_argument_group("scheduled runs: ID stability and generations (docs/scheduling.md)")
     g.add_argument("--mode", default="auto", choices=MODES,
                    help="auto (default): incremental when the output table exists and its current generation "

@@ -665,7 +665,7 @@ def test_the_fill_cap_is_scaled_to_the_whole_valid_catalog(catalog, tmp_path, mo
 
 
 def test_a_suffix_beyond_the_budget_is_explained_with_the_settings_that_help(trained, catalog, tmp_path) -> None:
-    """40 copies of one embedding share a tuple beyond what the 16 collision alternatives can spread: the run
+    """40 copies of one embedding share a tuple beyond the 16 codes of their prefix: the run
     says how many items have a suffix past the budget and names the settings that leave fewer; a run with
     nothing past the budget says nothing of it."""
     copies = 40
@@ -676,7 +676,7 @@ def test_a_suffix_beyond_the_budget_is_explained_with_the_settings_that_help(tra
     overflow = int(re.search(r"suffix overflow (\d+) \(budget 4\)", crowded.stdout).group(1))
     assert overflow > 0, crowded.stdout[-2000:]
     assert f"{overflow} items have a suffix of 4 or more" in crowded.stdout
-    assert "--prefix-fill 0.15" in crowded.stdout and "--collision-alternatives" in crowded.stdout
+    assert "--prefix-fill 0.15" in crowded.stdout and "--codebook-size" in crowded.stdout
     roomy = encode_only(trained, path, tmp_path / "roomy", "validate,encode,report", "--suffix-budget", "1000")
     assert "suffix overflow 0 (budget 1000)" in roomy.stdout and "items have a suffix of" not in roomy.stdout
 
