@@ -341,12 +341,12 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     some of its items find none free and are told apart by a suffix though their prefix has room. Those items
     (a suffix of 1 or more: they share their tuple with a better-fitting item or with the ledger) whose prefix
     has a last-level code no tuple holds, as many of them per prefix as it has such codes (the first in the
-    suffix order), are read and encoded again with every code ranked (``again``), and
-    :func:`spread_collisions` gives each, best fit first, the nearest code that no item and no ledger row of its
-    prefix holds. The prefix never changes, nor does any other item's code. An item that moves is alone on its
-    tuple (suffix 0); in each tuple it left, the suffixes above its own close up, so they stay 0..n-1 (after the
-    ledger's largest one) in the suffix order. Deterministic as the spreading is: the same rows give the same
-    result on either engine, in any order.
+    suffix order), are read and encoded again with every code ranked (``again``), and the spreading's grouped
+    map (:func:`rqvae.resolve.spread_last_level`) gives each, best fit first, the nearest code that no item and
+    no ledger row of its prefix holds. The prefix never changes, nor does any other item's code. An item that
+    moves is alone on its tuple (suffix 0); in each tuple it left, the suffixes above its own close up, so they
+    stay 0..n-1 (after the ledger's largest one) in the suffix order. Deterministic as the spreading is: the
+    same rows give the same result on either engine, in any order.
 
     Args:
         rows: the items with IDs (ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, SUFFIX, SEMANTIC_ID,
@@ -361,8 +361,7 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
 
     Returns:
         ``rows`` (same columns, same rows), unchanged when no item could move. More than
-        ``SECOND_CHANCE_ITEMS`` candidates (a catalog beyond what its codes tell apart) leave ``rows`` as they
-        are, said through ``progress``.
+        ``SECOND_CHANCE_ITEMS`` items to read again leave ``rows`` as they are, said through ``progress``.
     """
     require_columns(rows, (ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, SUFFIX), "second_chance")
     mine = F.lit(True) if movable is None else movable
@@ -412,21 +411,17 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
                  f"prefix ({n:,} read again, ranked over every code)")
     if m == 0:
         return rows
-    small = m <= SECOND_CHANCE_ITEMS
-
-    def hinted(df: DataFrame) -> DataFrame:
-        return F.broadcast(df) if small else df
-
+    # The moved items (at most SECOND_CHANCE_ITEMS) and the rows they shift are few: broadcast to their joins.
     new = moved.select(ITEM_ID, F.col(CODES).alias(_NEW_CODES), F.col(QUANTIZATION_ERROR).alias(_NEW_ERROR))
     gone = moved.select(code_prefix(num_levels, _OLD_CODES).alias(_TUPLE_KEY), _OLD_SUFFIX)
     keyed = rows.withColumn(_TUPLE_KEY, code_prefix(num_levels))
     # A row of a tuple that lost items moves down by the number of them ranked before it.
-    shift = (keyed.where(mine).select(ITEM_ID, _TUPLE_KEY, SUFFIX).join(hinted(gone), _TUPLE_KEY)
+    shift = (keyed.where(mine).select(ITEM_ID, _TUPLE_KEY, SUFFIX).join(F.broadcast(gone), _TUPLE_KEY)
              .where(F.col(_OLD_SUFFIX) < F.col(SUFFIX)).groupBy(ITEM_ID).agg(F.count(F.lit(1)).alias(_SHIFT)))
     shift = _computed_once(shift, materialize)
     # Joined by id, so only the movable row of an item changes: in a new generation an item can also have
     # a row of the ledger in ``rows`` (its old ID, retired), which keeps every value it has.
-    joined = keyed.join(hinted(new), ITEM_ID, "left").join(hinted(shift), ITEM_ID, "left")
+    joined = keyed.join(F.broadcast(new), ITEM_ID, "left").join(F.broadcast(shift), ITEM_ID, "left")
     has_moved = mine & F.col(_NEW_CODES).isNotNull()
     flagged = joined.withColumns({_MOVED: has_moved, _CHANGED: has_moved | (mine & F.col(_SHIFT).isNotNull())})
     moved_now, changed = F.col(_MOVED), F.col(_CHANGED)
