@@ -435,6 +435,7 @@ def encode_catalog(v: ValidationResult, checkpoint: bytes, *, materialize: Calla
         clean = staged.where(F.col(REASON).isNull()).drop(REASON)
         rejects = staged.where(F.col(REASON).isNotNull()).select(ITEM_ID, REASON)
         encoded_rows = counts.clean if encode_all else None
+
     def ranked_again(ids: DataFrame, k: int) -> DataFrame:
         coded, _ = _encode_ids(v, clean, ids, functools.partial(scan, ranked=k), materialize,
                                functools.partial(read_files, ranked=k) if files is not None else None)
