@@ -102,19 +102,11 @@ def spread_last_level(codes: np.ndarray, errors: np.ndarray, alternatives: np.nd
 def not_keepers(codes: np.ndarray, errors: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Row numbers (ascending) of the items that share their full tuple with a better-fitting item: every item
     of a shared tuple but the one that keeps it (lowest error, then the lowest ``tiebreak`` key, default the row
-    number). After :func:`spread_last_level` they are the items that found no free code, and the ones a
-    uniquifying suffix of 1 or more tells apart (:func:`suffixes_in_tuples`)."""
-    codes = np.asarray(codes)
+    number), i.e. the items a uniquifying suffix of 1 or more tells apart (:func:`suffixes_in_tuples`). After
+    :func:`spread_last_level` they are the items that found no free code."""
     n = len(codes)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
     tie = np.arange(n) if tiebreak is None else np.asarray(tiebreak)
-    _, tuple_id = np.unique(codes, axis=0, return_inverse=True)
-    tuple_id = tuple_id.reshape(-1)
-    order = np.lexsort((tie, np.asarray(errors), tuple_id))
-    first = np.ones(n, dtype=bool)
-    first[1:] = tuple_id[order][1:] != tuple_id[order][:-1]
-    return np.sort(order[~first]).astype(np.int64)
+    return np.flatnonzero(suffixes_in_tuples(np.asarray(codes), np.asarray(errors), tie) >= 1).astype(np.int64)
 
 
 def spread_again(spread: Spread, left: np.ndarray, codes: np.ndarray, errors: np.ndarray, alternatives: np.ndarray,
