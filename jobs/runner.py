@@ -714,7 +714,8 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
               "near-duplicates (product variants) crowding a 2-prefix past its codes do that; a retrain with "
               "--prefix-fill 0.15 spreads crowded 2-prefixes over more of them, a larger --codebook-size gives each "
               "more codes (docs/design.md, \"2-prefix fill cap\")"
-              + ("" if cfg.second_chance else "; without --no-second-chance more of them get a tuple of their own"))
+              + ("" if cfg.second_chance else "; a run without --no-second-chance gives more of them a tuple of "
+                 "their own"))
 
 
 def _sample_labels(job: _Job, catalog: DataFrame, sids: DataFrame | None, summary: PrefixSummary) -> SampleLabels:
