@@ -172,6 +172,14 @@ def run_sid_checker(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
+def assert_sid_checker_passes(*args: str | Path) -> None:
+    """The shared independent checker passes on ``args``, where this machine has it (``../shared/tools``: a clone
+    outside the workplace has not; the tests' own checks of the same table still run there)."""
+    if CHECK_SID_TABLE.is_file():
+        check = run_sid_checker(*args)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
 # --- tables ---------------------------------------------------------------------------------------
 
 def read_delta(path: str | Path) -> pa.Table:

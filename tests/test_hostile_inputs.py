@@ -53,8 +53,7 @@ def test_odd_characters_in_input_output_and_work_paths_land_exactly_there(odd) -
     assert (odd["work"] / "mlflow.db").is_file()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         [*publish.SET_TABLES, RUNS_TABLE, "report"])
-    checked = helpers.run_sid_checker(out / SEMANTIC_IDS_TABLE)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    helpers.assert_sid_checker_passes(out / SEMANTIC_IDS_TABLE)
 
 
 def test_an_incremental_run_merges_into_a_table_at_an_odd_path(odd) -> None:

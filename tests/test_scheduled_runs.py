@@ -155,9 +155,8 @@ def test_rounds_of_incremental_runs_never_move_or_reuse_a_published_id(world) ->
         moved = {i for i, sid in current.items() if i in previous and previous[i] != sid}
         if policy == "keep":
             assert not moved
-            check = helpers.run_sid_checker(world.sids, "--levels", "3", "--codebook-size", "16",
-                                            "--previous-version", str(version))
-            assert check.returncode == 0, check.stdout + check.stderr
+            helpers.assert_sid_checker_passes(world.sids, "--levels", "3", "--codebook-size", "16",
+                                              "--previous-version", str(version))
         else:
             retired = {r["item_id"] for r in rows if r["retired_reason"] == RetiredReason.EMBEDDING_CHANGED
                        and r["semantic_id"] not in {o["semantic_id"] for o in before if not o["active"]}}
@@ -397,6 +396,5 @@ def test_a_catalog_grown_by_an_append_is_read_only_where_it_grew(world, tmp_path
         return sorted((r["item_id"], r["semantic_id"], r["active"]) for r in ledger_rows(out / SEMANTIC_IDS_TABLE))
 
     assert ids(tmp_path / "out") == ids(tmp_path / "plain") and len(ids(tmp_path / "out")) == len(valid_ids(catalog))
-    check = helpers.run_sid_checker(tmp_path / "out" / SEMANTIC_IDS_TABLE, "--levels", "3", "--codebook-size", "16",
-                                    "--previous-version", str(version))
-    assert check.returncode == 0, check.stdout + check.stderr
+    helpers.assert_sid_checker_passes(tmp_path / "out" / SEMANTIC_IDS_TABLE, "--levels", "3", "--codebook-size", "16",
+                                      "--previous-version", str(version))

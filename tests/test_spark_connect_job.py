@@ -173,9 +173,7 @@ def test_an_incremental_run_through_spark_connect_keeps_every_id(first_run: Firs
     assert len({r["semantic_id"] for r in rows}) == len(rows) == N_ITEMS + 15
     rejects = helpers.read_delta(first_run.tables / "rejects").to_pylist()
     assert [(r["item_id"], r["reason"]) for r in rejects] == [(20_000, "nan_or_inf_in_embedding")]
-    if helpers.CHECK_SID_TABLE.is_file():
-        check = helpers.run_sid_checker(first_run.tables / "semantic_ids", "--previous-version", first_run.published)
-        assert check.returncode == 0, check.stdout + check.stderr
+    helpers.assert_sid_checker_passes(first_run.tables / "semantic_ids", "--previous-version", first_run.published)
 
 
 def test_a_server_without_delta_is_refused_at_start_with_the_fix(tmp_path: Path) -> None:
