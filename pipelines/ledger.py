@@ -65,6 +65,7 @@ from pipelines.uniquify import (
     Split,
     assign_next_suffixes,
     assign_suffixes,
+    code_prefix,
     hash_part,
     in_parts,
     in_prefix_parts,
@@ -442,6 +443,9 @@ def plan_changes(
     else:
         staged = _classified_in_parts(state, encoded, mode, on_changed, materialize, split,
                                       parts_for(max(encoded.counts.clean, table_rows)) if table_parts else 1)
+        if _alternatives_in(encoded.codes) and (mode.new_generation or on_changed == "retokenize"):
+            staged = _confirm_where_nothing_nearer_is_free(staged, state, model.num_levels, materialize,
+                                                           parts_for(table_rows), split)
     counts = _count_changes(staged, encoded.counts.clean)
     stamp = _Stamp(model, mode.generation, run_id, now)
     # The ledger's rows go through the spreading and the suffixes beside the items to issue: the parts follow
@@ -539,6 +543,50 @@ def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, o
               .otherwise(both))
     return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same}).where(
         F.col(CHANGE) != UNCHANGED)
+
+
+_PREFIX, _LAST, _WANTED, _KEEP = "__prefix", "__last_code", "__wanted", "__keep"
+
+
+def _confirm_where_nothing_nearer_is_free(staged: DataFrame, state: TableState, num_levels: int,
+                                          materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1,
+                                          split: Split | None = None) -> DataFrame:
+    """``staged`` with the MOVED or RETOKENIZED items whose old tuple has their new prefix and every one of
+    whose ranked alternatives is a tuple the ledger holds made CONFIRMED: they keep their ID.
+
+    Such an item can take none of its alternatives (every tuple ever issued is claimed first), so a new ID would
+    put it on a suffix or, by the second chance, on a code beyond its alternatives: where its old ID already is
+    when the last generation's second chance placed it there. Without this it would move in every new generation
+    although its codes did not. Only the items whose old tuple has their new prefix and a last code outside their
+    alternatives are looked at, against the ledger's tuples in their prefixes, in ``parts`` of the prefixes."""
+    old, new = F.col(_OLD_CODES), F.col(CODES)
+    same_prefix = ((F.size(old) == num_levels) & (F.size(new) == num_levels)
+                   & (F.slice(old, 1, num_levels - 1) == F.slice(new, 1, num_levels - 1)))
+    prefix = code_prefix(num_levels - 1)
+    looked_at = (staged.where(F.col(CHANGE).isin(MOVED, RETOKENIZED) & new.isNotNull()
+                              & F.col(_IN_CATALOG).isNotNull() & F.coalesce(same_prefix, F.lit(False)))
+                 .select(ITEM_ID, prefix.alias(_PREFIX), ALTERNATIVES))
+    looked_at = materialize(looked_at)
+    if looked_at is None or looked_at.isEmpty():
+        return staged
+    alternatives = looked_at.select(ITEM_ID, _PREFIX, F.explode(ALTERNATIVES).alias(_LAST),
+                                    F.size(ALTERNATIVES).alias(_WANTED))
+    tuples = (state.ledger.select(prefix.alias(_PREFIX), F.element_at(CODES, -1).alias(_LAST))
+              .join(F.broadcast(looked_at.select(_PREFIX).distinct()), _PREFIX, "left_semi"))
+
+    def every_one_held(alternatives: DataFrame, tuples: DataFrame) -> DataFrame:
+        held = alternatives.join(tuples, [_PREFIX, _LAST], "left_semi")
+        return (held.groupBy(ITEM_ID, _WANTED).count().where(F.col("count") == F.col(_WANTED))
+                .select(ITEM_ID, F.lit(True).alias(_KEEP)))
+
+    kept = in_parts([alternatives, tuples], lambda: hash_part(_PREFIX, parts), parts, every_one_held, materialize,
+                    split=split)
+    kept = materialize(kept) or kept
+    if kept.isEmpty():
+        return staged
+    confirmed = staged.join(F.broadcast(kept), ITEM_ID, "left").withColumn(
+        CHANGE, F.when(F.col(_KEEP).isNotNull(), F.lit(CONFIRMED)).otherwise(F.col(CHANGE))).drop(_KEEP)
+    return materialize(confirmed) or confirmed
 
 
 def _alternatives_in(df: DataFrame) -> list[str]:

@@ -699,3 +699,43 @@ def test_a_prefix_with_r_free_codes_reads_again_only_its_first_r_items_still_sha
     assert {sid: r[ITEM_ID] for sid, r in rows.items() if r[ITEM_ID] in "xyz"} == {"3_15_0": "x", "3_0_1": "y",
                                                                                   "3_0_2": "z"}
     helpers.assert_suffix_contract(list(rows.values()))
+
+
+# c took 1_9 in generation 1 by a second chance (1_2 and 1_3, its two nearest codes, were a's and b's).
+PLACED = [row("a", [1, 2], 0, 10), row("b", [1, 3], 0, 11), row("c", [1, 9], 0, 12), row("d", [1, 4], 0, 13),
+          row("e", [6, 7], 0, 15)]
+
+
+@pytest.mark.parametrize("materialized", [True, False])
+def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free(spark, materialized) -> None:
+    # The new model ranks c's codes as before: 1_2 and 1_3 are still held, so c keeps 1_9_0 (a new ID would only
+    # be a suffix or another code beyond both). d's 1_4 is outside its alternatives and 1_5 is free: d moves
+    # there. e's prefix changed: it moves. Without materialisation nothing is looked at: c moves too (1_2_1).
+    every = [("a", [1, 2], 0.1, 10, [2, 3]), ("b", [1, 3], 0.1, 11, [3, 2]), ("c", [1, 2], 0.3, 12, [2, 3]),
+             ("d", [1, 2], 0.4, 13, [2, 5]), ("e", [7, 7], 0.1, 15, [7, 6])]
+    p = ledger.plan_changes(state_of(spark, PLACED), encoded_ranked(spark, every), V2, NEW_GENERATION,
+                            on_changed="keep", run_id="run-1", now=NOW,
+                            materialize=collected(spark) if materialized else (lambda df: None))
+    rows = table_rows(p)
+    active = {sid: r[ITEM_ID] for sid, r in rows.items() if r[ACTIVE]}
+    if materialized:
+        assert (p.counts.confirmed, p.counts.moved) == (3, 2)
+        assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d", "7_7_0": "e"}
+        assert rows["1_9_0"][GENERATION] == 2 and rows["1_9_0"]["model_version"] == "2"
+    else:
+        assert (p.counts.confirmed, p.counts.moved) == (2, 3)
+        assert active == {"1_2_0": "a", "1_3_0": "b", "1_2_1": "c", "1_5_0": "d", "7_7_0": "e"}
+    assert rows["1_4_0"][RETIRED_REASON] == RetiredReason.NEW_GENERATION and not rows["1_4_0"][ACTIVE]
+
+
+def test_a_retokenized_item_none_of_whose_alternatives_is_free_keeps_its_id(spark) -> None:
+    # --on-changed retokenize: c's and d's embeddings changed. c's two nearest tuples are a's and b's: it keeps
+    # 1_9_0. d's nearest free tuple is 1_5: it is retokenized there. An incremental keep run looks at nothing.
+    nxt = [("a", None, None, 10, None), ("b", None, None, 11, None), ("c", [1, 2], 0.3, 92, [2, 3]),
+           ("d", [1, 2], 0.4, 93, [2, 5]), ("e", None, None, 15, None)]
+    p = ledger.plan_changes(state_of(spark, PLACED), encoded_ranked(spark, nxt), V1, INCREMENTAL,
+                            on_changed="retokenize", run_id="run-1", now=NOW, materialize=collected(spark))
+    assert (p.counts.confirmed, p.counts.retokenized) == (1, 1)
+    rows = table_rows(p)
+    assert rows["1_9_0"][ITEM_ID] == "c" and rows["1_9_0"][ACTIVE] and rows["1_9_0"][EMBEDDING_FINGERPRINT] == 92
+    assert rows["1_5_0"][ITEM_ID] == "d" and rows["1_4_0"][RETIRED_REASON] == RetiredReason.EMBEDDING_CHANGED
