@@ -706,16 +706,26 @@ PLACED = [row("a", [1, 2], 0, 10), row("b", [1, 3], 0, 11), row("c", [1, 9], 0, 
           row("e", [6, 7], 0, 15)]
 
 
-@pytest.mark.parametrize("materialized", [True, False])
-def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free(spark, materialized) -> None:
+@pytest.mark.parametrize("how", ["one pass", "in parts", "no materialisation"])
+def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free(spark, monkeypatch, how) -> None:
     # The new model ranks c's codes as before: 1_2 and 1_3 are still held, so c keeps 1_9_0 (a new ID would only
     # be a suffix or another code beyond both). d's 1_4 is outside its alternatives and 1_5 is free: d moves
-    # there. e's prefix changed: it moves. Without materialisation nothing is looked at: c moves too (1_2_1).
+    # there. e's prefix changed: it moves. In parts of the prefixes (a large table), the same. Without
+    # materialisation nothing is looked at: c moves too (1_2_1).
+    from pipelines import uniquify
+
     every = [("a", [1, 2], 0.1, 10, [2, 3]), ("b", [1, 3], 0.1, 11, [3, 2]), ("c", [1, 2], 0.3, 12, [2, 3]),
              ("d", [1, 2], 0.4, 13, [2, 5]), ("e", [7, 7], 0.1, 15, [7, 6])]
+    calls: list = []
+    if how == "in parts":
+        monkeypatch.setattr(uniquify, "PART_ITEMS", 2)
+    materialized = how != "no materialisation"
     p = ledger.plan_changes(state_of(spark, PLACED), encoded_ranked(spark, every), V2, NEW_GENERATION,
                             on_changed="keep", run_id="run-1", now=NOW,
-                            materialize=collected(spark) if materialized else (lambda df: None))
+                            materialize=collected(spark) if materialized else (lambda df: None),
+                            split=helpers.collected_split(spark, calls))
+    if how == "in parts":  # the ledger's tuples in the looked-at prefixes were split in 3 parts
+        assert (3, ("__prefix", "__last_code")) in calls
     rows = table_rows(p)
     active = {sid: r[ITEM_ID] for sid, r in rows.items() if r[ACTIVE]}
     if materialized:

@@ -1,0 +1,52 @@
+"""The ledger's plan of a new generation on classic local JVM Spark.
+
+The same scenario as tests/pipelines/test_ledger.py's new-generation tests (Sail): the rule that keeps an
+item's ID when none of its alternatives is free runs through a broadcast, an explode and a semi-join, which
+each engine plans its own way.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from pipelines import ledger
+from pipelines.encode import Encoded, TokenizerModel
+from pipelines.schema import ACTIVE, ALTERNATIVE_ERRORS, ALTERNATIVES, ITEM_ID, SEMANTIC_ID
+from pipelines.validate import ValidationCounts
+
+pytestmark = [pytest.mark.spark, pytest.mark.classic]
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+LEDGER_SCHEMA = ("item_id string, codes array<int>, suffix int, semantic_id string, quantization_error float, "
+                 "model_name string, model_version string, mlflow_run_id string, tokenized_at timestamp, "
+                 "generation int, embedding_fingerprint bigint, active boolean, retired_at timestamp, "
+                 "retired_reason string, prefix_1 string, prefix_2 string")
+
+
+def ledger_row(item: str, codes: list[int], fp: int) -> tuple:
+    return (item, codes, 0, f"{codes[0]}_{codes[1]}_0", 0.5, "m", "1", "run-0", T0, 1, fp, True, None, None,
+            str(codes[0]), f"{codes[0]}_{codes[1]}")
+
+
+def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free_on_the_jvm(classic_spark):
+    # c took 1_9 by a second chance; the new model ranks 1_2 and 1_3 (a's and b's) first again: c keeps 1_9_0.
+    # d's 1_4 is outside its alternatives and 1_5 is free: d moves there.
+    rows = [ledger_row("a", [1, 2], 10), ledger_row("b", [1, 3], 11), ledger_row("c", [1, 9], 12),
+            ledger_row("d", [1, 4], 13)]
+    state = ledger.TableState(classic_spark.createDataFrame(rows, LEDGER_SCHEMA), None, "m", "1", 1, 2, True, 4, 4)
+    encoded = [("a", [1, 2], 0.1, 10, [2, 3]), ("b", [1, 3], 0.1, 11, [3, 2]), ("c", [1, 2], 0.3, 12, [2, 3]),
+               ("d", [1, 2], 0.4, 13, [2, 5])]
+    codes = classic_spark.createDataFrame(
+        [(*r, [r[2], r[2] + 0.1]) for r in encoded],
+        f"item_id string, codes array<int>, quantization_error float, embedding_fingerprint bigint, "
+        f"{ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>")
+    rejects = classic_spark.createDataFrame([("x", "x")], "item_id string, reason string").limit(0)
+    model = TokenizerModel("m", "2", b"", num_levels=2, codebook_size=16, input_dim=4)
+    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(4, {})), model,
+                               ledger.Mode(ledger.FULL, 2, True, "test"), on_changed="keep", run_id="run-1",
+                               now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc),
+                               materialize=lambda df: df.localCheckpoint())
+    assert (plan.counts.confirmed, plan.counts.moved) == (3, 1)
+    active = {r[SEMANTIC_ID]: r[ITEM_ID] for r in plan.table().collect() if r[ACTIVE]}
+    assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}
