@@ -464,9 +464,9 @@ def plan_changes(
     if (second_chance and staged is not None and counts.issued and encoded.again is not None
             and _alternatives_in(encoded.codes)):
         # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
-        respread = spread_the_rest(changes, ledger_state.ledger.select(CODES) if ledger_state is not None else None,
-                                   model.num_levels, model.codebook_size, encoded.again, materialize,
-                                   movable=F.col(ACTION) == "insert", progress=progress)
+        ledger_rows = ledger_state.ledger.select(CODES, SUFFIX) if ledger_state is not None else None
+        respread = spread_the_rest(changes, ledger_rows, model.num_levels, model.codebook_size, encoded.again,
+                                   materialize, movable=F.col(ACTION) == "insert", progress=progress)
         if respread is not changes:
             changes = materialize(respread) or respread
     return Plan(changes, counts, mode, state, model.num_levels)

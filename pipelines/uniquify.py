@@ -351,7 +351,7 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     Args:
         rows: the items with IDs (ITEM_ID, EMBEDDING_FINGERPRINT, CODES, QUANTIZATION_ERROR, SUFFIX, SEMANTIC_ID,
             prefix_1..prefix_L; other columns carried), materialised.
-        issued: ``codes`` of every ID the table has issued (the ledger), or None.
+        issued: ``codes`` and ``suffix`` of every ID the table has issued (the ledger), or None.
         num_levels, codebook_size: L and K.
         again: :attr:`pipelines.encode.Encoded.again`.
         materialize: ``EngineSession.materialize``.
@@ -369,21 +369,29 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     left = rows.where(mine & (F.col(SUFFIX) >= 1)).select(
         ITEM_ID, EMBEDDING_FINGERPRINT, QUANTIZATION_ERROR, F.col(CODES).alias(_OLD_CODES),
         F.col(SUFFIX).alias(_OLD_SUFFIX), prefix.alias(_PREFIX_KEY))
-    taken = rows.where(mine).select(CODES)
+    # A tuple's suffixes start at 0, in the run's rows and in the ledger (an item of the run on a tuple the ledger
+    # holds numbers after the ledger's largest suffix): its row with suffix 0 stands for it. So the tuples held
+    # are counted per prefix without a distinct over every row (at 50M x 256 that distinct, over the tuples of
+    # every row, took the job's peak memory from 2.8 to 7.1 GB).
+    held = rows.where(mine).select(CODES, SUFFIX)
     if issued is not None:
-        taken = taken.unionByName(issued.select(CODES))
+        held = held.unionByName(issued.select(CODES, SUFFIX))
+    held = held.withColumn(_PREFIX_KEY, prefix)
+    taken = held.where(F.col(SUFFIX) == 0)
     # Ranked over every code, the left items of a prefix take its free codes one each, in the suffix order
     # (error, then id: the spreading's order), until none is left: so in a prefix with r codes no tuple holds,
-    # exactly the first r of them move, and only they are read again. The tuples are counted in the left items'
-    # prefixes only.
-    taken = taken.withColumn(_PREFIX_KEY, prefix).join(left.select(_PREFIX_KEY).distinct(), _PREFIX_KEY, "left_semi")
-    taken = _computed_once(taken, materialize)
-    room = (taken.groupBy(_PREFIX_KEY).agg(F.count_distinct(code_prefix(num_levels)).alias(_TUPLES))
-            .select(_PREFIX_KEY, (F.lit(codebook_size) - F.col(_TUPLES)).alias(_ROOM)).where(F.col(_ROOM) > 0))
-    in_order = Window.partitionBy(_PREFIX_KEY).orderBy(*_suffix_order())
-    candidates = _computed_once(left.join(room, _PREFIX_KEY).withColumn(_RANK, F.row_number().over(in_order))
-                                .where(F.col(_RANK) <= F.col(_ROOM)).drop(_RANK, _ROOM), materialize)
-    n = candidates.count()
+    # exactly the first r of them move, and only they are read again.
+    room = _computed_once(
+        taken.groupBy(_PREFIX_KEY).agg(F.count(F.lit(1)).alias(_TUPLES))
+        .select(_PREFIX_KEY, (F.lit(codebook_size) - F.col(_TUPLES)).alias(_ROOM)).where(F.col(_ROOM) > 0),
+        materialize)
+    # How many items that is (at most r per prefix) and how many rows the ranking within the prefixes would sort,
+    # from a count per prefix: the ranking (a window) is computed only when it is to be used, and in parts of the
+    # prefixes when it would sort many rows (at 50M x 256, 1.25M items in prefixes with room: in one window over
+    # their prefixes' rows, just to find them too many, the job's peak went from 2.8 to 6.0 GB).
+    sizes = (left.groupBy(_PREFIX_KEY).agg(F.count(F.lit(1)).alias(_COUNT)).join(F.broadcast(room), _PREFIX_KEY)
+             .agg(F.sum(F.least(F.col(_COUNT), F.col(_ROOM))), F.sum(_COUNT)).first())
+    n, ranked_rows = (0, 0) if sizes is None else (int(sizes[0] or 0), int(sizes[1] or 0))
     if n == 0:
         return rows
     if n > SECOND_CHANCE_ITEMS:
@@ -391,6 +399,15 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
             progress(f"second chance skipped: {n:,} items share a tuple in prefixes with room, more than the "
                      f"{SECOND_CHANCE_ITEMS:,} ranked again at most; they keep their suffixes")
         return rows
+    in_order = Window.partitionBy(_PREFIX_KEY).orderBy(*_suffix_order())
+
+    def first_r(left: DataFrame, room: DataFrame) -> DataFrame:
+        return (left.join(F.broadcast(room), _PREFIX_KEY).withColumn(_RANK, F.row_number().over(in_order))
+                .where(F.col(_RANK) <= F.col(_ROOM)).drop(_RANK, _ROOM))
+
+    parts = parts_for(ranked_rows)
+    candidates = _computed_once(in_parts([left, room], lambda: hash_part(_PREFIX_KEY, parts, _PART_SEED), parts,
+                                         first_r, materialize), materialize)
     ranked = again(candidates.select(ITEM_ID, EMBEDDING_FINGERPRINT), codebook_size)
     # Ranked again, an item has the codes it had (its embedding is the first pass's); one that did not, were a
     # model call ever to differ in its last bit, is left as it is.
@@ -400,8 +417,10 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     # Every mover's tuple is taken (by its keeper, or the ledger), so none keeps it: they all go to the
     # spreading's grouped map, with the codes their prefixes hold.
     out_columns = [c for c in movers.columns if c not in (ALTERNATIVES, ALTERNATIVE_ERRORS)]
+    # Every row's tuple is claimed (a ledger whose tuple had lost its row of suffix 0 is still kept off).
+    claims = held.join(F.broadcast(candidates.select(_PREFIX_KEY).distinct()), _PREFIX_KEY, "left_semi")
     spread = _spread_movers(movers.withColumn(_PREFIX_KEY, prefix),
-                            taken.select(_PREFIX_KEY, F.element_at(F.col(CODES), num_levels).alias(_LAST_CODE)),
+                            claims.select(_PREFIX_KEY, F.element_at(F.col(CODES), num_levels).alias(_LAST_CODE)),
                             movers, out_columns, materialize,
                             max(1, SPREAD_CHUNK_MOVERS * 16 // max(codebook_size, 16)), movers_n=n)
     moved = _computed_once(spread.where(F.col(CODES) != F.col(_OLD_CODES)), materialize)

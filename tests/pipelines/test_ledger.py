@@ -592,11 +592,19 @@ def ranked_again(spark, rankings: dict[str, tuple[list[int], float, list[int]]],
     return again
 
 
-def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark) -> None:
+@pytest.mark.parametrize("how", ["one pass", "in parts", "over the cap"])
+def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark, monkeypatch, how) -> None:
     # Prefix 1: p keeps 1_2 and q takes 1_3 (their 2 alternatives); r, s, t find nothing free among theirs.
     # Ranked over every code, r (the better fit) takes 1_7, s takes 1_8, t's codes are all taken: it stays,
     # its suffix closed up from 3 to 1. Prefix 4: w is ranked otherwise the second time (a model call that
-    # differs): it stays as it was. Items nobody shares with (z) are never asked for.
+    # differs): it stays as it was. Items nobody shares with (z) are never asked for. The items' ranking within
+    # their prefixes in parts of the prefixes gives the same; more items than the cap leave the spreading's IDs.
+    from pipelines import uniquify
+
+    if how == "in parts":  # 4 rows ranked within prefixes with room: 2 parts (and the IDs issued in parts)
+        monkeypatch.setattr(uniquify, "PART_ITEMS", 2)
+    if how == "over the cap":
+        monkeypatch.setattr(uniquify, "SECOND_CHANCE_ITEMS", 3)
     first = [("p", [1, 2], 0.1, 100, [2, 3]), ("q", [1, 2], 0.2, 100, [2, 3]), ("r", [1, 2], 0.3, 100, [2, 3]),
              ("s", [1, 2], 0.4, 100, [2, 3]), ("t", [1, 2], 0.5, 100, [2, 3]), ("u", [4, 4], 0.2, 100, [4, 5]),
              ("v", [4, 4], 0.3, 100, [4, 5]), ("w", [4, 4], 0.4, 100, [4, 5]), ("z", [9, 9], 0.1, 100, [9, 8])]
@@ -608,6 +616,13 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
                             run_id="run-1", now=NOW, materialize=collected(spark), progress=lines.append)
     rows = table_rows(p)
+    if how == "over the cap":
+        assert asked == [] and lines[-1:] == ["second chance skipped: 4 items share a tuple in prefixes with room, "
+                                              "more than the 3 ranked again at most; they keep their suffixes"]
+        assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {
+            "1_2_0": "p", "1_3_0": "q", "1_2_1": "r", "1_2_2": "s", "1_2_3": "t", "4_4_0": "u", "4_5_0": "v",
+            "4_4_1": "w", "9_9_0": "z"}
+        return
     assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {
         "1_2_0": "p", "1_3_0": "q", "1_7_0": "r", "1_8_0": "s", "1_2_1": "t", "4_4_0": "u", "4_5_0": "v",
         "4_4_1": "w", "9_9_0": "z"}
@@ -615,8 +630,8 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     assert rows["1_7_0"]["quantization_error"] == pytest.approx(0.5)  # r's error on its third-ranked code
     assert rows["1_2_1"]["quantization_error"] == pytest.approx(0.5)  # t kept its code and error
     assert rows["1_7_0"]["prefix_2"] == "1_7" and rows["1_7_0"]["codes"] == [1, 7]
-    assert lines == ["second chance: 2 items still sharing a tuple moved to a free last-level code of their prefix "
-                     "(4 read again, ranked over every code)"]
+    assert lines[-1:] == ["second chance: 2 items still sharing a tuple moved to a free last-level code of their "
+                          "prefix (4 read again, ranked over every code)"]
     helpers.assert_suffix_contract([r for r in rows.values()])
 
 
