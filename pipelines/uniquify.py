@@ -371,8 +371,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
         F.col(SUFFIX).alias(_OLD_SUFFIX), prefix.alias(_PREFIX_KEY))
     # A tuple's suffixes start at 0, in the run's rows and in the ledger (an item of the run on a tuple the ledger
     # holds numbers after the ledger's largest suffix): its row with suffix 0 stands for it. So the tuples held
-    # are counted per prefix without a distinct over every row (at 50M x 256 that distinct, over the tuples of
-    # every row, took the job's peak memory from 2.8 to 7.1 GB).
+    # are counted per prefix without a distinct over every row (at 50M x 256 that distinct and the ranking below,
+    # in one computed frame, held 6.0 GB: bench/RESULTS.md, "The second chance at 50M x 256").
     held = rows.where(mine).select(CODES, SUFFIX)
     if issued is not None:
         held = held.unionByName(issued.select(CODES, SUFFIX))
@@ -387,8 +387,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
         materialize)
     # How many items that is (at most r per prefix) and how many rows the ranking within the prefixes would sort,
     # from a count per prefix: the ranking (a window) is computed only when it is to be used, and in parts of the
-    # prefixes when it would sort many rows (at 50M x 256, 1.25M items in prefixes with room: in one window over
-    # their prefixes' rows, just to find them too many, the job's peak went from 2.8 to 6.0 GB).
+    # prefixes when it would sort many rows (at 50M x 256 it ranked every item left in a prefix with room, only
+    # for the count to find 1.25M of them: too many, so the second chance was skipped).
     sizes = (left.groupBy(_PREFIX_KEY).agg(F.count(F.lit(1)).alias(_COUNT)).join(F.broadcast(room), _PREFIX_KEY)
              .agg(F.sum(F.least(F.col(_COUNT), F.col(_ROOM))), F.sum(_COUNT)).first())
     n, ranked_rows = (0, 0) if sizes is None else (int(sizes[0] or 0), int(sizes[1] or 0))
