@@ -559,12 +559,9 @@ def _confirm_where_nothing_nearer_is_free(staged: DataFrame, state: TableState, 
     when the last generation's second chance placed it there. Without this it would move in every new generation
     although its codes did not. Only the items whose old tuple has their new prefix and a last code outside their
     alternatives are looked at, against the ledger's tuples in their prefixes, in ``parts`` of the prefixes."""
-    old, new = F.col(_OLD_CODES), F.col(CODES)
-    same_prefix = ((F.size(old) == num_levels) & (F.size(new) == num_levels)
-                   & (F.slice(old, 1, num_levels - 1) == F.slice(new, 1, num_levels - 1)))
     prefix = code_prefix(num_levels - 1)
-    looked_at = (staged.where(F.col(CHANGE).isin(MOVED, RETOKENIZED) & new.isNotNull()
-                              & F.col(_IN_CATALOG).isNotNull() & F.coalesce(same_prefix, F.lit(False)))
+    looked_at = (staged.where(F.col(CHANGE).isin(MOVED, RETOKENIZED) & F.col(CODES).isNotNull()
+                              & F.col(_IN_CATALOG).isNotNull() & F.coalesce(_old_tuple_has_new_prefix(), F.lit(False)))
                  .select(ITEM_ID, prefix.alias(_PREFIX), ALTERNATIVES))
     looked_at = materialize(looked_at)
     if looked_at is None or looked_at.isEmpty():
@@ -594,12 +591,16 @@ def _alternatives_in(df: DataFrame) -> list[str]:
     return [c for c in (ALTERNATIVES, ALTERNATIVE_ERRORS) if c in df.columns]
 
 
-def _still_among_alternatives() -> Column:
-    """The item's old tuple has its new prefix and a last code among its new ranked alternatives."""
+def _old_tuple_has_new_prefix() -> Column:
+    """The item's old tuple is as long as its new one and has its new prefix (levels 1..L-1)."""
     old, new = F.col(_OLD_CODES), F.col(CODES)
     levels = F.size(new)
-    return ((F.size(old) == levels) & (F.slice(old, 1, levels - 1) == F.slice(new, 1, levels - 1))
-            & F.array_contains(F.col(ALTERNATIVES), F.element_at(old, -1)))
+    return (F.size(old) == levels) & (F.slice(old, 1, levels - 1) == F.slice(new, 1, levels - 1))
+
+
+def _still_among_alternatives() -> Column:
+    """The item's old tuple has its new prefix and a last code among its new ranked alternatives."""
+    return _old_tuple_has_new_prefix() & F.array_contains(F.col(ALTERNATIVES), F.element_at(F.col(_OLD_CODES), -1))
 
 
 def _count_changes(staged: DataFrame, valid: int) -> ChangeCounts:
