@@ -581,7 +581,8 @@ def _confirm_where_nothing_nearer_is_free(staged: DataFrame, state: TableState, 
     kept = materialize(kept) or kept
     if kept.isEmpty():
         return staged
-    confirmed = staged.join(F.broadcast(kept), ITEM_ID, "left").withColumn(
+    # Not broadcast: in a new generation of a large catalog the items kept can be millions (the planner chooses).
+    confirmed = staged.join(kept, ITEM_ID, "left").withColumn(
         CHANGE, F.when(F.col(_KEEP).isNotNull(), F.lit(CONFIRMED)).otherwise(F.col(CHANGE))).drop(_KEEP)
     return materialize(confirmed) or confirmed
 
