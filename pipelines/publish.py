@@ -245,6 +245,7 @@ def check_files(root: str) -> tuple[list[str], list[str]]:
     ``semantic_ids``). Notes: tables whose latest version is not the published one (a killed run's; the
     next run puts them right), and a report of another run.
     """
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
@@ -277,8 +278,8 @@ def check_files(root: str) -> tuple[list[str], list[str]]:
         notes += [f"{n}: latest version {latest.get(n)} is not the published set's {want.get(n)} (left by a "
                   "stopped run; read at the published versions, or start a run to repair it)"
                   for n in SET_TABLES if n in want and latest.get(n) != want[n]]
-    ledger = read(SEMANTIC_IDS_TABLE, pinned[SEMANTIC_IDS_TABLE]).select(["active", "codes"]).to_pylist()
-    active = [r["codes"] for r in ledger if r["active"]]
+    ledger = read(SEMANTIC_IDS_TABLE, pinned[SEMANTIC_IDS_TABLE]).select(["active", "codes"])
+    active = ledger.filter(pc.fill_null(ledger.column("active"), False)).column("codes")  # Arrow: no object per row
     rejects = {r for r in read(REJECTS_TABLE, pinned[REJECTS_TABLE]).column("mlflow_run_id").to_pylist()}
     if rejects - {run}:
         problems.append(f"{REJECTS_TABLE} holds rows of run(s) {sorted(rejects - {run})}, not of the published {run}")
@@ -288,8 +289,8 @@ def check_files(root: str) -> tuple[list[str], list[str]]:
         problems.append(f"{PREFIX_STATS_TABLE} counts {counted} items at level 1, {SEMANTIC_IDS_TABLE} has "
                         f"{len(active)} active IDs")
     used = {r["level"]: r["used_codes"] for r in read(LEVEL_STATS_TABLE, pinned[LEVEL_STATS_TABLE]).to_pylist()}
-    levels = len(active[0]) if active else 0
-    if used != {lv: len({codes[lv - 1] for codes in active}) for lv in range(1, levels + 1)}:
+    levels = len(active[0]) if len(active) else 0
+    if used != {lv: pc.count_distinct(pc.list_element(active, lv - 1)).as_py() for lv in range(1, levels + 1)}:
         problems.append(f"{LEVEL_STATS_TABLE} does not match the codes of the active IDs")
     report = base / "report" / "prefix_summary.json"
     if report.is_file():

@@ -285,6 +285,15 @@ def test_a_table_that_moved_on_since_it_was_read_is_not_written(spark, tmp_path)
     assert io.table_version(location, SEMANTIC_IDS_TABLE) == 1
 
 
+def test_the_committed_table_is_counted_where_it_was_stated(spark, tmp_path) -> None:
+    """verify_published reads the active flags back without the engine (delta-rs) and counts them: 4 active of
+    the ledger's rows pass; a count that differs is the engine having written somewhere else."""
+    location, _ = written_ledger(spark, tmp_path)
+    assert ledger.verify_published(spark, location, expected_active=4) == 4
+    with pytest.raises(ledger.NotWhereStatedError, match="read directly holds 4 active IDs, not the 5 this run wrote"):
+        ledger.verify_published(spark, location, expected_active=5)
+
+
 def merge(spark, location, rows: list[tuple], action: str, was_active: bool | None = None) -> None:
     source = spark.createDataFrame(rows, SCHEMA).withColumns({
         ledger.ACTION: F.lit(action), ledger.WAS[ACTIVE]: F.lit(was_active).cast("boolean"),

@@ -44,3 +44,34 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     for name in publish.DESCRIBING:
         assert rows(location, name) == [(1, name)]  # the published set's rows again
     assert publish.recover(spark, location, "run-4") is None  # nothing left to do
+
+
+def written_set(root, level_used: list[int], counted: int) -> None:
+    """A published set written with delta-rs: 3 active IDs (codes [1,2], [1,3], [4,2]) and a retired one."""
+    import json
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    tokens = {name: "0" for name in publish.SET_TABLES}
+    write_deltalake(str(root / "runs"), pa.table({"entry": [1], "mlflow_run_id": ["r1"], "status": [publish.PUBLISHED],
+                                                  "tokens": [json.dumps(tokens)]}))
+    write_deltalake(str(root / SEMANTIC_IDS_TABLE), pa.table({
+        "active": [True, True, False, True], "codes": [[1, 2], [1, 3], [9, 9], [4, 2]]}))
+    for name in publish.DESCRIBING:
+        table = {"prefix_stats": pa.table({"level": [1, 1], "item_count": [counted - 1, 1]}),
+                 "level_stats": pa.table({"level": [1, 2], "used_codes": level_used})}.get(
+            name, pa.table({"mlflow_run_id": ["r1"]}))
+        write_deltalake(str(root / name), table)
+
+
+def test_the_checker_counts_the_active_ids_and_their_codes(tmp_path) -> None:
+    """check_files (no Spark) compares the statistics with the active IDs: 3 of them, 2 distinct codes at each
+    level (the retired row's codes are not counted)."""
+    written_set(tmp_path / "ok", [2, 2], counted=3)
+    assert publish.check_files(str(tmp_path / "ok")) == ([], [])
+    written_set(tmp_path / "codes", [3, 2], counted=3)
+    assert publish.check_files(str(tmp_path / "codes"))[0] == ["level_stats does not match the codes of the active IDs"]
+    written_set(tmp_path / "count", [2, 2], counted=4)
+    assert publish.check_files(str(tmp_path / "count"))[0] == [
+        "prefix_stats counts 4 items at level 1, semantic_ids has 3 active IDs"]
