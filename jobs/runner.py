@@ -56,6 +56,7 @@ from pipelines.schema import (
 from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
 from pipelines.uniquify import parts_for
 from pipelines.validate import (
+    INFER_DIM_ROWS,
     NoValidRowsError,
     RowAccountingError,
     SchemaError,
@@ -63,6 +64,7 @@ from pipelines.validate import (
     ValidationCounts,
     ValidationResult,
     check_counts,
+    most_common_length,
     nonzero,
     stamp_rejects,
     validate_catalog,
@@ -133,6 +135,7 @@ class _Job:
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))  # aware: UTC in Spark
     publishing: bool = False  # the set is being written: a failure now rolls it back
     summary: PrefixSummary | None = None  # of the published table (the report renders it)
+    catalog_rows: int | None = None  # the engine's count of the catalog, once taken for the files it encodes
 
     @property
     def spark(self) -> Any:
@@ -148,6 +151,7 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     try:
         location = io.resolve_output(cfg.output or (None if cfg.output_table_prefix else str(work / "tables")),
                                      cfg.output_table_prefix, cfg.format, engine=cfg.engine)
+        preload = registry.preload_tracking_store()  # imported while the engine starts
         with stage(f"start engine ({cfg.engine})"):
             session = start_session(cfg.engine, cfg.remote, want_delta=cfg.format == "delta",
                                     shuffle_partitions=cfg.shuffle_partitions, engine_memory=cfg.engine_memory)
@@ -159,6 +163,8 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     try:
         with session.activated():  # libraries that look the session up (MLflow) find this one
             _check_output(cfg, session, location)
+            if preload is not None:
+                preload.join()
             tracking, experiment_id = _open_tracking(cfg, work)
             for stale in registry.fail_abandoned_runs(experiment_id):
                 print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")
@@ -279,7 +285,7 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     source = _engine_path(job, str(cfg.input))
     catalog = io.read_catalog(job.spark, source, cfg.input_format)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
-    v = validate_catalog(catalog, columns, dim=cfg.embedding_dim)
+    v = validate_catalog(catalog, columns, dim=_dim_from_files(job) if cfg.embedding_dim is None else cfg.embedding_dim)
     if cfg.label_col:  # read by the report only; a bad one fails now, not after the training
         check_label_column(catalog, cfg.label_col)
     job.cfg = dataclasses.replace(cfg, model_config=dataclasses.replace(cfg.model_config, input_dim=v.dim))
@@ -288,6 +294,21 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     print(f"    schema ok, D = {v.dim}")
     _log_lineage(job.cfg, job.session.engine, source)
     return catalog, v
+
+
+def _dim_from_files(job: _Job) -> int | None:
+    """D by the engine's rule (the most common length of the first non-null embeddings, here in the files'
+    row-group order) read with pyarrow from the catalog's files, in a run whose encode pass may read them
+    (--read-embeddings); None: the engine samples it (also when the files cannot be read)."""
+    cfg = job.cfg
+    if not cfg.encodes or cfg.read_embeddings == "engine" or not job.session.on_this_machine():
+        return None
+    try:
+        files, _ = io.embedding_files(str(cfg.input), cfg.input_format, cfg.id_col, cfg.embedding_col)
+        lengths = io.embedding_lengths(files, INFER_DIM_ROWS) if files is not None else None
+    except Exception:  # noqa: BLE001 - a file pyarrow cannot read now: the engine's own sample decides
+        return None
+    return most_common_length(lengths) if lengths else None
 
 
 def _engine_path(job: _Job, path: str) -> str:
@@ -510,7 +531,9 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
     with stage("encode"):
         encoded = _encode(job, v, model, state, mode)
-        _check_counts(job, catalog.count(), encoded.counts, encoded.rejects)
+        # The input count: the one the listed files were checked against (the pass read those files), else now.
+        _check_counts(job, catalog.count() if job.catalog_rows is None else job.catalog_rows, encoded.counts,
+                      encoded.rejects)
         plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
                                    now=job.now, materialize=job.materialize,
                                    progress=lambda line: print(f"    {line}", flush=True),
@@ -600,6 +623,7 @@ def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = Fal
         if files is not None and counted is not None and counted != files.rows:
             files, why = None, (f"its files hold {files.rows} rows by their footers and the engine reads {counted}: "
                                 "they are not the engine's files")
+        job.catalog_rows = counted if files is not None else None  # the rows the pass over these files reads
     if files is None and cfg.read_embeddings == "files":
         raise JobFailed(f"--read-embeddings files cannot read {cfg.input}: {why}. Fix: --read-embeddings engine "
                         "(or auto: the engine reads where the files cannot)")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import os
 import re
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,30 @@ def configure_tracking(work_dir: str | Path) -> str:
         _SET_HERE.setdefault("MLFLOW_TRACKING_URI", set()).add(uri)
         _SET_HERE.setdefault("MLFLOW_REGISTRY_URI", set()).add(registry_uri)
     return uri
+
+
+_SQL_STORES = ("sqlite", "postgresql", "mysql", "mssql")  # URI schemes MLflow's SQLAlchemy store serves
+
+
+def preload_tracking_store() -> threading.Thread | None:
+    """Import MLflow's SQL tracking store in a background thread, when tracking will use one (the local
+    default or a database URI), and return the thread; the caller joins it before it opens tracking.
+
+    Those imports (SQLAlchemy, Alembic, the store's tables) take 3-4 s of a run on 2 cores, and the engine's
+    start-up, where the driver waits on the JVM or on Sail's threads, can hide them. A failed import is
+    left to the caller's own, which reports it.
+    """
+    uri = _users("MLFLOW_TRACKING_URI") or "sqlite:"
+    if uri.split(":", 1)[0].split("+", 1)[0] not in _SQL_STORES:
+        return None
+
+    def load() -> None:
+        with suppress(Exception):  # opening tracking imports it again, and says what is wrong
+            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
+
+    thread = threading.Thread(target=load, name="csid-preload-mlflow-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def local_work_dir(work_dir: str | Path) -> str:

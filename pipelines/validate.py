@@ -18,6 +18,7 @@ adds them on top of either form, joining ids and reasons only.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,14 +276,20 @@ def infer_dim(rows: DataFrame, input_name: str = EMBEDDING, sample_rows: int = I
     # limit reads partitions incrementally until it has enough rows (under 1 s).
     lengths = Counter(int(r["length"]) for r in (
         rows.where(F.col(EMBEDDING).isNotNull()).select(F.size(EMBEDDING).alias("length")).limit(sample_rows).collect()))
-    if not lengths:
-        empty = rows.limit(1).count() == 0
-        raise NoValidRowsError(
-            "the catalog has no rows: nothing to tokenize. Check --input (and that the table was written)"
-            if empty else f"column {input_name!r} has no non-null values in the first {sample_rows} rows, so no "
-            "row can be tokenized: check --embedding-col (or pass --embedding-dim to have every such row rejected "
-            "with a reason)")
-    return min(lengths, key=lambda n: (-lengths[n], n))  # the most common; ties: the shorter
+    if lengths:
+        return most_common_length(lengths)
+    empty = rows.limit(1).count() == 0
+    raise NoValidRowsError(
+        "the catalog has no rows: nothing to tokenize. Check --input (and that the table was written)"
+        if empty else f"column {input_name!r} has no non-null values in the first {sample_rows} rows, so no "
+        "row can be tokenized: check --embedding-col (or pass --embedding-dim to have every such row rejected "
+        "with a reason)")
+
+
+def most_common_length(lengths: Mapping[int, int]) -> int:
+    """The length with the highest count in ``lengths`` (length -> rows); ties: the shorter. D's rule, for a
+    sample counted by the engine (:func:`infer_dim`) or read from the files (pipelines/io.embedding_lengths)."""
+    return min(lengths, key=lambda n: (-lengths[n], n))
 
 
 def check_input_schema(df: DataFrame, columns: InputColumns) -> None:

@@ -260,3 +260,70 @@ def test_an_incremental_second_pass_reads_only_the_rows_to_encode(spark, checkpo
         assert len(asked) == 2 and sorted(asked[1].to_pylist()) == sorted(expected)
     else:
         assert len(asked) == 1
+
+
+@pytest.mark.spark
+def test_d_sampled_from_the_files_is_the_engines(spark, tmp_path) -> None:
+    """embedding_lengths counts the first non-null embeddings in row-group order (nulls skipped, across row
+    groups, stopping at ``rows``); D by the shared rule is the engine's infer_dim on the same rows."""
+    from pipelines.validate import infer_dim, most_common_length, select_contract_columns
+
+    lengths = [None, 3, None, 5] + [5] * 3 + [3] * 4 + [7] * 20  # first 9 non-null: 3 x 1, 5 x 4, 3 x 4
+    rows = [None if n is None else [1.0] * n for n in lengths]
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(helpers.catalog_table([f"i{i}" for i in range(len(rows))], rows), tmp_path / "catalog" / "a.parquet",
+                   row_group_size=4)
+    files, _ = io.embedding_files(str(tmp_path / "catalog"), "parquet", "item_id", "embedding")
+    assert files is not None and len(files.row_groups) == 8
+    assert io.embedding_lengths(files, 9) == {3: 5, 5: 4}
+    assert io.embedding_lengths(files, 8) == {3: 4, 5: 4}  # a tie: the shorter wins
+    assert io.embedding_lengths(files, 1000) == {3: 5, 5: 4, 7: 20}
+    catalog_rows = select_contract_columns(io.read_catalog(spark, str(tmp_path / "catalog"), "parquet"))
+    for n, d in ((9, 3), (8, 3), (1000, 7)):
+        assert most_common_length(io.embedding_lengths(files, n)) == infer_dim(catalog_rows, sample_rows=n) == d
+
+
+def test_the_wanted_rows_are_gathered_into_full_batches(tmp_path, monkeypatch) -> None:
+    """A second pass over a few ids per read batch hands the encoder batches of at least FILE_BATCH_ROWS rows
+    (every model call is padded to its full size), the wanted rows in file order, each once."""
+    from pipelines import encode
+
+    monkeypatch.setattr(encode, "FILE_BATCH_ROWS", 4)  # read batches of 4 rows, gathered to at least 4
+    table, _ = catalog(n=40)
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(table, tmp_path / "catalog" / "a.parquet", row_group_size=8)
+    files, _ = io.embedding_files(str(tmp_path / "catalog"), "parquet", "item_id", "embedding")
+    assert files is not None and len(files.row_groups) == 6
+    ids = table.column("item_id").to_pylist()
+    wanted = [ids[i] for i in (1, 6, 9, 17, 18, 25, 33, 40, 47)]  # one or two in 8 of the 12 read batches
+    units = iter([pa.record_batch({encode._FILE: [f for f, _ in files.row_groups],
+                                   encode._ROW_GROUP: [g for _, g in files.row_groups]})])
+    batches = list(encode._row_group_batches(units, "item_id", "embedding", pa.string(), pa.array(wanted)))
+    assert [b.num_rows for b in batches] == [5, 4]  # 1+1+1+2 rows, then 1+1+1+1
+    assert [i for b in batches for i in b.column(ITEM_ID).to_pylist()] == wanted
+    got = pa.Table.from_batches(batches)
+    rows = {i: e for i, e in zip(ids, table.column("embedding").to_pylist(), strict=True)}
+    assert got.column("embedding").to_pylist() == [rows[i] for i in wanted]
+
+
+def test_files_whose_embedding_columns_differ_in_arrow_type_are_gathered_apart(tmp_path, monkeypatch) -> None:
+    """Files written by different writers (list<float> beside large_list<float>): the wanted rows of each
+    kind are gathered into their own batches, all of them read, none lost."""
+    from pipelines import encode
+
+    monkeypatch.setattr(encode, "FILE_BATCH_ROWS", 4)
+    table, _ = catalog(n=16)
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(table.slice(0, 12), tmp_path / "catalog" / "a.parquet", row_group_size=6)
+    large = table.slice(12).cast(pa.schema([("item_id", pa.string()), ("embedding", pa.large_list(pa.float32()))]))
+    pq.write_table(large, tmp_path / "catalog" / "b.parquet")
+    files, why = io.embedding_files(str(tmp_path / "catalog"), "parquet", "item_id", "embedding")
+    assert files is not None, why
+    ids = table.column("item_id").to_pylist()
+    wanted = [ids[i] for i in (2, 11, 13, 20)]  # two in a.parquet (list), two in b.parquet (large_list)
+    units = iter([pa.record_batch({encode._FILE: [f for f, _ in files.row_groups],
+                                   encode._ROW_GROUP: [g for _, g in files.row_groups]})])
+    batches = list(encode._row_group_batches(units, "item_id", "embedding", pa.string(), pa.array(wanted)))
+    assert [(b.num_rows, b.schema.field("embedding").type) for b in batches] == [
+        (2, pa.list_(pa.float32())), (2, pa.large_list(pa.float32()))]
+    assert [i for b in batches for i in b.column(ITEM_ID).to_pylist()] == wanted

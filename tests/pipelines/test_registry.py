@@ -151,3 +151,37 @@ def test_jobs_started_together_on_a_fresh_work_dir_share_one_store(tmp_path) -> 
     results = [(p.wait(timeout=300), p.stdout.read().strip(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
     assert [rc for rc, _, _ in results] == [0, 0, 0], [err[-2000:] for _, _, err in results]
     assert len({out for _, out, _ in results}) == 1  # one experiment, found by all
+
+
+@pytest.mark.parametrize(("uri", "preloads"), [(None, True), ("sqlite:////tmp/x/mlflow.db", True),
+                                              ("postgresql+psycopg2://h/db", True), ("databricks", False),
+                                              ("file:///tmp/mlruns", False), ("http://tracking:5000", False)])
+def test_the_sql_tracking_store_is_preloaded_only_where_tracking_uses_it(monkeypatch, uri, preloads) -> None:
+    """The job imports MLflow's SQL store beside the engine's start-up only for the local default and database
+    URIs; a thread that was started has imported it once joined."""
+    import sys
+
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    thread = registry.preload_tracking_store()
+    assert (thread is not None) == preloads
+    if thread is not None:
+        thread.join(timeout=60)
+        assert not thread.is_alive() and "mlflow.store.tracking.sqlalchemy_store" in sys.modules
+
+
+def test_the_preloading_thread_imports_the_store() -> None:
+    """In a fresh process (this one imported the store long ago): absent before, imported once joined."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines import registry; name = 'mlflow.store.tracking.sqlalchemy_store'; "
+            "assert name not in sys.modules; t = registry.preload_tracking_store(); t.join(60); "
+            "assert name in sys.modules; print('imported')")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
