@@ -33,8 +33,10 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
 
 Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s; it counts a
 page again in every process that maps it, so a forked child (Python workers forked from one daemon, a
-helper the JVM spawns) adds its parent's pages once more. Peak PSS, sampled with it, counts each page
-once (a shared page split among its processes): the tree's memory (encode_throughput.run_sampled).
+helper the JVM spawns) adds its parent's pages once more. Peak PSS counts each page once (a shared page
+split among its processes): the tree's memory (encode_throughput.run_sampled). A PSS read walks every page
+of the tree on the cores the variant runs on, so it is read once a second, and at once when RSS has grown
+2%; ``sampler_cpu_s`` in the JSON is the CPU the sampling took during the variant.
 ``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
 wall time of each (peak RSS and PSS: the highest); the checks read the last round's tables.
 
@@ -362,7 +364,8 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
     figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"],
                "peak_pss_mb": result["peak_pss_mb"], "items": items,
                "items_per_s": items / result["wall_s"], "table": str(table), "stages": result["stages"],
-               "encoded_rows": result["encoded_rows"], **worker_json(result["stdout_tail"])}
+               "encoded_rows": result["encoded_rows"], "sampler_cpu_s": result.get("sampler_cpu_s"),
+               **worker_json(result["stdout_tail"])}
     print(f"{name}: {result['wall_s']:.1f} s, {figures['items_per_s']:,.0f} items/s, "
           f"peak RSS {result['peak_rss_mb']:,.0f} MB, PSS {result['peak_pss_mb']:,.0f} MB", flush=True)
     return figures

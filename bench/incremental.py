@@ -97,11 +97,13 @@ def timed(cmd: list[str], catalog: Path, env: dict[str, str] | None = None) -> d
     """Run ``cmd`` (environment ``env``, default this process's) with ``catalog``'s files in the page cache;
     its wall time, peak RSS and PSS, stage times and rows through the model (the job's banners)."""
     warm_page_cache(catalog)
-    rc, wall, rss, pss, out = run_sampled(cmd, dict(os.environ) if env is None else env)
+    sampling: dict[str, float] = {}
+    rc, wall, rss, pss, out = run_sampled(cmd, dict(os.environ) if env is None else env, sampling)
     if rc != 0:
         raise RuntimeError(f"job failed (rc {rc}):\n{out[-4000:]}")
     encoded = re.search(r"^    (\d+) rows went through the model$", out, re.M)
     return {"wall_s": wall, "peak_rss_mb": rss, "peak_pss_mb": pss, "stages": stage_seconds(out),
+            "sampler_cpu_s": sampling.get("sampler_cpu_s"),
             "encoded_rows": int(encoded.group(1)) if encoded else None, "stdout_tail": out[-1500:]}
 
 
