@@ -151,7 +151,7 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     try:
         location = io.resolve_output(cfg.output or (None if cfg.output_table_prefix else str(work / "tables")),
                                      cfg.output_table_prefix, cfg.format, engine=cfg.engine)
-        preload = registry.preload_tracking_store()  # imported while the engine starts
+        registry.preload_tracking_store()  # imported while the engine starts; tracking waits for it
         with stage(f"start engine ({cfg.engine})"):
             session = start_session(cfg.engine, cfg.remote, want_delta=cfg.format == "delta",
                                     shuffle_partitions=cfg.shuffle_partitions, engine_memory=cfg.engine_memory)
@@ -163,8 +163,6 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
     try:
         with session.activated():  # libraries that look the session up (MLflow) find this one
             _check_output(cfg, session, location)
-            if preload is not None:
-                preload.join()
             tracking, experiment_id = _open_tracking(cfg, work)
             for stale in registry.fail_abandoned_runs(experiment_id):
                 print(f"    MLflow run {stale} of a job that was killed is now marked FAILED")

@@ -51,6 +51,8 @@ def configure_tracking(work_dir: str | Path) -> str:
     ``mlflow.set_tracking_uri`` writes the URI into ``os.environ`` as well, so a value this function set
     for an earlier job in the same process (a notebook, the tests) is not taken for the user's.
     """
+    while _PRELOADING:  # MLflow is touched by one thread at a time
+        _PRELOADING.pop().join()
     given = _users("MLFLOW_TRACKING_URI")
     default = not given
     uri = given or f"sqlite:///{Path(local_work_dir(work_dir)) / 'mlflow.db'}"
@@ -68,7 +70,7 @@ _SQL_STORES = ("sqlite", "postgresql", "mysql", "mssql")  # URI schemes MLflow's
 
 def preload_tracking_store() -> threading.Thread | None:
     """Import MLflow's SQL tracking store in a background thread, when tracking will use one (the local
-    default or a database URI), and return the thread; the caller joins it before it opens tracking.
+    default or a database URI), and return the thread; :func:`configure_tracking` waits for it first.
 
     Those imports (SQLAlchemy, Alembic, the store's tables) take 3-4 s of a run on 2 cores, and the engine's
     start-up, where the driver waits on the JVM or on Sail's threads, can hide them. A failed import is
@@ -84,7 +86,11 @@ def preload_tracking_store() -> threading.Thread | None:
 
     thread = threading.Thread(target=load, name="csid-preload-mlflow-store", daemon=True)
     thread.start()
+    _PRELOADING.append(thread)
     return thread
+
+
+_PRELOADING: list[threading.Thread] = []  # started by preload_tracking_store, joined by configure_tracking
 
 
 def local_work_dir(work_dir: str | Path) -> str:
