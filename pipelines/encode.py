@@ -313,6 +313,7 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
         return
     among = None if wanted is None else _membership(wanted)  # built once per task, used for every batch
     gathered: list[pa.RecordBatch] = []
+    held = 0  # rows in gathered
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
             parquet = _parquet(file)
@@ -328,12 +329,13 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
                 out = out.filter(pa.array(among(out.column(ITEM_ID))))
                 if gathered and out.num_rows and out.schema != gathered[0].schema:
                     yield _one_batch(gathered)
-                    gathered = []
+                    gathered, held = [], 0
                 if out.num_rows:
                     gathered.append(out)
-                if sum(b.num_rows for b in gathered) >= FILE_BATCH_ROWS:
+                    held += out.num_rows
+                if held >= FILE_BATCH_ROWS:
                     yield _one_batch(gathered)
-                    gathered = []
+                    gathered, held = [], 0
     if gathered:
         yield _one_batch(gathered)
 
