@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all of them; with --model: "
                    f"{','.join(s for s in STAGES if s != 'train')}). validate always runs when a later stage needs "
                    "the catalog")
-    g.add_argument("--model", help="use this model and do not train (unless --stages names train explicitly): "
+    g.add_argument("--model", help="use this model and do not train (refused beside a --stages list that names train): "
                    "models:/<name>@<alias>, models:/<name>/<version> or a .pt checkpoint file")
     g.add_argument("--model-name", type=_model_name, default="catalog-semantic-ids",
                    help="registered MLflow model name (letters, digits, '-', '_', '.', spaces)")

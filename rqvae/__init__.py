@@ -4,7 +4,7 @@ Imports only torch, numpy and the standard library. Typical use::
 
     from rqvae import ModelConfig, TrainConfig, fit, encode_array
     result = fit(x, ModelConfig(input_dim=x.shape[1]), TrainConfig(epochs=50))
-    codes, errors = encode_array(result.model, x)        # int32 (N, L), float32 (N,)
+    r = encode_array(result.model, x)    # r.codes int32 (N, L), r.quantization_error float32 (N,)
 """
 from rqvae.baseline import RQKMeans, RQKMeansConfig
 from rqvae.callbacks import Callback, ProgressPrinter
