@@ -4,7 +4,7 @@ The checkpoint travels inside the UDF closure as bytes; each Python worker build
 (cached by the checkpoint's digest) and reuses it for every Arrow batch it is given. Embeddings go
 Arrow -> NumPy through :func:`pipelines.arrow_utils.embeddings_to_numpy`, with no per-row objects.
 
-The UDF checks every row with validation's per-row rules (:func:`pipelines.validate.row_reason_codes`)
+The UDF checks every row with validation's per-row rules (:func:`pipelines.row_checks.check_batch`)
 before encoding it: rows with a reason pass through uncoded, so one scan of the embeddings yields the
 codes, the rejects and every count (:func:`encode_catalog` adds duplicate ids on the small output and
 materialises it once). It can also fingerprint every clean row and, given the fingerprints of the
@@ -26,8 +26,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import fingerprint_cache
-from pipelines.arrow_utils import embeddings_to_numpy, matrix_to_list_array, row_fingerprints
+from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.io import EmbeddingFiles, RowGroupStamp
+from pipelines.row_checks import check_batch, read_row_group
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -37,7 +38,6 @@ from pipelines.schema import (
     ITEM_ID,
     QUANTIZATION_ERROR,
     REASON,
-    RejectReason,
 )
 from pipelines.uniquify import hash_part, parts_for, require_columns
 from pipelines.validate import (
@@ -47,7 +47,6 @@ from pipelines.validate import (
     count_reasons,
     duplicated_ids,
     flag_duplicates,
-    row_reason_codes,
     validation_counts,
 )
 
@@ -80,11 +79,11 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
     """The function given to ``mapInArrow``: batches of (item_id, embedding) -> (item_id, codes, error,
     reason[, alternatives, alternative errors][, embedding_fingerprint]).
 
-    Each row is checked first (:func:`pipelines.validate.row_reason_codes`); a row with a reason is not
-    encoded: its codes and error are null. Clean rows get a null reason. With ``fingerprints`` every
-    clean row also gets its :func:`~pipelines.arrow_utils.row_fingerprints` value. ``encode`` False
-    checks and fingerprints the rows without running (or even loading) the model: codes and error
-    stay null (an incremental run's first pass). ``alternatives`` > 0 adds each coded row's that-many
+    Each row is checked first (:func:`pipelines.row_checks.check_batch`: validation's per-row rules); a row
+    with a reason is not encoded: its codes and error are null. Clean rows get a null reason. With
+    ``fingerprints`` every clean row also gets its :func:`~pipelines.arrow_utils.row_fingerprints` value.
+    ``encode`` False checks and fingerprints the rows without running (or even loading) the model: codes
+    and error stay null (an incremental run's first pass). ``alternatives`` > 0 adds each coded row's that-many
     nearest last-level codes and their errors (``rqvae.encode_array(..., alternatives=k)``).
     """
     if not encode:
@@ -100,17 +99,14 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
 
             model, encode_array = model_for(checkpoint, digest, device, threads), encode_rows
         for batch in batches:
-            reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
-            bad = reasons >= 0
-            if bad.any():  # rejects in this batch: they pass through uncoded
-                rejected = batch.select([ITEM_ID]).filter(pa.array(bad))  # the ids only: no copy of the embeddings
-                yield _uncoded(rejected, pa.array(_REASON_NAMES[reasons[bad]], pa.string()),
+            checked = check_batch(batch, dim, fingerprints)
+            rejected = checked.rejected_ids
+            if rejected is not None and checked.reasons is not None:  # rejects in this batch: they pass uncoded
+                yield _uncoded(rejected, checked.reasons,
                                pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None, alternatives)
-                batch = batch.filter(pa.array(~bad))
-            if not batch.num_rows:
+            batch, x, fps = checked.clean, checked.x, checked.fingerprints
+            if x is None:
                 continue
-            x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
-            fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
             if model is None or encode_array is None:
                 yield _uncoded(batch, pa.nulls(batch.num_rows, pa.string()), fps, alternatives)
                 continue
@@ -144,7 +140,6 @@ def _uncoded(batch: pa.RecordBatch, reasons: pa.Array, fps: pa.Array | None, alt
 
 
 _OUTPUT = [ITEM_ID, CODES, QUANTIZATION_ERROR, REASON]
-_REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
 
 
 def encode_embeddings(df: DataFrame, checkpoint: bytes, dim: int, *, batch_size: int | None = None,
@@ -291,12 +286,9 @@ def _parquet(file: str) -> Any:
 
 def _batches_of(parquet: Any, group: int, id_column: str, embedding_column: str,
                 id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
-    """The (ITEM_ID, EMBEDDING) batches of one whole row group of an opened Parquet file."""
-    # One thread: the engine already runs one task per core.
-    for batch in parquet.iter_batches(batch_size=FILE_BATCH_ROWS, row_groups=[group],
-                                      columns=[id_column, embedding_column], use_threads=False):
-        yield pa.RecordBatch.from_arrays([batch.column(id_column).cast(id_type), batch.column(embedding_column)],
-                                         names=[ITEM_ID, EMBEDDING])
+    """The (ITEM_ID, EMBEDDING) batches of one whole row group of an opened Parquet file, ``FILE_BATCH_ROWS``
+    rows each (:func:`pipelines.row_checks.read_row_group`)."""
+    return read_row_group(parquet, group, id_column, embedding_column, id_type, FILE_BATCH_ROWS)
 
 
 def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embedding_column: str,

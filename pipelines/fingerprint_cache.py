@@ -11,9 +11,11 @@ The key of an entry is everything the rows depend on: the row group's stamp
 (:class:`pipelines.io.RowGroupStamp`: the Delta table's id or the Parquet folder's real path, the file's
 path inside the table, its size and modification time, the row group's index and rows, a digest of its
 footer metadata), the two columns, the id's type, the dimension D, and :func:`rules_digest` (the source
-of the modules that check and fingerprint a row, and the versions of xxhash, pyarrow and NumPy), so an
-edit to the rules or an upgrade makes every entry unused. A worker uses or keeps an entry only while
-the file still has the listed size and modification time (checked before and after reading it). An
+of the modules that read, check and fingerprint a row, :data:`RULES`, and the versions of xxhash, pyarrow
+and NumPy), so an edit to the rules or an upgrade of those libraries makes every entry unused. The encode
+stage itself (:mod:`pipelines.encode`: the model, the batching, the engine hand-over) is not in the key.
+A worker uses or keeps an entry only while the file still has the listed size and modification time
+(checked before and after reading it). An
 entry that cannot be read, or holds another number of rows than the row group, is computed again.
 Entries are written whole (a temporary file synced and renamed), so a killed run leaves none
 half-written. A file rewritten in place with the same size, modification time to the nanosecond and
@@ -47,22 +49,29 @@ KEEP_UNUSED_DAYS = 7
 _SUFFIX = ".arrow"
 
 
-# The modules whose code decides a row's reason and fingerprint: the per-row rules and their limits, the
-# reasons' names, the fingerprint, and the encoder that applies them.
-_RULES = ("validate.py", "arrow_utils.py", "schema.py", "encode.py")
+# The modules whose code decides an entry's rows: the per-row pass (how a row group is read, checked and
+# fingerprinted), the per-row rules and their limits, the fingerprint, and the reasons' names. Not
+# encode.py: it runs the model on the clean rows and places the columns, and its edits (batching, the engine
+# hand-over) would otherwise make every entry unused (tests/pipelines/test_fingerprint_cache.py checks that
+# the functions the pass calls live in these modules).
+RULES = ("row_checks.py", "validate.py", "arrow_utils.py", "schema.py")
 
 
 @functools.lru_cache(maxsize=1)
 def rules_digest() -> str:
-    """SHA-256 of :data:`_RULES`' source and of the xxhash, pyarrow and NumPy versions: a change to any of
+    """SHA-256 of :data:`RULES`' source and of the xxhash, pyarrow and NumPy versions: a change to any of
     them is a new key for every entry. Raises OSError when the sources cannot be read (the cache is off)."""
+    return digest_of(Path(__file__).resolve().parent)
+
+
+def digest_of(folder: Path) -> str:
+    """:func:`rules_digest` of the :data:`RULES` modules in ``folder`` (the installed ``pipelines`` package)."""
     import numpy as np
     import xxhash
 
-    here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in _RULES:
-        digest.update((here / name).read_bytes())
+    for name in RULES:
+        digest.update((folder / name).read_bytes())
     digest.update(json.dumps([xxhash.VERSION, getattr(xxhash, "XXHASH_VERSION", ""), pa.__version__,
                               np.__version__]).encode())
     return digest.hexdigest()

@@ -153,3 +153,39 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
     assert incremental(relisted, folder)[0] == without
     assert fingerprint_cache.read(folder, new_keys[at], relisted.stamps[at].rows, arrow_id).to_pylist() == \
         kept[at].to_pylist()
+
+
+def test_the_key_covers_the_modules_that_make_an_entrys_rows_and_not_the_encoder(tmp_path) -> None:
+    """Every function the pass calls to read, check and fingerprint a row lives in a keyed module, so an edit
+    to any of them is a new key; an edit to pipelines/encode.py (the model, the batching) keeps the entries."""
+    import inspect
+    from pathlib import Path
+
+    from pipelines import arrow_utils, row_checks, schema, validate
+
+    keyed = set(fingerprint_cache.RULES)
+    makers = [row_checks.check_batch, row_checks.read_row_group, validate.row_reason_codes,
+              arrow_utils.row_fingerprints, arrow_utils.embeddings_to_numpy, schema.RejectReason]
+    assert {Path(inspect.getfile(f)).name for f in makers} <= keyed
+    # the encoder's per-row part is row_checks' (not a second copy of the rules in encode.py)
+    from pipelines import encode
+
+    source = inspect.getsource(encode.make_encoder)
+    assert "check_batch(" in source and "row_reason_codes" not in source and "row_fingerprints(" not in source
+    assert "read_row_group(" in inspect.getsource(encode._batches_of)
+
+    package = Path(row_checks.__file__).parent
+    copy = tmp_path / "pipelines"
+    copy.mkdir()
+    for name in [*keyed, "encode.py"]:
+        (copy / name).write_bytes((package / name).read_bytes())
+    before = fingerprint_cache.digest_of(copy)
+    assert before == fingerprint_cache.rules_digest()
+    (copy / "encode.py").write_text((package / "encode.py").read_text() + "\n# a release that changes the encoder\n")
+    assert fingerprint_cache.digest_of(copy) == before
+    for name in sorted(keyed):
+        edited = copy / name
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n# an edit to the rules\n")
+        assert fingerprint_cache.digest_of(copy) != before, name
+        edited.write_bytes(original)

@@ -1,0 +1,73 @@
+"""The per-row part of the encode UDF's pass: a row group's (item_id, embedding) rows read, checked and
+fingerprinted.
+
+Everything that decides what a fingerprint-cache entry holds, each row's id (as read and cast), reject
+reason and embedding fingerprint, is this module's output from validation's per-row rules
+(:func:`pipelines.validate.row_reason_codes`) and the fingerprint
+(:func:`pipelines.arrow_utils.row_fingerprints`). So the cache's key covers the source of this module and of
+those it calls (:data:`pipelines.fingerprint_cache.RULES`), not of :mod:`pipelines.encode`, which only runs
+the model on the clean rows and places the columns: an upgrade that changes how rows are encoded, batched or
+handed to the engine keeps every entry, and one that changes how a row is read, checked or fingerprinted
+makes every entry unused.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.arrow_utils import embeddings_to_numpy, row_fingerprints
+from pipelines.schema import EMBEDDING, ITEM_ID, RejectReason
+from pipelines.validate import row_reason_codes
+
+REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
+
+
+def read_row_group(parquet: Any, group: int, id_column: str, embedding_column: str, id_type: pa.DataType,
+                   batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The (ITEM_ID, EMBEDDING) batches of one whole row group of an opened Parquet file (``pq.ParquetFile``),
+    ``batch_rows`` rows each (the last: what is left), the id cast to ``id_type``."""
+    # One thread: the engine already runs one task per core.
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                      columns=[id_column, embedding_column], use_threads=False):
+        yield pa.RecordBatch.from_arrays([batch.column(id_column).cast(id_type), batch.column(embedding_column)],
+                                         names=[ITEM_ID, EMBEDDING])
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """One batch's rows after the per-row rules.
+
+    Attributes:
+        rejected_ids: the ids of the rows with a reason (a one-column batch), or None when there are none.
+        reasons: their reasons' names (string), one per rejected row.
+        clean: the rows without a reason (ITEM_ID, EMBEDDING), in the batch's order.
+        x: the clean rows' embeddings, float32 (n, D); None when there are none.
+        fingerprints: the clean rows' embedding fingerprints (int64), when asked for and there are any.
+    """
+
+    rejected_ids: pa.RecordBatch | None
+    reasons: pa.Array | None
+    clean: pa.RecordBatch
+    x: np.ndarray | None
+    fingerprints: pa.Array | None
+
+
+def check_batch(batch: pa.RecordBatch, dim: int, fingerprints: bool) -> CheckedBatch:
+    """Every row of ``batch`` (ITEM_ID, EMBEDDING) checked with validation's per-row rules (everything but
+    repeated ids, which need the whole catalog) and, with ``fingerprints``, each clean row fingerprinted."""
+    reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
+    bad = reasons >= 0
+    rejected_ids, names = None, None
+    if bad.any():
+        rejected_ids = batch.select([ITEM_ID]).filter(pa.array(bad))  # the ids only: no copy of the embeddings
+        names = pa.array(REASON_NAMES[reasons[bad]], pa.string())
+        batch = batch.filter(pa.array(~bad))
+    if not batch.num_rows:
+        return CheckedBatch(rejected_ids, names, batch, None, None)
+    x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
+    fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
+    return CheckedBatch(rejected_ids, names, batch, x, fps)
