@@ -741,3 +741,27 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     assert_stuck_items_have_no_free_code(list(grown.values()), K)
     helpers.assert_sid_checker_passes(first.tables / SEMANTIC_IDS_TABLE, "--previous-version", str(version))
 
+
+
+def test_the_script_turns_collection_back_on_and_a_library_call_leaves_it_as_found(monkeypatch) -> None:
+    """The script runs its imports without the cyclic collector and, once they are done, freezes what they left
+    and turns collection back on (jobs.tokenize_catalog._settle_gc); ``main`` called from another program (a
+    test, the console script, a Databricks wheel task) never touches its collector."""
+    import gc
+
+    import jobs.tokenize_catalog as tc
+
+    frozen = gc.get_freeze_count()
+    try:
+        gc.enable()
+        tc._settle_gc()  # as a library: nothing changes
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+        gc.disable()
+        tc._settle_gc()  # a library call with the collector off (the caller's choice): still nothing
+        assert not gc.isenabled() and gc.get_freeze_count() == frozen
+        monkeypatch.setattr(tc, "__name__", "__main__")  # as the script, which turned it off at its start
+        tc._settle_gc()
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
