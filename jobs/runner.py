@@ -651,7 +651,8 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     split = job.session.materialize_split
     # Before anything is written:
     ledger.check_ledger(table, expected_active=result.counts["valid_rows"], parts=parts, split=split)
-    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts, split=split)
+    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts, split=split,
+                          num_levels=model.num_levels)
     drifts = [drift] + ([result.comparison] if result.comparison else [])
     frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
                                            n_rejected=result.counts["rejected_rows"]),

@@ -131,3 +131,6 @@ def test_report_tables_in_parts_of_the_prefixes_are_the_hand_checked_ones(spark,
     assert out.summary == summarize(sids, num_levels=3, codebook_size=8, suffix_budget=2)
     assert len(materialized) == (2 if parts == 1 else 2 * parts + 1)  # groups and stats of every part, the union
     assert splits == ([(3, ("codes", "suffix"))] if with_split else [])
+    # L given by the caller (the job passes its model's) instead of read from the table: the same tables
+    given = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=materialize, parts=parts, num_levels=3)
+    assert rows(given.prefix_stats, STATS_COLUMNS) == EXPECTED_STATS and given.summary == out.summary
