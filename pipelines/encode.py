@@ -100,10 +100,10 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
             model, encode_array = model_for(checkpoint, digest, device, threads), encode_rows
         for batch in batches:
             checked = check_batch(batch, dim, fingerprints)
-            rejected = checked.rejected_ids
-            if rejected is not None and checked.reasons is not None:  # rejects in this batch: they pass uncoded
-                yield _uncoded(rejected, checked.reasons,
-                               pa.nulls(rejected.num_rows, pa.int64()) if fingerprints else None, alternatives)
+            rejected = checked.rejected
+            if rejected is not None:  # rejects in this batch: they pass through uncoded
+                yield _uncoded(rejected, rejected.column(REASON),
+                               rejected.column(EMBEDDING_FINGERPRINT) if fingerprints else None, alternatives)
             batch, x, fps = checked.clean, checked.x, checked.fingerprints
             if x is None:
                 continue

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.arrow_utils import embeddings_to_numpy, row_fingerprints
-from pipelines.schema import EMBEDDING, ITEM_ID, RejectReason
+from pipelines.schema import EMBEDDING, EMBEDDING_FINGERPRINT, ITEM_ID, REASON, RejectReason
 from pipelines.validate import row_reason_codes
 
 REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
@@ -42,15 +42,14 @@ class CheckedBatch:
     """One batch's rows after the per-row rules.
 
     Attributes:
-        rejected_ids: the ids of the rows with a reason (a one-column batch), or None when there are none.
-        reasons: their reasons' names (string), one per rejected row.
-        clean: the rows without a reason (ITEM_ID, EMBEDDING), in the batch's order.
+        rejected: the rows with a reason as ITEM_ID, REASON (the reason's name) and EMBEDDING_FINGERPRINT (null:
+            a rejected row has none), or None when there are none.
+        clean: the rows without a reason (ITEM_ID, EMBEDDING), in the batch's order; their REASON is null.
         x: the clean rows' embeddings, float32 (n, D); None when there are none.
         fingerprints: the clean rows' embedding fingerprints (int64), when asked for and there are any.
     """
 
-    rejected_ids: pa.RecordBatch | None
-    reasons: pa.Array | None
+    rejected: pa.RecordBatch | None
     clean: pa.RecordBatch
     x: np.ndarray | None
     fingerprints: pa.Array | None
@@ -61,13 +60,15 @@ def check_batch(batch: pa.RecordBatch, dim: int, fingerprints: bool) -> CheckedB
     repeated ids, which need the whole catalog) and, with ``fingerprints``, each clean row fingerprinted."""
     reasons = row_reason_codes(batch.column(ITEM_ID), batch.column(EMBEDDING), dim)
     bad = reasons >= 0
-    rejected_ids, names = None, None
+    rejected = None
     if bad.any():
-        rejected_ids = batch.select([ITEM_ID]).filter(pa.array(bad))  # the ids only: no copy of the embeddings
-        names = pa.array(REASON_NAMES[reasons[bad]], pa.string())
+        ids = batch.column(ITEM_ID).filter(pa.array(bad))  # the ids only: no copy of the embeddings
+        rejected = pa.RecordBatch.from_arrays(
+            [ids, pa.array(REASON_NAMES[reasons[bad]], pa.string()), pa.nulls(len(ids), pa.int64())],
+            names=[ITEM_ID, REASON, EMBEDDING_FINGERPRINT])
         batch = batch.filter(pa.array(~bad))
     if not batch.num_rows:
-        return CheckedBatch(rejected_ids, names, batch, None, None)
+        return CheckedBatch(rejected, batch, None, None)
     x = embeddings_to_numpy(batch.column(EMBEDDING), dim)  # (n, D)
     fps = pa.array(row_fingerprints(x), pa.int64()) if fingerprints else None
-    return CheckedBatch(rejected_ids, names, batch, x, fps)
+    return CheckedBatch(rejected, batch, x, fps)
