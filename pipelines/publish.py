@@ -105,10 +105,28 @@ def entries(spark: SparkSession, location: io.OutputLocation) -> list[Entry]:
     """Every entry of the ``runs`` table, oldest first (none when there is no such table)."""
     if not io.table_exists(spark, location, RUNS_TABLE):
         return []
-    rows = io.read_table(spark, location, RUNS_TABLE).collect()
+    rows = _runs_rows_directly(location)
+    if rows is None:
+        rows = [r.asDict() for r in io.read_table(spark, location, RUNS_TABLE).collect()]
     return sorted((Entry(int(r["entry"]), r["mlflow_run_id"], r["status"], r["model_name"], r["model_version"],
                          bool(r["moves_champion"]), r["semantic_ids_before"], json.loads(r["tokens"] or "{}"))
                    for r in rows), key=lambda e: e.entry)
+
+
+def _runs_rows_directly(location: io.OutputLocation) -> list[dict[str, Any]] | None:
+    """The runs table's rows read with delta-rs when it is a local Delta table (a few rows: no engine query,
+    which on classic Spark is the session's first and costs its warm-up), else None (the engine reads it)."""
+    if location.fmt != "delta":
+        return None
+    try:
+        table = io.read_independently(location, RUNS_TABLE, _RUNS_COLUMNS)
+    except Exception:  # noqa: BLE001 - unreadable here: the engine reads it, and says why if it cannot either
+        return None
+    return None if table is None else table.to_pylist()
+
+
+_RUNS_COLUMNS = ("entry", "mlflow_run_id", "status", "model_name", "model_version", "moves_champion",
+                 "semantic_ids_before", "tokens")
 
 
 def last_published(history: list[Entry]) -> Entry | None:

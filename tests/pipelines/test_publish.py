@@ -44,6 +44,17 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     for name in publish.DESCRIBING:
         assert rows(location, name) == [(1, name)]  # the published set's rows again
     assert publish.recover(spark, location, "run-4") is None  # nothing left to do
+    # the runs table is read with delta-rs where it is a local Delta table: the same entries as the engine reads
+    direct = publish.entries(spark, location)
+    assert [e.status for e in direct][-1] == publish.ROLLED_BACK and len(direct) >= 2
+    engine_rows = [r.asDict() for r in io.read_table(spark, location, publish.RUNS_TABLE).collect()]
+    direct_rows = publish._runs_rows_directly(location)
+    assert direct_rows is not None
+    key = lambda r: r["entry"]  # noqa: E731
+    assert sorted(direct_rows, key=key) == sorted(({c: r[c] for c in publish._RUNS_COLUMNS} for r in engine_rows),
+                                                  key=key)
+    parquet = io.OutputLocation.for_path(str(tmp_path / "tables"), fmt="parquet")
+    assert publish._runs_rows_directly(parquet) is None  # Parquet outputs: the engine reads the runs table
 
 
 def written_set(root, level_used: list[int], counted: int) -> None:
