@@ -30,13 +30,17 @@ from typing import NoReturn
 
 if __package__ in (None, ""):  # run as a script (python/spark-submit jobs/tokenize_catalog.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # the script: no collection while the job's libraries import (see _settle_gc)
-    gc.disable()
+if __name__ == "__main__" and not os.environ.get("DATABRICKS_RUNTIME_VERSION"):  # _OWN_PROCESS, below
+    gc.disable()  # no collection while the job's libraries import (see _settle_gc)
 
 from jobs.config import ALIGN_CHOICES, EXIT_UNEXPECTED, READ_EMBEDDINGS, STAGES, JobConfig
 from pipelines.gate import GateThresholds
 from pipelines.schema import MODES, ON_CHANGED
 from rqvae import ModelConfig, TrainConfig
+
+# The script in its own process. Not on Databricks, whose Python task may run the file in a process that lives
+# on after it: the collector is left alone there (the test at the top of the file is the same).
+_OWN_PROCESS = __name__ == "__main__" and not os.environ.get("DATABRICKS_RUNTIME_VERSION")
 
 # --- argument types: each names its flag's rule; argparse adds the flag and exits 2 ------------------
 
@@ -502,8 +506,8 @@ def _settle_gc() -> None:
     import, Python's cyclic collector walks all of them again every time its oldest generation fills (6 full
     collections, 0.4 s, at 1M x 768); frozen (``gc.freeze``), later collections in the run skip them too (0.4
     -> 0.1 s during an incremental run). A no-op when ``main`` is called from another program (tests, the
-    console script, a Databricks wheel task): its collector is left as it is."""
-    if __name__ == "__main__" and not gc.isenabled():
+    console script, a Databricks wheel task) or the script runs on Databricks: the collector is left as it is."""
+    if _OWN_PROCESS and not gc.isenabled():
         gc.collect()  # what the imports left as garbage is freed, not frozen with the rest
         gc.freeze()
         gc.enable()
@@ -516,9 +520,11 @@ def _exit(code: int) -> NoReturn:
     Python runs while it shuts down walks every one of them once more: 1.1-1.3 s of each run's wall time, after
     the results are printed (bench/RESULTS.md). Frozen (``gc.freeze``), they are left to the operating system.
     By then the engine is stopped, the MLflow run ended and every file closed (run_job's ``finally`` and
-    context managers); atexit handlers and the flush of stdout and stderr still run. Only for the script:
-    ``main`` itself (the console script, tests, a Databricks wheel task) leaves its process as it found it."""
-    gc.freeze()
+    context managers); atexit handlers and the flush of stdout and stderr still run. Only for the script in its
+    own process: ``main`` itself (the console script, tests, a Databricks wheel task) and the script on
+    Databricks leave the process as they found it."""
+    if _OWN_PROCESS:
+        gc.freeze()
     sys.exit(code)
 
 

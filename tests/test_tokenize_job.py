@@ -759,7 +759,7 @@ def test_the_script_turns_collection_back_on_and_a_library_call_leaves_it_as_fou
         gc.disable()
         tc._settle_gc()  # a library call with the collector off (the caller's choice): still nothing
         assert not gc.isenabled() and gc.get_freeze_count() == frozen
-        monkeypatch.setattr(tc, "__name__", "__main__")  # as the script, which turned it off at its start
+        monkeypatch.setattr(tc, "_OWN_PROCESS", True)  # as the script, which turned it off at its start
         tc._settle_gc()
         assert gc.isenabled() and gc.get_freeze_count() > frozen
     finally:
