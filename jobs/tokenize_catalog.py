@@ -465,12 +465,13 @@ def stage(name: str):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+        from jobs.runner import JobFailed, run_job
+        from pipelines.session import POOL_ENV, is_out_of_engine_memory
+    finally:  # collection back on even when the arguments are refused (a host that ran the file keeps it)
+        _settle_gc()
     debug = cfg.debug
-    from jobs.runner import JobFailed, run_job
-    from pipelines.session import POOL_ENV, is_out_of_engine_memory
-
-    _settle_gc()
 
     try:
         result = run_job(cfg, stage)
@@ -504,7 +505,7 @@ def _settle_gc() -> None:
 
     torch, MLflow, pyspark and pandas leave about 370k objects that live as long as the process. While they
     import, Python's cyclic collector walks all of them again every time its oldest generation fills (6 full
-    collections, 0.4 s, at 1M x 768); frozen (``gc.freeze``), later collections in the run skip them too (0.4
+    collections, 0.4 s); frozen (``gc.freeze``), later collections in the run skip them too (0.4
     -> 0.1 s during an incremental run). A no-op when ``main`` is called from another program (tests, the
     console script, a Databricks wheel task) or the script runs on Databricks: the collector is left as it is."""
     if _OWN_PROCESS and not gc.isenabled():

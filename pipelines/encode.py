@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from pipelines import fingerprint_cache
 from pipelines.arrow_utils import matrix_to_list_array
 from pipelines.io import EmbeddingFiles, RowGroupStamp
-from pipelines.row_checks import check_batch, read_row_group
+from pipelines.row_checks import check_batch, entry_rows, open_file, read_row_group
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -91,7 +91,10 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
     digest = hashlib.sha256(checkpoint).hexdigest()
     names = _output_names(fingerprints, alternatives)
 
-    def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def encode_batches(batches: Iterator[pa.RecordBatch],
+                       keep: list[pa.RecordBatch] | None = None) -> Iterator[pa.RecordBatch]:
+        """``keep``: a list given each batch's :func:`pipelines.row_checks.entry_rows` (a fingerprint-cache
+        entry's rows, made by the keyed per-row pass, not from this function's output)."""
         model: Any = None
         encode_array: Callable[..., Any] | None = None
         if encode:  # torch: imported (and the model built) by the workers that encode only
@@ -100,6 +103,8 @@ def make_encoder(checkpoint: bytes, dim: int, *, batch_size: int | None = None, 
             model, encode_array = model_for(checkpoint, digest, device, threads), encode_rows
         for batch in batches:
             checked = check_batch(batch, dim, fingerprints)
+            if keep is not None:
+                keep.append(entry_rows(checked))
             rejected = checked.rejected
             if rejected is not None:  # rejects in this batch: they pass through uncoded
                 yield _uncoded(rejected, rejected.column(REASON),
@@ -230,7 +235,6 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
     wanted = None if only_ids is None else only_ids.cast(arrow_id)
     keys = cache_keys(files, dim, id_type) if cache and fingerprints and only_ids is None else None
     folder = os.path.abspath(cache) if cache else ""  # the workers' working directory need not be the driver's
-    kept_columns = fingerprint_cache.schema(arrow_id).names
 
     def read_and_encode(units: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if keys is None:
@@ -247,10 +251,8 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
                     yield _uncoded(kept, kept.column(REASON), kept.column(EMBEDDING_FINGERPRINT), alternatives)
                     continue
                 before = fingerprint_cache.unchanged(file, stamp)
-                computed = []
-                for out in encoder(_batches_of(_parquet(file), group, id_column, embedding_column, arrow_id)):
-                    computed.append(out.select(kept_columns))
-                    yield out
+                computed: list[pa.RecordBatch] = []  # the entry's rows, as the keyed per-row pass made them
+                yield from encoder(_batches_of(open_file(file), group, id_column, embedding_column, arrow_id), computed)
                 if before and fingerprint_cache.unchanged(file, stamp):  # kept only as the file was listed
                     fingerprint_cache.write(folder, key, computed, arrow_id)
 
@@ -277,13 +279,6 @@ FILE_BATCH_ROWS = 8192  # rows per Arrow batch read from a row group (the embedd
 _FILE, _ROW_GROUP, _KEY, _STAMP = "__csid_file", "__csid_row_group", "__csid_cache_key", "__csid_stamp"
 
 
-def _parquet(file: str) -> Any:
-    """``file`` opened with pyarrow (its footer read once)."""
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(file)
-
-
 def _batches_of(parquet: Any, group: int, id_column: str, embedding_column: str,
                 id_type: pa.DataType) -> Iterator[pa.RecordBatch]:
     """The (ITEM_ID, EMBEDDING) batches of one whole row group of an opened Parquet file, ``FILE_BATCH_ROWS``
@@ -308,7 +303,7 @@ def _row_group_batches(units: Iterator[pa.RecordBatch], id_column: str, embeddin
     held = 0  # rows in gathered
     for unit in units:
         for file, group in zip(unit.column(_FILE).to_pylist(), unit.column(_ROW_GROUP).to_pylist(), strict=True):
-            parquet = _parquet(file)
+            parquet = open_file(file)
             if among is not None:  # the ids first: a row group without a wanted one is not read further
                 ids = parquet.read_row_group(group, columns=[id_column], use_threads=False).column(0).cast(id_type)
                 if not among(ids).any():

@@ -1,14 +1,14 @@
 """The per-row part of the encode UDF's pass: a row group's (item_id, embedding) rows read, checked and
 fingerprinted.
 
-Everything that decides what a fingerprint-cache entry holds, each row's id (as read and cast), reject
-reason and embedding fingerprint, is this module's output from validation's per-row rules
-(:func:`pipelines.validate.row_reason_codes`) and the fingerprint
-(:func:`pipelines.arrow_utils.row_fingerprints`). So the cache's key covers the source of this module and of
-those it calls (:data:`pipelines.fingerprint_cache.RULES`), not of :mod:`pipelines.encode`, which only runs
-the model on the clean rows and places the columns: an upgrade that changes how rows are encoded, batched or
-handed to the engine keeps every entry, and one that changes how a row is read, checked or fingerprinted
-makes every entry unused.
+A fingerprint-cache entry holds exactly :func:`entry_rows` of each batch this module read
+(:func:`open_file`, :func:`read_row_group`) and checked (:func:`check_batch`: validation's per-row rules,
+:func:`pipelines.validate.row_reason_codes`, and the fingerprint, :func:`pipelines.arrow_utils.row_fingerprints`):
+each row's id (as read and cast), reject reason and embedding fingerprint. So the cache's key covers the source
+of this module and of those it calls (:data:`pipelines.fingerprint_cache.RULES`), not of
+:mod:`pipelines.encode`, which runs the model on the clean rows and hands :func:`entry_rows` to the cache
+unchanged: an upgrade that changes how rows are encoded, batched or handed to the engine keeps every entry, and
+one that changes how a row is read, checked or fingerprinted makes every entry unused.
 """
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ from pipelines.schema import EMBEDDING, EMBEDDING_FINGERPRINT, ITEM_ID, REASON, 
 from pipelines.validate import row_reason_codes
 
 REASON_NAMES = np.array(RejectReason.ALL, dtype=object)
+
+
+def open_file(file: str) -> Any:
+    """``file`` opened with pyarrow (``pq.ParquetFile``: its footer read once)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file)
 
 
 def read_row_group(parquet: Any, group: int, id_column: str, embedding_column: str, id_type: pa.DataType,
@@ -53,6 +60,21 @@ class CheckedBatch:
     clean: pa.RecordBatch
     x: np.ndarray | None
     fingerprints: pa.Array | None
+
+
+def entry_rows(checked: CheckedBatch) -> pa.RecordBatch:
+    """The rows a fingerprint-cache entry keeps for one checked batch: ITEM_ID, REASON and EMBEDDING_FINGERPRINT of
+    the rejected rows, then of the clean rows (null reason; the batch must have been checked with
+    ``fingerprints``)."""
+    clean = checked.clean
+    if checked.x is not None and checked.fingerprints is None:
+        raise ValueError("entry_rows: the batch was checked without fingerprints")
+    fps = checked.fingerprints if checked.fingerprints is not None else pa.nulls(clean.num_rows, pa.int64())
+    rows = pa.RecordBatch.from_arrays([clean.column(ITEM_ID), pa.nulls(clean.num_rows, pa.string()), fps],
+                                      names=[ITEM_ID, REASON, EMBEDDING_FINGERPRINT])
+    if checked.rejected is None:
+        return rows
+    return pa.Table.from_batches([checked.rejected, rows]).combine_chunks().to_batches()[0]
 
 
 def check_batch(batch: pa.RecordBatch, dim: int, fingerprints: bool) -> CheckedBatch:

@@ -765,3 +765,16 @@ def test_the_script_turns_collection_back_on_and_a_library_call_leaves_it_as_fou
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_the_script_exits_with_mains_code(tmp_path) -> None:
+    """Run as a script, the job leaves through _exit (the collector frozen, sys.exit): a refused input still
+    exits 2 with its message, and refused arguments exit 2 from argparse."""
+    script = Path(__file__).resolve().parents[1] / "jobs" / "tokenize_catalog.py"
+    missing = subprocess.run([sys.executable, str(script), "--input", str(tmp_path / "no_such_catalog"), "--work-dir",
+                              str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "does not exist" in missing.stderr
+    refused = subprocess.run([sys.executable, str(script), "--stages", "bogus", "--input", "x"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--stages: unknown ['bogus']" in refused.stderr

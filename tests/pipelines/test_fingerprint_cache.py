@@ -104,6 +104,17 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
     arrow_id = pa.string() if contract == "string" else pa.int64()
     kept = [fingerprint_cache.read(folder, k, st.rows, arrow_id) for k, st in zip(keys, files.stamps, strict=True)]
     assert sum(b.num_rows for b in kept) == table.num_rows
+    # Each entry is what the keyed per-row pass alone gives for its row group (pipelines/row_checks.py, whose
+    # source the key holds), whatever the encoder around it does: read, checked and fingerprinted again here in
+    # batches of 4 rows, the same rows.
+    from pipelines import row_checks
+
+    for (file, group), entry in zip(files.row_groups, kept, strict=True):
+        alone = [row_checks.entry_rows(row_checks.check_batch(batch, DIM, fingerprints=True))
+                 for batch in row_checks.read_row_group(row_checks.open_file(file), group, "item_id", "embedding",
+                                                        arrow_id, batch_rows=4)]
+        assert entry is not None and alone
+        assert sorted(pa.Table.from_batches(alone).to_pylist(), key=str) == sorted(entry.to_pylist(), key=str)
     clean = {r[ITEM_ID]: r[EMBEDDING_FINGERPRINT] for b in kept for r in b.to_pylist() if r[REASON] is None}
     # The repeated id is flagged after the pass, on its output: its rows are kept as the per-row rules leave them.
     assert set(clean) - set(first) == {"dup" if contract == "string" else 7}
@@ -156,23 +167,19 @@ def test_an_incremental_first_pass_reads_the_kept_rows_not_the_embeddings(spark,
 
 
 def test_the_key_covers_the_modules_that_make_an_entrys_rows_and_not_the_encoder(tmp_path) -> None:
-    """Every function the pass calls to read, check and fingerprint a row lives in a keyed module, so an edit
-    to any of them is a new key; an edit to pipelines/encode.py (the model, the batching) keeps the entries."""
+    """Every function the pass calls to read, check and fingerprint a row and to make an entry's rows lives in a
+    keyed module, so an edit to any of them is a new key; an edit to pipelines/encode.py (the model, the
+    batching) keeps the entries. That an entry holds only those functions' output is the test above."""
     import inspect
     from pathlib import Path
 
     from pipelines import arrow_utils, row_checks, schema, validate
 
     keyed = set(fingerprint_cache.RULES)
-    makers = [row_checks.check_batch, row_checks.read_row_group, validate.row_reason_codes,
-              arrow_utils.row_fingerprints, arrow_utils.embeddings_to_numpy, schema.RejectReason]
+    makers = [row_checks.check_batch, row_checks.entry_rows, row_checks.read_row_group, row_checks.open_file,
+              validate.row_reason_codes, arrow_utils.row_fingerprints, arrow_utils.embeddings_to_numpy,
+              schema.RejectReason]
     assert {Path(inspect.getfile(f)).name for f in makers} <= keyed
-    # the encoder's per-row part is row_checks' (not a second copy of the rules in encode.py)
-    from pipelines import encode
-
-    source = inspect.getsource(encode.make_encoder)
-    assert "check_batch(" in source and "row_reason_codes" not in source and "row_fingerprints(" not in source
-    assert "read_row_group(" in inspect.getsource(encode._batches_of)
 
     package = Path(row_checks.__file__).parent
     copy = tmp_path / "pipelines"
