@@ -12,8 +12,9 @@ import os
 import platform
 import shutil
 import signal
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -649,10 +650,12 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     table = plan.table()
     parts = parts_for(result.counts["valid_rows"])  # a large catalog's checks and statistics go in parts
     split = job.session.materialize_split
-    # Before anything is written:
-    ledger.check_ledger(table, expected_active=result.counts["valid_rows"], parts=parts, split=split)
-    stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts, split=split,
-                          num_levels=model.num_levels)
+    # Before anything is written: the ledger's invariants and the statistics, both read-only. On a JVM engine the
+    # check's counts run beside the statistics' queries (each query's jobs leave the cores idle between them).
+    with _beside(job.session.engine != "local", ledger.check_ledger, table,
+                 expected_active=result.counts["valid_rows"], parts=parts, split=split):
+        stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts,
+                              split=split, num_levels=model.num_levels)
     drifts = [drift] + ([result.comparison] if result.comparison else [])
     frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
                                            n_rejected=result.counts["rejected_rows"]),
@@ -664,7 +667,10 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     # with a given registered model (e.g. the @candidate of a training-only run); never a checkpoint file.
     moves = cfg.trains or (plan.mode.new_generation and registry.is_registered_version(model.version))
     job.publishing = True
-    describing = publish.write_describing(spark, location, frames, result.run_id)
+    # On a JVM engine the five small writes overlap (mostly the driver's Delta commits); the embedded engine's
+    # take a fraction of a second in all, so they stay one after another there.
+    describing = publish.write_describing(spark, location, frames, result.run_id,
+                                          concurrent=job.session.engine != "local")
     boundary("describing-written")
     publish.record(spark, location, history, result.run_id, publish.PENDING, describing,
                    model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
@@ -692,6 +698,20 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
           f"(the {RUNS_TABLE} table)")
     result.counts["written_rows"] = active
     mlflow.log_metric("written_rows", active)
+
+
+@contextmanager
+def _beside(concurrent: bool, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[None]:
+    """Run ``check(*args, **kwargs)`` beside the block (in a driver thread), or before it; either way it has
+    ended when the block has, and its error is raised then (the block's own error first, if it has one)."""
+    if not concurrent:
+        check(*args, **kwargs)
+        yield
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="csid-check") as pool:
+        checked = pool.submit(check, *args, **kwargs)
+        yield
+    checked.result()
 
 
 def boundary(name: str) -> None:

@@ -35,6 +35,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,12 +200,30 @@ def _roll_back(spark: SparkSession, location: io.OutputLocation, name: str, publ
     io.write_table(old, location, name)
 
 
-def write_describing(spark: SparkSession, location: io.OutputLocation, frames: Mapping[str, Any], run_id: str
-                     ) -> dict[str, str | None]:
-    """Write the describing tables (in :data:`DESCRIBING` order); returns their tokens after."""
-    for name in DESCRIBING:
-        if name in frames:
-            io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
+def write_describing(spark: SparkSession, location: io.OutputLocation, frames: Mapping[str, Any], run_id: str,
+                     concurrent: bool = False) -> dict[str, str | None]:
+    """Write the describing tables; returns their tokens after.
+
+    One after another in :data:`DESCRIBING` order, or with ``concurrent`` all at once from threads of the
+    driver: each write is its own atomic overwrite of its own table, and on a JVM engine most of a small
+    table's write is the driver's Delta commit, not work on the cores, so they overlap (classic Spark at
+    1M items: bench/RESULTS.md). Either way the run's first failed write is raised once every write has
+    ended, and :func:`recover` puts back whichever tables were written, as after a sequential failure.
+    """
+    names = [name for name in DESCRIBING if name in frames]
+
+    def write(name: str) -> None:
+        io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
+
+    if concurrent and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="csid-describing") as pool:
+            futures = [pool.submit(write, name) for name in names]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            raise failed[0]
+    else:
+        for name in names:
+            write(name)
     return tokens(spark, location, DESCRIBING)
 
 

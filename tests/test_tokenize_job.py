@@ -778,3 +778,33 @@ def test_the_script_exits_with_mains_code(tmp_path) -> None:
     refused = subprocess.run([sys.executable, str(script), "--stages", "bogus", "--input", "x"], capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 2 and "--stages: unknown ['bogus']" in refused.stderr
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_a_check_beside_the_statistics_has_ended_and_raised_when_they_have(concurrent) -> None:
+    """The pre-publish ledger check runs beside the statistics on JVM engines (jobs/runner.py's _beside): its
+    failure still stops the run before anything is written, and a failure of the block itself comes first."""
+    import threading
+    import time
+
+    from jobs import runner
+    from pipelines.ledger import RowAccountingError
+
+    done = threading.Event()
+
+    def failing_check(rows: int) -> None:
+        time.sleep(0.2)
+        done.set()
+        raise RowAccountingError(f"row accounting failed: {rows} rows")
+
+    after_block = []
+    with pytest.raises(RowAccountingError, match="row accounting failed: 7 rows"), \
+            runner._beside(concurrent, failing_check, 7):
+        after_block.append(done.is_set())  # beside: the check is still sleeping; before: it has raised
+    assert after_block == ([False] if concurrent else [])
+    assert done.is_set()
+
+    done.clear()
+    with pytest.raises(ValueError, match="the statistics broke"), runner._beside(True, failing_check, 7):
+        raise ValueError("the statistics broke")
+    assert done.is_set()  # waited for, though its own error is not the one raised

@@ -57,6 +57,31 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     assert publish._runs_rows_directly(parquet) is None  # Parquet outputs: the engine reads the runs table
 
 
+def test_concurrent_describing_writes_raise_the_failure_once_all_ended_and_recover_puts_the_set_back(spark, tmp_path):
+    """The JVM engines' path (the runner passes concurrent=True there): every write but the failed one lands."""
+    location = io.OutputLocation.for_path(str(tmp_path / "tables"))
+    io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
+    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", concurrent=True)
+    assert written == {name: "0" for name in publish.DESCRIBING}
+    assert all(rows(location, name) == [(1, name)] for name in publish.DESCRIBING)
+    publish.record(spark, location, [], "run-1", publish.PUBLISHED,
+                   {**written, SEMANTIC_IDS_TABLE: publish.token(spark, location, SEMANTIC_IDS_TABLE)})
+
+    frames = frames_of(spark, 2)
+    frames[DRIFT_TABLE] = frames[DRIFT_TABLE].withColumn("name", F.raise_error(F.lit("drift broke")).cast("string"))
+    with pytest.raises(Exception, match="drift broke"):
+        publish.write_describing(spark, location, frames, "run-2", concurrent=True)
+    others = [name for name in publish.DESCRIBING if name != DRIFT_TABLE]
+    assert all(rows(location, name) == [(2, name)] for name in others)  # every other write ran to its end
+    assert rows(location, DRIFT_TABLE) == [(1, DRIFT_TABLE)]
+
+    recovery = publish.recover(spark, location, "run-3")
+    assert recovery is not None
+    assert recovery.action.startswith(f"{', '.join(others)} rolled back to the set run run-1 published")
+    for name in publish.DESCRIBING:
+        assert rows(location, name) == [(1, name)]
+
+
 def written_set(root, level_used: list[int], counted: int) -> None:
     """A published set written with delta-rs: 3 active IDs (codes [1,2], [1,3], [4,2]) and a retired one."""
     import json
