@@ -785,26 +785,27 @@ def test_a_check_beside_the_statistics_has_ended_and_raised_when_they_have(concu
     """The pre-publish ledger check runs beside the statistics on JVM engines (jobs/runner.py's _beside): its
     failure still stops the run before anything is written, and a failure of the block itself comes first."""
     import threading
-    import time
 
     from jobs import runner
     from pipelines.ledger import RowAccountingError
 
-    done = threading.Event()
+    done, released = threading.Event(), threading.Event()
 
-    def failing_check(rows: int) -> None:
-        time.sleep(0.2)
+    def failing_check(rows: int, wait_s: float) -> None:
+        released.wait(timeout=wait_s)  # beside the block: not before the block has run
         done.set()
         raise RowAccountingError(f"row accounting failed: {rows} rows")
 
     after_block = []
     with pytest.raises(RowAccountingError, match="row accounting failed: 7 rows"), \
-            runner._beside(concurrent, failing_check, 7):
-        after_block.append(done.is_set())  # beside: the check is still sleeping; before: it has raised
+            runner._beside(concurrent, failing_check, 7, wait_s=30 if concurrent else 0):
+        after_block.append(done.is_set())  # beside: the check is still waiting; before: it has raised already
+        released.set()
     assert after_block == ([False] if concurrent else [])
     assert done.is_set()
 
     done.clear()
-    with pytest.raises(ValueError, match="the statistics broke"), runner._beside(True, failing_check, 7):
+    released.clear()  # the check now waits 0.3 s, and the block fails at once
+    with pytest.raises(ValueError, match="the statistics broke"), runner._beside(True, failing_check, 7, wait_s=0.3):
         raise ValueError("the statistics broke")
     assert done.is_set()  # waited for, though its own error is not the one raised
