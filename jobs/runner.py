@@ -667,10 +667,11 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     # with a given registered model (e.g. the @candidate of a training-only run); never a checkpoint file.
     moves = cfg.trains or (plan.mode.new_generation and registry.is_registered_version(model.version))
     job.publishing = True
-    # On a JVM engine the five small writes overlap (mostly the driver's Delta commits); the embedded engine's
-    # take a fraction of a second in all, so they stay one after another there.
+    # On a JVM engine the five small Delta writes overlap (mostly the driver's commits); the embedded engine's
+    # take a fraction of a second in all, so they stay one after another there, as do Parquet outputs (some of
+    # them, catalog tables and object stores, cannot be rolled back: a failure leaves what was written).
     describing = publish.write_describing(spark, location, frames, result.run_id,
-                                          concurrent=job.session.engine != "local")
+                                          concurrent=job.session.engine != "local" and location.fmt == "delta")
     boundary("describing-written")
     publish.record(spark, location, history, result.run_id, publish.PENDING, describing,
                    model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
@@ -708,9 +709,17 @@ def _beside(concurrent: bool, check: Callable[..., Any], *args: Any, **kwargs: A
         check(*args, **kwargs)
         yield
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="csid-check") as pool:
-        checked = pool.submit(check, *args, **kwargs)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csid-check")
+    checked = pool.submit(check, *args, **kwargs)
+    try:
         yield
+    except BaseException as e:
+        pool.shutdown(wait=True)
+        failure = checked.exception()
+        if failure is not None:  # not lost behind the block's error: it is the ledger's invariants
+            e.add_note(f"the check beside it failed too: {io.first_line(failure, 300)}")
+        raise
+    pool.shutdown(wait=True)
     checked.result()
 
 

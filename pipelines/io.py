@@ -336,7 +336,7 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
             table = DeltaTable(str(path))
             protocol, metadata = table.protocol(), table.metadata()
         except Exception as e:  # noqa: BLE001 - a log delta-rs cannot read: the engine may
-            return None, f"delta-rs cannot read its log ({_first_line(e)})"
+            return None, f"delta-rs cannot read its log ({first_line(e)})"
         features = set(protocol.reader_features or ()) - _PLAIN_READER_FEATURES
         mapping = metadata.configuration.get("delta.columnMapping.mode", "none")
         if features or mapping != "none" or protocol.min_reader_version == 2:
@@ -363,7 +363,7 @@ def embedding_files(source: str, fmt: str, id_column: str, embedding_column: str
             meta = pq.ParquetFile(file).metadata
             stat = os.stat(file)
         except Exception as e:  # noqa: BLE001 - not a Parquet file pyarrow can read: the engine decides
-            return None, f"{file}: {_first_line(e)}"
+            return None, f"{file}: {first_line(e)}"
         why = _unreadable_columns(meta.schema.to_arrow_schema(), id_column, embedding_column)
         if why:
             return None, f"{file}: {why}"
@@ -396,8 +396,9 @@ def _spark_visible_files(path: Path) -> list[str]:
     return found
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:120] if str(e).strip() else type(e).__name__
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """An error's first line (at most ``limit`` characters), or its type's name when it has no message."""
+    return str(e).strip().splitlines()[0][:limit] if str(e).strip() else type(e).__name__
 
 
 def _unreadable_columns(schema: Any, id_column: str, embedding_column: str) -> str:

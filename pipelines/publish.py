@@ -207,8 +207,12 @@ def write_describing(spark: SparkSession, location: io.OutputLocation, frames: M
     One after another in :data:`DESCRIBING` order, or with ``concurrent`` all at once from threads of the
     driver: each write is its own atomic overwrite of its own table, and on a JVM engine most of a small
     table's write is the driver's Delta commit, not work on the cores, so they overlap (classic Spark at
-    1M items: bench/RESULTS.md). Either way the run's first failed write is raised once every write has
-    ended, and :func:`recover` puts back whichever tables were written, as after a sequential failure.
+    1M items: bench/RESULTS.md). Meant for outputs a failed run can be rolled back on (Delta): a failure
+    then leaves every other table written, where one after another it stops at the failed one. Concurrent
+    writes have all ended before this returns or raises, also when the wait is interrupted (Ctrl-C), so none
+    lands after the run has let go of the output. The failure raised is that of the first failed table in
+    :data:`DESCRIBING` order, with the others' in its notes; the runner's rollback (or, after a kill, the
+    next run's :func:`recover`) puts back whichever tables were written.
     """
     names = [name for name in DESCRIBING if name in frames]
 
@@ -216,11 +220,20 @@ def write_describing(spark: SparkSession, location: io.OutputLocation, frames: M
         io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
 
     if concurrent and len(names) > 1:
-        with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="csid-describing") as pool:
-            futures = [pool.submit(write, name) for name in names]
-        failed = [f.exception() for f in futures if f.exception() is not None]
+        pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="csid-describing")
+        futures = {name: pool.submit(write, name) for name in names}
+        try:
+            pool.shutdown(wait=True)
+        except BaseException:  # interrupted while waiting: the writes in flight end (Spark cancels its jobs)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
         if failed:
-            raise failed[0]
+            first = failed[0][1]
+            assert first is not None
+            for name, other in failed[1:]:
+                first.add_note(f"writing {name} failed too: {io.first_line(other, 300)}")
+            raise first
     else:
         for name in names:
             write(name)

@@ -806,6 +806,8 @@ def test_a_check_beside_the_statistics_has_ended_and_raised_when_they_have(concu
 
     done.clear()
     released.clear()  # the check now waits 0.3 s, and the block fails at once
-    with pytest.raises(ValueError, match="the statistics broke"), runner._beside(True, failing_check, 7, wait_s=0.3):
+    with pytest.raises(ValueError, match="the statistics broke") as raised, \
+            runner._beside(True, failing_check, 7, wait_s=0.3):
         raise ValueError("the statistics broke")
     assert done.is_set()  # waited for, though its own error is not the one raised
+    assert raised.value.__notes__ == ["the check beside it failed too: row accounting failed: 7 rows"]

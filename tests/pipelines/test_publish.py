@@ -7,7 +7,7 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from pipelines import io, publish
-from pipelines.schema import DRIFT_TABLE, SEMANTIC_IDS_TABLE
+from pipelines.schema import DRIFT_TABLE, LEVEL_STATS_TABLE, PREFIX_STATS_TABLE, SEMANTIC_IDS_TABLE
 
 pytestmark = pytest.mark.spark
 
@@ -57,8 +57,13 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     assert publish._runs_rows_directly(parquet) is None  # Parquet outputs: the engine reads the runs table
 
 
-def test_concurrent_describing_writes_raise_the_failure_once_all_ended_and_recover_puts_the_set_back(spark, tmp_path):
-    """The JVM engines' path (the runner passes concurrent=True there): every write but the failed one lands."""
+def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and_recover_puts_the_set_back(
+        spark, tmp_path):
+    """The JVM engines' path (the runner passes concurrent=True there, for Delta): every write but the failed ones
+    lands, a slow one included, before the failure of the first failed table (in DESCRIBING order) is raised
+    with the others' in its notes."""
+    import time
+
     location = io.OutputLocation.for_path(str(tmp_path / "tables"))
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
     written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", concurrent=True)
@@ -69,11 +74,19 @@ def test_concurrent_describing_writes_raise_the_failure_once_all_ended_and_recov
 
     frames = frames_of(spark, 2)
     frames[DRIFT_TABLE] = frames[DRIFT_TABLE].withColumn("name", F.raise_error(F.lit("drift broke")).cast("string"))
-    with pytest.raises(Exception, match="drift broke"):
+    frames[PREFIX_STATS_TABLE] = frames[PREFIX_STATS_TABLE].withColumn(
+        "name", F.raise_error(F.lit("prefix stats broke")).cast("string"))
+    slowly = F.udf(lambda name: (time.sleep(1.0), name)[1], "string")
+    frames[LEVEL_STATS_TABLE] = frames[LEVEL_STATS_TABLE].withColumn("name", slowly("name"))
+    with pytest.raises(Exception, match="drift broke") as raised:
         publish.write_describing(spark, location, frames, "run-2", concurrent=True)
-    others = [name for name in publish.DESCRIBING if name != DRIFT_TABLE]
-    assert all(rows(location, name) == [(2, name)] for name in others)  # every other write ran to its end
-    assert rows(location, DRIFT_TABLE) == [(1, DRIFT_TABLE)]
+    assert any(f"writing {PREFIX_STATS_TABLE} failed too" in note and "prefix stats broke" in note
+               for note in getattr(raised.value, "__notes__", []))
+    failed = (DRIFT_TABLE, PREFIX_STATS_TABLE)
+    others = [name for name in publish.DESCRIBING if name not in failed]
+    assert LEVEL_STATS_TABLE in others
+    assert all(rows(location, name) == [(2, name)] for name in others)  # each ran to its end, the slow one too
+    assert all(rows(location, name) == [(1, name)] for name in failed)
 
     recovery = publish.recover(spark, location, "run-3")
     assert recovery is not None
