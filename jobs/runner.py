@@ -182,7 +182,7 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
                             try:
                                 _recover(job)
                             except Exception as e:  # noqa: BLE001 - the next start recovers; report the first error
-                                print(f"    could not roll back now ({str(e).splitlines()[0][:200] if str(e) else e}); "
+                                print(f"    could not roll back now ({io.first_line(e, 200)}); "
                                       "the next run on this output will")
                         raise
                 return job.result
@@ -469,7 +469,7 @@ def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
     try:
         model = load_checkpoint(registry.resolve_model(uri).checkpoint)
     except ValueError as e:
-        print(f"    no warm start: {uri} cannot be loaded here ({str(e).splitlines()[0][:160]}); codes are relabelled")
+        print(f"    no warm start: {uri} cannot be loaded here ({io.first_line(e, 160)}); codes are relabelled")
         return None
     differences = cfg.model_config.shape_differences(model.config)
     if differences:

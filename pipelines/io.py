@@ -233,7 +233,7 @@ def read_catalog(spark: SparkSession, source: str, fmt: str = "auto") -> DataFra
     try:
         df.schema  # noqa: B018 - resolves the files on Connect, where load() is lazy
     except Exception as e:  # noqa: BLE001 - the engine's reason goes into the message
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 300)
         raise CatalogFormatError(f"cannot read {source!r} as {fmt} ({reason}): the job reads Delta or Parquet "
                                  "tables; check --input and --input-format") from e
     return df
@@ -435,7 +435,7 @@ def load_path(spark: SparkSession, source: str, fmt: str) -> DataFrame:
         if df.schema.fields:  # resolving the schema forces the lookup on Connect, where load() is lazy
             return df
     except Exception as e:  # noqa: BLE001 - the engine's reason goes into the message
-        reason = str(e).strip().splitlines()[0][:200]
+        reason = first_line(e, 200)
     raise CatalogNotFoundError(
         f"table path {source!r} does not exist: not on the driver ({path.absolute()}), and the engine "
         f"cannot read it as {fmt} ({reason})"
@@ -619,7 +619,7 @@ def read_independently(location: OutputLocation, name: str, columns: Sequence[st
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise CatalogNotFoundError(f"{location.shown_of(name)} cannot be read back at the stated place: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+                                   f"{first_line(e, 200)}") from e
 
 
 def delta_version(path: str) -> int | None:

@@ -735,7 +735,7 @@ def publish(plan: Plan, location: io.OutputLocation, run_id: str | None = None) 
         raise ConcurrentRunError(_conflict_message(location, "the table did not exist when this run started")) from e
     except Exception as e:
         if _is_commit_conflict(e):
-            raise ConcurrentRunError(_conflict_message(location, str(e).splitlines()[0][:300])) from e
+            raise ConcurrentRunError(_conflict_message(location, io.first_line(e, 300))) from e
         raise
 
 
