@@ -19,7 +19,10 @@ Same catalog, metric code and columns as bench/quality_real.py (its ``load_catal
    k-means (the job's settings: at most 100 Lloyd iterations, tol 1e-3) and by scikit-learn's KMeans
    with one k-means++ start (what semantic-id's RQKMeans runs at each level, 10 times, keeping the
    lowest inertia): mean squared distance to the centroid, P1 nn, NMI1 and perplexity per seed. Their
-   spread is how far one fit's P1 or NMI1 can be from another's by chance alone.
+   spread is how far one fit's P1 or NMI1 can be from another's by chance alone. ``--seed-k1 96,128``
+   adds our k-means with fewer level-1 centroids (the codes-used curve, across seeds), and
+   ``--seed-peers rvq`` the level-1 codes of bench/peers.py's ResidualVQ (all three levels fitted as
+   in bench/quality_real.py, level 1 scored), so a peer's column is compared at its own seed spread.
 
 Prints Markdown tables for bench/RESULTS.md; --json writes the rows.
 """
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import peers  # noqa: E402  (bench/peers.py)
 from quality_real import DEFAULT_CATALOG, DEFAULT_QUERIES, load_catalog, neighbours, score, table  # noqa: E402
 
 from rqvae.kmeans import kmeans, nearest  # noqa: E402
@@ -109,21 +113,35 @@ def row(x: torch.Tensor, books: list[torch.Tensor], fit_s: float, k: int, lex: n
 SEED_COLUMNS = ("inertia", "p1_nn", "nmi1", "ppl_l1", "fit_s")
 
 
-def level_one(x: torch.Tensor, who: str, seed: int, lex: np.ndarray, query_seed: int) -> dict[str, float]:
-    """Level 1 alone (K = 256) fitted by ``who`` ("ours" or "sklearn") with ``seed``: its columns."""
+def level_one(x: torch.Tensor, who: str, seed: int, lex: np.ndarray, query_seed: int, k: int = 256
+              ) -> dict[str, float]:
+    """Level 1 alone fitted by ``who`` with ``seed``: its columns. ``who`` is "ours" (our k-means with ``k``
+    centroids), "sklearn" (scikit-learn's KMeans, one start, ``k`` centroids) or "rvq" (bench/peers.py's
+    ResidualVQ at 3 x 256, its level-1 codes; ``k`` must be 256). Inertia is the mean squared distance
+    to the nearest level-1 centroid (for "rvq", to the codeword its level 1 picked)."""
     start = time.perf_counter()
-    if who == "ours":
-        centers = kmeans(x, 256, iters=100, seed=seed, tol=1e-3)
+    if who == "rvq":
+        if k != 256:
+            raise ValueError("the ResidualVQ peer fits 256 level-1 codes; k must be 256")
+        fitted_rvq = peers.fit_vqtorch_residual_vq(x.numpy(), seed=seed)
+        fit_s = fitted_rvq.fit_seconds
+        level1 = fitted_rvq.codes[:, 0]
+        inertia = float("nan")  # its level-1 codewords are not returned by the peer
     else:
-        from sklearn.cluster import KMeans
+        if who == "ours":
+            centers = kmeans(x, k, iters=100, seed=seed, tol=1e-3)
+        elif who == "sklearn":
+            from sklearn.cluster import KMeans
 
-        fitted = KMeans(256, n_init=1, max_iter=100, tol=1e-4, random_state=seed).fit(x.numpy())
-        centers = torch.from_numpy(fitted.cluster_centers_.astype(np.float32))
-    fit_s = time.perf_counter() - start
-    codes, dist = nearest(x, centers)
-    level1 = codes.numpy()
+            fitted = KMeans(k, n_init=1, max_iter=100, tol=1e-4, random_state=seed).fit(x.numpy())
+            centers = torch.from_numpy(fitted.cluster_centers_.astype(np.float32))
+        else:
+            raise ValueError(f"unknown level-1 fitter {who!r}; use ours, sklearn or rvq")
+        fit_s = time.perf_counter() - start
+        codes, dist = nearest(x, centers)
+        level1, inertia = codes.numpy(), float(dist.mean())
     queries, nn5, _ = neighbours(x.numpy(), DEFAULT_QUERIES, query_seed)
-    return {"inertia": float(dist.mean()), "p1_nn": float((level1[queries] == level1[nn5[:, 0]]).mean()),
+    return {"inertia": inertia, "p1_nn": float((level1[queries] == level1[nn5[:, 0]]).mean()),
             "nmi1": _cluster_class_agreement(1, level1, lex).nmi,
             "ppl_l1": level_usage(level1[:, None], 256)[0].perplexity, "fit_s": fit_s}
 
@@ -139,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=0,
                    help="fit level 1 alone with this many seeds, ours and scikit-learn's (0 skips it; needs the "
                         "bench requirements)")
+    p.add_argument("--seed-k1", default="",
+                   help="with --seeds: also our k-means with these comma-separated level-1 sizes (e.g. 96,128)")
+    p.add_argument("--seed-peers", default="", help="with --seeds: also these peers' level 1 ('rvq': ResidualVQ)")
     p.add_argument("--json", help="write the rows to this file")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -164,10 +185,23 @@ def main(argv: list[str] | None = None) -> int:
             fit_s += time.perf_counter() - start
             rows["refinement"][f"{r} rounds"] = row(x, books, fit_s, 256, lex, deep, a.seed)
             print(f"refine {r}: {rows['refinement'][f'{r} rounds']}", file=sys.stderr, flush=True)
+    fitters = [("ours", 256, "ours"), ("sklearn", 256, "sklearn")]
+    fitters += [("ours", int(k), f"ours K1={int(k)}") for k in filter(None, a.seed_k1.split(","))]
+    for peer_name in filter(None, a.seed_peers.split(",")):
+        if peer_name != "rvq":
+            p.error(f"--seed-peers: unknown peer {peer_name!r}; the one available is rvq")
+        fitters.append(("rvq", 256, "ResidualVQ"))
     for seed in range(a.seeds):
-        for who in ("ours", "sklearn"):
-            rows["level-1 seeds"][f"{who} seed {seed}"] = level_one(x, who, seed, lex, a.seed)
-            print(f"{who} seed {seed}: {rows['level-1 seeds'][f'{who} seed {seed}']}", file=sys.stderr, flush=True)
+        for who, k, label in fitters:
+            name = f"{label} seed {seed}"
+            rows["level-1 seeds"][name] = level_one(x, who, seed, lex, a.seed, k)
+            print(f"{name}: {rows['level-1 seeds'][name]}", file=sys.stderr, flush=True)
+    if a.seeds > 1:
+        for _, _, label in fitters:
+            per_seed = [rows["level-1 seeds"][f"{label} seed {seed}"] for seed in range(a.seeds)]
+            rows["level-1 seeds"][f"{label} mean"] = {c: float(np.mean([r[c] for r in per_seed])) for c in SEED_COLUMNS}
+            rows["level-1 seeds"][f"{label} sd"] = {c: float(np.std([r[c] for r in per_seed], ddof=1))
+                                                    for c in SEED_COLUMNS}
     for name, part in rows.items():
         if part:
             print(f"\n{name}\n\n{table(part, SEED_COLUMNS if name == 'level-1 seeds' else COLUMNS)}")

@@ -9,6 +9,7 @@ import sys
 
 import helpers
 import numpy as np
+import pytest
 import torch
 
 from rqvae import RQKMeans, RQKMeansConfig, encode_array
@@ -96,6 +97,15 @@ def test_the_level_1_seed_curve_scores_level_1_as_the_main_table_does() -> None:
     want = quality_real.score(x.numpy(), np.stack([level1, level1, level1], 1), None, 256, labels, labels, seed=0)
     assert (got["p1_nn"], got["nmi1"]) == (want["p1_nn"], want["nmi1"])
     assert 0.0 < got["p1_nn"] < 1.0 and got["ppl_l1"] > 100
+    # --seed-k1: the codes-used curve across seeds fits K1 centroids with the same k-means and seed
+    fewer = tradeoff_real.level_one(x, "ours", 2, labels, 0, k=24)
+    level1 = nearest(x, kmeans(x, 24, iters=100, seed=2, tol=1e-3))[0].numpy()
+    want = quality_real.score(x.numpy(), np.stack([level1, level1, level1], 1), None, 256, labels, labels, seed=0)
+    assert (fewer["p1_nn"], fewer["nmi1"]) == (want["p1_nn"], want["nmi1"]) and fewer["ppl_l1"] <= 24
+    with pytest.raises(ValueError, match="k must be 256"):
+        tradeoff_real.level_one(x, "rvq", 0, labels, 0, k=96)
+    with pytest.raises(ValueError, match="use ours, sklearn or rvq"):
+        tradeoff_real.level_one(x, "faiss", 0, labels, 0)
 
 
 def test_a_run_names_the_embeddings_it_scored(tmp_path, capsys) -> None:
