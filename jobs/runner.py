@@ -13,7 +13,7 @@ import platform
 import shutil
 import signal
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,15 +567,34 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
             mode: ledger.Mode) -> Encoded:
     cfg = job.cfg
     policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
-    files = _embedding_files(job, v.rows)
-    cache, keys = _fingerprint_cache(cfg, files, v, reads=policy != ENCODE_ALL)
-    encoded = encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
-                             batch_size=cfg.encode_batch_size, device=cfg.encode_device, threads=cfg.encode_threads,
-                             alternatives=model.collision_alternatives, files=files, tasks=job.session.parallelism(),
-                             cache=cache)
-    if cache is not None:
-        fingerprint_cache.tidy(cache, keys)
-    return encoded
+
+    def encode(files: io.EmbeddingFiles | None) -> Encoded:
+        cache, keys = _fingerprint_cache(cfg, files, v, reads=policy != ENCODE_ALL)
+        encoded = encode_catalog(v, model.checkpoint, materialize=job.materialize, known=known, policy=policy,
+                                 batch_size=cfg.encode_batch_size, device=cfg.encode_device,
+                                 threads=cfg.encode_threads, alternatives=model.collision_alternatives, files=files,
+                                 tasks=job.session.parallelism(), cache=cache)
+        if cache is not None:
+            fingerprint_cache.tidy(cache, keys)
+        return encoded
+
+    # The listed files are the engine's only if they hold as many rows as it counts. On a JVM engine that count
+    # (a Delta snapshot and a job: seconds of the driver's time, little of the cores') runs beside the pass over
+    # the files; in the rare run where the two differ, the pass is done again with the engine reading.
+    # --read-embeddings files has checked them already (the run stops there if they differ).
+    beside = job.session.engine != "local" and cfg.read_embeddings == "auto"
+    files = _embedding_files(job, None if beside else v.rows)
+    if files is None or not beside:
+        return encode(files)
+    with _beside(True, v.rows.count) as counted:
+        encoded = encode(files)
+    if counted.result() == files.rows:
+        job.catalog_rows = files.rows
+        return encoded
+    print(f"    its files hold {files.rows} rows by their footers and the engine reads {counted.result()}: they are "
+          "not the engine's files, so the engine reads the embeddings (the pass is done again)", flush=True)
+    mlflow.set_tag("embeddings_read_from", "the engine")
+    return encode(None)
 
 
 def _fingerprint_cache(cfg: JobConfig, files: io.EmbeddingFiles | None, v: ValidationResult,
@@ -702,17 +721,19 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
 
 
 @contextmanager
-def _beside(concurrent: bool, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[None]:
+def _beside(concurrent: bool, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[Future]:
     """Run ``check(*args, **kwargs)`` beside the block (in a driver thread), or before it; either way it has
-    ended when the block has, and its error is raised then (the block's own error first, if it has one)."""
+    ended when the block has, and its error is raised then (the block's own error first, if it has one).
+    Yields the check's future: its value can be read once the block has ended."""
     if not concurrent:
-        check(*args, **kwargs)
-        yield
+        done: Future = Future()
+        done.set_result(check(*args, **kwargs))
+        yield done
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csid-check")
     checked = pool.submit(check, *args, **kwargs)
     try:
-        yield
+        yield checked
     except BaseException as e:
         pool.shutdown(wait=True)
         failure = checked.exception()

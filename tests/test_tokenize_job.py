@@ -811,3 +811,22 @@ def test_a_check_beside_the_statistics_has_ended_and_raised_when_they_have(concu
         raise ValueError("the statistics broke")
     assert done.is_set()  # waited for, though its own error is not the one raised
     assert raised.value.__notes__ == ["the check beside it failed too: row accounting failed: 7 rows"]
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_what_runs_beside_a_block_hands_its_value_on(concurrent) -> None:
+    # The engine's count of the catalog runs beside the encode pass on JVM engines: the value is read after it.
+    import threading
+
+    from jobs import runner
+
+    released = threading.Event()
+
+    def count(n: int) -> int:
+        released.wait(timeout=30 if concurrent else 0)
+        return n + 1
+
+    with runner._beside(concurrent, count, 41) as counted:
+        assert counted.done() is not concurrent  # beside: still waiting for the block
+        released.set()
+    assert counted.result(timeout=0) == 42

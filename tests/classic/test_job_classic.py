@@ -221,3 +221,37 @@ def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path, capsys) -> None:
     now = {r["item_id"]: r["semantic_id"] for r in helpers.read_parquet(out / "semantic_ids").to_pylist()
            if r["active"]}
     assert {i: now[i] for i in active} == active and len(now) == len(active) + 10
+
+
+def test_files_that_are_not_the_engines_are_read_by_the_engine_instead(tmp_path, monkeypatch, capsys) -> None:
+    # On a JVM engine the engine's count of the catalog runs beside the pass over the files the driver lists.
+    # Where the two differ (the driver sees other files than the engine reads), the pass is done again with the
+    # engine reading, and nothing of the first pass reaches the table.
+    import pyarrow.parquet as pq
+
+    from pipelines import io
+
+    def write_parquet(path: Path, ids: np.ndarray, vectors: np.ndarray) -> Path:
+        path.mkdir()
+        pq.write_table(pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors),
+                                                                                pa.list_(pa.float32()))}),
+                       path / "part-0.parquet")
+        return path
+
+    catalog, extra = make_catalog(CatalogSpec(300, DIM, seed=4)), make_catalog(CatalogSpec(12, DIM, seed=5))
+    read = write_parquet(tmp_path / "catalog", catalog.item_ids, catalog.embeddings)
+    listed = write_parquet(tmp_path / "elsewhere", np.concatenate([catalog.item_ids, extra.item_ids + 10_000]),
+                           np.concatenate([catalog.embeddings, extra.embeddings]))
+    real_listing = io.embedding_files
+    monkeypatch.setattr(io, "embedding_files", lambda source, *args: real_listing(str(listed), *args))
+    out = tmp_path / "tables"
+    assert main(["--engine", "spark", "--format", "parquet", "--work-dir", str(tmp_path / "work"), "--output",
+                 str(out), "--shuffle-partitions", "4", "--input", str(read), "--sample-size", "300",
+                 *helpers.SMALL_MODEL, *helpers.GATE_OFF]) == 0
+    said = capsys.readouterr().out
+    assert (f"the encode UDF reads the embeddings from 1 row group(s) of {listed}" in said
+            and "its files hold 312 rows by their footers and the engine reads 300: they are not the engine's "
+                "files, so the engine reads the embeddings (the pass is done again)" in said), said[-3000:]
+    rows = helpers.read_parquet(out / "semantic_ids").to_pylist()
+    assert sorted(r["item_id"] for r in rows) == sorted(catalog.item_ids.tolist())
+    assert "300 rows in, 300 valid, 0 rejected" in said
