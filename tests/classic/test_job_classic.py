@@ -255,3 +255,27 @@ def test_files_that_are_not_the_engines_are_read_by_the_engine_instead(tmp_path,
     rows = helpers.read_parquet(out / "semantic_ids").to_pylist()
     assert sorted(r["item_id"] for r in rows) == sorted(catalog.item_ids.tolist())
     assert "300 rows in, 300 valid, 0 rejected" in said
+
+
+def test_an_interrupted_swap_stops_a_classic_run_before_any_work(tmp_path, capsys) -> None:
+    # On a JVM engine the semantic-ID table's state refuses a run whose output a Parquet swap killed between its
+    # renames left with only the previous table's copy: the run stops before any work, with the fix named; a
+    # validation error comes first.
+    import pyarrow.parquet as pq
+
+    catalog = make_catalog(CatalogSpec(50, DIM, seed=4))
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(catalog.item_ids),
+                             "embedding": pa.array(list(catalog.embeddings), pa.list_(pa.float32()))}),
+                   tmp_path / "catalog" / "part-0.parquet")
+    out = tmp_path / "tables"
+    (out / ".semantic_ids.backup-0123abcd").mkdir(parents=True)
+    base = ["--engine", "spark", "--format", "parquet", "--work-dir", str(tmp_path / "work"), "--output", str(out),
+            "--shuffle-partitions", "4", "--sample-size", "50", *helpers.SMALL_MODEL, *helpers.GATE_OFF]
+    assert main([*base, "--input", str(tmp_path / "catalog")]) == 2
+    said = capsys.readouterr()
+    assert "is missing but an interrupted write left its previous copy at" in said.err, said.err[-2000:]
+    assert "schema ok" in said.out and "==> sample" not in said.out
+    assert main([*base, "--input", str(tmp_path / "catalog"), "--id-col", "sku"]) == 2
+    said = capsys.readouterr()
+    assert "sku" in said.err and "interrupted write" not in said.err, said.err[-2000:]
