@@ -107,6 +107,16 @@ def run_job(*args: str | Path, cwd: Path, extra_env: dict[str, str] | None = Non
                           text=True, timeout=580)
 
 
+def write_parquet(path: Path, ids: np.ndarray, vectors: np.ndarray) -> Path:
+    """A one-file Parquet catalog (item_id, embedding as list<float>) in a new folder ``path``."""
+    import pyarrow.parquet as pq
+
+    path.mkdir()
+    pq.write_table(pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors), pa.list_(pa.float32()))}),
+                   path / "part-0.parquet")
+    return path
+
+
 def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp_path) -> None:
     # spark-submit with the Delta jars that match pyspark (as the README says), Delta written on the
     # JVM; then an incremental run from plain python, where the job builds its own session and
@@ -175,15 +185,7 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
 
 def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path, capsys) -> None:
     # The ledger's plan (full outer join, window, MERGE-free Parquet rewrite) on classic Spark.
-    import pyarrow as pa
     import pyarrow.parquet as pq
-
-    def write_parquet(path: Path, ids: np.ndarray, vectors: np.ndarray) -> Path:
-        path.mkdir()
-        pq.write_table(pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors),
-                                                                                pa.list_(pa.float32()))}),
-                       path / "part-0.parquet")
-        return path
 
     work, out = tmp_path / "work", tmp_path / "tables"
     catalog = make_catalog(CatalogSpec(300, DIM, seed=4))
@@ -227,16 +229,7 @@ def test_files_that_are_not_the_engines_are_read_by_the_engine_instead(tmp_path,
     # On a JVM engine the engine's count of the catalog runs beside the pass over the files the driver lists.
     # Where the two differ (the driver sees other files than the engine reads), the pass is done again with the
     # engine reading, and nothing of the first pass reaches the table.
-    import pyarrow.parquet as pq
-
     from pipelines import io
-
-    def write_parquet(path: Path, ids: np.ndarray, vectors: np.ndarray) -> Path:
-        path.mkdir()
-        pq.write_table(pa.table({"item_id": pa.array(ids), "embedding": pa.array(list(vectors),
-                                                                                pa.list_(pa.float32()))}),
-                       path / "part-0.parquet")
-        return path
 
     catalog, extra = make_catalog(CatalogSpec(300, DIM, seed=4)), make_catalog(CatalogSpec(12, DIM, seed=5))
     read = write_parquet(tmp_path / "catalog", catalog.item_ids, catalog.embeddings)
@@ -261,13 +254,8 @@ def test_an_interrupted_swap_stops_a_classic_run_before_any_work(tmp_path, capsy
     # On a JVM engine the semantic-ID table's state refuses a run whose output a Parquet swap killed between its
     # renames left with only the previous table's copy: the run stops before any work, with the fix named; a
     # validation error comes first.
-    import pyarrow.parquet as pq
-
     catalog = make_catalog(CatalogSpec(50, DIM, seed=4))
-    (tmp_path / "catalog").mkdir()
-    pq.write_table(pa.table({"item_id": pa.array(catalog.item_ids),
-                             "embedding": pa.array(list(catalog.embeddings), pa.list_(pa.float32()))}),
-                   tmp_path / "catalog" / "part-0.parquet")
+    write_parquet(tmp_path / "catalog", catalog.item_ids, catalog.embeddings)
     out = tmp_path / "tables"
     (out / ".semantic_ids.backup-0123abcd").mkdir(parents=True)
     base = ["--engine", "spark", "--format", "parquet", "--work-dir", str(tmp_path / "work"), "--output", str(out),
