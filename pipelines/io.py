@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlparse
 
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 
-from pipelines.session import DeltaNotAvailableError, pid_alive
+from pipelines.session import DeltaNotAvailableError, first_line, pid_alive  # first_line: io.first_line too
 
 log = logging.getLogger(__name__)
 
@@ -394,11 +394,6 @@ def _spark_visible_files(path: Path) -> list[str]:
         subfolders[:] = sorted(d for d in subfolders if not hidden(d))
         found += [os.path.join(folder, n) for n in sorted(names) if not hidden(n)]
     return found
-
-
-def first_line(e: BaseException, limit: int = 120) -> str:
-    """An error's first line (at most ``limit`` characters), or its type's name when it has no message."""
-    return str(e).strip().splitlines()[0][:limit] if str(e).strip() else type(e).__name__
 
 
 def _unreadable_columns(schema: Any, id_column: str, embedding_column: str) -> str:

@@ -89,7 +89,7 @@ class EngineSession:
             if not _is_unsupported(e):
                 raise  # a failure of the computation itself: rerunning it another way would not help
             log.warning("this %s session cannot materialise intermediate results (%s); falling back to an extra "
-                        "pass over the input", self.engine, str(e).splitlines()[0][:200] if str(e) else type(e))
+                        "pass over the input", self.engine, first_line(e, 200))
             return None
 
     def materialize_split(self, df: DataFrame, part: Column, parts: int) -> list[DataFrame] | None:
@@ -157,7 +157,7 @@ class EngineSession:
                 try:
                     self.spark.sql("SELECT 1").collect()
                 except Exception as e:  # noqa: BLE001 - the job's next real call reports a dead session
-                    log.warning("keep-alive query failed: %s", str(e).splitlines()[0][:200] if str(e) else e)
+                    log.warning("keep-alive query failed: %s", first_line(e, 200))
 
         thread = threading.Thread(target=ping, name="csid-session-keepalive", daemon=True)
         thread.start()
@@ -248,6 +248,11 @@ def start_session(
             "or write Parquet with --format parquet."
         )
     return es
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """An error's first line (at most ``limit`` characters), or its type's name when it has no message."""
+    return str(e).strip().splitlines()[0][:limit] if str(e).strip() else type(e).__name__
 
 
 def pid_alive(pid: int) -> bool:

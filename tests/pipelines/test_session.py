@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.session import EngineSession, start_session
+from pipelines.session import EngineSession, first_line, start_session
 
 pytestmark = pytest.mark.spark
 
@@ -194,3 +194,11 @@ def test_which_sessions_run_their_tasks_on_this_machine(engine, master, databric
     es = EngineSession(session, engine, True, _owns_session=False)  # type: ignore[arg-type]
     assert es.on_this_machine() is expected
     assert es.parallelism() == (6 if engine == "spark" else os.cpu_count())
+
+
+def test_an_errors_first_line_never_fails_on_its_message() -> None:
+    # Error text shown in warnings and job failures: the first line, cut to the limit; an empty or blank message
+    # (which str.splitlines() turns into no line at all) gives the error's type instead of an IndexError.
+    assert first_line(RuntimeError("  engine failed: x\nat line 2\n")) == "engine failed: x"
+    assert first_line(ValueError("y" * 300), 200) == "y" * 200
+    assert first_line(ValueError("\n  \n")) == "ValueError" and first_line(KeyboardInterrupt()) == "KeyboardInterrupt"
