@@ -33,7 +33,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines import io
-from pipelines.encode import ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel
+from pipelines.encode import BROADCAST_IDS, ENCODE_ALL, ENCODE_NEW, ENCODE_NEW_OR_CHANGED, Encoded, TokenizerModel
 from pipelines.schema import (
     ACTIVE,
     ALTERNATIVE_ERRORS,
@@ -329,6 +329,12 @@ class ChangeCounts:
         return self.retired_left_catalog + self.retired_rejected + self.retokenized + self.moved
 
     @property
+    def updated(self) -> int:
+        """Items whose existing row this run updates (the changes of ``_UPDATING``)."""
+        return self.reactivated + self.confirmed + self.retokenized + self.moved + self.retired_left_catalog \
+            + self.retired_rejected
+
+    @property
     def churn(self) -> float:
         """Share of the previously published (active) items still in the catalog whose ID changes."""
         return self.ids_changed / self.compared if self.compared else 0.0
@@ -454,11 +460,11 @@ def plan_changes(
     ledger_state = state if counts.issued else None
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), ledger_state, model.num_levels, stamp, materialize,
                     parts=parts_for(max(counts.issued, table_rows if counts.issued else 0)), progress=progress,
-                    split=split, one_map=one_map)
+                    split=split, one_map=one_map, few=counts.issued <= BROADCAST_IDS)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
-                                state, stamp, model.num_levels)
+                                state, stamp, model.num_levels, few=counts.updated <= BROADCAST_IDS)
         changes = updated.unionByName(issued)
     staged = materialize(changes)
     changes = staged or changes
@@ -467,7 +473,8 @@ def plan_changes(
         # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
         ledger_rows = ledger_state.ledger.select(CODES, SUFFIX) if ledger_state is not None else None
         respread = spread_the_rest(changes, ledger_rows, model.num_levels, model.codebook_size, encoded.again,
-                                   materialize, movable=F.col(ACTION) == "insert", progress=progress)
+                                   materialize, movable=F.col(ACTION) == "insert", progress=progress,
+                                   few=counts.issued <= BROADCAST_IDS)
         if respread is not changes:
             changes = materialize(respread) or respread
     return Plan(changes, counts, mode, state, model.num_levels)
@@ -491,7 +498,8 @@ def _classified_in_parts(state: TableState, encoded: Encoded, mode: Mode, on_cha
     old, rejected = _table_side(state, encoded)
 
     def compared(new: DataFrame, old: DataFrame, rejected: DataFrame) -> DataFrame:
-        return _compared(new, old, rejected, mode, on_changed)
+        return _compared(new, old, rejected, mode, on_changed,
+                         few_rejected=encoded.counts.n_rejected <= BROADCAST_IDS)
 
     # An id hashes to one part on every side only when its type is the same there (a table written from
     # integer ids, a catalog of string ids: the one join compares them as Spark converts them).
@@ -517,10 +525,14 @@ def _table_side(state: TableState, encoded: Encoded) -> tuple[DataFrame, DataFra
     return old, rejected
 
 
-def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, on_changed: str) -> DataFrame:
-    """The catalog side joined with the table side (and the rejects): each item's CHANGE, UNCHANGED left out."""
+def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, on_changed: str,
+              few_rejected: bool = False) -> DataFrame:
+    """The catalog side joined with the table side (and the rejects): each item's CHANGE, UNCHANGED left out.
+    ``few_rejected``: the rejected ids are broadcast to their join, so the joined rows are not shuffled again
+    (classic Spark; the embedded engine plans its joins itself)."""
     ranked = _alternatives_in(new)
-    joined = new.join(old, ITEM_ID, "full_outer").join(rejected, ITEM_ID, "left")
+    joined = new.join(old, ITEM_ID, "full_outer").join(F.broadcast(rejected) if few_rejected else rejected, ITEM_ID,
+                                                        "left")
     in_catalog = F.col(_IN_CATALOG).isNotNull()
     has_row, was_active = F.col(_OLD_SID).isNotNull(), F.coalesce(F.col(_OLD_ACTIVE), F.lit(False))
     fp_same = F.col(_OLD_FP).eqNullSafe(F.col(EMBEDDING_FINGERPRINT)) & F.col(_OLD_FP).isNotNull()
@@ -644,9 +656,9 @@ class _Stamp:
 def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp: _Stamp,
            materialize: Callable[[DataFrame], DataFrame | None] | None = None, parts: int = 1,
            progress: Callable[[str], None] | None = None, split: Split | None = None,
-           one_map: bool = False) -> DataFrame:
+           one_map: bool = False, few: bool = False) -> DataFrame:
     """New rows (full table columns) for the items that get a new ID (``materialize``, ``one_map``: see
-    :func:`plan_changes`).
+    :func:`plan_changes`; ``few``: they can be broadcast, :func:`pipelines.uniquify.spread_and_number`).
 
     ``parts`` > 1 (many items to issue, or a large ledger beside them: :func:`plan_changes`): the spreading and
     the suffixes run one part of the prefixes after another (:func:`pipelines.uniquify.in_prefix_parts`), with
@@ -657,7 +669,7 @@ def _issue(to_issue: DataFrame, state: TableState | None, num_levels: int, stamp
 
     def numbered_in(base: DataFrame, issued: DataFrame | None) -> DataFrame:
         if ranked and one_map and num_levels >= 2:  # one level: no prefix to split the items by, one Python call
-            return spread_and_number(base, num_levels, issued)
+            return spread_and_number(base, num_levels, issued, few=few)
         if ranked:  # the model's collision-aware last level, away from every tuple ever issued
             base = spread_collisions(base, num_levels, issued, materialize)
             if materialize is not None:  # the suffixes read it three times (their shared tuples, the rest, the join)
@@ -682,11 +694,16 @@ _RETIRE_AS = {RETIRED_LEFT: RetiredReason.LEFT_CATALOG, RETIRED_REJECTED: Retire
               RETOKENIZED: RetiredReason.EMBEDDING_CHANGED, MOVED: RetiredReason.NEW_GENERATION}
 
 
-def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_levels: int) -> DataFrame:
-    """The existing rows this run updates, in full, with their mutable columns set by their CHANGE."""
+def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_levels: int,
+                  few: bool = False) -> DataFrame:
+    """The existing rows this run updates, in full, with their mutable columns set by their CHANGE.
+
+    ``few``: the updates can be broadcast, so the ledger is filtered as it is read. Otherwise classic Spark
+    shuffles every ledger row to the join, as many as the table holds even when a daily run updates none."""
     spec = updates.select(F.col(_OLD_SID).alias(SEMANTIC_ID), CHANGE,
                           F.col(EMBEDDING_FINGERPRINT).alias("__new_fp"))
-    rows = state.ledger.join(spec, SEMANTIC_ID).withColumns({was: F.col(c) for c, was in WAS.items()})
+    rows = state.ledger.join(F.broadcast(spec) if few else spec, SEMANTIC_ID).withColumns(
+        {was: F.col(c) for c, was in WAS.items()})
     change = F.col(CHANGE)
     retiring = change.isin(*_RETIRE_AS)
     reason = F.lit(None).cast("string")

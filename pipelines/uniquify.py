@@ -331,7 +331,8 @@ def _spread_movers(movers: DataFrame, claims: DataFrame, df: DataFrame, out_colu
 
 def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, codebook_size: int,
                   again: Callable[[DataFrame, int], DataFrame], materialize: Callable[[DataFrame], DataFrame | None],
-                  movable: Column | None = None, progress: Callable[[str], None] | None = None) -> DataFrame:
+                  movable: Column | None = None, progress: Callable[[str], None] | None = None,
+                  few: bool = False) -> DataFrame:
     """The items still sharing a tuple after the spreading, ranked again over all K last-level codes and
     spread once more: ``rows`` with their new codes, errors and IDs, and the suffixes of the tuples they left
     closed up.
@@ -358,6 +359,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
         movable: the rows issued in this run (default every row): only they move, and only their suffixes
             close up; the others' tuples are taken.
         progress: called with a line saying how many items moved.
+        few: the movable rows are few enough to broadcast their prefixes (``spread_and_number``'s ``few``): the
+            ledger's tuples are counted only in the prefixes of the items left, filtered as the ledger is read.
 
     Returns:
         ``rows`` (same columns, same rows), unchanged when no item could move. More than
@@ -378,6 +381,9 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
         held = held.unionByName(issued.select(CODES, SUFFIX))
     held = held.withColumn(_PREFIX_KEY, prefix)
     taken = held.where(F.col(SUFFIX) == 0)
+    if issued is not None:  # only the prefixes of the items left are ranked: the ledger's others are not counted
+        left_prefixes = left.select(_PREFIX_KEY).distinct()
+        taken = taken.join(F.broadcast(left_prefixes) if few else left_prefixes, _PREFIX_KEY, "left_semi")
     # Ranked over every code, the left items of a prefix take its free codes one each, in the suffix order
     # (error, then id: the spreading's order), until none is left: so in a prefix with r codes no tuple holds,
     # exactly the first r of them move, and only they are read again.
@@ -460,7 +466,7 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
 
 
 def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None = None,
-                      buckets: int = SPREAD_BUCKETS) -> DataFrame:
+                      buckets: int = SPREAD_BUCKETS, few: bool = False) -> DataFrame:
     """:func:`spread_collisions` then :func:`assign_suffixes` (no ledger) or :func:`assign_next_suffixes`
     (``issued``), in one grouped map.
 
@@ -479,6 +485,9 @@ def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None =
         num_levels: L.
         issued: ``codes`` and ``suffix`` of every ID ever issued (the ledger), or None (a first issue).
         buckets: the number of Python calls (groups of prefixes).
+        few: ``df`` holds few enough rows to broadcast (the caller's judgement: the job's plan says so up to
+            ``pipelines.encode.BROADCAST_IDS``): its prefixes go to every task of the join that picks the
+            ledger's rows in them, so the ledger is filtered as it is read instead of shuffled whole.
 
     Returns:
         ``df``'s columns without the alternatives, with the moved items' ``codes`` and
@@ -493,11 +502,12 @@ def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None =
     if issued is not None:
         require_columns(issued, (CODES, SUFFIX), "spread_and_number(issued)")
         prefixes = rows.select(code_prefix(num_levels - 1).alias(_PREFIX_KEY)).distinct()
+        # Grouped by the codes themselves (a tuple's key names them one to one): a hash aggregate of one integer
+        # per tuple, where a string key and first(codes) made classic Spark sort every ledger row of the prefixes.
         held = (issued.select(CODES, SUFFIX, code_prefix(num_levels - 1).alias(_PREFIX_KEY))
-                .join(prefixes, _PREFIX_KEY, "left_semi")
-                .groupBy(code_prefix(num_levels).alias(_TUPLE_KEY))
-                .agg(F.first(CODES).alias(CODES), F.coalesce(F.max(SUFFIX), F.lit(-1)).alias(_HELD_SUFFIX))
-                .drop(_TUPLE_KEY))  # a tuple of null suffixes only: taken, numbered from 0 (as assign_next_suffixes)
+                .join(F.broadcast(prefixes) if few else prefixes, _PREFIX_KEY, "left_semi")
+                .groupBy(CODES)
+                .agg(F.coalesce(F.max(SUFFIX), F.lit(-1)).alias(_HELD_SUFFIX)))  # only null suffixes: taken, from 0
         rows = rows.unionByName(held, allowMissingColumns=True)
     rows = rows.withColumn(_BUCKET, hash_part(code_prefix(num_levels - 1), buckets))
     schema = StructType([*_spread_output_fields(df, out_columns), StructField(SUFFIX, IntegerType())])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,3 +343,9 @@ def collected_split(spark, calls: list | None = None):
         kept = df.withColumn("p", part).collect()
         return [spark.createDataFrame([r[:-1] for r in kept if r["p"] == p], df.schema) for p in range(parts)]
     return split
+
+
+def join_kinds(plan: str, join: str) -> set[str]:
+    """The kinds (Inner, LeftOuter, LeftSemi...) of the ``join`` operators (BroadcastHashJoin, SortMergeJoin) in
+    a classic Spark plan's text (``df._jdf.queryExecution().executedPlan().toString()``)."""
+    return set(re.findall(rf"{join} \[[^\]]*\], \[[^\]]*\], (\w+)", plan))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import helpers
 import pytest
 
 from pipelines import ledger
@@ -29,9 +30,11 @@ def ledger_row(item: str, codes: list[int], fp: int) -> tuple:
             str(codes[0]), f"{codes[0]}_{codes[1]}")
 
 
-def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free_on_the_jvm(classic_spark):
-    # c took 1_9 by a second chance; the new model ranks 1_2 and 1_3 (a's and b's) first again: c keeps 1_9_0.
-    # d's 1_4 is outside its alternatives and 1_5 is free: d moves there.
+def new_generation_plan(classic_spark, materialize, one_map: bool = False) -> tuple[ledger.Plan, dict[str, str]]:
+    """A new generation's plan over a ledger of four items, and its active IDs (semantic_id -> item).
+
+    c took 1_9 by a second chance; the new model ranks 1_2 and 1_3 (a's and b's) first again: c keeps 1_9_0.
+    d's 1_4 is outside its alternatives and 1_5 is free: d moves there. x was rejected (it is in neither)."""
     rows = [ledger_row("a", [1, 2], 10), ledger_row("b", [1, 3], 11), ledger_row("c", [1, 9], 12),
             ledger_row("d", [1, 4], 13)]
     state = ledger.TableState(classic_spark.createDataFrame(rows, LEDGER_SCHEMA), None, "m", "1", 1, 2, True, 4, 4)
@@ -41,12 +44,47 @@ def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free_on
         [(*r, [r[2], r[2] + 0.1]) for r in encoded],
         f"item_id string, codes array<int>, quantization_error float, embedding_fingerprint bigint, "
         f"{ALTERNATIVES} array<int>, {ALTERNATIVE_ERRORS} array<float>")
-    rejects = classic_spark.createDataFrame([("x", "x")], "item_id string, reason string").limit(0)
+    rejects = classic_spark.createDataFrame([("x", "not_finite")], "item_id string, reason string")
     model = TokenizerModel("m", "2", b"", num_levels=2, codebook_size=16, input_dim=4)
-    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(4, {})), model,
+    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(4, {"not_finite": 1})), model,
                                ledger.Mode(ledger.FULL, 2, True, "test"), on_changed="keep", run_id="run-1",
-                               now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc),
-                               materialize=lambda df: df.localCheckpoint())
+                               now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc), materialize=materialize,
+                               one_map=one_map)
+    return plan, {r[SEMANTIC_ID]: r[ITEM_ID] for r in plan.table().collect() if r[ACTIVE]}
+
+
+def test_a_new_generation_confirms_an_item_none_of_whose_alternatives_is_free_on_the_jvm(classic_spark):
+    plan, active = new_generation_plan(classic_spark, lambda df: df.localCheckpoint())
     assert (plan.counts.confirmed, plan.counts.moved) == (3, 1)
-    active = {r[SEMANTIC_ID]: r[ITEM_ID] for r in plan.table().collect() if r[ACTIVE]}
+    assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}
+
+
+@pytest.mark.parametrize(("broadcast_up_to", "join"), [(1_000_000, "BroadcastHashJoin"), (0, "SortMergeJoin")])
+def test_the_ledger_is_filtered_as_it_is_read_when_few_rows_are_issued_and_updated(classic_spark, monkeypatch,
+                                                                                  broadcast_up_to, join):
+    # The rows updated and the prefixes of the rows issued are broadcast to their joins with the ledger: a
+    # checkpoint's size is unknown to the planner, which otherwise shuffles every ledger row (the whole table in a
+    # daily run that updates none). Automatic broadcasts are off, so a broadcast can only come from the plan's hint.
+    # The scenario above, spread and numbered in one grouped map as the job does on the JVM.
+    monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
+    plans = []
+
+    def recording(df):  # noqa: ANN001, ANN202 - a DataFrame
+        plans.append(df._jdf.queryExecution().executedPlan().toString())
+        return df.localCheckpoint()
+
+    before = classic_spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        plan, active = new_generation_plan(classic_spark, recording, one_map=True)
+    finally:
+        classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", before)
+    changes = [p for p in plans if "FlatMapGroupsInArrow" in p]
+    assert len(changes) == 1, plans
+    assert helpers.join_kinds(changes[0], join) == {"Inner", "LeftSemi"}, changes[0]
+    # The comparison with the table joins the catalog's and the table's rows (both large: sort-merge), then the
+    # rejected ids onto them: broadcast, so the joined rows are not shuffled a second time.
+    compared = [p for p in plans if "FullOuter" in p]
+    assert len(compared) == 1 and "LeftOuter" in helpers.join_kinds(compared[0], join), compared
+    assert (plan.counts.confirmed, plan.counts.moved) == (3, 1)
     assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}

@@ -162,8 +162,11 @@ def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classi
         out = encode_catalog(v, helpers.untrained_checkpoint(3, codebook_size=4), materialize=recording, known=known,
                              policy="new")
         coded = sorted(r[ITEM_ID] for r in out.codes.collect() if r[CODES] is not None)
+        joined_back = out.codes._jdf.queryExecution().executedPlan().toString()
     finally:
         classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", before)
     second = [p for p in plans if "LeftSemi" in p]
     assert len(second) == 1 and join in second[0], second
+    # The codes of those rows are joined back onto the catalog's rows the same way: the few rows broadcast.
+    assert helpers.join_kinds(joined_back, join) == {"LeftOuter"}, joined_back
     assert out.encoded_rows == 5 and coded == [f"i{i}" for i in range(15, 20)]

@@ -676,6 +676,22 @@ def test_no_second_chance_where_the_prefix_has_no_free_code(spark) -> None:
     assert sorted(r["suffix"] for r in table_rows(p).values()) == [0] * 16 + [1]
 
 
+def test_the_ledgers_tuples_leave_no_room_for_a_second_chance_in_their_prefix(spark) -> None:
+    # The ledger holds 5_0 .. 5_13 (K = 16) and an unrelated 7_7. x keeps 5_14, y takes 5_15, z finds nothing free:
+    # with the ledger's tuples its prefix has no free code left, so nobody is read again (counted without them,
+    # the prefix would seem to have 14 and z would be asked for).
+    held = [row(f"l{c:02d}", [5, c], 0, 100 + c) for c in range(14)] + [row("o", [7, 7], 0, 99)]
+    nxt = [*((r[0], None, None, r[10], None) for r in held), ("x", [5, 14], 0.1, 1, [14, 15]),
+           ("y", [5, 14], 0.2, 2, [14, 15]), ("z", [5, 14], 0.3, 3, [14, 15])]
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, nxt), again=ranked_again(spark, {}, asked))
+    p = ledger.plan_changes(state_of(spark, held), enc, V1, INCREMENTAL, on_changed="keep", run_id="run-1", now=NOW,
+                            materialize=collected(spark))
+    assert asked == []
+    assert {sid: r[ITEM_ID] for sid, r in table_rows(p).items() if r[ITEM_ID] in "xyz"} == {
+        "5_14_0": "x", "5_15_0": "y", "5_14_1": "z"}
+
+
 def test_no_second_chance_without_materialisation(spark) -> None:
     first = [("p", [1, 2], 0.1, 100, [2, 3]), ("q", [1, 2], 0.2, 100, [2, 3]), ("r", [1, 2], 0.3, 100, [2, 3])]
     asked: list = []
