@@ -515,10 +515,11 @@ def _encode_needed(v: ValidationResult, clean: DataFrame, known: DataFrame, poli
         needed = needed | (F.col(_HELD_FP) != F.col(EMBEDDING_FINGERPRINT))
     second, encoded_rows = _encode_ids(v, clean, marked.where(needed).select(ITEM_ID), scan, materialize, read_files)
     # Joined on the fingerprint too: a row that is not the one the first pass saw never lends its codes. Few (a
-    # daily run's new rows), they are broadcast, so the catalog's rows are not shuffled to meet them.
+    # daily run's new rows), they are broadcast, so the catalog's rows are not shuffled to meet them. A row
+    # carries its ranked alternatives (about 150 bytes with 16), so a tenth of an id set's limit: about 15 MB.
     carried = [c for c in (CODES, QUANTIZATION_ERROR, ALTERNATIVES, ALTERNATIVE_ERRORS) if c in second.columns]
     coded_rows = second.select(ITEM_ID, EMBEDDING_FINGERPRINT, *carried)
-    if encoded_rows is not None and encoded_rows <= BROADCAST_IDS:
+    if encoded_rows is not None and encoded_rows <= BROADCAST_IDS // 10:
         coded_rows = F.broadcast(coded_rows)
     codes = clean.drop(*carried).join(coded_rows, [ITEM_ID, EMBEDDING_FINGERPRINT], "left")
     return codes.select(ITEM_ID, *carried, EMBEDDING_FINGERPRINT), encoded_rows

@@ -4,7 +4,8 @@ Items that share a full code tuple (a "group") get suffixes 0..n-1, ordered by
 ``quantization_error`` (nulls last) then ``item_id``. That order is a total order on the items (ids
 are unique), so the result depends neither on the input order, nor on its partitioning, nor on the
 engine. The group is found by a window partitioned by the tuple's string key ("35_7_120"), not by
-the array itself, so no engine has to partition by an array column.
+the array itself, so no engine has to partition by an array column (only the ledger's tuples, grouped
+by their codes for :func:`spread_and_number`, which each engine hashes as it does any other key).
 
 Every function here is lazy (no Spark job runs) unless it is given a ``materialize`` callback, and
 uses only DataFrame APIs that work on classic Spark and on Spark Connect (Sail).
@@ -381,9 +382,8 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
         held = held.unionByName(issued.select(CODES, SUFFIX))
     held = held.withColumn(_PREFIX_KEY, prefix)
     taken = held.where(F.col(SUFFIX) == 0)
-    if issued is not None:  # only the prefixes of the items left are ranked: the ledger's others are not counted
-        left_prefixes = left.select(_PREFIX_KEY).distinct()
-        taken = taken.join(F.broadcast(left_prefixes) if few else left_prefixes, _PREFIX_KEY, "left_semi")
+    if issued is not None and few:  # only the prefixes of the items left are ranked: the ledger's others not counted
+        taken = taken.join(F.broadcast(left.select(_PREFIX_KEY).distinct()), _PREFIX_KEY, "left_semi")
     # Ranked over every code, the left items of a prefix take its free codes one each, in the suffix order
     # (error, then id: the spreading's order), until none is left: so in a prefix with r codes no tuple holds,
     # exactly the first r of them move, and only they are read again.
