@@ -218,9 +218,8 @@ def _open_tracking(cfg: JobConfig, work: Path) -> tuple[str, str]:
         tracking = registry.configure_tracking(work)
         return tracking, registry.use_experiment(cfg.experiment, work)
     except Exception as e:  # noqa: BLE001 - mlflow and sqlalchemy raise many kinds
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise JobFailed(f"cannot open the MLflow tracking store ({first}). Fix MLFLOW_TRACKING_URI, or move the broken "
-                        f"{Path(work) / 'mlflow.db'} aside (the local default) and run again") from e
+        raise JobFailed(f"cannot open the MLflow tracking store ({io.first_line(e, 300)}). Fix MLFLOW_TRACKING_URI, or "
+                        f"move the broken {Path(work) / 'mlflow.db'} aside (the local default) and run again") from e
 
 
 def _recover(job: _Job) -> None:
@@ -591,8 +590,8 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
     if counted.result() == files.rows:
         job.catalog_rows = files.rows
         return encoded
-    print(f"    its files hold {files.rows} rows by their footers and the engine reads {counted.result()}: they are "
-          "not the engine's files, so the engine reads the embeddings (the pass is done again)", flush=True)
+    print(f"    {_not_the_engines(files, counted.result())}, so the engine reads the embeddings (the pass is done "
+          "again)", flush=True)
     mlflow.set_tag("embeddings_read_from", "the engine")
     return encode(None)
 
@@ -639,8 +638,7 @@ def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = Fal
         files, why = io.embedding_files(str(cfg.input), cfg.input_format, cfg.id_col, cfg.embedding_col)
         counted = rows.count() if files is not None and rows is not None else None
         if files is not None and counted is not None and counted != files.rows:
-            files, why = None, (f"its files hold {files.rows} rows by their footers and the engine reads {counted}: "
-                                "they are not the engine's files")
+            files, why = None, _not_the_engines(files, counted)
         job.catalog_rows = counted if files is not None else None  # the rows the pass over these files reads
     if files is None and cfg.read_embeddings == "files":
         raise JobFailed(f"--read-embeddings files cannot read {cfg.input}: {why}. Fix: --read-embeddings engine "
@@ -650,6 +648,12 @@ def _embedding_files(job: _Job, rows: DataFrame | None = None, quiet: bool = Fal
               if files is not None else f"    the engine reads the embeddings ({why})")
         mlflow.set_tag("embeddings_read_from", files.source if files is not None else "the engine")
     return files
+
+
+def _not_the_engines(files: io.EmbeddingFiles, counted: int) -> str:
+    """Why listed files that hold another number of rows than the engine counts are not read."""
+    return (f"its files hold {files.rows} rows by their footers and the engine reads {counted}: they are not the "
+            "engine's files")
 
 
 def _compare(job: _Job, table: DataFrame, num_levels: int | None) -> Drift:

@@ -330,9 +330,8 @@ class ChangeCounts:
 
     @property
     def updated(self) -> int:
-        """Items whose existing row this run updates (the changes of ``_UPDATING``)."""
-        return self.reactivated + self.confirmed + self.retokenized + self.moved + self.retired_left_catalog \
-            + self.retired_rejected
+        """Items whose existing row this run updates (the changes of ``_UPDATING``, named as these fields)."""
+        return sum(getattr(self, change) for change in _UPDATING)
 
     @property
     def churn(self) -> float:
@@ -458,9 +457,10 @@ def plan_changes(
     # The ledger's rows go through the spreading and the suffixes beside the items to issue: the parts follow
     # the larger of the two. Nothing to issue: the ledger is not read at all.
     ledger_state = state if counts.issued else None
+    few_issued = counts.issued <= BROADCAST_IDS  # their prefixes broadcast to the ledger's joins
     issued = _issue(staged.where(F.col(CHANGE).isin(*_ISSUING)), ledger_state, model.num_levels, stamp, materialize,
                     parts=parts_for(max(counts.issued, table_rows if counts.issued else 0)), progress=progress,
-                    split=split, one_map=one_map, few=counts.issued <= BROADCAST_IDS)
+                    split=split, one_map=one_map, few=few_issued)
     changes = issued
     if state is not None:
         updated = _updated_rows(staged.where(F.col(CHANGE).isin(*_UPDATING) & F.col(_OLD_SID).isNotNull()),
@@ -474,7 +474,7 @@ def plan_changes(
         ledger_rows = ledger_state.ledger.select(CODES, SUFFIX) if ledger_state is not None else None
         respread = spread_the_rest(changes, ledger_rows, model.num_levels, model.codebook_size, encoded.again,
                                    materialize, movable=F.col(ACTION) == "insert", progress=progress,
-                                   few=counts.issued <= BROADCAST_IDS)
+                                   few=few_issued)
         if respread is not changes:
             changes = materialize(respread) or respread
     return Plan(changes, counts, mode, state, model.num_levels)
