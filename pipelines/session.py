@@ -294,6 +294,11 @@ def _float_env(name: str, default: float) -> float:
 
 
 POOL_ENV = "SAIL_RUNTIME__MEMORY_POOL__TYPE"  # set by the user: their pool, not --engine-memory
+_LOG_ENV = "RUST_LOG"  # set by the user: their filter, not _SAIL_LOG
+# The embedded engine's log filter: its warnings, without the two it gives on every run of the job (a
+# broadcast hint, which Sail plans without, "is not yet supported and is a no-op"; the server's own tasks
+# "aborting" when it stops) and without its INFO lines on the server's start and stop.
+_SAIL_LOG = "warn,sail_plan::resolver::query::misc=error,sail_common::actor=error"
 
 
 def is_out_of_engine_memory(error: BaseException) -> bool:
@@ -342,8 +347,9 @@ def _start_sail(engine_memory: int | None = None) -> EngineSession:
     pool = {} if engine_memory is None or POOL_ENV in os.environ else {
         POOL_ENV: "fair", "SAIL_RUNTIME__MEMORY_POOL__FAIR__MAX_SIZE": str(int(engine_memory)),
         "SAIL_OPTIMIZER__PREFER_HASH_JOIN": os.environ.get("SAIL_OPTIMIZER__PREFER_HASH_JOIN", "false")}
-    saved = {name: os.environ.get(name) for name in pool}
-    os.environ.update(pool)
+    quiet = {} if _LOG_ENV in os.environ else {_LOG_ENV: _SAIL_LOG}
+    saved = {name: os.environ.get(name) for name in {**pool, **quiet}}
+    os.environ.update({**pool, **quiet})
     try:
         server = SparkConnectServer(ip="127.0.0.1", port=0)
         server.start(background=True)

@@ -135,6 +135,35 @@ def test_a_session_outlives_a_long_training_only_when_kept_alive(tmp_path, kept)
         assert "error" in result and "not running" in result["error"], result
 
 
+_HINTED = """
+from pyspark.sql import functions as F
+from pipelines.session import start_session
+es = start_session("local")
+print(es.spark.range(10).join(F.broadcast(es.spark.range(3)), "id").count())
+es.stop()
+"""
+
+
+@pytest.mark.parametrize("rust_log", ["", "info"], ids=["default", "user-set"])
+def test_the_embedded_engine_logs_its_warnings_not_the_jobs_hints(tmp_path, rust_log) -> None:
+    """The job's stages hint broadcasts, which the embedded engine plans without: by default it must not
+    print a warning per hint on every run (nor INFO lines on its start and stop); a RUST_LOG the user sets
+    is theirs."""
+    import subprocess
+    import sys
+
+    import helpers
+
+    out = subprocess.run([sys.executable, "-c", _HINTED], env=helpers.subprocess_env(RUST_LOG=rust_log),
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3"]
+    if rust_log:  # the user's filter: Sail's INFO lines are there
+        assert "Starting the Spark Connect server" in out.stderr
+    else:
+        assert "Hint operation" not in out.stderr and " INFO " not in out.stderr, out.stderr[-2000:]
+
+
 class _FakeClassic:
     """Just what tune_local_delta reads and writes of a classic session."""
 
