@@ -5,6 +5,10 @@
 ``quantization_error`` per row, as the encode stage computes them (the same bits when torch runs
 1 or a power-of-two threads, see ``rqvae.encode``). Each call is at least one full-size model call
 (2048 rows on CPU: about 40 ms on one thread at D = 768), so score rows in batches, not one by one.
+
+This file is the registered model's code (MLflow's "models from code", ``pipelines.registry.log_and_register``):
+MLflow stores it beside the checkpoint and runs it when the model loads, so it imports nothing of this project
+at the top (rqvae travels with the model as code) and ends by naming its model with ``set_model``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -46,3 +51,6 @@ def signature() -> Any:
         inputs=Schema([ColSpec(Array(DataType.double), "embedding")]),
         outputs=Schema([ColSpec(Array(DataType.integer), "codes"), ColSpec(DataType.float, "quantization_error")]),
     )
+
+
+set_model(SemanticIdModel())  # the model MLflow loads from this file

@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT, SemanticIdModel, signature
+from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT, signature
 from pipelines.session import pid_alive
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -150,22 +150,18 @@ def log_and_register(checkpoint_path: Path, model_name: str, input_example: Any 
     ``input_example``: a small pandas DataFrame with an ``embedding`` column; MLflow stores it
     and checks that the model predicts on it.
     """
-    import cloudpickle
-
     from pipelines import pyfunc_model
 
-    # The wrapper class is pickled by value and rqvae/ travels as code, so the model loads where this
-    # project is not installed (serving hosts, Spark workers).
-    cloudpickle.register_pickle_by_value(pyfunc_model)
-    try:
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=SemanticIdModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
-            signature=signature(), registered_model_name=model_name, input_example=input_example,
-            pip_requirements=["torch", "numpy", "pandas", "mlflow"],
-            code_paths=[str(Path(__file__).resolve().parents[1] / "rqvae")],
-        )
-    finally:
-        cloudpickle.unregister_pickle_by_value(pyfunc_model)
+    # "Models from code": MLflow stores pyfunc_model.py itself and runs it at load (it sets the model), and
+    # rqvae/ travels as code, so the model loads where this project is not installed (serving hosts, Spark
+    # workers) and where unpickling is refused (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false; MLflow means to
+    # make that the default), which a pickled model object would not.
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=pyfunc_model.__file__, artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+        signature=signature(), registered_model_name=model_name, input_example=input_example,
+        pip_requirements=["torch", "numpy", "pandas", "mlflow"],
+        code_paths=[str(Path(__file__).resolve().parents[1] / "rqvae")],
+    )
     return str(info.registered_model_version)
 
 

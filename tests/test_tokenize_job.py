@@ -364,8 +364,9 @@ _PREDICT = textwrap.dedent("""
 def _predict_in_fresh_process(run: Run, catalog: Catalog, tmp_path: Path, mode: str) -> None:
     pick = list(range(0, len(catalog.valid_ids), 37))
     np.save(tmp_path / "x.npy", catalog.valid_embeddings[pick])
+    # Unpickling refused, as MLflow means to make its default: the model is its code file and checkpoint.
     env = helpers.subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{run.work.resolve() / 'mlflow.db'}",
-                                 PYTHONPATH="")
+                                 PYTHONPATH="", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
     proc = subprocess.run(
         [sys.executable, "-c", _PREDICT, CHAMPION, str(tmp_path / "x.npy"), str(tmp_path / "out.json"), mode],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
