@@ -376,7 +376,11 @@ class Plan:
         rows = self.changes.select(*columns)
         if self.previous is None:
             return rows
-        kept = self.previous.ledger.join(self.changes.select(SEMANTIC_ID), SEMANTIC_ID, "left_anti")
+        # The rows it changes are broadcast when few (a daily run's): the ledger is then read, not shuffled whole
+        # with every column, each time the table is (the checks, the statistics, the describing tables).
+        changed = self.changes.select(SEMANTIC_ID)
+        few = self.counts.issued + self.counts.updated <= BROADCAST_IDS
+        kept = self.previous.ledger.join(F.broadcast(changed) if few else changed, SEMANTIC_ID, "left_anti")
         return kept.select(*columns).unionByName(rows)
 
     def pairs(self) -> DataFrame:

@@ -77,6 +77,8 @@ def test_the_ledger_is_filtered_as_it_is_read_when_few_rows_are_issued_and_updat
     classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
     try:
         plan, active = new_generation_plan(classic_spark, recording, one_map=True)
+        # The table after the run: the ledger's rows less the ones the run changes (few: broadcast).
+        table_plan = plan.table()._jdf.queryExecution().executedPlan().toString()
     finally:
         classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", before)
     changes = [p for p in plans if "FlatMapGroupsInArrow" in p]
@@ -86,5 +88,6 @@ def test_the_ledger_is_filtered_as_it_is_read_when_few_rows_are_issued_and_updat
     # rejected ids onto them: broadcast, so the joined rows are not shuffled a second time.
     compared = [p for p in plans if "FullOuter" in p]
     assert len(compared) == 1 and "LeftOuter" in helpers.join_kinds(compared[0], join), compared
+    assert helpers.join_kinds(table_plan, join) == {"LeftAnti"}, table_plan
     assert (plan.counts.confirmed, plan.counts.moved) == (3, 1)
     assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}
