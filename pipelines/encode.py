@@ -550,8 +550,11 @@ def _encode_ids(v: ValidationResult, clean: DataFrame, todo: DataFrame, scan: Ca
     coded = materialize(second) if staged is not None else None
     if coded is not None:  # the checks cover the rows that will be written
         second, read = coded, coded.count()
-        same = second.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP)).join(
-            clean, ITEM_ID).where(F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
+        # Few rows read again (a daily run's, the second chance's) are broadcast to meet the catalog's rows: not the
+        # catalog's ids and fingerprints shuffled to meet them.
+        seen = second.where(F.col(REASON).isNull()).select(ITEM_ID, F.col(EMBEDDING_FINGERPRINT).alias(_HELD_FP))
+        same = (F.broadcast(seen) if read <= BROADCAST_IDS else seen).join(clean, ITEM_ID).where(
+            F.col(_HELD_FP) == F.col(EMBEDDING_FINGERPRINT)).count()
         if not same == read == wanted:
             raise RowAccountingError(
                 f"the catalog changed during the run: the encode pass was to read {wanted} rows again and read "

@@ -150,12 +150,19 @@ def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classi
     known = classic_spark.createDataFrame([(f"i{i}", 0) for i in range(15)],
                                           f"{ITEM_ID} string, embedding_fingerprint bigint")
     es = EngineSession(classic_spark, "spark", False, _owns_session=False)
-    plans = []
+    plans, counted = [], []
 
     def recording(frame):  # noqa: ANN001, ANN202 - a DataFrame
         plans.append(frame._jdf.queryExecution().executedPlan().toString())
         return es.materialize(frame)
 
+    counting = type(df).count
+
+    def count(frame):  # noqa: ANN001, ANN202 - a DataFrame
+        counted.append(frame._jdf.queryExecution().executedPlan().toString())
+        return counting(frame)
+
+    monkeypatch.setattr(type(df), "count", count)
     before = classic_spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
     classic_spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
     try:
@@ -169,4 +176,7 @@ def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classi
     assert len(second) == 1 and join in second[0], second
     # The codes of those rows are joined back onto the catalog's rows the same way: the few rows broadcast.
     assert helpers.join_kinds(joined_back, join) == {"LeftOuter"}, joined_back
+    # The rows read again are checked against the catalog's (the same fingerprints): they meet them broadcast too.
+    checked = [p for p in counted if "Inner" in p]
+    assert len(checked) == 1 and helpers.join_kinds(checked[0], join) == {"Inner"}, counted
     assert out.encoded_rows == 5 and coded == [f"i{i}" for i in range(15, 20)]
