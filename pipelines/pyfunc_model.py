@@ -53,4 +53,5 @@ def signature() -> Any:
     )
 
 
-set_model(SemanticIdModel())  # the model MLflow loads from this file
+if __name__ != "pipelines.pyfunc_model":  # run by MLflow as the model's code, not imported by this project
+    set_model(SemanticIdModel())  # the model MLflow loads from this file
