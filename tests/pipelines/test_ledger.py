@@ -644,7 +644,11 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     helpers.assert_suffix_contract([r for r in rows.values()])
 
 
-def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(spark) -> None:
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["ledger filtered", "ledger whole"])
+def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(spark, monkeypatch,
+                                                                                broadcast_up_to) -> None:
+    # Either way the plan reads the ledger (its rows in the items' prefixes, or all of them), the same IDs.
+    monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
     # 1_2 is a's and b's: g takes 1_3, f finds nothing free among its two and would be 1_2_2; ranked over every
     # code it takes 1_6. m's 6_7 is e's and its alternative 6_6 was e's (retired): ranked again, 6_6 is still
     # never handed out and m takes 6_8. Only the new items are ever asked for or moved.
@@ -676,7 +680,11 @@ def test_no_second_chance_where_the_prefix_has_no_free_code(spark) -> None:
     assert sorted(r["suffix"] for r in table_rows(p).values()) == [0] * 16 + [1]
 
 
-def test_the_ledgers_tuples_leave_no_room_for_a_second_chance_in_their_prefix(spark) -> None:
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["ledger filtered", "ledger whole"])
+def test_the_ledgers_tuples_leave_no_room_for_a_second_chance_in_their_prefix(spark, monkeypatch,
+                                                                              broadcast_up_to) -> None:
+    # Either way the plan reads the ledger (its rows in the items' prefixes, or all of them), the same IDs.
+    monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
     # The ledger holds 5_0 .. 5_13 (K = 16) and an unrelated 7_7. x keeps 5_14, y takes 5_15, z finds nothing free:
     # with the ledger's tuples its prefix has no free code left, so nobody is read again (counted without them,
     # the prefix would seem to have 14 and z would be asked for).
