@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "remote: Spark Connect (--remote)")
     g.add_argument("--remote", help="Spark Connect URL, e.g. sc://host:15002 (implies --engine remote)")
     g.add_argument("--debug", action="store_true",
-                   help="print the Python traceback of a failure (by default only its message and the exit code)")
+                   help="print the Python traceback of a failure (by default only its message and the exit code), and "
+                        "MLflow's own INFO lines and download progress bars (off by default when the script runs)")
     g.add_argument("--shuffle-partitions", type=_at_least(1), help="spark.sql.shuffle.partitions for this job")
     g.add_argument("--engine-memory", type=_bytes, default=DEFAULT_ENGINE_MEMORY, metavar="SIZE",
                    help="embedded engine only: cap its operators' memory (2g, 1536m; 0: no cap). Sorts, "
@@ -467,6 +468,7 @@ def stage(name: str):  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        _quiet_mlflow(cfg.debug)
         from jobs.runner import JobFailed, run_job
         from pipelines.session import POOL_ENV, is_out_of_engine_memory
     finally:  # collection back on even when the arguments are refused (a host that ran the file keeps it)
@@ -497,6 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     for line in result.summary_lines():
         print(line)
     return 0
+
+
+# What MLflow prints on its own in a run (its INFO log lines, a progress bar per artifact download), off in the
+# script's own process: the job's lines say what it did. A value the user exported is kept, and --debug keeps it all.
+_MLFLOW_QUIET = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def _quiet_mlflow(debug: bool) -> None:
+    """Before MLflow is imported (it reads its log level then), in the script's own process and without
+    ``--debug``: :data:`_MLFLOW_QUIET` where the environment does not set them. ``main`` called from another
+    program (a notebook, tests, a Databricks task) leaves MLflow's output and the environment as they are."""
+    if _OWN_PROCESS and not debug:
+        for name, value in _MLFLOW_QUIET.items():
+            os.environ.setdefault(name, value)
 
 
 def _settle_gc() -> None:

@@ -135,6 +135,9 @@ def test_spark_connect_issues_the_embedded_engines_ids(first_run: FirstRun, tmp_
     assert first_run.proc.returncode == 0
     embedded = run_job("--engine", "local", *FIRST_RUN, "--work-dir", tmp_path / "work", cwd=tmp_path)
     assert embedded.returncode == 0, failure(embedded)
+    # The script's stderr holds what the job says, not MLflow's INFO lines or its artifact progress bars.
+    for proc in (embedded, first_run.proc):
+        assert "Downloading artifacts" not in proc.stderr and " INFO mlflow" not in proc.stderr, proc.stderr[-3000:]
     on_sail = helpers.by_item(helpers.read_delta(tmp_path / "work" / "tables" / "semantic_ids"))
     on_connect = first_run.rows()
     assert len(on_sail) == N_ITEMS

@@ -579,6 +579,27 @@ def test_the_job_runs_on_its_own_session_when_the_callers_is_dead(tmp_path) -> N
     assert "300 semantic IDs written" in proc.stdout and "rc 0" in proc.stdout
 
 
+@pytest.mark.parametrize("own_process,debug,users,expected", [
+    (True, False, {}, {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}),
+    (True, False, {"MLFLOW_LOGGING_LEVEL": "DEBUG"},
+     {"MLFLOW_LOGGING_LEVEL": "DEBUG", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}),
+    (True, True, {}, {"MLFLOW_LOGGING_LEVEL": None, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": None}),
+    (False, False, {}, {"MLFLOW_LOGGING_LEVEL": None, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": None}),
+])
+def test_mlflow_is_quiet_in_the_scripts_own_process_only(monkeypatch, own_process, debug, users, expected) -> None:
+    """The script turns MLflow's INFO lines and progress bars off, keeping what the user exported; --debug, or
+    main called from another program, leaves the environment as it is."""
+    import jobs.tokenize_catalog as cli
+
+    for name in expected:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in users.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli, "_OWN_PROCESS", own_process)
+    cli._quiet_mlflow(debug)
+    assert {name: os.environ.get(name) for name in expected} == expected
+
+
 def test_console_script_entry_point_loads(tmp_path) -> None:
     probe = ("from importlib.metadata import entry_points; "
              "(ep,) = [e for e in entry_points(group='console_scripts') if e.name == 'tokenize-catalog']; "
