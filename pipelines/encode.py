@@ -39,6 +39,7 @@ from pipelines.schema import (
     QUANTIZATION_ERROR,
     REASON,
 )
+from pipelines.session import local_classic_context
 from pipelines.uniquify import hash_part, parts_for, require_columns
 from pipelines.validate import (
     RowAccountingError,
@@ -257,15 +258,49 @@ def encode_files(spark: SparkSession, files: EmbeddingFiles, checkpoint: bytes, 
                     fingerprint_cache.write(folder, key, computed, arrow_id)
 
     if keys is None:
-        units = spark.createDataFrame([list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int")
+        rows, schema = [list(unit) for unit in files.row_groups], f"{_FILE} string, {_ROW_GROUP} int"
     else:
         listed = zip(files.row_groups, keys, files.stamps, strict=True)
-        units = spark.createDataFrame(
-            [[*unit, key, dataclasses.asdict(stamp)] for unit, key, stamp in listed],
-            f"{_FILE} string, {_ROW_GROUP} int, {_KEY} string, {_STAMP} struct<table: string, path: string, "
-            "size: bigint, mtime_ns: bigint, index: int, rows: bigint, footer: string>")
-    return units.repartition(max(1, min(tasks, len(files.row_groups)))).mapInArrow(
+        rows = [[*unit, key, dataclasses.asdict(stamp)] for unit, key, stamp in listed]
+        schema = (f"{_FILE} string, {_ROW_GROUP} int, {_KEY} string, {_STAMP} struct<table: string, path: string, "
+                  "size: bigint, mtime_ns: bigint, index: int, rows: bigint, footer: string>")
+    sizes = [stamp.rows for stamp in files.stamps] if len(files.stamps) == len(rows) else [1] * len(rows)
+    return _units_in_tasks(spark, rows, schema, sizes, tasks).mapInArrow(
         read_and_encode, _output_schema(id_type, fingerprints, alternatives))
+
+
+def _units_in_tasks(spark: SparkSession, units: list[list[Any]], schema: str, sizes: list[int],
+                    tasks: int) -> DataFrame:
+    """The row-group list as a frame of ``tasks`` partitions (at most one per row group), one task each.
+
+    On classic Spark with a local master each task gets the row groups :func:`balanced_tasks` gives it
+    (about equal rows), one partition per task with no shuffle: ``repartition(n)`` there deals the rows
+    round robin from a random start in each input partition, which gave one task 16 row groups of 30 and
+    the other 14, so one core encoded alone for the last 4-5 s of the pass (1M x 768; bench/RESULTS.md).
+    The embedded engine's round robin from its one input partition deals them evenly by count (Spark
+    Connect has no RDDs to place rows by); elsewhere (a cluster, Databricks) the engine's round robin
+    stands."""
+    n = max(1, min(tasks, len(units)))
+    context = local_classic_context(spark)
+    if context is None:
+        return spark.createDataFrame(units, schema).repartition(n)
+    per_task = [[units[i] for i in task] for task in balanced_tasks(sizes, n)]
+    # n lists in n slices: one list each (pyspark batches a list this short one element per slice).
+    return spark.createDataFrame(context.parallelize(per_task, n).flatMap(lambda task_units: task_units), schema)
+
+
+def balanced_tasks(sizes: list[int], tasks: int) -> list[list[int]]:
+    """The indices of ``sizes`` dealt to ``tasks`` tasks, largest first, each to the task with the fewest rows so
+    far (then the fewest items, then the lowest number): about equal rows per task, each task's in order."""
+    held = [[0, 0, t] for t in range(tasks)]
+    out: list[list[int]] = [[] for _ in range(tasks)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        least = min(held)
+        out[least[2]].append(i)
+        least[0] += sizes[i]
+        least[1] += 1
+    return [sorted(task) for task in out]
+
 
 
 def cache_keys(files: EmbeddingFiles, dim: int, id_type: str) -> tuple[str, ...] | None:

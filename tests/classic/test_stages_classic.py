@@ -180,3 +180,29 @@ def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classi
     checked = [p for p in counted if "Inner" in p]
     assert len(checked) == 1 and helpers.join_kinds(checked[0], join) == {"Inner"}, counted
     assert out.encoded_rows == 5 and coded == [f"i{i}" for i in range(15, 20)]
+
+
+@pytest.mark.parametrize("sizes", [[4] * 30, [8] * 5 + [2] * 10])
+def test_the_file_reading_encode_gives_each_task_equal_rows(classic_spark, tmp_path, sizes) -> None:
+    """The row groups go to the tasks by their rows, one partition each (``repartition(2)`` had dealt 30 equal
+    row groups 16 and 14 on this engine: one core encoding alone at the end of the pass)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.encode import encode_files
+    from pipelines.io import embedding_files
+
+    n = sum(sizes)
+    v = helpers.random_vectors(n, 8, seed=4)
+    table = helpers.catalog_table([f"i{i}" for i in range(n)], [list(row) for row in v])
+    (tmp_path / "catalog").mkdir()
+    with pq.ParquetWriter(tmp_path / "catalog" / "part-0.parquet", table.schema) as writer:
+        start = 0
+        for size in sizes:
+            writer.write_table(table.slice(start, size))
+            start += size
+    files, why = embedding_files(str(tmp_path / "catalog"), "parquet", "item_id", "embedding")
+    assert why == "" and files is not None and len(files.row_groups) == len(sizes)
+    out = encode_files(classic_spark, files, helpers.untrained_checkpoint(8, codebook_size=4), 8, id_type="string",
+                       tasks=2, fingerprints=True, encode=False)
+    assert out.rdd.glom().map(len).collect() == [n // 2, n // 2]
+    assert sorted(r[ITEM_ID] for r in out.collect()) == sorted(f"i{i}" for i in range(n))

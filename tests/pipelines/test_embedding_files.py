@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import io
-from pipelines.encode import encode_catalog, encode_files
+from pipelines.encode import balanced_tasks, encode_catalog, encode_files
 from pipelines.schema import (
     ALTERNATIVE_ERRORS,
     ALTERNATIVES,
@@ -120,6 +120,20 @@ def test_any_number_of_tasks_reads_every_row_once(spark, checkpoint, tmp_path, t
     out = encode_files(spark, files, checkpoint, DIM, id_type="string", tasks=tasks, fingerprints=True, encode=False)
     ids = [r[ITEM_ID] for r in out.collect()]
     assert sorted(ids, key=str) == sorted(table.slice(0, 20)["item_id"].to_pylist(), key=str)
+
+
+@pytest.mark.parametrize("sizes,tasks,rows", [
+    ([33792] * 20 + [32416] * 10, 2, [500_000, 500_000]),  # the 1M-row catalog of bench/: 15 row groups each
+    ([100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10], 2, [100, 100]),  # one large row group: the others beside it
+    ([5, 4, 3, 3, 3], 2, [8, 10]),  # largest first, each to the lighter task: within one row group of even
+    ([7], 3, [7, 0, 0]),
+])
+def test_row_groups_are_dealt_to_tasks_by_their_rows(sizes, tasks, rows) -> None:
+    dealt = balanced_tasks(sizes, tasks)
+    assert sorted(i for task in dealt for i in task) == list(range(len(sizes)))  # every row group once
+    assert [sum(sizes[i] for i in task) for task in dealt] == rows
+    assert all(task == sorted(task) for task in dealt)  # each task reads its row groups in file order
+    assert max(rows) - min(rows) <= max(sizes)
 
 
 def test_encode_files_refuses_an_empty_list_and_an_unknown_id_type(checkpoint) -> None:
