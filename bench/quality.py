@@ -14,9 +14,13 @@ import platform
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as a script from anywhere: the project's packages beside it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rqvae import ModelConfig, RQKMeans, RQKMeansConfig, TrainConfig, encode_array, fit
 from rqvae.callbacks import ProgressPrinter

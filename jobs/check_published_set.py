@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="the job's --output folder (holds semantic_ids, rejects, ..., runs)")
     a = p.parse_args(argv)
+    if "://" not in a.output and not Path(a.output).is_dir():  # a local path: object stores are delta-rs's to read
+        what = "is a file" if Path(a.output).exists() else "does not exist"
+        print(f"check_published_set: error: {a.output} {what}: give the job's --output folder", file=sys.stderr)
+        return 2
     problems, notes = check_files(a.output)
     for line in problems:
         print(f"FAIL  {line}")

@@ -196,6 +196,17 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
 
 def _check_output(cfg: JobConfig, session: EngineSession, location: io.OutputLocation) -> None:
     """Fail at start, not after a training, on an output the run could never write."""
+    for flag, path in (("--output", None if location.is_catalog else io.local_path(location.root)),
+                       ("--work-dir", Path(cfg.work_dir))):
+        if path is not None and path.exists() and not path.is_dir():
+            raise JobFailed(f"{flag} {path} is a file: give a folder (the job writes its "
+                            f"{'tables' if flag == '--output' else 'MLflow store, checkpoints and caches'} under it)")
+    # A path this machine's engine would read (a name without "/" may be a catalog table; a cluster reads its own
+    # filesystem), checked now rather than after the training and the encode.
+    compared = io.local_path(str(cfg.compare_to)) if cfg.compare_to and "/" in str(cfg.compare_to) else None
+    if compared is not None and session.on_this_machine() and not compared.exists():
+        raise JobFailed(f"--compare-to {cfg.compare_to} does not exist: give an earlier semantic_ids table (a Delta or "
+                        "Parquet folder) to compare this run's IDs with")
     if not location.is_catalog:
         return
     if session.engine == "local":
@@ -433,7 +444,8 @@ def _evaluate(fitted: Any, arrays: TrainingArrays, cats: np.ndarray | None, code
     for lv, usage in enumerate(level_usage(codes, codebook_size), start=1):
         metrics[f"sample_l{lv}_utilization"] = usage.utilization
         metrics[f"sample_l{lv}_perplexity"] = usage.perplexity
-    mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in metrics.items()})
+    # Code usage is the whole sample's, logged as such; the rest is the held-out part's.
+    mlflow.log_metrics({(k if k.startswith("sample_") else f"holdout_{k}"): float(v) for k, v in metrics.items()})
     keys = ["unique_rate", "max_group_size", "recon_cos_mean", "l1_prefix_nn", "l1_nmi"]
     keys += [k for k in metrics if k.startswith("sample_")]
     print("    held-out: " + ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
@@ -453,6 +465,8 @@ def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
                          state: ledger.TableState | None) -> _Previous:
     """What aligning to the table needs (nothing without a table or with ``--align none``)."""
     cfg = job.cfg
+    if state is not None:
+        _check_the_tables_store(state, cfg)
     if state is None or cfg.align == "none":
         return _Previous()
     positions, codes = state.current_codes(sample, arrays.item_ids)
@@ -462,13 +476,29 @@ def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
     return _Previous(arrays.embeddings[positions], codes, init)
 
 
+def _check_the_tables_store(state: ledger.TableState, cfg: JobConfig) -> None:
+    """Before a training against a table: the table's model, a registered version of the name this run registers
+    under, must be in this run's MLflow store. Otherwise the store is another one (a relative --work-dir run
+    from another folder, an unset MLFLOW_TRACKING_URI) and the new model would take that name's version
+    numbers there: two models named "version 1" in the table's ``model_version``."""
+    if state.model_name != cfg.model_name or not registry.is_registered_version(state.model_version):
+        return
+    if registry.has_version(state.model_name, state.model_version):
+        return
+    raise JobFailed(f"the table's IDs were issued by {state.model_name} version {state.model_version}, which the "
+                    f"MLflow registry {registry.store_shown()} does not hold: this run would register its model "
+                    "there under the same name and version numbers. Fix: point MLFLOW_TRACKING_URI (or --work-dir, "
+                    "whose mlflow.db is the local default) at the store that registered the table's model; if that "
+                    "store is lost, train under another --model-name")
+
+
 def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
     """The table's model when it can seed this training (same shape), else None (relabelling only)."""
     uri = f"models:/{state.model_name}/{state.model_version}"
     try:
         model = load_checkpoint(registry.resolve_model(uri).checkpoint)
     except ValueError as e:
-        print(f"    no warm start: {uri} cannot be loaded here ({io.first_line(e, 160)}); codes are relabelled")
+        print(f"    no warm start: {uri} cannot be loaded here ({io.first_line(e, 400)}); codes are relabelled")
         return None
     differences = cfg.model_config.shape_differences(model.config)
     if differences:
@@ -764,7 +794,12 @@ def _report(job: _Job, codebook_size: int, catalog: DataFrame) -> None:
     cfg, location, result = job.cfg, job.location, job.result
     summary, sids = job.summary, None
     if summary is None:  # a report-only run: the table as it is (nothing is written to the set)
-        sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
+        try:
+            sids = io.read_table(job.spark, location, SEMANTIC_IDS_TABLE)
+        except io.CatalogNotFoundError as e:
+            raise JobFailed(f"--stages {','.join(cfg.stages)} reports on the published semantic-ID table, and there is "
+                            f"none at {location.shown_of(SEMANTIC_IDS_TABLE)}: run the encode stage first (the default "
+                            "--stages), or check --output") from e
         if result.comparison is None and cfg.compare_to:
             result.comparison = _compare(job, sids, None)
         summary = report_tables(sids, codebook_size, cfg.suffix_budget, job.materialize,

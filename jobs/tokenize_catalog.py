@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback
         if debug:
             traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:500]
+        first = _headline(e)
         if isinstance(e, MemoryError) or is_out_of_engine_memory(e):
             pool = ("set by SAIL_RUNTIME__MEMORY_POOL__* in the environment" if POOL_ENV in os.environ
                     else f"it is {_size_text(cfg.engine_memory)}")
@@ -493,12 +493,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"with a larger --engine-memory ({pool}), or --engine-memory 0 for no limit. Nothing was "
                   "published unless the output above says so.", file=sys.stderr)
             return EXIT_UNEXPECTED
+        rerun = "Please report it with the traceback above" if debug else \
+            "Rerun with --debug for the traceback, and please report it"
         print(f"\nFAILED with an unexpected {type(e).__name__}: {first}\nNothing was published unless the output "
-              "above says so. Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+              f"above says so. {rerun}.", file=sys.stderr)
         return EXIT_UNEXPECTED
     for line in result.summary_lines():
         print(line)
     return 0
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def _headline(e: BaseException) -> str:
+    """The line of an unexpected error that says what went wrong: its first, and where that only introduces
+    the rest (a failure in the engine's Python workers: "An exception was thrown from the Python worker..."),
+    the last line of the worker's traceback that names an error too."""
+    lines = [line.rstrip() for line in str(e).strip().splitlines()]
+    first = (lines or [""])[0]
+    named = [line for line in lines[1:] if _ERROR_LINE.match(line)]
+    if named and (first.endswith(":") or "Python worker" in first):
+        first = f"{first} {named[-1]}"
+    return first[:500]
 
 
 # What MLflow prints on its own in a run (its INFO log lines, a progress bar per artifact download), off in the

@@ -177,6 +177,20 @@ def alias_version(model_name: str, alias: str) -> str | None:
         return None
 
 
+def has_version(model_name: str, version: str) -> bool:
+    """Whether the registry holds version ``version`` of ``model_name``."""
+    try:
+        MlflowClient().get_model_version(model_name, version)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def store_shown() -> str:
+    """The MLflow registry this process uses, for messages."""
+    return mlflow.get_registry_uri()
+
+
 _LOCAL_VERSION = "local-"  # the version of a model given as a checkpoint file
 
 
@@ -195,8 +209,9 @@ def resolve_model(uri: str) -> ResolvedModel:
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException as e:
-        raise ValueError(f"cannot resolve {uri}: {e.message}. Train first (--stages train) or check "
-                         "--model and MLFLOW_TRACKING_URI") from e
+        raise ValueError(f"cannot resolve {uri} in the MLflow registry {store_shown()}: {e.message}. Fix: point "
+                         "MLFLOW_TRACKING_URI (or --work-dir, whose mlflow.db is the local default) at the store that "
+                         "registered it, or train a model first (a run without --model)") from e
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
         checkpoint = next(Path(local).rglob("*.pt")).read_bytes()

@@ -232,6 +232,7 @@ def start_session(
     elif engine == "remote":
         if not remote:
             raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
+        _check_reachable(remote)
         spark = SparkSession.builder.remote(remote).create()
         es = EngineSession(spark, "remote", remote_has_delta(spark) if want_delta else True)
     else:
@@ -248,6 +249,33 @@ def start_session(
             "or write Parquet with --format parquet."
         )
     return es
+
+
+CONNECT_PROBE_SECONDS = 10.0
+_PROXIES = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
+def _check_reachable(remote: str) -> None:
+    """A TCP connection to the Spark Connect URL's host and port, or ValueError naming them: the client itself
+    retries an unreachable server for minutes without a word. Skipped behind a proxy (the client goes through
+    it; a direct connection may not)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in _PROXIES):
+        return
+    try:
+        url = urlparse(remote.split(";", 1)[0].rstrip("/"))
+        host, port = url.hostname, url.port or 15002
+    except ValueError as e:
+        raise ValueError(f"--remote {remote!r} is not a Spark Connect URL (sc://host:15002): {e}") from e
+    if url.scheme != "sc" or not host:
+        raise ValueError(f"--remote {remote!r} is not a Spark Connect URL: expected sc://host:15002")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_PROBE_SECONDS).close()
+    except OSError as e:
+        raise ValueError(f"cannot reach the Spark Connect server at {host}:{port} ({e.strerror or e}). Check --remote, "
+                         "and that the server is running and its port open to this machine") from e
 
 
 def first_line(e: BaseException, limit: int = 120) -> str:

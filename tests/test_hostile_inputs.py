@@ -258,6 +258,39 @@ def test_a_second_run_on_a_busy_output_exits_4(odd, tmp_path) -> None:
     assert rc == 4 and "another run is writing" in err and "Run it again" in err, err[-2000:]
 
 
+def test_an_output_or_work_dir_that_is_a_file_is_refused_at_start(tmp_path) -> None:
+    catalog = _delta(tmp_path / "catalog")
+    (tmp_path / "a-file").write_text("not a folder")
+    rc, out, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "work", "--output",
+                                     tmp_path / "a-file"])
+    assert rc == 2 and f"--output {tmp_path / 'a-file'} is a file: give a folder" in err, err[-2000:]
+    assert "==> validate" not in out
+    rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "a-file"])
+    assert rc == 2 and f"--work-dir {tmp_path / 'a-file'} is a file: give a folder" in err, err[-2000:]
+
+
+def test_a_report_without_a_published_table_says_to_encode_first(tmp_path) -> None:
+    catalog = _delta(tmp_path / "catalog")
+    rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "work", "--output",
+                                   tmp_path / "tables", "--stages", "report"])
+    assert rc == 2 and "--stages report reports on the published semantic-ID table, and there is none at" in err
+    assert "run the encode stage first" in err and "_delta_log" not in err, err[-2000:]
+
+
+def test_an_unreachable_spark_connect_server_is_named_at_once(tmp_path, monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    rc, _, err = helpers.run_main(["--remote", f"sc://127.0.0.1:{port}", "--input", tmp_path / "catalog",
+                                   "--work-dir", tmp_path / "work"])
+    assert rc == 2 and f"cannot reach the Spark Connect server at 127.0.0.1:{port}" in err, err[-2000:]
+    assert "Check --remote" in err
+
+
 def test_an_unexpected_error_is_one_message_and_exit_1_unless_debug(tmp_path, monkeypatch) -> None:
     import jobs.runner
 
@@ -270,7 +303,16 @@ def test_an_unexpected_error_is_one_message_and_exit_1_unless_debug(tmp_path, mo
     assert rc == 1 and "FAILED with an unexpected KeyError: 'simulated bug'" in err and "--debug" in err
     assert "Traceback" not in err
     rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "work", "--debug"])
-    assert rc == 1 and "Traceback" in err
+    assert rc == 1 and "Traceback" in err and "Rerun with --debug" not in err
+
+    def in_a_worker(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - as pyspark words a worker's failure
+        raise RuntimeError("An exception was thrown from the Python worker. Please see the stack trace below.\n"
+                           "Traceback (most recent call last):\n  File \"udf.py\", line 3, in f\n"
+                           "ModuleNotFoundError: No module named 'pipelines'\n\n\tat org.apache.spark.api.python.X")
+
+    monkeypatch.setattr(jobs.runner, "_run_stages", in_a_worker)
+    rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "work"])
+    assert rc == 1 and "ModuleNotFoundError: No module named 'pipelines'" in err.splitlines()[-2], err[-2000:]
 
 
 def test_leftover_link_folder_is_only_links(odd) -> None:

@@ -271,6 +271,21 @@ def test_a_retrain_over_the_churn_limit_exits_3_and_moves_nothing(world, tmp_pat
     assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
 
 
+def test_a_retrain_against_another_mlflow_store_stops_before_training(world, tmp_path) -> None:
+    """The table's model is not in this run's store (another --work-dir): registering there would give a second
+    model its name and version numbers, so the run stops, naming the store and the fix, and nothing changes."""
+    out = copy_table(world.out, tmp_path / "tables")
+    version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
+    other = tmp_path / "another-work"
+    rc, stdout, err = helpers.run_main(["--input", world.catalogs[-1], "--work-dir", other, "--output", out, *TRAIN])
+    assert rc == 2, err[-3000:]
+    assert f"which the MLflow registry sqlite:///{other}" in err and "train under another --model-name" in err, err
+    assert "MLFLOW_TRACKING_URI" in err and "fitted on" not in err + stdout
+    assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
+    registry.configure_tracking(other)
+    assert not registry.has_version(MODEL, "1")  # nothing registered in the other store
+
+
 def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tmp_path) -> None:
     out, work = own_copy(world, tmp_path)
     before = ledger_rows(out / SEMANTIC_IDS_TABLE)
@@ -346,10 +361,11 @@ def test_compare_to_a_table_that_is_no_semantic_id_table_names_the_columns(world
     assert rc == 2
     assert "compare_tables(--compare-to" in err and "'semantic_id'" in err
     missing = tmp_path / "nowhere"
-    rc, _, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output",
-                                   tmp_path / "tables", "--stages", "validate,encode", "--model", CHAMPION,
-                                   "--compare-to", missing])
-    assert rc == 2 and str(missing) in err
+    rc, out, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output",
+                                     tmp_path / "other", "--stages", "validate,encode", "--model", CHAMPION,
+                                     "--compare-to", missing])
+    assert rc == 2 and f"--compare-to {missing} does not exist" in err, err[-2000:]
+    assert "==> encode" not in out and not (tmp_path / "other").exists()  # refused at start: nothing written
 
 
 def test_a_catalog_grown_by_an_append_is_read_only_where_it_grew(world, tmp_path) -> None:

@@ -180,6 +180,9 @@ def test_run_is_logged_and_timestamps_are_the_run_time(trained) -> None:
     assert metrics["rejected_duplicate_item_id"] == 4 and metrics["rejected_nan_or_inf_in_embedding"] == 2
     assert run.data.tags["quality_gate"] == "passed"
     assert run.data.params["model.codebook_size"] == str(K)
+    # Held-out figures as holdout_*, code usage as the whole sample's (docs/metrics.md), each once.
+    assert 0 < metrics["holdout_unique_rate"] <= 1 and 0 < metrics["sample_l1_utilization"] <= 1
+    assert metrics["sample_l3_perplexity"] >= 1 and not [k for k in metrics if k.startswith("holdout_sample_")]
     start = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.timezone.utc)
     end = dt.datetime.fromtimestamp(run.info.end_time / 1000, dt.timezone.utc)
     stamps = {r["tokenized_at"] for r in sids} | {r["rejected_at"] for r in trained.table(REJECTS_TABLE).to_pylist()}
