@@ -1,4 +1,4 @@
-"""Tokenize a catalog: validate -> sample -> train RQ-VAE -> MLflow -> encode -> uniquify -> Delta -> report.
+"""Tokenize a catalog: validate -> sample -> fit the RQ-VAE -> MLflow -> encode -> uniquify -> Delta -> report.
 
     python jobs/tokenize_catalog.py --demo                      # embedded engine, synthetic catalog
     python jobs/tokenize_catalog.py --input /data/catalog --output /data/semids
@@ -373,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "little gain; raise it when the catalog drifted far")
     g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
                    "instead of the output table's previous version; its churn is what --max-id-churn gates")
+    for action in p._actions:  # every flag with a value by default shows it, unless its help words it already
+        if action.help and "default" not in action.help.lower() and not (
+                action.default is None or action.default is False or action.default == ""
+                or action.default is argparse.SUPPRESS):
+            action.help += " (default: %(default)s)"
     return p
 
 

@@ -434,7 +434,7 @@ def test_the_split_retrain_aligns_and_is_stopped_by_its_churn_gate(bundle: Bundl
     rc, out3, err = run(retrain["train"], *small, "--seed", "1")
     assert rc == 0, err[-3000:]
     assert f"warm start from models:/{model}/1 (the table's generation 1)" in out3
-    assert "items keeping their prefix (levels 1..L)" in out3
+    assert "sampled items whose nearest codes keep their prefix (levels 1..L)" in out3
     # Between the two tasks the daily run still uses the table's model: @champion has not moved.
     assert registry.alias_version(model, registry.CHAMPION) == "1"
     rc, out_between, err = run(daily)

@@ -6,6 +6,7 @@ store (its work dir) and write to their own ``--output``. Tables are read back w
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -481,6 +482,14 @@ def test_help_lists_every_flag_group(capsys) -> None:
                  "--model", "--max-reject-share", "--sample-size", "--codebook-size", "--estimator",
                  "--gate-min-unique-rate", "--encode-batch-size", "--suffix-budget"):
         assert f"{flag} " in text or f"{flag}\n" in text, flag
+    from jobs.tokenize_catalog import build_parser
+
+    # Every flag with a value by default says it (in its own words, or argparse's "(default: ...)").
+    for action in build_parser()._actions:
+        if action.help and action.default not in (None, False, "") and action.default is not argparse.SUPPRESS:
+            assert "default" in action.help.lower(), action.option_strings
+    flat = " ".join(text.split())
+    assert "(default: 200000)" in flat and "peak learning rate (default: 0.001)" in flat
 
 
 def test_too_many_bad_rows_fail_before_training(tmp_path, capsys) -> None:
@@ -601,6 +610,18 @@ def test_mlflow_is_quiet_in_the_scripts_own_process_only(monkeypatch, own_proces
     monkeypatch.setattr(cli, "_OWN_PROCESS", own_process)
     cli._quiet_mlflow(debug)
     assert {name: os.environ.get(name) for name in expected} == expected
+
+
+def test_a_level_where_one_code_holds_most_items_is_warned_about() -> None:
+    from jobs.runner import crowded_levels
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (1000, 3))
+    assert crowded_levels(codes, 16) == []
+    codes[:600, 1] = 5  # level 2: one code holds 60% of the items, every code still in use
+    (line,) = crowded_levels(codes, 16)
+    assert line.startswith("level 2: one code holds 6") and "of the 1,000 sampled items" in line
+    assert "(--sample-size, about 1,280 where the catalog has them)" in line and "--codebook-size" in line
 
 
 def test_console_script_entry_point_loads(tmp_path) -> None:
