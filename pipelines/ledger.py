@@ -344,7 +344,8 @@ class ChangeCounts:
     def summary(self) -> str:
         parts = [f"{self.valid} valid items", f"{self.unchanged} kept their ID", f"{self.new_item} new"]
         parts += [f"{getattr(self, k)} {label}" for k, label in (
-            ("reactivated", "back with their old ID"), ("confirmed", "kept their ID under the new model (confirmed: the same codes)"),
+            ("reactivated", "back with their old ID"),
+            ("confirmed", "kept their ID under the new model (confirmed: the same codes)"),
             ("moved", "moved to a new ID (new generation)"), ("retokenized", "re-tokenized (embedding changed)"),
             ("retired_left_catalog", "retired (left the catalog)"), ("retired_rejected", "retired (rejected)"),
             ("changed_kept", "changed embeddings kept their ID")) if getattr(self, k)]

@@ -1,6 +1,7 @@
 """MLflow edge: tracking set-up, model logging/registration, aliases and model resolution (local sqlite)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import helpers
@@ -70,9 +71,10 @@ def test_resolve_model_rejects_a_bad_uri() -> None:
 
 
 def test_resolve_model_missing_alias_names_the_fix(store) -> None:
-    registry.configure_tracking(store)
-    with pytest.raises(ValueError, match=r"cannot resolve models:/nobody@champion: .*Train first \(--stages train\) "
-                                         r"or check --model and MLFLOW_TRACKING_URI"):
+    uri = registry.configure_tracking(store)
+    with pytest.raises(ValueError, match=rf"cannot resolve models:/nobody@champion in the MLflow registry "
+                                         rf"{re.escape(uri)}: .*point MLFLOW_TRACKING_URI \(or --work-dir.*at the "
+                                         r"store that registered it, or train a model first \(a run without --model\)"):
         registry.resolve_model("models:/nobody@champion")
 
 
