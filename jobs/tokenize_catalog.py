@@ -1,4 +1,4 @@
-"""Tokenize a catalog: validate -> sample -> fit the RQ-VAE -> MLflow -> encode -> uniquify -> Delta -> report.
+r"""Tokenize a catalog: validate -> sample -> fit the RQ-VAE -> MLflow -> encode -> uniquify -> Delta -> report.
 
     python jobs/tokenize_catalog.py --demo                      # embedded engine, synthetic catalog
     python jobs/tokenize_catalog.py --input /data/catalog --output /data/semids

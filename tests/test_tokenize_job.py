@@ -490,6 +490,8 @@ def test_help_lists_every_flag_group(capsys) -> None:
             assert "default" in action.help.lower(), action.option_strings
     flat = " ".join(text.split())
     assert "(default: 200000)" in flat and "peak learning rate (default: 0.001)" in flat
+    # The examples are commands to copy: a continued one keeps its backslash and its line break.
+    assert "@champion \\\n        --input /data/catalog --output /data/semids" in text
 
 
 def test_too_many_bad_rows_fail_before_training(tmp_path, capsys) -> None:
