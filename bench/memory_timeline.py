@@ -1,4 +1,4 @@
-"""Where a job's memory goes: run a command, sample its process tree's PSS, print the phases and their peaks.
+r"""Where a job's memory goes: run a command, sample its process tree's PSS, print the phases and their peaks.
 
     python bench/memory_timeline.py -- python jobs/tokenize_catalog.py --input bench/out/catalog_50000000_256_q8_delta \
         --output /tmp/r50/tables --work-dir /tmp/r50/work --stages validate,encode,report \

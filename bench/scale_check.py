@@ -1,4 +1,4 @@
-"""Check a large semantic-ID table against ``rqvae.encode_array`` on a sample, in bounded memory.
+r"""Check a large semantic-ID table against ``rqvae.encode_array`` on a sample, in bounded memory.
 
     python bench/scale_check.py --catalog bench/out/catalog_50000000_256_q8_delta \
         --table <job output>/semantic_ids --model bench/out/model_256_default.pt --sample 500000
