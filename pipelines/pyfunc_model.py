@@ -34,8 +34,16 @@ class SemanticIdModel(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from rqvae.encode import encode_array
 
-        column = model_input["embedding"]
-        x = np.stack([np.asarray(v, dtype=np.float32) for v in column]) if len(column) else np.zeros((0, 1), "f4")
+        dim = int(self.model.config.input_dim)
+        rows = [None if v is None else np.asarray(v, dtype=np.float32).ravel() for v in model_input["embedding"]]
+        wrong = [i for i, v in enumerate(rows) if v is None or v.shape[0] != dim]
+        if wrong:  # a clear error, not the model's matrix-shape failure
+            shown = ", ".join(f"row {i}: {'no embedding' if rows[i] is None else f'length {rows[i].shape[0]}'}"
+                              for i in wrong[:5])
+            raise ValueError(f"this model encodes embeddings of length {dim} (the D of the catalog it was trained "
+                             f"on); {len(wrong)} of {len(rows)} rows are not ({shown}{', ...' if len(wrong) > 5 else ''})"
+                             f". Pass the same embeddings the catalog holds")
+        x = np.stack(rows) if rows else np.zeros((0, dim), "f4")
         result = encode_array(self.model, x)
         return pd.DataFrame({"codes": [row.tolist() for row in result.codes],
                              "quantization_error": result.quantization_error})

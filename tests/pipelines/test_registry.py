@@ -123,6 +123,19 @@ def test_logged_model_predicts_like_rqvae(store, checkpoints) -> None:
     np.testing.assert_allclose(out["quantization_error"].to_numpy(), expected.quantization_error, rtol=1e-5)
 
 
+def test_logged_model_names_the_embedding_length_it_expects(store, checkpoints) -> None:
+    registry.configure_tracking(store)
+    with mlflow.start_run(experiment_id=registry.use_experiment("predict-length", store)):
+        version = registry.log_and_register(checkpoints[0], "csid-length")
+    model = mlflow.pyfunc.load_model(f"models:/csid-length/{version}")
+    good = list(helpers.random_vectors(2, DIM, seed=4))
+    with pytest.raises(ValueError) as refused:
+        model.predict(pd.DataFrame({"embedding": [good[0], [0.1] * (DIM + 3), [0.1] * 16, good[1]]}))
+    assert (f"this model encodes embeddings of length {DIM} (the D of the catalog it was trained on); 2 of 4 rows "
+            f"are not (row 1: length {DIM + 3}, row 2: length 16)") in str(refused.value)
+    assert model.predict(pd.DataFrame({"embedding": []})).shape == (0, 2)  # no rows: no error
+
+
 def test_use_experiment_activates_a_new_experiment(store) -> None:
     registry.configure_tracking(store)
     experiment = registry.use_experiment("fresh", store)
