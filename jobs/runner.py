@@ -257,8 +257,11 @@ def _run_stages(job: _Job) -> None:
     with stage("validate"):
         catalog, v = _validate(job)
         cfg = job.cfg  # now with the catalog's D
-        state = ledger.read_table_state(job.spark, job.location) if cfg.encodes or cfg.trains else None
-        print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.shown_root + ' yet'}")
+        if cfg.encodes or cfg.trains:
+            state = ledger.read_table_state(job.spark, job.location)
+            print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.shown_root + ' yet'}")
+        else:  # a validate or report run: the ledger is not planned against, so it is not read here
+            state = None
         if state is not None and state.version is None and job.location.fmt == "delta":
             print("    WARNING: the table's Delta version cannot be read here, so a run that writes it at the same "
                   "time is not detected: schedule one run at a time on this output")
