@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-table-prefix", help="write catalog tables <prefix>.semantic_ids etc. instead")
     g.add_argument("--format", default="delta", choices=["delta", "parquet"], help="table format")
     g.add_argument("--work-dir", default="work", help="local folder for the demo catalog, checkpoints, "
-                   "reports and the default MLflow store (mlflow.db, mlartifacts/)")
+                   "reports and the default MLflow store (mlflow.db, mlartifacts/) (default: %(default)s)")
     g = p.add_argument_group("engine")
     g.add_argument("--engine", default="local", choices=["local", "spark", "remote"],
                    help="local: embedded Sail (no JVM); spark: the active/classic session (spark-submit); "
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lambda of the catalog-tree regularizer (needs --category-col; ~0.01): the level-1 anchor "
                    "guided by the taxonomy (--taxonomy-anchor-scale), and with a learned level a contrastive loss "
                    "on the code prefixes. With every level anchored (the default) any value > 0 only turns the "
-                   "guided anchor on")
+                   "guided anchor on (default: %(default)s: off)")
     g.add_argument("--taxonomy-anchor-scale", type=_non_negative, default=TrainConfig.taxonomy_anchor_scale,
                    help="with --taxonomy-weight > 0: weight of an item's category mean when the level-1 anchor "
                    "is clustered (the shallowest taxonomy depth with at least --codebook-size categories); the "

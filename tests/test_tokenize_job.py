@@ -484,12 +484,16 @@ def test_help_lists_every_flag_group(capsys) -> None:
         assert f"{flag} " in text or f"{flag}\n" in text, flag
     from jobs.tokenize_catalog import build_parser
 
-    # Every flag with a value by default says it (in its own words, or argparse's "(default: ...)").
+    # Every flag with a value by default says which (in its own words, or argparse's "(default: ...)").
     for action in build_parser()._actions:
         if action.help and action.default not in (None, False, "") and action.default is not argparse.SUPPRESS:
-            assert "default" in action.help.lower(), action.option_strings
+            shown = action.help % {"default": action.default}
+            assert "default" in shown.lower(), action.option_strings
+            if not isinstance(action.default, bool):  # a switch's default is its absence
+                assert str(action.default) in shown, action.option_strings
     flat = " ".join(text.split())
     assert "(default: 200000)" in flat and "peak learning rate (default: 0.001)" in flat
+    assert "mlartifacts/) (default: work)" in flat and "guided anchor on (default: 0.0: off)" in flat
     # The examples are commands to copy: a continued one keeps its backslash and its line break.
     assert "@champion \\\n        --input /data/catalog --output /data/semids" in text
 
