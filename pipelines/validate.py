@@ -372,8 +372,8 @@ def check_reject_share(n_rejected: int, n_input: int, max_share: float) -> None:
     if share > max_share:
         raise TooManyRejectsError(
             f"{n_rejected} of {n_input} input rows ({share:.2%}) were rejected, more than "
-            f"--max-reject-share {max_share} ({max_share:.2%}) allows. See the rejects table for the "
-            "reasons; fix the input, or raise --max-reject-share to accept them."
+            f"--max-reject-share {max_share} ({max_share:.2%}) allows: fix the input, or raise "
+            "--max-reject-share to accept them."
         )
 
 

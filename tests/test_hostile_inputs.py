@@ -216,6 +216,9 @@ def test_rejects_of_a_run_over_the_reject_limit_are_written_beside_the_set(tmp_p
     out = tmp_path / "out"
     rc, _, err = helpers.run_main(["--input", catalog, "--work-dir", tmp_path / "work", "--output", out, *TRAIN])
     assert rc == 2 and f"are in {out / RUN_REJECTS_TABLE}" in err, err[-2000:]
+    # One place named for the reasons: this run's rejects (the set's rejects table is the last published run's).
+    assert ("allows: fix the input, or raise --max-reject-share to accept them. The rejected rows of this run, with "
+            f"their reasons, are in {out / RUN_REJECTS_TABLE}") in err, err[-2000:]
     rows = DeltaTable(str(out / RUN_REJECTS_TABLE)).to_pyarrow_table().to_pylist()
     assert sorted(r["item_id"] for r in rows) == sorted(f"i{i}" for i in range(300, 340))
     assert {r["reason"] for r in rows} == {"zero_vector"}
