@@ -774,9 +774,10 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     for name in (SEMANTIC_IDS_TABLE, *frames):
         result.tables[name] = location.shown_of(name)
     job.summary = stats.summary
-    print(f"    {active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
-          f"retired {plan.counts.retired}), with {', '.join(frames)}: published together as run {result.run_id} "
-          f"(the {RUNS_TABLE} table)")
+    held = (f"{active} semantic IDs written to {sids} (the active ones; this run issued {plan.counts.issued} and "
+            f"retired {plan.counts.retired})" if written is not None else
+            f"{sids} unchanged, its {active} active semantic IDs checked")
+    print(f"    {held}, with {', '.join(frames)}: published together as run {result.run_id} (the {RUNS_TABLE} table)")
     result.counts["written_rows"] = active
     mlflow.log_metric("written_rows", active)
 
