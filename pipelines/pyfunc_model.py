@@ -40,9 +40,10 @@ class SemanticIdModel(PythonModel):
         if wrong:  # a clear error, not the model's matrix-shape failure
             shown = ", ".join(f"row {i}: {'no embedding' if rows[i] is None else f'length {rows[i].shape[0]}'}"
                               for i in wrong[:5])
+            more = ", ..." if len(wrong) > 5 else ""
             raise ValueError(f"this model encodes embeddings of length {dim} (the D of the catalog it was trained "
-                             f"on); {len(wrong)} of {len(rows)} rows are not ({shown}{', ...' if len(wrong) > 5 else ''})"
-                             f". Pass the same embeddings the catalog holds")
+                             f"on); {len(wrong)} of {len(rows)} rows are not ({shown}{more}). Pass the same "
+                             "embeddings the catalog holds")
         x = np.stack(rows) if rows else np.zeros((0, dim), "f4")
         result = encode_array(self.model, x)
         return pd.DataFrame({"codes": [row.tolist() for row in result.codes],
