@@ -29,7 +29,7 @@ from pipelines import fingerprint_cache, io, ledger, publish, registry
 from pipelines.demo import TITLE, write_demo_catalog
 from pipelines.drift import Drift, compare_tables, drift_of_plan, drift_table
 from pipelines.encode import ENCODE_ALL, Encoded, TokenizerModel, cache_keys, encode_catalog
-from pipelines.gate import churn_failure, gate_failures
+from pipelines.gate import away_failure, churn_failure, gate_failures
 from pipelines.prefix_stats import (
     LABEL_ORDER,
     LABELS_PER_PREFIX,
@@ -610,10 +610,18 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         else:
             print(f"    no published ID to compare with ({drift.against})")
         failure = churn_failure(drift.ids_changed, drift.compared, cfg.max_id_churn)
+        fix = "Check the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it."
+        away = plan.counts.retired_left_catalog + plan.counts.retired_rejected
+        if mode.new_generation and state is not None and away:
+            print(f"    {away} published items are not valid items of this catalog: retired now, they have their IDs "
+                  "back on return only where this generation's model gives them the same codes")
+            mlflow.log_metric("ids_away_at_new_generation", away)
+            if failure is None and (failure := away_failure(away, drift.compared, cfg.max_id_churn)):
+                fix = ("Check that --input is the whole catalog (a partial snapshot, or a day of rejected rows?); if "
+                       "those items left for good, raise --max-id-churn to accept it.")
         mlflow.set_tag("id_churn_gate", "failed" if failure else "passed")
     if failure:
-        raise JobFailed(f"{failure}: nothing was written, the tables and @{registry.CHAMPION} are as they were. Check "
-                        "the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it.",
+        raise JobFailed(f"{failure}: nothing was written, the tables and @{registry.CHAMPION} are as they were. {fix}",
                         EXIT_GATE)
     with stage("publish"):
         _publish(job, plan, encoded, drift, model)

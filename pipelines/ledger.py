@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow.compute as pc
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines import io
@@ -93,6 +93,7 @@ CHANGE = "change"
 ACTION = "action"  # "insert" (a new row) or "update" (an existing row's mutable columns)
 
 _OLD_SID, _OLD_CODES, _OLD_FP, _OLD_ACTIVE = "__old_sid", "__old_codes", "__old_fp", "__old_active"
+_EARLIER = "__earlier_generation"  # the old row is an earlier generation's, retired while its item was away
 # On the rows of Plan.changes: what an updated row held when the run read it (null on new rows). The
 # MERGE updates a row only while it still holds that, and the drift counts moves of active IDs only.
 WAS = {ACTIVE: "__was_active", GENERATION: "__was_generation", RETIRED_REASON: "__was_retired_reason"}
@@ -117,6 +118,8 @@ class TableState:
         num_levels: L of its IDs; max_code: the largest code in them (codes are < K).
         has_lifecycle: False for a table written before the lifecycle columns existed.
         rows, active_rows: row counts.
+        earlier_retired: rows retired as left the catalog or rejected in a generation before the current
+            one (0: :meth:`returnable` is empty, and no run reads it).
     """
 
     ledger: DataFrame
@@ -129,6 +132,7 @@ class TableState:
     rows: int
     active_rows: int
     max_code: int = 0
+    earlier_retired: int = 0
 
     def active(self) -> DataFrame:
         """The rows that hold the current IDs."""
@@ -140,6 +144,22 @@ class TableState:
         reactivatable = F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE) & (
             F.col(GENERATION) == F.lit(self.generation))
         return self.ledger.where(F.col(ACTIVE) | reactivatable)
+
+    def returnable(self) -> DataFrame | None:
+        """Per item without a row in the current generation (and without an active row), its latest row retired
+        as left the catalog or rejected in an earlier generation: an item that was away when a new generation
+        started. Its ID was issued under an earlier model, so when it comes back its codes under the current
+        model decide (:func:`plan_changes`): the same tuple, and it has that ID again; another, and it moves,
+        listed in ``id_changes``. None when the table has no such row (``earlier_retired``)."""
+        if not self.earlier_retired:
+            return None
+        earlier = self.ledger.where(F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE) & ~F.col(ACTIVE)
+                                    & (F.col(GENERATION) < F.lit(self.generation)))
+        here_now = self.ledger.where(F.col(ACTIVE) | (F.col(GENERATION) == F.lit(self.generation))).select(ITEM_ID)
+        latest = Window.partitionBy(ITEM_ID).orderBy(F.col(GENERATION).desc(), F.col(RETIRED_AT).desc_nulls_last(),
+                                                     F.col(SEMANTIC_ID).desc())
+        return (earlier.join(here_now, ITEM_ID, "left_anti").withColumn("__latest", F.row_number().over(latest))
+                .where(F.col("__latest") == 1).drop("__latest"))
 
     def known_fingerprints(self) -> DataFrame:
         """``item_id`` and ``embedding_fingerprint`` of every item with a row it can keep: what an
@@ -198,8 +218,10 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableS
     raw = io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version)
     has_lifecycle = all(c in raw.columns for c in SEMANTIC_ID_COLUMNS)
     ledger = with_lifecycle_defaults(raw)
+    away = ~F.col(ACTIVE) & F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE)
     summary = ledger.groupBy(GENERATION, MODEL_NAME, MODEL_VERSION).agg(
         F.count(F.lit(1)).alias("rows"), F.sum(F.col(ACTIVE).cast("long")).alias("active"),
+        F.sum(away.cast("long")).alias("away"),
         F.max(F.size(CODES)).alias("levels"), F.max(F.array_max(CODES)).alias("max_code")).collect()
     if not summary:
         return None
@@ -214,7 +236,8 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableS
         model_version=str(models[0][MODEL_VERSION]), generation=current, num_levels=int(models[0]["levels"]),
         has_lifecycle=has_lifecycle, rows=sum(int(r["rows"]) for r in summary),
         active_rows=sum(int(r["active"] or 0) for r in summary),
-        max_code=max(int(r["max_code"] or 0) for r in summary))
+        max_code=max(int(r["max_code"] or 0) for r in summary),
+        earlier_retired=sum(int(r["away"] or 0) for r in summary if int(r[GENERATION]) < current))
 
 
 def check_compatible(state: TableState | None, num_levels: int, codebook_size: int, model: str) -> None:
@@ -454,7 +477,8 @@ def plan_changes(
     else:
         staged = _classified_in_parts(state, encoded, mode, on_changed, materialize, split,
                                       parts_for(max(encoded.counts.clean, table_rows)) if table_parts else 1)
-        if _alternatives_in(encoded.codes) and (mode.new_generation or on_changed == "retokenize"):
+        if _alternatives_in(encoded.codes) and (mode.new_generation or on_changed == "retokenize"
+                                                or state.earlier_retired):
             staged = _confirm_where_nothing_nearer_is_free(staged, state, model.num_levels, materialize,
                                                            parts_for(table_rows), split)
     counts = _count_changes(staged, encoded.counts.clean)
@@ -522,9 +546,15 @@ def _catalog_side(encoded: Encoded) -> DataFrame:
 
 def _table_side(state: TableState, encoded: Encoded) -> tuple[DataFrame, DataFrame]:
     """The table's candidate rows and the rejected ids, as the comparison reads them."""
-    old = state.candidates().select(ITEM_ID, F.col(SEMANTIC_ID).alias(_OLD_SID),
-                                    F.col(CODES).alias(_OLD_CODES), F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP),
-                                    F.col(ACTIVE).alias(_OLD_ACTIVE))
+    def side(rows: DataFrame, earlier: bool) -> DataFrame:
+        return rows.select(ITEM_ID, F.col(SEMANTIC_ID).alias(_OLD_SID), F.col(CODES).alias(_OLD_CODES),
+                           F.col(EMBEDDING_FINGERPRINT).alias(_OLD_FP), F.col(ACTIVE).alias(_OLD_ACTIVE),
+                           F.lit(earlier).alias(_EARLIER))
+
+    old = side(state.candidates(), False)
+    returnable = state.returnable()
+    if returnable is not None:  # items away since an earlier generation: one row each, none in the candidates
+        old = old.unionByName(side(returnable, True))
     rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(ITEM_ID).distinct()
                 .withColumn(_REJECTED, F.lit(True)))
     return old, rejected
@@ -545,8 +575,9 @@ def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, o
     if ranked:  # an item moved off a collision earlier keeps its tuple while it stays among its alternatives
         codes_same = codes_same | F.coalesce(_still_among_alternatives(), F.lit(False))
     encoded_now = F.col(CODES).isNotNull()
+    by_codes = F.when(codes_same, F.lit(CONFIRMED)).otherwise(F.lit(MOVED))
     if mode.new_generation:
-        both = F.when(codes_same, F.lit(CONFIRMED)).otherwise(F.lit(MOVED))
+        both = by_codes
     else:
         kept = F.when(was_active, F.lit(CHANGED_KEPT)).otherwise(F.lit(REACTIVATED))
         changed = F.when(encoded_now & codes_same, F.lit(CONFIRMED))
@@ -554,6 +585,10 @@ def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, o
             changed = changed.when(encoded_now, F.lit(RETOKENIZED))
         both = (F.when(fp_same, F.when(was_active, F.lit(UNCHANGED)).otherwise(F.lit(REACTIVATED)))
                 .otherwise(changed.otherwise(kept)))
+        # Back after a new generation started without it: its ID is an earlier model's, so the current model's
+        # codes decide, as they did for every item present when the generation started (it was not in the
+        # fingerprints the pass compared with, so it was encoded).
+        both = F.when(F.coalesce(F.col(_EARLIER), F.lit(False)), by_codes).otherwise(both)
     change = (F.when(in_catalog & ~has_row, F.lit(NEW_ITEM))
               .when(~in_catalog & was_active & F.col(_REJECTED).isNotNull(), F.lit(RETIRED_REJECTED))
               .when(~in_catalog & was_active, F.lit(RETIRED_LEFT))

@@ -319,6 +319,73 @@ def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tm
     assert os.path.isdir(out / "report")
 
 
+def _without(catalog: Path, path: Path, share: float, seed: int) -> tuple[Path, set]:
+    """``catalog`` with about ``share`` of its items left out (written to ``path``), and the ids left out."""
+    table = helpers.read_delta(catalog).select(["item_id", "embedding"])
+    away = np.random.default_rng(seed).random(table.num_rows) < share
+    return (helpers.write_delta(path, table.filter(pa.array(~away)), parts=2),
+            set(table.filter(pa.array(away))["item_id"].to_pylist()))
+
+
+def test_items_away_when_a_generation_starts_have_their_ids_back_where_their_codes_are_the_same(world, tmp_path):
+    """A retrain on a day some items are missing (a partial snapshot, rejected rows) retires them. Back on a later
+    day, the new model's codes decide, as for every item present at the retrain: the same tuple and an item has
+    its own ID back (it got a new suffix of it before), another and it moves, listed in id_changes."""
+    out, work = own_copy(world, tmp_path)
+    full = world.catalogs[-1]
+    before = {r["item_id"]: r for r in ledger_rows(out / SEMANTIC_IDS_TABLE) if r["active"]}
+    partial, away = _without(full, tmp_path / "partial", 0.2, seed=11)
+    returned = away & set(before)
+    rc, stdout, err = helpers.run_main(["--input", partial, "--work-dir", work, "--output", out, *TRAIN,
+                                        "--seed", "3", "--max-id-churn", "0.9"])
+    assert rc == 0, err[-3000:]
+    assert "new generation 2" in stdout
+    lacking = set(before) - valid_ids(partial)  # the items away, and any the whole catalog lacks as well
+    assert f"{len(lacking)} published items are not valid items of this catalog" in stdout, stdout[-3000:]
+    rc, stdout, err = World(work, out, []).encode(full)
+    assert rc == 0 and "mode: incremental" in stdout, err[-3000:]
+    rows = ledger_rows(out / SEMANTIC_IDS_TABLE)
+    current = {r["item_id"]: r for r in rows if r["active"]}
+    assert returned <= set(current)
+    back = {i for i in returned if current[i]["semantic_id"] == before[i]["semantic_id"]}
+    assert back, "no item that was away had its ID back"
+    for i in back:  # its own row again, now the current generation's
+        assert current[i]["codes"] == before[i]["codes"] and current[i]["generation"] == 2
+        assert current[i]["tokenized_at"] == before[i]["tokenized_at"]
+    changes = {(c["item_id"], c["old_semantic_id"], c["new_semantic_id"])
+               for c in helpers.read_delta(out / ID_CHANGES_TABLE).to_pylist()
+               if c["item_id"] in returned and c["generation"] == 2}  # not the rounds' re-tokenizations
+    assert changes == {(i, before[i]["semantic_id"], current[i]["semantic_id"]) for i in returned - back}
+    # No item holds an active row beside a row it could have back, and no ID ever named two items.
+    waiting = {r["item_id"] for r in rows if not r["active"] and r["retired_reason"] in RetiredReason.REACTIVATABLE}
+    assert not waiting & set(current)
+    owners: dict[str, object] = {}
+    for r in rows:
+        assert owners.setdefault(r["semantic_id"], r["item_id"]) == r["item_id"]
+
+
+def test_a_new_generation_without_most_published_items_exits_3(world, tmp_path) -> None:
+    """A retrain on a partial snapshot: the churn gate sees only the items present, so the share of published
+    items the catalog lacks is gated as well (--max-id-churn), naming the likely cause and the fix."""
+    out, work = own_copy(world, tmp_path)
+    registry.configure_tracking(work)
+    champion = registry.alias_version(MODEL, registry.CHAMPION)
+    version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
+    published = sum(r["active"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE))
+    partial, _ = _without(world.catalogs[-1], tmp_path / "partial", 0.8, seed=12)
+    n_away = len({r["item_id"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE) if r["active"]} - valid_ids(partial))
+    rc, _, err = helpers.run_main(["--input", partial, "--work-dir", work, "--output", out, *TRAIN, "--seed", "3",
+                                   "--max-id-churn", "0.7"])
+    assert rc == 3, err[-3000:]
+    assert (f"{n_away} of {published} published items ({n_away / published:.2%}) are not valid items of this "
+            "catalog (they left it or were rejected), more than --max-id-churn 0.7 allows when a new generation "
+            "starts") in err, err[-3000:]
+    assert "Check that --input is the whole catalog" in err and "nothing was written" in err
+    registry.configure_tracking(work)
+    assert registry.alias_version(MODEL, registry.CHAMPION) == champion
+    assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
+
+
 def test_compare_to_measures_drift_against_another_table(world, tmp_path) -> None:
     out = tmp_path / "tables"
     rc, stdout, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output", out,
