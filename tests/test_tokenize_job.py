@@ -300,7 +300,8 @@ def test_encoding_twice_keeps_every_row_and_full_mode_rewrites_one_version(train
     # The same model again: auto mode is incremental, nothing is new, so nothing is committed.
     second = encode_only(trained, catalog.path, out, stages="validate,encode")
     assert "mode: incremental" in second.stdout and "no commit" in second.stdout
-    assert f"{out / SEMANTIC_IDS_TABLE} unchanged, its {len(catalog.valid_ids)} active semantic IDs checked" in second.stdout
+    unchanged = f"{out / SEMANTIC_IDS_TABLE} unchanged, its {len(catalog.valid_ids)} active semantic IDs checked"
+    assert unchanged in second.stdout
     assert "semantic IDs written to" not in second.stdout  # nothing was
     assert delta_version(str(out / SEMANTIC_IDS_TABLE)) == v1 == 0
     # Its first pass read every row group's kept rows (the earlier runs' passes kept them), bad rows included:
