@@ -260,6 +260,8 @@ def _run_stages(job: _Job) -> None:
         if cfg.encodes or cfg.trains:
             state = ledger.read_table_state(job.spark, job.location)
             print(f"    {state.describe() if state else 'no semantic-ID table at ' + job.location.shown_root + ' yet'}")
+            if state is not None:
+                _check_id_type(job, v, state)
         else:  # a validate or report run: the ledger is not planned against, so it is not read here
             state = None
         if state is not None and state.version is None and job.location.fmt == "delta":
@@ -281,6 +283,17 @@ def _run_stages(job: _Job) -> None:
     if "report" in cfg.stages:
         with stage("report"):
             _report(job, model.codebook_size if model else cfg.model_config.codebook_size, catalog)
+
+
+def _check_id_type(job: _Job, v: ValidationResult, state: ledger.TableState) -> None:
+    """The catalog's ids must have the table's type: compared across types, the engine would cast them ('01' and
+    '1' naming one item, '1.0' failing the run halfway)."""
+    ours, theirs = (df.schema[ITEM_ID].dataType.simpleString().upper() for df in (v.clean, state.ledger))
+    if ours != theirs:
+        raise JobFailed(f"--id-col {job.cfg.id_col} is {ours} in this catalog, but "
+                        f"{job.location.shown_of(SEMANTIC_IDS_TABLE)} holds {theirs} item ids: compared across types "
+                        f"ids would be cast ('01' and '1' naming one item). Give the catalog's ids the table's type "
+                        f"({theirs}) in the input, or write to another --output")
 
 
 def _with_demo_catalog(cfg: JobConfig) -> JobConfig:

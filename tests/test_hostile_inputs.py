@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import helpers
@@ -234,6 +235,22 @@ def test_a_validate_only_run_leaves_the_published_set_as_it_was(odd) -> None:
     assert "no semantic-ID table" not in out  # it has one; a validate run just does not read it
     assert {name: DeltaTable(str(odd["output"] / name)).version() for name in publish.SET_TABLES} == before
     assert DeltaTable(str(odd["output"] / RUN_REJECTS_TABLE)).to_pyarrow_table().num_rows == 0
+
+
+def test_a_catalog_whose_ids_have_another_type_than_the_tables_is_refused(odd, tmp_path) -> None:
+    """The table holds BIGINT ids; the same catalog with STRING ids would be matched by casting ("01" naming
+    item 1, "1.0" failing the run halfway), so the run stops at validation, naming both types and the fix."""
+    out = shutil.copytree(odd["output"], tmp_path / "out")
+    version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
+    table = helpers.read_delta(odd["input"]).select(["item_id", "embedding"])
+    table = table.set_column(0, "item_id", pa.array([f"0{i}" for i in table["item_id"].to_pylist()]))
+    catalog = helpers.write_delta(tmp_path / "string-ids", table)
+    rc, out_text, err = helpers.run_main(["--input", catalog, "--work-dir", odd["work"], "--output", out,
+                                          "--model", f"models:/{MODEL}@champion", "--stages", "validate,encode"])
+    assert rc == 2, err[-2000:]
+    assert (f"--id-col item_id is STRING in this catalog, but {out / SEMANTIC_IDS_TABLE} holds BIGINT item ids"
+            in err and "Give the catalog's ids the table's type (BIGINT)" in err), err[-2000:]
+    assert "==> encode" not in out_text and DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
 
 
 def test_parquet_output_of_a_catalog_without_bad_rows(tmp_path) -> None:
