@@ -241,6 +241,8 @@ def _recover(job: _Job) -> None:
         return
     print(f"    recovered {job.location.shown_root}: {recovery.action}")
     mlflow.set_tag("recovered", recovery.action[:5000])
+    if recovery.published_run:  # its IDs are out: that run did its work, though its process was killed after
+        registry.mark_published(recovery.published_run, job.result.run_id)
     if recovery.champion is not None:
         name, version = recovery.champion
         registry.set_alias(name, registry.CHAMPION, version)

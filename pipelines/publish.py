@@ -86,6 +86,7 @@ class Recovery:
 
     action: str
     champion: tuple[str, str] | None = None
+    published_run: str | None = None  # rolled forward: the MLflow run whose set this completed
 
 
 def token(spark: SparkSession, location: io.OutputLocation, name: str) -> str | None:
@@ -172,7 +173,8 @@ def recover(spark: SparkSession, location: io.OutputLocation, run_id: str) -> Re
         io.drop_backups(location, SET_TABLES, last.run_id)
         champion = (last.model_name, last.model_version) if last.moves_champion else None
         return Recovery(f"run {last.run_id} committed {SEMANTIC_IDS_TABLE} but was stopped before it finished "
-                        "publishing: its set is now marked published", champion)  # type: ignore[arg-type]
+                        "publishing: its set is now marked published", champion,  # type: ignore[arg-type]
+                        published_run=last.run_id)
     if published is None or expected is None:
         return None  # nothing was ever published here: a later run overwrites what a killed first run left
     stale = [n for n in DESCRIBING if now[n] != expected.tokens.get(n)]

@@ -248,3 +248,16 @@ def fail_abandoned_runs(experiment_id: str) -> list[str]:
         ended.append(run.info.run_id)
     return ended
 
+
+
+def mark_published(run_id: str, by: str) -> None:
+    """The MLflow run ``run_id`` published its set though its process was killed before it said so (a later run,
+    ``by``, completed its set: pipelines.publish.recover): ended as FINISHED, not FAILED, with a tag saying so.
+    A run that is not in this store (another tracking URI) is left alone."""
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return
+    client.set_tag(run_id, "published_by_recovery", f"its set was completed by run {by}")
+    client.set_terminated(run_id, status="FINISHED")

@@ -58,6 +58,8 @@ try:
     print("NO_INPUT " + json.dumps(None))
 except Exception as e:
     print("NO_INPUT " + json.dumps([type(e).__name__, str(e)]), flush=True)
+print("RETRIED " + json.dumps({f"{kind} {code}": mod.retried(kind, code) for kind in ("retrain", "daily")
+                               for code in (1, 2, 3, 4, -9, 137)}), flush=True)
 for n, run in enumerate(json.loads(sys.argv[2])):
     dag = bag.dags[run["dag_id"]]
     for task in dag.tasks:
@@ -134,7 +136,7 @@ def test_both_dags_run_end_to_end_through_spark_submit(airflow_python: Path, tmp
     out = proc.stdout + proc.stderr
     print(f"Airflow: DagBag + {len(runs)} dag.test() runs in {time.perf_counter() - start:.0f}s")
     lines = {kind: [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                    if line.startswith(kind + " ")] for kind in ("DAGBAG", "ARGS", "NO_INPUT", "RESULT")}
+                    if line.startswith(kind + " ")] for kind in ("DAGBAG", "ARGS", "NO_INPUT", "RETRIED", "RESULT")}
     assert proc.returncode == 0 and len(lines["RESULT"]) == len(runs), out[-8000:]
 
     # The DagBag: both DAGs, no import errors, one SparkSubmitOperator task each, one run at a time.
@@ -156,6 +158,10 @@ def test_both_dags_run_end_to_end_through_spark_submit(airflow_python: Path, tmp
     # No catalog given: the task fails at once (no retries), naming the fix.
     ((error, message),) = lines["NO_INPUT"]
     assert error == "AirflowFailException" and "the param input is empty" in message, message
+
+    # Retries: never after exits 2 and 3; a retrain only after exit 4 (it may have published before it stopped).
+    (retries,) = lines["RETRIED"]
+    assert {k for k, v in retries.items() if v} == {"retrain 4", "daily 1", "daily 4", "daily -9", "daily 137"}
 
     # The runs: retrain and daily succeed; the gated retrain fails on its first try (exit 3: no retries).
     first_run, daily_run, gated = lines["RESULT"]

@@ -12,7 +12,9 @@ run's params when the task starts (trigger with a conf to override any of them).
 
 The job's exit code decides the task's fate, so nothing is hidden: 0 success; 2 (bad arguments or input)
 and 3 (a gate failed: quality, or ID churn) fail the task at once, without retries, since a rerun would
-fail the same way; 4 (another run is writing the output) and anything else fail it and Airflow retries.
+fail the same way; 4 (another run is writing the output) and anything else fail it and Airflow retries, except
+that a retrain is retried only after exit 4: stopped after its commit it has published a generation, and a retry
+would publish another (see ``retried``).
 
 Airflow runs in its own virtualenv (jobs/airflow/make_venv.py); the job runs with the project's python
 (param ``python``), whose pyspark also provides spark-submit unless ``spark_home`` names another Spark.
@@ -50,6 +52,20 @@ EXIT_MEANING = {
     4: "another run is writing this output, or wrote it meanwhile: the task is retried",
 }
 NO_RETRY = frozenset({2, 3})  # a rerun fails the same way
+RETRAIN_NOT_RETRIED = ("a retrain is not retried automatically unless another run held the output (exit 4): it may "
+                       "have published before it stopped, and another try would start a further generation. Read the "
+                       "last entry of the output's runs table (or the job's log), then trigger the DAG again if "
+                       "nothing was published")
+
+
+def retried(kind: str, code: int) -> bool:
+    """Whether Airflow may retry a task of ``kind`` that exited ``code``: never after exits 2 and 3 (a rerun fails
+    the same way); a retrain only after exit 4 (another run held the output: nothing happened), since a retrain
+    stopped after its commit (a killed process, a failure after the commit) has published a generation, and a
+    retry would train and publish another one; a daily run after anything else (it is idempotent)."""
+    if code in NO_RETRY:
+        return False
+    return kind != "retrain" or code == 4
 CONNECT_ENGINES = ("local", "remote")  # Spark Connect clients: spark-submit only launches their driver
 
 
@@ -201,8 +217,10 @@ class TokenizeCatalogOperator(SparkSubmitOperator):
                 if code is None:
                     raise
                 meaning = EXIT_MEANING.get(code, "the job was stopped (a signal, or the JVM failed)")
-                failure = AirflowFailException if code in NO_RETRY else AirflowException
-                raise failure(f"tokenize_catalog exited {code}: {meaning}") from e
+                if retried(self.kind, code):
+                    raise AirflowException(f"tokenize_catalog exited {code}: {meaning}") from e
+                why = f"; {RETRAIN_NOT_RETRIED}" if code not in NO_RETRY else ""
+                raise AirflowFailException(f"tokenize_catalog exited {code}: {meaning}{why}") from e
 
     def _exit_code(self, error: Exception) -> int | None:
         process = getattr(self._hook, "_submit_sp", None)
