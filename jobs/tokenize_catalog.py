@@ -275,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a learned level (--anchor-levels below --levels): reconstruct an item as its anchored "
                         "centroids plus the decoder's output, so the decoder learns what the anchor leaves (ignored "
                         "with --no-anchor; with every level anchored the reconstruction is the centroid sum)")
-    g.add_argument("--collision-alternatives", type=_at_least(0), default=DEFAULT_COLLISION_ALTERNATIVES,
+    g.add_argument("--collision-alternatives", type=_at_least(0), default=None,
                    help="an item whose code tuple a better-fitting item holds takes the nearest free of its this-many "
-                        "nearest last-level codes before a suffix is needed; 0: off (docs/design.md)")
+                        "nearest last-level codes before a suffix is needed; 0: off (docs/design.md) (default: "
+                        f"{DEFAULT_COLLISION_ALTERNATIVES}, or the --codebook-size when it is smaller)")
     g.add_argument("--prefix-fill", type=_share, default=DEFAULT_PREFIX_FILL,
                    help="with at least two anchored levels and a third level: the most items of the catalog a "
                         "2-prefix should hold, as a share of the --codebook-size full tuples it has room for, so a "
@@ -411,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         p.error("--shared-codebook shares the latent codebook of the learned levels, and with --anchor-levels "
                 f"{a.anchor_levels} every level is anchored: pass --anchor-levels {max(1, a.levels - 1)} with it, "
                 "or drop it")
+    if a.collision_alternatives is None:  # not given: the default, as far as the codebook has codes
+        a.collision_alternatives = min(DEFAULT_COLLISION_ALTERNATIVES, a.codebook_size)
     if a.collision_alternatives > a.codebook_size:
         p.error(f"--collision-alternatives {a.collision_alternatives} is more than the --codebook-size "
                 f"{a.codebook_size} codes there are; use at most {a.codebook_size} (0 turns it off)")

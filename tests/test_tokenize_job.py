@@ -501,6 +501,16 @@ def test_help_lists_every_flag_group(capsys) -> None:
     assert "@champion \\\n        --input /data/catalog --output /data/semids" in text
 
 
+def test_the_collision_alternatives_default_fits_a_small_codebook() -> None:
+    from jobs.tokenize_catalog import parse_args
+
+    # Not given: 16, or every code of a smaller codebook (a --codebook-size 8 run used to fail on a flag not set).
+    assert parse_args(["--demo"]).model_config.collision_alternatives == 16
+    assert parse_args(["--demo", "--codebook-size", "8"]).model_config.collision_alternatives == 8
+    assert parse_args(["--demo", "--codebook-size", "8", "--collision-alternatives", "0"]
+                      ).model_config.collision_alternatives == 0
+
+
 def test_too_many_bad_rows_fail_before_training(tmp_path, capsys) -> None:
     good = helpers.random_vectors(30, 8)
     table = helpers.catalog_table([f"i{i}" for i in range(34)], [*good, None, None, [0.0] * 8, [1.0] * 3])
