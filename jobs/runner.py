@@ -586,7 +586,9 @@ def _load_model(uri: str) -> TokenizerModel:
 
 def _with_dim(model: TokenizerModel, uri: str | None, dim: int) -> TokenizerModel:
     if model.input_dim != dim:
-        raise JobFailed(f"model {uri} expects {model.input_dim}-d embeddings but the catalog has D = {dim}")
+        raise JobFailed(f"model {uri} expects {model.input_dim}-d embeddings but the catalog has D = {dim}: give the "
+                        f"catalog's embedding column (--embedding-col) of the model's length, or a model trained on "
+                        f"this catalog (train one: leave out --model)")
     return model
 
 

@@ -530,7 +530,9 @@ def test_model_of_another_dimension_is_refused(trained, tmp_path, capsys) -> Non
     rc = main_with(["--input", tmp_path / "catalog", "--work-dir", tmp_path / "work", "--stages", "validate,encode",
                     "--model", checkpoint])
     assert rc == 2
-    assert f"{checkpoint} expects {DIM}-d embeddings but the catalog has D = 24" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{checkpoint} expects {DIM}-d embeddings but the catalog has D = 24: give the catalog's" in err
+    assert "(train one: leave out --model)" in err
     assert not (tmp_path / "work" / "tables" / SEMANTIC_IDS_TABLE).exists()
 
 
