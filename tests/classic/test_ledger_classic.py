@@ -91,3 +91,33 @@ def test_the_ledger_is_filtered_as_it_is_read_when_few_rows_are_issued_and_updat
     assert helpers.join_kinds(table_plan, join) == {"LeftAnti"}, table_plan
     assert (plan.counts.confirmed, plan.counts.moved) == (3, 1)
     assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}
+
+
+@pytest.mark.parametrize("encoded_rows", [2, None], ids=["few-broadcast", "many"])
+def test_an_item_back_after_a_generation_change_is_compared_by_its_codes_on_the_jvm(classic_spark, encoded_rows):
+    # Generation 2 is current; p and q left in generation 1. Back now: p with its old tuple has its ID again, q with
+    # another moves (its old row retired as a new generation's move). a is unchanged and not encoded.
+    def away(item: str, codes: list[int], fp: int) -> tuple:
+        row = list(ledger_row(item, codes, fp))
+        row[11:14] = [False, T0, "left_catalog"]
+        return tuple(row)
+
+    current = list(ledger_row("a", [1, 2], 10))
+    current[6], current[9] = "2", 2
+    rows = [tuple(current), away("p", [3, 4], 11), away("q", [5, 5], 12)]
+    state = ledger.TableState(classic_spark.createDataFrame(rows, LEDGER_SCHEMA), None, "m", "2", 2, 2, True, 3, 1,
+                              earlier_retired=2)
+    codes = classic_spark.createDataFrame([("a", None, None, 10), ("p", [3, 4], 0.2, 31), ("q", [8, 8], 0.2, 32)],
+                                          "item_id string, codes array<int>, quantization_error float, "
+                                          "embedding_fingerprint bigint")
+    rejects = classic_spark.createDataFrame([], "item_id string, reason string")
+    model = TokenizerModel("m", "2", b"", num_levels=2, codebook_size=16, input_dim=4)
+    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(3, {}), encoded_rows=encoded_rows),
+                               model, ledger.Mode(ledger.INCREMENTAL, 2, False, "test"), on_changed="keep",
+                               run_id="run-1", now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc),
+                               materialize=lambda df: df.localCheckpoint(), one_map=True)
+    after = {r[SEMANTIC_ID]: r for r in plan.table().collect()}
+    assert {(r[ITEM_ID], sid) for sid, r in after.items() if r[ACTIVE]} == {("a", "1_2_0"), ("p", "3_4_0"),
+                                                                         ("q", "8_8_0")}
+    assert after["3_4_0"]["generation"] == 2 and after["5_5_0"]["retired_reason"] == "new_generation"
+    assert (plan.counts.confirmed, plan.counts.moved) == (1, 1)
