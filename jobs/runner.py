@@ -629,6 +629,10 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         failure = churn_failure(drift.ids_changed, drift.compared, cfg.max_id_churn)
         fix = "Check the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it."
         away = plan.counts.retired_left_catalog + plan.counts.retired_rejected
+        if not mode.new_generation and drift.compared and away > drift.compared:  # most of the catalog gone
+            print(f"    WARNING: {away} of {away + drift.compared} published items are not valid items of this "
+                  "catalog and are retired now. They have their IDs back if they return before a new generation "
+                  "starts; if this is not expected, check --input (a partial snapshot?)")
         if mode.new_generation and state is not None and away:
             print(f"    {away} published items are not valid items of this catalog: retired now, they have their IDs "
                   "back on return only where this generation's model gives them the same codes")

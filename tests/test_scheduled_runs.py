@@ -386,6 +386,21 @@ def test_a_new_generation_without_most_published_items_exits_3(world, tmp_path) 
     assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
 
 
+def test_a_daily_run_on_a_catalog_that_lost_most_of_its_items_warns_and_keeps_their_ids(world, tmp_path) -> None:
+    out, work = own_copy(world, tmp_path)
+    before = {r["item_id"]: r["semantic_id"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE) if r["active"]}
+    partial, _ = _without(world.catalogs[-1], tmp_path / "partial", 0.9, seed=13)
+    lacking = set(before) - valid_ids(partial)
+    rc, stdout, err = World(work, out, []).encode(partial)
+    assert rc == 0, err[-3000:]
+    assert (f"WARNING: {len(lacking)} of {len(before)} published items are not valid items of this catalog and are "
+            "retired now") in stdout, stdout[-3000:]
+    rc, stdout, err = World(work, out, []).encode(world.catalogs[-1])  # the whole catalog again: every ID back
+    assert rc == 0 and "WARNING" not in stdout, err[-3000:]
+    after = {r["item_id"]: r["semantic_id"] for r in ledger_rows(out / SEMANTIC_IDS_TABLE) if r["active"]}
+    assert {i: after[i] for i in before if i in after} == {i: before[i] for i in before if i in after}
+
+
 def test_compare_to_measures_drift_against_another_table(world, tmp_path) -> None:
     out = tmp_path / "tables"
     rc, stdout, err = helpers.run_main(["--input", world.catalogs[1], "--work-dir", world.work, "--output", out,
