@@ -145,26 +145,25 @@ class TableState:
             F.col(GENERATION) == F.lit(self.generation))
         return self.ledger.where(F.col(ACTIVE) | reactivatable)
 
-    def returnable(self, items: DataFrame | None = None, few: bool = False) -> DataFrame | None:
+    def returnable(self) -> DataFrame | None:
         """Per item without a row in the current generation (and without an active row), its latest row retired
         as left the catalog or rejected in an earlier generation: an item that was away when a new generation
         started. Its ID was issued under an earlier model, so when it comes back its codes under the current
         model decide (:func:`plan_changes`): the same tuple, and it has that ID again; another, and it moves,
         listed in ``id_changes``. None when the table has no such row (``earlier_retired``).
 
-        ``items`` (a frame of ``item_id``): only these items' rows, each side of the ledger filtered as it is read
-        (``few``: broadcast to those filters), so that a daily run, whose few encoded items are the only ones that
-        can use such a row, does not join the whole ledger with itself."""
+        The ledger is read twice, each time filtered as it is read: those rows, and the rows of now of their items
+        (their ids broadcast when they are up to ``BROADCAST_IDS``), so that the cost follows the items that left,
+        not the table."""
         if not self.earlier_retired:
             return None
         earlier = self.ledger.where(F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE) & ~F.col(ACTIVE)
                                     & (F.col(GENERATION) < F.lit(self.generation)))
+        ids = earlier.select(ITEM_ID)
         # An item back with a new row under the rule before this one also kept its old row as it was: its row of
         # now is the one it has.
-        here_now = self.ledger.where(F.col(ACTIVE) | (F.col(GENERATION) == F.lit(self.generation))).select(ITEM_ID)
-        if items is not None:
-            wanted = F.broadcast(items) if few else items
-            earlier, here_now = (df.join(wanted, ITEM_ID, "left_semi") for df in (earlier, here_now))
+        here_now = (self.ledger.where(F.col(ACTIVE) | (F.col(GENERATION) == F.lit(self.generation))).select(ITEM_ID)
+                    .join(F.broadcast(ids) if self.earlier_retired <= BROADCAST_IDS else ids, ITEM_ID, "left_semi"))
         latest = Window.partitionBy(ITEM_ID).orderBy(F.col(GENERATION).desc(), F.col(RETIRED_AT).desc_nulls_last(),
                                                      F.col(SEMANTIC_ID).desc())
         return (earlier.join(here_now, ITEM_ID, "left_anti").withColumn("__latest", F.row_number().over(latest))
@@ -561,9 +560,7 @@ def _table_side(state: TableState, encoded: Encoded) -> tuple[DataFrame, DataFra
                            F.lit(earlier).alias(_EARLIER))
 
     old = side(state.candidates(), False)
-    # Only an item the pass encoded can use such a row (one it did not encode has a row of the current generation).
-    returnable = state.returnable(encoded.codes.where(F.col(CODES).isNotNull()).select(ITEM_ID),
-                                  few=encoded.encoded_rows is not None and encoded.encoded_rows <= BROADCAST_IDS)
+    returnable = state.returnable()
     if returnable is not None:  # items away since an earlier generation: one row each, none in the candidates
         old = old.unionByName(side(returnable, True))
     rejected = (encoded.rejects.where(F.col(ITEM_ID).isNotNull()).select(ITEM_ID).distinct()

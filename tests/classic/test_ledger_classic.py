@@ -93,8 +93,10 @@ def test_the_ledger_is_filtered_as_it_is_read_when_few_rows_are_issued_and_updat
     assert active == {"1_2_0": "a", "1_3_0": "b", "1_9_0": "c", "1_5_0": "d"}
 
 
-@pytest.mark.parametrize("encoded_rows", [2, None], ids=["few-broadcast", "many"])
-def test_an_item_back_after_a_generation_change_is_compared_by_its_codes_on_the_jvm(classic_spark, encoded_rows):
+@pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["few-broadcast", "many"])
+def test_an_item_back_after_a_generation_change_is_compared_by_its_codes_on_the_jvm(classic_spark, monkeypatch,
+                                                                                   broadcast_up_to):
+    monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
     # Generation 2 is current; p and q left in generation 1. Back now: p with its old tuple has its ID again, q with
     # another moves (its old row retired as a new generation's move). a is unchanged and not encoded.
     def away(item: str, codes: list[int], fp: int) -> tuple:
@@ -112,7 +114,7 @@ def test_an_item_back_after_a_generation_change_is_compared_by_its_codes_on_the_
                                           "embedding_fingerprint bigint")
     rejects = classic_spark.createDataFrame([], "item_id string, reason string")
     model = TokenizerModel("m", "2", b"", num_levels=2, codebook_size=16, input_dim=4)
-    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(3, {}), encoded_rows=encoded_rows),
+    plan = ledger.plan_changes(state, Encoded(codes, rejects, ValidationCounts(3, {})),
                                model, ledger.Mode(ledger.INCREMENTAL, 2, False, "test"), on_changed="keep",
                                run_id="run-1", now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc),
                                materialize=lambda df: df.localCheckpoint(), one_map=True)
