@@ -629,13 +629,16 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
         failure = churn_failure(drift.ids_changed, drift.compared, cfg.max_id_churn)
         fix = "Check the drift above; retrain with --align warm-start, or raise --max-id-churn to accept it."
         away = plan.counts.retired_left_catalog + plan.counts.retired_rejected
-        if not mode.new_generation and drift.compared and away > drift.compared:  # most of the catalog gone
+        if not mode.new_generation and away > drift.compared:  # most of the catalog gone (or all of it)
             print(f"    WARNING: {away} of {away + drift.compared} published items are not valid items of this "
                   "catalog and are retired now. They have their IDs back if they return before a new generation "
                   "starts; if this is not expected, check --input (a partial snapshot?)")
-        if mode.new_generation and state is not None and away:
-            print(f"    {away} published items are not valid items of this catalog: retired now, they have their IDs "
-                  "back on return only where this generation's model gives them the same codes")
+        if mode.new_generation and state is not None and (away := away + plan.counts.still_away):
+            earlier = (f" ({plan.counts.still_away} of them away since an earlier run of generation "
+                       f"{state.generation})" if plan.counts.still_away else "")
+            print(f"    {away} items with IDs of generation {state.generation} are not valid items of this catalog"
+                  f"{earlier}: they have their IDs back on return only where this generation's model gives them "
+                  "the same codes")
             mlflow.log_metric("ids_away_at_new_generation", away)
             if failure is None and (failure := away_failure(away, drift.compared, cfg.max_id_churn)):
                 fix = ("Check that --input is the whole catalog (a partial snapshot, or a day of rejected rows?); if "

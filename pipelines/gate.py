@@ -53,12 +53,13 @@ def churn_failure(ids_changed: int, compared: int, max_churn: float | None) -> s
 def away_failure(away: int, compared: int, max_churn: float | None) -> str | None:
     """Why a new generation stops because of the published items its catalog lacks, or None.
 
-    ``away``: items active before the run that are not valid items of its catalog (they left it, or were
-    rejected); ``compared``: those that are. Within a generation such an item keeps its ID and has it back when
-    it returns. A new generation cannot vouch for it: back later, it keeps its ID only if the new model, fitted
-    without it, gives it the same codes. So a new generation may leave out at most ``max_churn`` of the published
-    items, as it may change at most that share of the IDs it sees (a partial snapshot of the catalog on the day
-    of a retrain would otherwise pass the churn gate on the few items it holds).
+    ``away``: items holding IDs of the generation before (active, or retired in it as left the catalog or
+    rejected) that are not valid items of its catalog; ``compared``: the active items that are. Within a
+    generation such an item keeps its ID and has it back when it returns. A new generation cannot vouch for it:
+    back later, it keeps its ID only if the new model, fitted without it, gives it the same codes. So a new
+    generation may leave out at most ``max_churn`` of them, as it may change at most that share of the IDs it
+    sees (a partial snapshot of the catalog on the day of a retrain, or on the days before it, would otherwise
+    pass the churn gate on the few items it holds).
     """
     published = away + compared
     if max_churn is None or published == 0:
@@ -66,6 +67,7 @@ def away_failure(away: int, compared: int, max_churn: float | None) -> str | Non
     share = away / published
     if share <= max_churn:
         return None
-    return (f"{away} of {published} published items ({share:.2%}) are not valid items of this catalog (they left it "
-            f"or were rejected), more than --max-id-churn {max_churn} allows when a new generation starts: a model "
-            "fitted without them keeps their IDs when they come back only where it gives them the same codes")
+    return (f"{away} of {published} items with published IDs of the last generation ({share:.2%}) are not valid "
+            f"items of this catalog (they left it or were rejected, in this run or earlier), more than --max-id-churn "
+            f"{max_churn} allows when a new generation starts: a model fitted without them keeps their IDs when they "
+            "come back only where it gives them the same codes")

@@ -89,6 +89,8 @@ RETIRED_LEFT = "retired_left_catalog"
 RETIRED_REJECTED = "retired_rejected"
 CHANGED_KEPT = "changed_kept"  # embedding changed, the row is kept as it is (--on-changed keep)
 UNCHANGED = "unchanged"  # nothing to do (not staged)
+STILL_AWAY = "still_away"  # a new generation: a row retired (left/rejected) in the generation before, its item
+# still away: nothing to write, counted for the gate (this generation decides its ID when it returns)
 CHANGE = "change"
 ACTION = "action"  # "insert" (a new row) or "update" (an existing row's mutable columns)
 
@@ -318,7 +320,7 @@ def choose_mode(requested: str, state: TableState | None, model_name: str, model
     if same_model:
         why = "--mode full" if requested == FULL else "the table predates the lifecycle columns"
         return Mode(FULL, state.generation, False,
-                    f"{why}: every item is encoded with {ours}, the table's model; every ID is kept")
+                    f"{why}: every item is encoded with {ours}, the table's model; every active ID is kept")
     return Mode(FULL, state.generation + 1, True,
                 f"{ours} is not the table's model ({theirs}): new generation {state.generation + 1}, every item "
                 "encoded; items whose codes stay keep their IDs")
@@ -346,6 +348,7 @@ class ChangeCounts:
     moved: int = 0
     retired_left_catalog: int = 0
     retired_rejected: int = 0
+    still_away: int = 0  # a new generation's items away since earlier in the generation before (not written)
     changed_kept: int = 0
     embedding_changed: int = 0  # items whose fingerprint differs from their row's (kept or not)
     compared: int = 0  # items active before the run and valid now
@@ -377,9 +380,11 @@ class ChangeCounts:
         parts += [f"{getattr(self, k)} {label}" for k, label in (
             ("reactivated", "back with their old ID"),
             ("confirmed", "kept their ID under the new model (confirmed: the same codes)"),
-            ("moved", "moved to a new ID (new generation)"), ("retokenized", "re-tokenized (embedding changed)"),
+            ("moved", "moved to a new ID (a new generation, or back after one with other codes)"),
+            ("retokenized", "re-tokenized (embedding changed)"),
             ("retired_left_catalog", "retired (left the catalog)"), ("retired_rejected", "retired (rejected)"),
-            ("changed_kept", "changed embeddings kept their ID")) if getattr(self, k)]
+            ("changed_kept", "changed embeddings kept their ID"),
+            ("still_away", "still away since earlier in the last generation")) if getattr(self, k)]
         return ", ".join(parts)
 
 
@@ -600,6 +605,8 @@ def _compared(new: DataFrame, old: DataFrame, rejected: DataFrame, mode: Mode, o
     change = (F.when(in_catalog & ~has_row, F.lit(NEW_ITEM))
               .when(~in_catalog & was_active & F.col(_REJECTED).isNotNull(), F.lit(RETIRED_REJECTED))
               .when(~in_catalog & was_active, F.lit(RETIRED_LEFT))
+              .when(~in_catalog & has_row & F.lit(mode.new_generation) & ~F.coalesce(F.col(_EARLIER), F.lit(False)),
+                    F.lit(STILL_AWAY))
               .when(~in_catalog, F.lit(UNCHANGED))
               .otherwise(both))
     return joined.withColumns({CHANGE: change, _FP_CHANGED: in_catalog & has_row & ~fp_same}).where(
@@ -763,7 +770,12 @@ def _updated_rows(updates: DataFrame, state: TableState, stamp: _Stamp, num_leve
         RETIRED_AT: F.when(retiring, stamp.time()).otherwise(F.lit(None).cast("timestamp")),
         RETIRED_REASON: reason,
         EMBEDDING_FINGERPRINT: F.when(confirmed, F.col("__new_fp")).otherwise(F.col(EMBEDDING_FINGERPRINT)),
-        **{k: F.when(confirmed, v).otherwise(F.col(k)) for k, v in stamp.generation_columns().items()},
+        **{k: F.when(confirmed, v).otherwise(F.col(k)) for k, v in stamp.generation_columns().items()
+           if k != GENERATION},
+        # A row a move retires belongs to the generation before the move (id_changes names the move's from it),
+        # also when it was retired earlier, its item away since a generation before that.
+        GENERATION: F.when(confirmed, F.lit(stamp.generation)).when(change == MOVED, F.lit(stamp.generation - 1))
+        .otherwise(F.col(GENERATION)).cast("int"),
         ACTION: F.lit("update"),
     }
     return rows.withColumns(values).select(*table_columns(num_levels), CHANGE, ACTION, *WAS.values())

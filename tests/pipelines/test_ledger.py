@@ -170,33 +170,50 @@ def test_a_new_generation_keeps_ids_whose_codes_stay_and_moves_the_rest(spark) -
         ("b", "1_2_1", "7_7_0", 2), ("e", "6_7_0", "6_6_1", 2), ("e", "6_6_0", "6_7_0", 1)}
 
 
-def test_an_item_away_when_a_generation_started_has_its_id_back_where_its_codes_are_the_same(spark) -> None:
-    # Generation 2 is current. p, q, s left in generation 1 (p and q were away when generation 2 started); r was
-    # given a second row when it came back before this rule (a table written earlier): its active row counts.
+@pytest.mark.parametrize("current", [2, 3])
+def test_an_item_away_when_a_generation_started_has_its_id_back_where_its_codes_are_the_same(spark, current) -> None:
+    # Generation `current` is the table's. p, q, s left in generation 1 (p and q were away when the later ones
+    # started); r was given a second row when it came back before this rule (a table written earlier): its active
+    # row counts.
     left = RetiredReason.LEFT_CATALOG
-    rows = [row("a", [1, 2], 0, 10, generation=2, version="2"),
+    now = {"generation": current, "version": str(current)}
+    rows = [row("a", [1, 2], 0, 10, **now),
             row("p", [3, 4], 0, 11, active=False, reason=left), row("q", [5, 5], 0, 12, active=False, reason=left),
-            row("r", [6, 6], 0, 13, active=False, reason=left), row("r", [6, 7], 0, 14, generation=2, version="2"),
+            row("r", [6, 6], 0, 13, active=False, reason=left), row("r", [6, 7], 0, 14, **now),
             row("s", [9, 9], 0, 15, active=False, reason=left)]
-    state = ledger.TableState(spark.createDataFrame(rows, SCHEMA), None, "m", "2", 2, 2, True, len(rows), 2,
-                              earlier_retired=4)
+    state = ledger.TableState(spark.createDataFrame(rows, SCHEMA), None, "m", str(current), current, 2, True,
+                              len(rows), 2, earlier_retired=4)
     assert sorted(r[ITEM_ID] for r in state.returnable().collect()) == ["p", "q", "s"]
     back = [("a", None, None, 10), ("p", [3, 4], 0.3, 31), ("q", [8, 8], 0.3, 32), ("r", None, None, 14)]
-    p = plan(spark, state, encoded(spark, back), ledger.Mode(ledger.INCREMENTAL, 2, False, "test"), model=V2)
+    model = TokenizerModel("m", str(current), b"", num_levels=2, codebook_size=16, input_dim=4)
+    p = plan(spark, state, encoded(spark, back), ledger.Mode(ledger.INCREMENTAL, current, False, "test"), model=model)
     c = p.counts
     assert (c.confirmed, c.moved, c.new_item, c.reactivated, c.ids_changed) == (1, 1, 0, 0, 0)
     after = table_rows(p)
     assert {(r[ITEM_ID], sid) for sid, r in after.items() if r[ACTIVE]} == {
         ("a", "1_2_0"), ("p", "3_4_0"), ("q", "8_8_0"), ("r", "6_7_0")}
     assert (after["3_4_0"][GENERATION], after["3_4_0"]["model_version"], after["3_4_0"][EMBEDDING_FINGERPRINT]) == (
-        2, "2", 31)
+        current, str(current), 31)
     assert after["3_4_0"]["tokenized_at"] == T0  # its own row, as issued
     assert {sid: r[RETIRED_REASON] for sid, r in after.items() if not r[ACTIVE]} == {
         "5_5_0": RetiredReason.NEW_GENERATION, "6_6_0": left, "9_9_0": left}
+    # The move is the current generation's, however many generations q was away.
     assert {(r[ITEM_ID], r["old_semantic_id"], r["new_semantic_id"], r[GENERATION])
-            for r in ledger.id_changes(p.table()).collect()} == {("q", "5_5_0", "8_8_0", 2)}
+            for r in ledger.id_changes(p.table()).collect()} == {("q", "5_5_0", "8_8_0", current)}
     # A table without such rows reads none of this.
     assert state_of(spark).returnable() is None
+
+
+def test_a_new_generation_counts_the_items_still_away_from_its_generation_before(spark) -> None:
+    # d left earlier in generation 1 and is still away; c is active and away now. Neither row is written, both count
+    # for the gate (the new generation decides their IDs when they return).
+    every = [("a", [1, 2], 0.4, 10), ("b", [1, 2], 0.4, 11), ("e", [6, 7], 0.1, 15)]
+    p = plan(spark, state_of(spark), encoded(spark, every), NEW_GENERATION, model=V2)
+    c = p.counts
+    assert (c.still_away, c.retired_left_catalog, c.compared) == (1, 1, 3)
+    rows = table_rows(p)
+    assert rows["5_5_0"][RETIRED_REASON] == RetiredReason.LEFT_CATALOG and rows["5_5_0"][GENERATION] == 1
+    assert "1 still away since earlier in the last generation" in c.summary()
 
 
 def test_a_first_run_numbers_every_tuple_from_zero(spark) -> None:
