@@ -41,10 +41,8 @@ def churn_failure(ids_changed: int, compared: int, max_churn: float | None) -> s
     whose ``semantic_id`` this run would change (``pipelines.drift``). ``max_churn`` None or 1 lets
     every run through.
     """
-    if max_churn is None or compared == 0:
-        return None
-    churn = ids_changed / compared
-    if churn <= max_churn:
+    churn = _share_over(ids_changed, compared, max_churn)
+    if churn is None:
         return None
     return (f"id churn {churn:.2%} ({ids_changed} of {compared} published items would get another semantic_id) "
             f"is above --max-id-churn {max_churn}")
@@ -62,12 +60,18 @@ def away_failure(away: int, compared: int, max_churn: float | None) -> str | Non
     pass the churn gate on the few items it holds).
     """
     published = away + compared
-    if max_churn is None or published == 0:
-        return None
-    share = away / published
-    if share <= max_churn:
+    share = _share_over(away, published, max_churn)
+    if share is None:
         return None
     return (f"{away} of {published} items with published IDs of the last generation ({share:.2%}) are not valid "
             f"items of this catalog (they left it or were rejected, in this run or earlier), more than --max-id-churn "
             f"{max_churn} allows when a new generation starts: a model fitted without them keeps their IDs when they "
             "come back only where it gives them the same codes")
+
+
+def _share_over(part: int, whole: int, max_share: float | None) -> float | None:
+    """``part / whole`` when it is above ``max_share`` (a gate's limit), else None (also without a limit or a whole)."""
+    if max_share is None or whole == 0:
+        return None
+    share = part / whole
+    return share if share > max_share else None
