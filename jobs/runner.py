@@ -507,7 +507,7 @@ def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
     """What aligning to the table needs (nothing without a table or with ``--align none``)."""
     cfg = job.cfg
     if state is not None:
-        _check_the_tables_store(state, cfg)
+        _check_the_tables_store(job, state)
     if state is None or cfg.align == "none":
         return _Previous()
     positions, codes = state.current_codes(sample, arrays.item_ids)
@@ -517,20 +517,37 @@ def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
     return _Previous(arrays.embeddings[positions], codes, init)
 
 
-def _check_the_tables_store(state: ledger.TableState, cfg: JobConfig) -> None:
+def _check_the_tables_store(job: _Job, state: ledger.TableState) -> None:
     """Before a training against a table: the table's model, a registered version of the name this run registers
-    under, must be in this run's MLflow store. Otherwise the store is another one (a relative --work-dir run
-    from another folder, an unset MLFLOW_TRACKING_URI) and the new model would take that name's version
-    numbers there: two models named "version 1" in the table's ``model_version``."""
+    under, must be in this run's MLflow store, as the model that issued the table's IDs. Otherwise the store is
+    another one (a relative --work-dir run from another folder, an unset MLFLOW_TRACKING_URI) and the new model
+    would take that name's version numbers there: two models named "version 1" in the table's ``model_version``."""
+    cfg = job.cfg
     if state.model_name != cfg.model_name or not registry.is_registered_version(state.model_version):
         return
-    if registry.has_version(state.model_name, state.model_version):
+    fix = ("Fix: point MLFLOW_TRACKING_URI (or --work-dir, whose mlflow.db is the local default) at the store that "
+           "registered the table's model; if that store is lost, train under another --model-name")
+    if not registry.has_version(state.model_name, state.model_version):
+        raise JobFailed(f"the table's IDs were issued by {state.model_name} version {state.model_version}, which the "
+                        f"MLflow registry {registry.store_shown()} does not hold: this run would register its model "
+                        f"there under the same name and version numbers. {fix}")
+    resolved = registry.resolve_model(f"models:/{state.model_name}/{state.model_version}")
+    _check_recorded_model(job, resolved.name, resolved.version, resolved.checkpoint, fix)
+
+
+def _check_recorded_model(job: _Job, name: str, version: str, checkpoint: bytes, fix: str) -> None:
+    """A registered model whose name and version issued IDs in this table must be the model that did: the ``runs``
+    table records its checkpoint's digest. Another MLflow store (another --work-dir, an unset or changed
+    MLFLOW_TRACKING_URI) can hold another model under the same name and version; its codes would be written as
+    that generation's. A table written before the digest was recorded is not checked."""
+    recorded = publish.model_digest(publish.entries(job.spark, job.location), (name, version))
+    digest = registry.checkpoint_digest(checkpoint)
+    if recorded is None or recorded == digest:
         return
-    raise JobFailed(f"the table's IDs were issued by {state.model_name} version {state.model_version}, which the "
-                    f"MLflow registry {registry.store_shown()} does not hold: this run would register its model "
-                    "there under the same name and version numbers. Fix: point MLFLOW_TRACKING_URI (or --work-dir, "
-                    "whose mlflow.db is the local default) at the store that registered the table's model; if that "
-                    "store is lost, train under another --model-name")
+    raise JobFailed(f"{name} version {version} in the MLflow registry {registry.store_shown()} is not the model that "
+                    f"issued IDs in this table as {name} version {version}: its checkpoint's SHA-256 begins "
+                    f"{digest[:12]}, the one the runs table recorded {recorded[:12]}. This registry is another store "
+                    f"than the one that registered the table's model. {fix}")
 
 
 def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
@@ -598,6 +615,10 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
                         state: ledger.TableState | None) -> None:
     """Choose the mode, encode what it needs, plan every ID's fate, gate the churn, publish in one commit."""
     cfg, stage, result = job.cfg, job.stage, job.result
+    if state is not None and registry.is_registered_version(model.version):
+        _check_recorded_model(job, model.name, model.version, model.checkpoint,
+                              "Fix: point MLFLOW_TRACKING_URI (or --work-dir, whose mlflow.db is the local default) at "
+                              "that store, or give the table's model as its checkpoint file (--model PATH.pt)")
     mode = ledger.choose_mode(cfg.mode, state, model.name, model.version, trained=cfg.trains)
     result.mode = f"{mode.name} (generation {mode.generation})"
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
@@ -785,8 +806,10 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     describing = publish.write_describing(spark, location, frames, result.run_id,
                                           concurrent=job.session.engine != "local" and location.fmt == "delta")
     boundary("describing-written")
+    digest = registry.checkpoint_digest(model.checkpoint)
     publish.record(spark, location, history, result.run_id, publish.PENDING, describing,
-                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
+                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before,
+                   model_sha256=digest)
     boundary("pending-recorded")
     written = ledger.publish(plan, location, run_id=result.run_id)
     boundary("semantic-ids-committed")
@@ -799,7 +822,8 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
         registry.set_alias(model.name, registry.CHAMPION, model.version)
         print(f"    {model.name} version {model.version} is now @{registry.CHAMPION}")
     publish.record(spark, location, history, result.run_id, publish.PUBLISHED, publish.tokens(spark, location),
-                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before)
+                   model=(model.name, model.version), moves_champion=moves, semantic_ids_before=sids_before,
+                   model_sha256=digest)
     job.publishing = False
     publish.finish(location, result.run_id)
     boundary("published")

@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --align warm-start, fine-tune at most this many epochs (at a tenth of --lr) and refine "
                    "the input-space centroids by at most this many Lloyd iterations: each pass moves more IDs for "
                    "little gain; raise it when the catalog drifted far")
-    g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against "
-                   "instead of the output table's previous version; its churn is what --max-id-churn gates")
+    g.add_argument("--compare-to", help="a semantic-ID table (Delta or Parquet path) to measure drift against as "
+                   "well: written to the drift table beside the drift against the output table's previous version "
+                   "and logged as compare_* metrics; --max-id-churn still gates the output table's own churn")
     for action in p._actions:  # every flag with a value by default shows it, unless its help words it already
         if action.help and "default" not in action.help.lower() and not (
                 action.default is None or action.default is False or action.default == ""

@@ -58,7 +58,11 @@ DESCRIBING = (REJECTS_TABLE, ID_CHANGES_TABLE, DRIFT_TABLE, PREFIX_STATS_TABLE, 
 SET_TABLES = (SEMANTIC_IDS_TABLE, *DESCRIBING)
 PENDING, PUBLISHED, ROLLED_BACK = "pending", "published", "rolled_back"
 RUNS_SCHEMA = ("entry BIGINT, mlflow_run_id STRING, status STRING, recorded_at TIMESTAMP, model_name STRING, "
-               "model_version STRING, moves_champion BOOLEAN, semantic_ids_before STRING, tokens STRING")
+               "model_version STRING, moves_champion BOOLEAN, semantic_ids_before STRING, tokens STRING, "
+               "model_sha256 STRING")
+# A runs table written before the model's digest was recorded lacks the last column; its entries are appended
+# without it (they read as None), so such a table keeps one schema.
+_LEGACY_RUNS_SCHEMA = RUNS_SCHEMA.rsplit(", model_sha256", 1)[0]
 
 
 class OutputBusyError(RuntimeError):
@@ -77,6 +81,7 @@ class Entry:
     moves_champion: bool
     semantic_ids_before: str | None
     tokens: dict[str, str | None]
+    model_sha256: str | None = None  # SHA-256 of the model's checkpoint (None: not recorded, or no model)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,8 @@ def entries(spark: SparkSession, location: io.OutputLocation) -> list[Entry]:
     if rows is None:
         rows = [r.asDict() for r in io.read_table(spark, location, RUNS_TABLE).collect()]
     return sorted((Entry(int(r["entry"]), r["mlflow_run_id"], r["status"], r["model_name"], r["model_version"],
-                         bool(r["moves_champion"]), r["semantic_ids_before"], json.loads(r["tokens"] or "{}"))
+                         bool(r["moves_champion"]), r["semantic_ids_before"], json.loads(r["tokens"] or "{}"),
+                         r.get("model_sha256"))
                    for r in rows), key=lambda e: e.entry)
 
 
@@ -120,15 +126,25 @@ def _runs_rows_directly(location: io.OutputLocation) -> list[dict[str, Any]] | N
     which on classic Spark is the session's first and costs its warm-up), else None (the engine reads it)."""
     if location.fmt != "delta":
         return None
-    try:
-        table = io.read_independently(location, RUNS_TABLE, _RUNS_COLUMNS)
-    except Exception:  # noqa: BLE001 - unreadable here: the engine reads it, and says why if it cannot either
-        return None
-    return None if table is None else table.to_pylist()
+    for columns in (_RUNS_COLUMNS, _RUNS_COLUMNS[:-1]):  # a table written before the digest was recorded: without
+        try:
+            table = io.read_independently(location, RUNS_TABLE, columns)
+        except Exception:  # noqa: BLE001 - unreadable here: the engine reads it, and says why if it cannot either
+            continue
+        return None if table is None else table.to_pylist()
+    return None
 
 
 _RUNS_COLUMNS = ("entry", "mlflow_run_id", "status", "model_name", "model_version", "moves_champion",
-                 "semantic_ids_before", "tokens")
+                 "semantic_ids_before", "tokens", "model_sha256")
+
+
+def model_digest(history: list[Entry], model: tuple[str, str]) -> str | None:
+    """The checkpoint digest the last published entry of ``model`` (name, version) recorded: what that name and
+    version meant when it issued IDs here. None when no entry of it recorded one (a table written before the
+    digest was recorded)."""
+    return next((e.model_sha256 for e in reversed(history)
+                 if e.status == PUBLISHED and (e.model_name, e.model_version) == model and e.model_sha256), None)
 
 
 def last_published(history: list[Entry]) -> Entry | None:
@@ -144,16 +160,38 @@ def reference(history: list[Entry]) -> Entry | None:
 
 def record(spark: SparkSession, location: io.OutputLocation, history: list[Entry], run_id: str, status: str,
            table_tokens: Mapping[str, str | None], *, model: tuple[str, str] | None = None,
-           moves_champion: bool = False, semantic_ids_before: str | None = None) -> Entry:
-    """Append one entry to the ``runs`` table (and to ``history``)."""
+           moves_champion: bool = False, semantic_ids_before: str | None = None,
+           model_sha256: str | None = None) -> Entry:
+    """Append one entry to the ``runs`` table (and to ``history``). ``model_sha256``: the digest of the model's
+    checkpoint (not written to a runs table made before the digest was recorded)."""
     entry = Entry((history[-1].entry + 1) if history else 1, run_id, status, model[0] if model else None,
-                  model[1] if model else None, moves_champion, semantic_ids_before, dict(table_tokens))
+                  model[1] if model else None, moves_champion, semantic_ids_before, dict(table_tokens), model_sha256)
     row = (entry.entry, run_id, status, dt.datetime.now(dt.timezone.utc), entry.model_name, entry.model_version,
            moves_champion, semantic_ids_before, json.dumps(entry.tokens, sort_keys=True))
-    df = spark.createDataFrame([row], RUNS_SCHEMA)
+    legacy = bool(history) and "model_sha256" not in _runs_columns(spark, location)
+    df = spark.createDataFrame([row if legacy else (*row, model_sha256)],
+                               _LEGACY_RUNS_SCHEMA if legacy else RUNS_SCHEMA)
     io.write_table(df, location, RUNS_TABLE, mode="append")
     history.append(entry)
     return entry
+
+
+def _runs_columns(spark: SparkSession, location: io.OutputLocation) -> list[str]:
+    """The columns of the existing ``runs`` table: from its files' schema where it is local (no engine query),
+    else from the engine."""
+    local = None if location.is_catalog else io.local_path(location.of(RUNS_TABLE))
+    if local is not None:
+        try:
+            if location.fmt == "delta":
+                from deltalake import DeltaTable
+
+                return [f.name for f in DeltaTable(str(local)).schema().fields]
+            import pyarrow.dataset as ds
+
+            return list(ds.dataset(str(local), format="parquet", ignore_prefixes=[".", "_"]).schema.names)
+        except Exception:  # noqa: BLE001 - unreadable here: the engine says
+            pass
+    return io.read_table(spark, location, RUNS_TABLE).columns
 
 
 def recover(spark: SparkSession, location: io.OutputLocation, run_id: str) -> Recovery | None:
@@ -169,7 +207,8 @@ def recover(spark: SparkSession, location: io.OutputLocation, run_id: str) -> Re
     if last.status == PENDING and now[SEMANTIC_IDS_TABLE] != last.semantic_ids_before:
         # The killed run committed its IDs: complete its set (its describing tables were written first).
         record(spark, location, history, last.run_id, PUBLISHED, now,
-               model=(last.model_name or "", last.model_version or ""), moves_champion=last.moves_champion)
+               model=(last.model_name or "", last.model_version or ""), moves_champion=last.moves_champion,
+               model_sha256=last.model_sha256)
         io.drop_backups(location, SET_TABLES, last.run_id)
         champion = (last.model_name, last.model_version) if last.moves_champion else None
         return Recovery(f"run {last.run_id} committed {SEMANTIC_IDS_TABLE} but was stopped before it finished "

@@ -203,7 +203,7 @@ def resolve_model(uri: str) -> ResolvedModel:
             raise ValueError(f"--model {uri!r} is neither models:/<name>@<alias>, models:/<name>/<version> "
                              "nor an existing checkpoint file")
         data = path.read_bytes()
-        return ResolvedModel(path.stem, f"{_LOCAL_VERSION}{hashlib.sha256(data).hexdigest()[:12]}", "", data)
+        return ResolvedModel(path.stem, f"{_LOCAL_VERSION}{checkpoint_digest(data)[:12]}", "", data)
     name, alias, version = match.group("name"), match.group("alias"), match.group("version")
     client = MlflowClient()
     try:
@@ -216,6 +216,12 @@ def resolve_model(uri: str) -> ResolvedModel:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=tmp)
         checkpoint = next(Path(local).rglob("*.pt")).read_bytes()
     return ResolvedModel(name, str(mv.version), mv.run_id or "", checkpoint)
+
+
+def checkpoint_digest(checkpoint: bytes) -> str:
+    """The SHA-256 (hex) of a checkpoint's bytes: what a model is, whatever store names it (the ``runs`` table
+    records it beside the name and version that issued IDs)."""
+    return hashlib.sha256(checkpoint).hexdigest()
 
 
 def is_registered_version(version: str) -> bool:

@@ -286,6 +286,36 @@ def test_a_retrain_against_another_mlflow_store_stops_before_training(world, tmp
     assert not registry.has_version(MODEL, "1")  # nothing registered in the other store
 
 
+def test_another_store_holding_another_model_under_the_tables_model_name_and_version_is_refused(world, tmp_path):
+    """Another MLflow store (another --work-dir) whose own training registered a different model as the table's
+    model name and version 1: its @champion is not the table's model, so a daily run with it would write codes of
+    an unrelated model as generation 1's, and a retrain would warm-start from it. Both stop (exit 2) before
+    encoding or training, naming both digests' beginnings and the fix; nothing changes."""
+    out = copy_table(world.out, tmp_path / "tables")
+    version = DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version()
+    other = tmp_path / "another-work"
+    rc, _, err = helpers.run_main(["--input", world.catalogs[0], "--work-dir", other, "--output",
+                                   tmp_path / "other-tables", *TRAIN, "--seed", "9"])
+    assert rc == 0, err[-3000:]
+    registry.configure_tracking(other)
+    assert registry.has_version(MODEL, "1")  # the same name and version as the table's model
+    theirs = registry.checkpoint_digest(registry.resolve_model(f"models:/{MODEL}/1").checkpoint)
+    registry.configure_tracking(world.work)
+    ours = registry.checkpoint_digest(registry.resolve_model(f"models:/{MODEL}/1").checkpoint)
+    assert theirs != ours
+    daily = ["--input", world.catalogs[-1], "--work-dir", other, "--output", out, "--stages", "validate,encode",
+             "--model", CHAMPION, "--model-name", MODEL, "--experiment", MODEL]
+    retrain = ["--input", world.catalogs[-1], "--work-dir", other, "--output", out, *TRAIN]
+    for args, fix in ((daily, "--model PATH.pt"), (retrain, "train under another --model-name")):
+        rc, stdout, err = helpers.run_main(args)
+        assert rc == 2, err[-3000:]
+        assert (f"{MODEL} version 1 in the MLflow registry sqlite:///{other}" in err and "is not the model that issued "
+                "IDs in this table" in err and f"begins {theirs[:12]}, the one the runs table recorded {ours[:12]}"
+                in err and fix in err), err[-3000:]
+        assert "rows went through the model" not in stdout and "fitted on" not in stdout
+    assert DeltaTable(str(out / SEMANTIC_IDS_TABLE)).version() == version
+
+
 def test_a_retrain_starts_an_aligned_generation_and_lists_every_change(world, tmp_path) -> None:
     out, work = own_copy(world, tmp_path)
     before = ledger_rows(out / SEMANTIC_IDS_TABLE)

@@ -124,3 +124,29 @@ def test_the_checker_counts_the_active_ids_and_their_codes(tmp_path) -> None:
     written_set(tmp_path / "count", [2, 2], counted=4)
     assert publish.check_files(str(tmp_path / "count"))[0] == [
         "prefix_stats counts 4 items at level 1, semantic_ids has 3 active IDs"]
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_the_runs_table_records_each_models_digest_and_a_table_from_before_keeps_its_schema(spark, tmp_path, fmt):
+    """A new runs table records the digest of the model that published; one written before the digest was recorded
+    (its schema without the column) takes later entries without it, and reads them as recording none."""
+    new = io.OutputLocation.for_path(str(tmp_path / "new"), fmt=fmt)
+    history: list[publish.Entry] = []
+    publish.record(spark, new, history, "run-1", publish.PENDING, {}, model=("m", "1"), model_sha256="a" * 64)
+    publish.record(spark, new, history, "run-1", publish.PUBLISHED, {}, model=("m", "1"), model_sha256="a" * 64)
+    publish.record(spark, new, history, "run-2", publish.PUBLISHED, {}, model=("m", "2"), model_sha256="b" * 64)
+    read = publish.entries(spark, new)
+    assert [(e.model_version, e.model_sha256) for e in read] == [("1", "a" * 64), ("1", "a" * 64), ("2", "b" * 64)]
+    assert publish.model_digest(read, ("m", "1")) == "a" * 64 and publish.model_digest(read, ("m", "2")) == "b" * 64
+    assert publish.model_digest(read, ("m", "3")) is None and publish.model_digest(read, ("other", "1")) is None
+
+    old = io.OutputLocation.for_path(str(tmp_path / "old"), fmt=fmt)
+    first = (1, "run-0", publish.PUBLISHED, None, "m", "1", False, None, "{}")
+    io.write_table(spark.createDataFrame([first], publish._LEGACY_RUNS_SCHEMA).withColumn(
+        "recorded_at", F.current_timestamp()), old, publish.RUNS_TABLE, mode="append")
+    history = publish.entries(spark, old)
+    publish.record(spark, old, history, "run-1", publish.PUBLISHED, {}, model=("m", "1"), model_sha256="a" * 64)
+    assert "model_sha256" not in io.read_table(spark, old, publish.RUNS_TABLE).columns
+    read = publish.entries(spark, old)
+    assert [(e.run_id, e.model_sha256) for e in read] == [("run-0", None), ("run-1", None)]
+    assert publish.model_digest(read, ("m", "1")) is None  # nothing recorded: not checked
