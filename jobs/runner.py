@@ -154,7 +154,7 @@ def run_job(cfg: JobConfig, stage: Stage) -> JobResult:
                                      cfg.output_table_prefix, cfg.format, engine=cfg.engine)
         registry.preload_tracking_store()  # imported while the engine starts; tracking waits for it
         with stage(f"start engine ({cfg.engine})"):
-            session = start_session(cfg.engine, cfg.remote, want_delta=cfg.format == "delta",
+            session = start_session(cfg.engine, cfg.remote, want_delta=_wants_delta(cfg),
                                     shuffle_partitions=cfg.shuffle_partitions, engine_memory=cfg.engine_memory)
             if session.memory_limit:
                 print(f"    engine memory pool {session.memory_limit >> 20} MiB: sorts and aggregates beyond it "
@@ -231,6 +231,16 @@ def _open_tracking(cfg: JobConfig, work: Path) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 - mlflow and sqlalchemy raise many kinds
         raise JobFailed(f"cannot open the MLflow tracking store ({io.first_line(e, 300)}). Fix MLFLOW_TRACKING_URI, or "
                         f"move the broken {Path(work) / 'mlflow.db'} aside (the local default) and run again") from e
+
+
+def _wants_delta(cfg: JobConfig) -> bool:
+    """Whether the session must read or write Delta: a Delta output, or a catalog that is a Delta table (asked for
+    with --input-format delta, or a local folder with a Delta log), so a session without Delta is refused at start
+    with the fix named, not at the catalog's read."""
+    if cfg.format == "delta" or cfg.input_format == "delta":
+        return True
+    local = io.local_path(str(cfg.input)) if cfg.input and cfg.input_format == "auto" else None
+    return local is not None and (local / io.DELTA_LOG).is_dir()
 
 
 def _recover(job: _Job) -> None:

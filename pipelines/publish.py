@@ -122,10 +122,11 @@ def entries(spark: SparkSession, location: io.OutputLocation) -> list[Entry]:
 
 
 def _runs_rows_directly(location: io.OutputLocation) -> list[dict[str, Any]] | None:
-    """The runs table's rows read with delta-rs when it is a local Delta table (a few rows: no engine query,
-    which on classic Spark is the session's first and costs its warm-up), else None (the engine reads it)."""
-    if location.fmt != "delta":
-        return None
+    """The runs table's rows read without the engine where it is local (delta-rs for Delta, pyarrow for Parquet), else
+    None (the engine reads it). A few rows: no engine query, which on classic Spark is the session's first and costs
+    its warm-up. For a Parquet ``runs`` folder, which every run appends to, it is also what reads files that two
+    engines wrote: their timestamps' time zones are spelled differently ("UTC", "Etc/UTC"), which the embedded
+    engine refuses to merge, and the columns read here leave ``recorded_at`` out."""
     for columns in (_RUNS_COLUMNS, _RUNS_COLUMNS[:-1]):  # a table written before the digest was recorded: without
         try:
             table = io.read_independently(location, RUNS_TABLE, columns)

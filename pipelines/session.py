@@ -430,7 +430,27 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
         ) from e
     spark.sparkContext.setLogLevel(os.environ.get("CSID_SPARK_LOG_LEVEL", "WARN"))  # ours: quiet INFO logs
     tune_local_delta(spark)
+    write_portable_timestamps(spark)
     return EngineSession(spark, "spark", classic_has_delta(spark))
+
+
+PARQUET_TIMESTAMP_TYPE = "spark.sql.parquet.outputTimestampType"
+
+
+def write_portable_timestamps(spark: SparkSession) -> None:
+    """Write Parquet timestamps (``tokenized_at``, ``retired_at``, the ``runs`` table's ``recorded_at``) as
+    TIMESTAMP_MICROS, as the embedded engine and delta-rs do, not classic Spark's default INT96.
+
+    A table written by both engines over time (a first run on the embedded engine, daily runs on a cluster)
+    otherwise holds files whose timestamps differ in physical type: the embedded engine then cannot read them
+    back (a Delta table it created: "Cannot cast column 'tokenized_at' from Timestamp(us) (physical)"; a Parquet
+    ``runs`` folder: "Fail to merge schema field 'recorded_at'") and every later run on it fails. Called for a
+    session the job starts itself; a value given with ``--conf`` is kept."""
+    try:
+        if not spark.sparkContext.getConf().contains(PARQUET_TIMESTAMP_TYPE):
+            spark.conf.set(PARQUET_TIMESTAMP_TYPE, "TIMESTAMP_MICROS")
+    except Exception:  # noqa: BLE001 - a session without a readable SparkContext keeps its setting
+        pass
 
 
 DELTA_SNAPSHOT_PARTITIONS = "spark.databricks.delta.snapshotPartitions"

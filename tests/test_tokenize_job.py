@@ -897,3 +897,20 @@ def test_what_runs_beside_a_block_hands_its_value_on(concurrent) -> None:
         assert counted.done() is not concurrent  # beside: still waiting for the block
         released.set()
     assert counted.result(timeout=0) == 42
+
+
+def test_a_delta_catalog_asks_for_a_session_with_delta_whatever_the_output_format(tmp_path) -> None:
+    """A classic session is started with Delta when the catalog is a Delta table, not only when the output is: a
+    Parquet output over a Delta catalog otherwise failed at the catalog's read (DATA_SOURCE_NOT_FOUND, exit 1)
+    instead of starting with Delta, or being refused at start with the fix named."""
+    from jobs.runner import _wants_delta
+    from jobs.tokenize_catalog import parse_args
+
+    delta = helpers.write_delta(tmp_path / "delta-catalog", helpers.catalog_table(["a"], [[0.5, 0.5]]))
+    parquet = tmp_path / "parquet-catalog"
+    parquet.mkdir()
+    assert _wants_delta(parse_args(["--input", str(delta), "--format", "parquet"]))
+    assert _wants_delta(parse_args(["--input", str(parquet), "--format", "delta"]))
+    assert not _wants_delta(parse_args(["--input", str(parquet), "--format", "parquet"]))
+    assert _wants_delta(parse_args(["--input", str(parquet), "--format", "parquet", "--input-format", "delta"]))
+    assert not _wants_delta(parse_args(["--input", "s3://bucket/catalog", "--format", "parquet"]))

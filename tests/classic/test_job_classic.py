@@ -183,6 +183,43 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
     helpers.assert_sid_checker_passes(tables / "semantic_ids", "--previous-version", published)
 
 
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_a_table_written_by_both_engines_in_turn_stays_readable_by_each(tmp_path, fmt) -> None:
+    """A first run on the embedded engine, a daily run on classic Spark, a daily run on the embedded engine again.
+    Classic Spark writes Parquet timestamps as INT96 by default, which the embedded engine then could not read back
+    (a Delta table it created: "Cannot cast column 'tokenized_at'"; a Parquet runs folder: "Fail to merge schema
+    field 'recorded_at'"), so every later run on the table failed; the job's own classic sessions write them as
+    TIMESTAMP_MICROS. No published ID moves on the way."""
+    import pyarrow.parquet as pq
+
+    work, out = tmp_path / "work", tmp_path / "tables"
+    catalog = make_catalog(CatalogSpec(300, DIM, seed=4))
+    common = ["--format", fmt, "--work-dir", work, "--output", out]
+    daily = [*common, "--stages", "validate,encode", "--model", "models:/catalog-semantic-ids@champion"]
+    first = write_parquet(tmp_path / "catalog-0", catalog.item_ids, catalog.embeddings)
+    ran = run_job("--engine", "local", *common, "--input", first, "--sample-size", 300, *helpers.SMALL_MODEL,
+                  *helpers.GATE_OFF, cwd=tmp_path)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    read = helpers.read_delta if fmt == "delta" else helpers.read_parquet
+    published = {r["item_id"]: r["semantic_id"] for r in read(out / "semantic_ids").to_pylist()}
+    ids, vectors = catalog.item_ids, catalog.embeddings
+    for round_, engine in enumerate(("spark", "local"), start=1):
+        extra = make_catalog(CatalogSpec(10, DIM, seed=10 + round_))
+        ids = np.concatenate([ids, extra.item_ids + 1000 * round_])
+        vectors = np.concatenate([vectors, extra.embeddings])
+        grown = write_parquet(tmp_path / f"catalog-{round_}", ids, vectors)
+        ran = run_job("--engine", engine, *daily, "--input", grown, cwd=tmp_path)
+        assert ran.returncode == 0, f"{engine}: {(ran.stdout + ran.stderr)[-3000:]}"
+        assert "10 rows went through the model" in ran.stdout
+    rows = read(out / "semantic_ids").to_pylist()
+    active = {r["item_id"]: r["semantic_id"] for r in rows if r["active"]}
+    assert sorted(active) == sorted(ids.tolist()) and all(active[i] == sid for i, sid in published.items())
+    assert len({r["semantic_id"] for r in rows}) == len(rows) == 320
+    files = [f for table in ("semantic_ids", "runs") for f in (out / table).rglob("*.parquet")]
+    assert files and all(pq.read_schema(f).field(column).type.unit == "us" for f in files
+                         for column in ("tokenized_at", "recorded_at") if column in pq.read_schema(f).names)
+
+
 def test_an_incremental_run_on_the_jvm_keeps_every_id(tmp_path, capsys) -> None:
     # The ledger's plan (full outer join, window, MERGE-free Parquet rewrite) on classic Spark.
     import pyarrow.parquet as pq

@@ -53,8 +53,6 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     key = lambda r: r["entry"]  # noqa: E731
     assert sorted(direct_rows, key=key) == sorted(({c: r[c] for c in publish._RUNS_COLUMNS} for r in engine_rows),
                                                   key=key)
-    parquet = io.OutputLocation.for_path(str(tmp_path / "tables"), fmt="parquet")
-    assert publish._runs_rows_directly(parquet) is None  # Parquet outputs: the engine reads the runs table
 
 
 def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and_recover_puts_the_set_back(
