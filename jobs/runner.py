@@ -541,7 +541,10 @@ def _check_the_tables_store(job: _Job, state: ledger.TableState) -> None:
         raise JobFailed(f"the table's IDs were issued by {state.model_name} version {state.model_version}, which the "
                         f"MLflow registry {registry.store_shown()} does not hold: this run would register its model "
                         f"there under the same name and version numbers. {fix}")
-    resolved = registry.resolve_model(f"models:/{state.model_name}/{state.model_version}")
+    try:
+        resolved = registry.resolve_model(f"models:/{state.model_name}/{state.model_version}")
+    except ValueError:  # held but not loadable here: the warm start says so and falls back to relabelling
+        return
     _check_recorded_model(job, resolved.name, resolved.version, resolved.checkpoint, fix)
 
 
@@ -628,7 +631,7 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
     if state is not None and registry.is_registered_version(model.version):
         _check_recorded_model(job, model.name, model.version, model.checkpoint,
                               "Fix: point MLFLOW_TRACKING_URI (or --work-dir, whose mlflow.db is the local default) at "
-                              "that store, or give the table's model as its checkpoint file (--model PATH.pt)")
+                              "the store that registered the table's model")
     mode = ledger.choose_mode(cfg.mode, state, model.name, model.version, trained=cfg.trains)
     result.mode = f"{mode.name} (generation {mode.generation})"
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
