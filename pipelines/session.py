@@ -234,6 +234,7 @@ def start_session(
             raise ValueError("engine 'remote' needs a Spark Connect URL: --remote sc://host:15002")
         _check_reachable(remote)
         spark = SparkSession.builder.remote(remote).create()
+        write_portable_timestamps(spark, remote=True)
         es = EngineSession(spark, "remote", remote_has_delta(spark) if want_delta else True)
     else:
         es = _start_classic(app_name, want_delta)
@@ -437,7 +438,7 @@ def _start_classic(app_name: str, want_delta: bool) -> EngineSession:
 PARQUET_TIMESTAMP_TYPE = "spark.sql.parquet.outputTimestampType"
 
 
-def write_portable_timestamps(spark: SparkSession) -> None:
+def write_portable_timestamps(spark: SparkSession, remote: bool = False) -> None:
     """Write Parquet timestamps (``tokenized_at``, ``retired_at``, the ``runs`` table's ``recorded_at``) as
     TIMESTAMP_MICROS, as the embedded engine and delta-rs do, not classic Spark's default INT96.
 
@@ -445,11 +446,15 @@ def write_portable_timestamps(spark: SparkSession) -> None:
     otherwise holds files whose timestamps differ in physical type: the embedded engine then cannot read them
     back (a Delta table it created: "Cannot cast column 'tokenized_at' from Timestamp(us) (physical)"; a Parquet
     ``runs`` folder: "Fail to merge schema field 'recorded_at'") and every later run on it fails. Called for a
-    session the job starts itself; a value given with ``--conf`` is kept."""
+    session the job starts itself: a classic one keeps a value given with ``--conf``; a Spark Connect session
+    (``remote``, this client's own session on the server) is set only where it holds Spark's default, INT96."""
     try:
-        if not spark.sparkContext.getConf().contains(PARQUET_TIMESTAMP_TYPE):
+        if remote:
+            if (spark.conf.get(PARQUET_TIMESTAMP_TYPE, None) or "INT96").upper() == "INT96":
+                spark.conf.set(PARQUET_TIMESTAMP_TYPE, "TIMESTAMP_MICROS")
+        elif not spark.sparkContext.getConf().contains(PARQUET_TIMESTAMP_TYPE):
             spark.conf.set(PARQUET_TIMESTAMP_TYPE, "TIMESTAMP_MICROS")
-    except Exception:  # noqa: BLE001 - a session without a readable SparkContext keeps its setting
+    except Exception:  # noqa: BLE001 - a session that cannot say or cannot set it keeps its setting
         pass
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import helpers
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from spark_connect_server import ConnectServer, ConnectServerError, running_connect_server, start_connect_server
@@ -124,6 +125,9 @@ def test_the_job_through_spark_connect_publishes_the_delta_set(first_run: FirstR
     history = DeltaTable(str(first_run.tables / "semantic_ids")).history()
     engines = {h.get("engineInfo") for h in history if h["version"] <= first_run.published}
     assert engines and all(str(e).startswith("Apache-Spark/4.") and "Delta-Lake/" in str(e) for e in engines), engines
+    # Its timestamps in microseconds (the job sets its session so), not INT96: the embedded engine can run on it later.
+    files = list((first_run.tables / "semantic_ids").glob("*.parquet"))
+    assert files and {pq.read_schema(f).field("tokenized_at").type.unit for f in files} == {"us"}
     if first_run.check is not None:
         assert first_run.check.returncode == 0, first_run.check.stdout + first_run.check.stderr
         assert "FAIL" not in first_run.check.stdout, first_run.check.stdout
