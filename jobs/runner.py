@@ -516,25 +516,25 @@ def _previous_generation(job: _Job, sample: DataFrame, arrays: TrainingArrays,
                          state: ledger.TableState | None) -> _Previous:
     """What aligning to the table needs (nothing without a table or with ``--align none``)."""
     cfg = job.cfg
-    if state is not None:
-        _check_the_tables_store(job, state)
+    held = _check_the_tables_store(job, state) if state is not None else None
     if state is None or cfg.align == "none":
         return _Previous()
     positions, codes = state.current_codes(sample, arrays.item_ids)
     print(f"    {len(positions)} sampled items hold IDs of generation {state.generation}: the new codes are aligned "
           "to theirs")
-    init = _warm_start_model(state, cfg) if cfg.align == "warm-start" else None
+    init = _warm_start_model(state, cfg, held) if cfg.align == "warm-start" else None
     return _Previous(arrays.embeddings[positions], codes, init)
 
 
-def _check_the_tables_store(job: _Job, state: ledger.TableState) -> None:
+def _check_the_tables_store(job: _Job, state: ledger.TableState) -> registry.ResolvedModel | None:
     """Before a training against a table: the table's model, a registered version of the name this run registers
     under, must be in this run's MLflow store, as the model that issued the table's IDs. Otherwise the store is
     another one (a relative --work-dir run from another folder, an unset MLFLOW_TRACKING_URI) and the new model
-    would take that name's version numbers there: two models named "version 1" in the table's ``model_version``."""
+    would take that name's version numbers there: two models named "version 1" in the table's ``model_version``.
+    Returns the table's model as this store holds it (the warm start's, read once), or None where not resolved."""
     cfg = job.cfg
     if state.model_name != cfg.model_name or not registry.is_registered_version(state.model_version):
-        return
+        return None
     fix = ("Fix: point MLFLOW_TRACKING_URI (or --work-dir, whose mlflow.db is the local default) at the store that "
            "registered the table's model; if that store is lost, train under another --model-name")
     if not registry.has_version(state.model_name, state.model_version):
@@ -544,8 +544,9 @@ def _check_the_tables_store(job: _Job, state: ledger.TableState) -> None:
     try:
         resolved = registry.resolve_model(f"models:/{state.model_name}/{state.model_version}")
     except ValueError:  # held but not loadable here: the warm start says so and falls back to relabelling
-        return
+        return None
     _check_recorded_model(job, resolved.name, resolved.version, resolved.checkpoint, fix)
+    return resolved
 
 
 def _check_recorded_model(job: _Job, name: str, version: str, checkpoint: bytes, fix: str) -> None:
@@ -563,11 +564,13 @@ def _check_recorded_model(job: _Job, name: str, version: str, checkpoint: bytes,
                     f"than the one that registered the table's model. {fix}")
 
 
-def _warm_start_model(state: ledger.TableState, cfg: JobConfig) -> RQVAE | None:
-    """The table's model when it can seed this training (same shape), else None (relabelling only)."""
+def _warm_start_model(state: ledger.TableState, cfg: JobConfig,
+                      held: registry.ResolvedModel | None = None) -> RQVAE | None:
+    """The table's model when it can seed this training (same shape), else None (relabelling only). ``held``: that
+    model already resolved (:func:`_check_the_tables_store`), not downloaded again."""
     uri = f"models:/{state.model_name}/{state.model_version}"
     try:
-        model = load_checkpoint(registry.resolve_model(uri).checkpoint)
+        model = load_checkpoint((held or registry.resolve_model(uri)).checkpoint)
     except ValueError as e:
         print(f"    no warm start: {uri} cannot be loaded here ({io.first_line(e, 400)}); codes are relabelled")
         return None
