@@ -592,9 +592,10 @@ def _quote(identifier: str) -> str:
     return "`" + identifier.replace("`", "``") + "`"
 
 
-def read_independently(location: OutputLocation, name: str, columns: Sequence[str]) -> Any:
+def read_independently(location: OutputLocation, name: str, columns: Sequence[str], version: int | None = None) -> Any:
     """Table ``name``'s ``columns`` read without the engine (delta-rs for Delta, pyarrow for Parquet) at the
     local path the location states: a pyarrow Table, or None when it is not local (or is a catalog table).
+    ``version``: that Delta version (default the current one).
 
     Raises:
         CatalogNotFoundError: there is no readable table at that path.
@@ -604,17 +605,45 @@ def read_independently(location: OutputLocation, name: str, columns: Sequence[st
         return None
     try:
         if location.fmt == "delta":
-            from deltalake import DeltaTable
-
-            return DeltaTable(str(local)).to_pyarrow_table(columns=list(columns))
-        import pyarrow.dataset as ds
-
-        return ds.dataset(str(local), format="parquet", ignore_prefixes=[".", "_"]).to_table(columns=list(columns))
+            return _delta_table(local, version).to_pyarrow_table(columns=list(columns))
+        return _parquet_dataset(local).to_table(columns=list(columns))
     except BaseException as e:  # noqa: BLE001 - delta-rs raises PanicException (a BaseException) on odd paths
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise CatalogNotFoundError(f"{location.shown_of(name)} cannot be read back at the stated place: "
                                    f"{first_line(e, 200)}") from e
+
+
+def rows_independently(location: OutputLocation, name: str, version: int | None = None) -> int | None:
+    """How many rows table ``name`` holds (at Delta ``version``), from its metadata alone (the Delta log's file
+    statistics, the Parquet footers), without the engine; None when it is not local or they do not say."""
+    local = None if location.is_catalog else local_path(location.of(name))
+    if local is None:
+        return None
+    try:
+        if location.fmt == "delta":
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            records = pa.table(_delta_table(local, version).get_add_actions(flatten=True)).column("num_records")
+            return None if records.null_count else int(pc.sum(records).as_py() or 0)
+        return int(_parquet_dataset(local).count_rows())
+    except BaseException as e:  # noqa: BLE001 - as read_independently: delta-rs panics on odd paths
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+
+
+def _delta_table(local: Path, version: int | None) -> Any:
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(local), version=version)
+
+
+def _parquet_dataset(local: Path) -> Any:
+    import pyarrow.dataset as ds
+
+    return ds.dataset(str(local), format="parquet", ignore_prefixes=[".", "_"])
 
 
 def delta_version(path: str) -> int | None:

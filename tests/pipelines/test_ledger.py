@@ -340,6 +340,35 @@ def test_the_committed_table_is_counted_where_it_was_stated(spark, tmp_path) -> 
         ledger.verify_published(spark, location, expected_active=5)
 
 
+@pytest.mark.parametrize("counted_by", ["delta-rs", "engine"])
+def test_a_committed_table_that_breaks_the_ledger_is_found_by_either_count(spark, tmp_path, monkeypatch,
+                                                                           counted_by) -> None:
+    """The committed version is checked from delta-rs's read of it when it is small (at most PART_ITEMS rows, by
+    the Delta log's statistics), else by the engine: either way an ID held twice, or an item active twice, is
+    another run's commit interleaved with this one's."""
+    if counted_by == "engine":
+        monkeypatch.setattr(ledger, "PART_ITEMS", 5)  # the ledgers here (6 or 7 rows) are then "large"
+    location = io.OutputLocation.for_path(str(tmp_path / "out"))
+    assert io.rows_independently(location, SEMANTIC_IDS_TABLE) is None  # no table yet
+    read_back: list = []
+    reader = io.read_independently
+    monkeypatch.setattr(io, "read_independently", lambda *a, **k: read_back.append(a[2]) or reader(*a, **k))
+    reissued = row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")  # LEDGER's first ID again
+    io.write_table(spark.createDataFrame(LEDGER + [reissued], SCHEMA), location, SEMANTIC_IDS_TABLE)
+    assert io.rows_independently(location, SEMANTIC_IDS_TABLE) == 7
+    with pytest.raises(ledger.ConcurrentRunError, match="7 rows hold 6 distinct semantic IDs.*Restore the version"):
+        ledger.verify_published(spark, location, expected_active=4)
+    io.write_table(spark.createDataFrame(LEDGER + [row("a", [9, 9], 0, 10)], SCHEMA), location, SEMANTIC_IDS_TABLE,
+                   mode="overwrite")
+    with pytest.raises(ledger.ConcurrentRunError, match="5 active rows name 4 items.*Restore version 0"):
+        ledger.verify_published(spark, location, expected_active=5)
+    assert io.rows_independently(location, SEMANTIC_IDS_TABLE, version=0) == 7
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), location, SEMANTIC_IDS_TABLE, mode="overwrite")
+    assert ledger.verify_published(spark, location, expected_active=4) == 4
+    whole = ["active", "semantic_id", "item_id"] if counted_by == "delta-rs" else ["active"]
+    assert read_back == [whole] * 3
+
+
 def merge(spark, location, rows: list[tuple], action: str, was_active: bool | None = None) -> None:
     source = spark.createDataFrame(rows, SCHEMA).withColumns({
         ledger.ACTION: F.lit(action), ledger.WAS[ACTIVE]: F.lit(was_active).cast("boolean"),
@@ -392,31 +421,34 @@ def test_a_parquet_table_lost_in_an_interrupted_swap_is_not_started_again(spark,
 PARTS = [(1, False), (3, False), (3, True)]  # (parts, split): at once, in parts filtered, in parts split once
 
 
-@pytest.mark.parametrize(("parts", "with_split"), PARTS)
-def test_check_ledger_counts_ids_and_active_items(spark, parts, with_split) -> None:
-    """The same counts whether the distinct IDs and items are counted at once or in parts by their hash."""
+@pytest.mark.parametrize(("parts", "with_split", "in_driver"), [(*p, False) for p in PARTS] + [(1, False, True)])
+def test_check_ledger_counts_ids_and_active_items(spark, parts, with_split, in_driver) -> None:
+    """The same counts whether the distinct IDs and items are counted at once or in parts by their hash, or
+    collected and counted in the driver."""
     calls: list = []
     split = helpers.collected_split(spark, calls) if with_split else None
+
+    def check(df, expected_active):
+        return ledger.check_ledger(df, expected_active=expected_active, parts=parts, split=split, in_driver=in_driver)
+
     df = spark.createDataFrame(LEDGER, SCHEMA)
-    assert ledger.check_ledger(df, expected_active=4, parts=parts, split=split) == 4
+    assert check(df, 4) == 4
     with pytest.raises(RowAccountingError, match="4 active rows name 4 items where the catalog has 5 valid items"):
-        ledger.check_ledger(df, expected_active=5, parts=parts, split=split)
+        check(df, 5)
     two_for_a = spark.createDataFrame(LEDGER + [row("a", [9, 9], 0, 10)], SCHEMA)  # a: two active IDs
     with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
-        ledger.check_ledger(two_for_a, expected_active=5, parts=parts, split=split)
+        check(two_for_a, 5)
     reissued = spark.createDataFrame(LEDGER + [row("zz", [1, 2], 0, 99, active=False, reason="left_catalog")], SCHEMA)
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
-        ledger.check_ledger(reissued, expected_active=4, parts=parts, split=split)
+        check(reissued, 4)
     # A damaged row without an ID is no ID (the hash of a null would have counted as one).
     no_id = row("zz", [8, 8], 0, 99, active=False, reason="left_catalog")
     no_id = (*no_id[:3], None, *no_id[4:])
     with pytest.raises(RowAccountingError, match="7 rows hold 6 distinct semantic IDs"):
-        ledger.check_ledger(spark.createDataFrame(LEDGER + [no_id], SCHEMA), expected_active=4, parts=parts,
-                            split=split)
+        check(spark.createDataFrame(LEDGER + [no_id], SCHEMA), 4)
     active_without_item = (None, *row("zz", [8, 8], 0, 99)[1:])
     with pytest.raises(RowAccountingError, match="5 active rows name 4 items"):
-        ledger.check_ledger(spark.createDataFrame(LEDGER + [active_without_item], SCHEMA), expected_active=5,
-                            parts=parts, split=split)
+        check(spark.createDataFrame(LEDGER + [active_without_item], SCHEMA), 5)
     if with_split:  # the IDs' hashes and the active items' hashes, split once per check
         assert calls[:2] == [(3, ("__csid_sid_hash",)), (3, ("__csid_item_hash",))]
 
