@@ -55,7 +55,7 @@ from pipelines.schema import (
     InputColumns,
 )
 from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
-from pipelines.uniquify import parts_for
+from pipelines.uniquify import PART_ITEMS, parts_for
 from pipelines.validate import (
     INFER_DIM_ROWS,
     NoValidRowsError,
@@ -137,6 +137,7 @@ class _Job:
     publishing: bool = False  # the set is being written: a failure now rolls it back
     summary: PrefixSummary | None = None  # of the published table (the report renders it)
     catalog_rows: int | None = None  # the engine's count of the catalog, once taken for the files it encodes
+    catalog_count: Future | None = None  # that count, started at validation where the encode pass wants it
 
     @property
     def spark(self) -> Any:
@@ -321,6 +322,12 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     cfg = job.cfg
     source = _engine_path(job, str(cfg.input))
     catalog = io.read_catalog(job.spark, source, cfg.input_format)
+    if _counts_ahead(job):
+        # The engine's count, for the files the encode pass reads, is taken while the driver validates and plans
+        # (its jobs have the idle cores): started with the pass, its jobs waited for the pass's tasks and then held
+        # up the next step (bench/RESULTS.md). An error in it is the pass's to raise; a run stopped before then
+        # leaves it to end with the session.
+        job.catalog_count = _started(catalog.count)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=_dim_from_files(job) if cfg.embedding_dim is None else cfg.embedding_dim)
     if cfg.label_col:  # read by the report only; a bad one fails now, not after the training
@@ -704,22 +711,35 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
         return encoded
 
     # The listed files are the engine's only if they hold as many rows as it counts. On a JVM engine that count
-    # (a Delta snapshot and a job: seconds of the driver's time, little of the cores') runs beside the pass over
-    # the files; in the rare run where the two differ, the pass is done again with the engine reading.
-    # --read-embeddings files has checked them already (the run stops there if they differ).
-    beside = job.session.engine != "local" and cfg.read_embeddings == "auto"
-    files = _embedding_files(job, None if beside else v.rows)
-    if files is None or not beside:
+    # (a Delta snapshot and a job: seconds of the driver's time, little of the cores') started at validation
+    # (_validate); where it differs, the engine reads the embeddings. --read-embeddings files has checked the
+    # files already (the run stops there if they differ).
+    ahead = _counts_ahead(job)
+    files = _embedding_files(job, None if ahead else v.rows)
+    if files is None or not ahead:
         return encode(files)
-    with _beside(True, v.rows.count) as counted:
-        encoded = encode(files)
-    if counted.result() == files.rows:
+    counted = (job.catalog_count or _started(v.rows.count)).result()
+    if counted == files.rows:
         job.catalog_rows = files.rows
-        return encoded
-    print(f"    {_not_the_engines(files, counted.result())}, so the engine reads the embeddings (the pass is done "
-          "again)", flush=True)
+        return encode(files)
+    print(f"    {_not_the_engines(files, counted)}, so the engine reads the embeddings", flush=True)
     mlflow.set_tag("embeddings_read_from", "the engine")
     return encode(None)
+
+
+def _counts_ahead(job: _Job) -> bool:
+    """Whether the engine's count of the catalog, to check the files the encode pass reads against, is started
+    at validation (a JVM engine, --read-embeddings auto, a run that encodes) and taken before the pass."""
+    return job.session.engine != "local" and job.cfg.read_embeddings == "auto" and job.cfg.encodes
+
+
+def _started(count: Callable[[], int]) -> Future:
+    """``count()`` running in a driver thread of its own: its future."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csid-count")
+    try:
+        return pool.submit(count)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the count
 
 
 def _fingerprint_cache(cfg: JobConfig, files: io.EmbeddingFiles | None, v: ValidationResult,
@@ -800,9 +820,11 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     parts = parts_for(result.counts["valid_rows"])  # a large catalog's checks and statistics go in parts
     split = job.session.materialize_split
     # Before anything is written: the ledger's invariants and the statistics, both read-only. On a JVM engine the
-    # check's counts run beside the statistics' queries (each query's jobs leave the cores idle between them).
+    # check's counts run beside the statistics' queries (each query's jobs leave the cores idle between them),
+    # and a table of one part is counted in the driver (its distinct counts cost a JVM engine seconds).
     with _beside(job.session.engine != "local", ledger.check_ledger, table,
-                 expected_active=result.counts["valid_rows"], parts=parts, split=split):
+                 expected_active=result.counts["valid_rows"], parts=parts, split=split,
+                 in_driver=job.session.engine != "local" and plan.rows <= PART_ITEMS):
         stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts,
                               split=split, num_levels=model.num_levels)
     drifts = [drift] + ([result.comparison] if result.comparison else [])

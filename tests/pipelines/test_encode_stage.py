@@ -299,6 +299,43 @@ def test_encode_catalog_flags_every_row_of_a_repeated_id(spark, checkpoint, vect
     assert (out.counts.clean, out.counts.n_rejected, out.encoded_rows) == (7, 4, 7)
 
 
+@pytest.mark.spark
+@pytest.mark.parametrize("id_type", ["string", "int32"])
+def test_with_the_files_listed_the_repeated_ids_are_counted_from_their_id_column(spark, checkpoint, vectors, expected,
+                                                                              tmp_path, monkeypatch, id_type) -> None:
+    """The UDF reads the files: their id column (read with pyarrow, cast as the pass casts it) gives the repeated
+    ids, and the engine does not group the pass's rows. The same rows are flagged, across files; nulls never."""
+    import pyarrow as pa
+
+    from pipelines.encode import encode_catalog, repeated_file_ids
+    from pipelines.io import embedding_files
+    from pipelines.session import EngineSession
+
+    def grouped(*a, **k):
+        raise AssertionError("the engine grouped the pass's rows by id")
+
+    monkeypatch.setattr(encode, "_repeated_ids", grouped)
+    arrow_id = pa.string() if id_type == "string" else pa.int32()
+    name = (lambda i: f"i{i}") if id_type == "string" else (lambda i: 100 + i)
+    ids = [name(i) for i in range(8)] + [name(3), name(5), name(5), None]
+    path = helpers.write_delta(tmp_path / "catalog", helpers.catalog_table(ids, vectors[:12], id_type=arrow_id),
+                               parts=3)
+    files, _ = embedding_files(str(path), "delta", ITEM_ID, EMBEDDING)
+    assert files is not None and len({f for f, _ in files.row_groups}) == 3
+    engine_type = "string" if id_type == "string" else "bigint"
+    assert sorted(repeated_file_ids(files, engine_type).to_pylist()) == [name(3), name(5)]
+    v = validate_catalog(spark.read.format("delta").load(str(path)), dim=DIM)
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    out = encode_catalog(v, checkpoint, materialize=scratch.materialize, files=files, tasks=2)
+    assert sorted((str(r[ITEM_ID]), r[REASON]) for r in out.rejects.collect()) == sorted(
+        [("None", RejectReason.NULL_ID)] + [(str(name(i)), RejectReason.DUPLICATE_ID) for i in (3, 3, 5, 5, 5)])
+    assert {r[ITEM_ID]: r[CODES] for r in out.codes.collect()} == {
+        name(i): expected.codes[i].tolist() for i in range(8) if i not in (3, 5)}
+    # A file this process cannot read (here, deleted since it was listed): None, and the engine counts.
+    (path / files.row_groups[0][0].rsplit("/", 1)[-1]).unlink()
+    assert repeated_file_ids(files, engine_type) is None
+
+
 def test_encode_catalog_refuses_an_unknown_policy_or_one_without_fingerprints(checkpoint) -> None:
     from pipelines.encode import encode_catalog
 
