@@ -679,7 +679,7 @@ def ranked_again(spark, rankings: dict[str, tuple[list[int], float, list[int]]],
     return again
 
 
-@pytest.mark.parametrize("how", ["one pass", "in parts", "over the cap"])
+@pytest.mark.parametrize("how", ["one pass", "rows whole", "in parts", "over the cap"])
 def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark, monkeypatch, how) -> None:
     # Prefix 1: p keeps 1_2 and q takes 1_3 (their 2 alternatives); r, s, t find nothing free among theirs.
     # Ranked over every code, r (the better fit) takes 1_7, s takes 1_8, t's codes are all taken: it stays,
@@ -692,6 +692,8 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
         monkeypatch.setattr(uniquify, "PART_ITEMS", 2)
     if how == "over the cap":
         monkeypatch.setattr(uniquify, "SECOND_CHANCE_ITEMS", 3)
+    if how == "rows whole":  # the tuples held counted over every row, not only those in the left items' prefixes
+        monkeypatch.setattr(ledger, "BROADCAST_IDS", 0)
     first = [("p", [1, 2], 0.1, 100, [2, 3]), ("q", [1, 2], 0.2, 100, [2, 3]), ("r", [1, 2], 0.3, 100, [2, 3]),
              ("s", [1, 2], 0.4, 100, [2, 3]), ("t", [1, 2], 0.5, 100, [2, 3]), ("u", [4, 4], 0.2, 100, [4, 5]),
              ("v", [4, 4], 0.3, 100, [4, 5]), ("w", [4, 4], 0.4, 100, [4, 5]), ("z", [9, 9], 0.1, 100, [9, 8])]
