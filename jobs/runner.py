@@ -138,6 +138,7 @@ class _Job:
     summary: PrefixSummary | None = None  # of the published table (the report renders it)
     catalog_rows: int | None = None  # the engine's count of the catalog, once taken for the files it encodes
     catalog_count: Future | None = None  # that count, started at validation where the encode pass wants it
+    files_to_confirm: io.EmbeddingFiles | None = None  # the files the pass read, until that count confirms them
 
     @property
     def spark(self) -> Any:
@@ -323,10 +324,10 @@ def _validate(job: _Job) -> tuple[DataFrame, ValidationResult]:
     source = _engine_path(job, str(cfg.input))
     catalog = io.read_catalog(job.spark, source, cfg.input_format)
     if _counts_ahead(job):
-        # The engine's count, for the files the encode pass reads, is taken while the driver validates and plans
-        # (its jobs have the idle cores): started with the pass, its jobs waited for the pass's tasks and then held
-        # up the next step (bench/RESULTS.md). An error in it is the pass's to raise; a run stopped before then
-        # leaves it to end with the session.
+        # The engine's count, for the files the encode pass reads, runs while the driver validates and plans, and
+        # is compared only once the plan is made: taken before the pass it held the pass up by 2-3 s, and started
+        # with the pass its jobs waited for the pass's tasks and held up the next step (bench/RESULTS.md). An
+        # error in it is raised where it is compared; a run stopped before then leaves it to end with the session.
         job.catalog_count = _started(catalog.count)
     columns = InputColumns(item_id=cfg.id_col, embedding=cfg.embedding_col, category=cfg.category_col)
     v = validate_catalog(catalog, columns, dim=_dim_from_files(job) if cfg.embedding_dim is None else cfg.embedding_dim)
@@ -646,15 +647,20 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
     result.mode = f"{mode.name} (generation {mode.generation})"
     print(f"\n==> mode: {mode.name}, because {mode.reason}")
     with stage("encode"):
-        encoded = _encode(job, v, model, state, mode)
+        def encoded_and_planned(engine_reads: bool = False) -> tuple[Encoded, ledger.Plan]:
+            encoded = _encode(job, v, model, state, mode, engine_reads)
+            return encoded, ledger.plan_changes(
+                state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id, now=job.now,
+                materialize=job.materialize, progress=lambda line: print(f"    {line}", flush=True),
+                split=job.session.materialize_split, one_map=job.session.engine == "spark",
+                table_parts=job.session.engine == "local", second_chance=cfg.second_chance)
+
+        encoded, plan = encoded_and_planned()
+        if not _files_were_the_engines(job):
+            encoded, plan = encoded_and_planned(engine_reads=True)
         # The input count: the one the listed files were checked against (the pass read those files), else now.
         _check_counts(job, catalog.count() if job.catalog_rows is None else job.catalog_rows, encoded.counts,
                       encoded.rejects)
-        plan = ledger.plan_changes(state, encoded, model, mode, on_changed=cfg.on_changed, run_id=result.run_id,
-                                   now=job.now, materialize=job.materialize,
-                                   progress=lambda line: print(f"    {line}", flush=True),
-                                   split=job.session.materialize_split, one_map=job.session.engine == "spark",
-                                   table_parts=job.session.engine == "local", second_chance=cfg.second_chance)
         print(f"    {plan.counts.summary()}")
         if encoded.encoded_rows is not None:
             print(f"    {encoded.encoded_rows} rows went through the model")
@@ -696,7 +702,9 @@ def _encode_and_publish(job: _Job, catalog: DataFrame, v: ValidationResult, mode
 
 
 def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger.TableState | None,
-            mode: ledger.Mode) -> Encoded:
+            mode: ledger.Mode, engine_reads: bool = False) -> Encoded:
+    """The encode pass (and an incremental run's second pass); ``engine_reads``: the engine reads the embeddings
+    (after :func:`_files_were_the_engines` found the listed files were not the engine's)."""
     cfg = job.cfg
     policy, known = ledger.rows_to_encode(mode, state, cfg.on_changed)
 
@@ -711,25 +719,40 @@ def _encode(job: _Job, v: ValidationResult, model: TokenizerModel, state: ledger
         return encoded
 
     # The listed files are the engine's only if they hold as many rows as it counts. On a JVM engine that count
-    # (a Delta snapshot and a job: seconds of the driver's time, little of the cores') started at validation
-    # (_validate); where it differs, the engine reads the embeddings. --read-embeddings files has checked the
-    # files already (the run stops there if they differ).
+    # (a Delta snapshot and two or three jobs) started at validation (_validate) and is compared once the plan is
+    # made (_files_were_the_engines): its jobs fill the cores' idle time between the small jobs after the pass.
+    # --read-embeddings files has checked the files already (the run stops there if they differ).
+    if engine_reads:
+        return encode(None)
     ahead = _counts_ahead(job)
     files = _embedding_files(job, None if ahead else v.rows)
-    if files is None or not ahead:
-        return encode(files)
-    counted = (job.catalog_count or _started(v.rows.count)).result()
+    if files is not None and ahead:
+        job.files_to_confirm = files
+        if job.catalog_count is None:
+            job.catalog_count = _started(v.rows.count)
+    return encode(files)
+
+
+def _files_were_the_engines(job: _Job) -> bool:
+    """Whether the files the encode pass read (if it read files it was to confirm) hold as many rows as the engine
+    counts in the catalog; where they do not, says so: the engine is to read the embeddings, the pass and the plan
+    done again (nothing is written before then)."""
+    files, job.files_to_confirm = job.files_to_confirm, None
+    if files is None or job.catalog_count is None:
+        return True
+    counted = job.catalog_count.result()
     if counted == files.rows:
         job.catalog_rows = files.rows
-        return encode(files)
-    print(f"    {_not_the_engines(files, counted)}, so the engine reads the embeddings", flush=True)
+        return True
+    print(f"    {_not_the_engines(files, counted)}, so the engine reads the embeddings (the pass and the plan are done "
+          "again)", flush=True)
     mlflow.set_tag("embeddings_read_from", "the engine")
-    return encode(None)
+    return False
 
 
 def _counts_ahead(job: _Job) -> bool:
     """Whether the engine's count of the catalog, to check the files the encode pass reads against, is started
-    at validation (a JVM engine, --read-embeddings auto, a run that encodes) and taken before the pass."""
+    at validation (a JVM engine, --read-embeddings auto, a run that encodes) and compared after the plan."""
     return job.session.engine != "local" and job.cfg.read_embeddings == "auto" and job.cfg.encodes
 
 
