@@ -36,7 +36,8 @@ page again in every process that maps it, so a forked child (Python workers fork
 helper the JVM spawns) adds its parent's pages once more. Peak PSS counts each page once (a shared page
 split among its processes): the tree's memory (encode_throughput.run_sampled). A PSS read walks every page
 of the tree on the cores the variant runs on, so it is read once a second, and at once when RSS has grown
-2%; ``sampler_cpu_s`` in the JSON is the CPU the sampling took during the variant.
+2%, but never sooner after a read than 40 times that read's own time (a JVM of 7 GB: every few seconds);
+``sampler_cpu_s`` in the JSON is the CPU the sampling took during the variant.
 ``--repeat N`` runs every variant N times, round by round (s, e, ..., s, e, ...), and reports the median
 wall time of each (peak RSS and PSS: the highest); the checks read the last round's tables.
 
