@@ -329,8 +329,9 @@ def worker_json(stdout: str) -> dict[str, Any]:
 
 
 def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grown: Path | None,
-                model: Path) -> dict[str, Any]:
-    """Run one variant as its own timed process; returns its figures and the path of its output table."""
+                model: Path, round_index: int = 0) -> dict[str, Any]:
+    """Run one variant as its own timed process (round ``round_index`` of ``--repeat``); returns its figures and
+    the path of its output table."""
     script = Path(__file__).resolve()
     folder = run / name
     if name == "s":
@@ -339,7 +340,9 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
                "--output", str(table)]
         result = timed(cmd, catalog, env=dict(os.environ))
     elif name == "u":
-        tracking, source = register_model(model, folder / "work")
+        # A store of each round's own: MLflow keeps one database engine per store URI in this process, and a
+        # later round's store at the same path (its folder removed and made again) was a deleted file to it.
+        tracking, source = register_model(model, folder / f"work{round_index}")
         table = folder / "semantic_ids"
         cmd = spark_submit(a, script, "--worker", "u", "--catalog", str(catalog), "--output", str(table),
                            "--model-uri", source, "--tracking-uri", tracking)
@@ -517,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in variants:
             print(f"running {LABELS[name]}{f' (round {r + 1} of {a.repeat})' if a.repeat > 1 else ''} ...", flush=True)
             shutil.rmtree(run / name, ignore_errors=True)  # each round starts from nothing (i: from its base's copy)
-            rounds[name].append(run_variant(name, a, run, catalog, grown, model))
+            rounds[name].append(run_variant(name, a, run, catalog, grown, model, round_index=r))
     figures = {name: median_of(runs) for name, runs in rounds.items()}
     checks = check(figures, n_new)
     ratio_rows = ratios(figures)
