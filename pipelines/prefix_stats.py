@@ -22,6 +22,8 @@ from functools import reduce
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -316,12 +318,14 @@ def _level_usages(rows: list, num_levels: int, codebook_size: int) -> list[Level
     for row in rows:
         level, code = int(row[LEVEL]), int(row[CODE])
         if not 0 <= code < codebook_size:
-            raise ValueError(
-                f"column {CODES!r} holds code {code} at level {level}, outside [0, {codebook_size}); "
-                "pass the model's codebook size (--codebook-size)"
-            )
+            raise _outside_the_codebook(code, level, codebook_size)
         counts[level - 1, code] = int(row[ITEM_COUNT])
     return [_level_usage(level, counts[level - 1]) for level in range(1, num_levels + 1)]
+
+
+def _outside_the_codebook(code: int, level: int, codebook_size: int) -> ValueError:
+    return ValueError(f"column {CODES!r} holds code {code} at level {level}, outside [0, {codebook_size}); "
+                      "pass the model's codebook size (--codebook-size)")
 
 
 def _level_usage(level: int, counts: np.ndarray) -> LevelUsage:
@@ -370,7 +374,8 @@ class ReportTables:
 
 def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
                   materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1,
-                  split: Split | None = None, num_levels: int | None = None) -> ReportTables:
+                  split: Split | None = None, num_levels: int | None = None,
+                  collected: pa.Table | None = None) -> ReportTables:
     """Prefix and level statistics of the current IDs of a semantic-ID table.
 
     Args:
@@ -390,8 +395,22 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
             table and keeps its own: 11 reads of 50M rows, 5.5 s each, on the embedded engine).
         num_levels: L, when the caller knows it (the model's); otherwise read from the table's first active row,
             a query of its own (1.1 s of a classic Spark run's publish stage on a planned table).
+        collected: the table's ``codes`` and ``suffix`` (and ``active``, if it has the column) collected as Arrow
+            already, for a table small enough to hold in this process (the job's on a JVM engine, at most
+            ``pipelines.uniquify.PART_ITEMS`` rows), with ``num_levels`` given: the statistics are computed here
+            with NumPy (:func:`_report_in_driver`), the same rows and summary, and the engine only receives the
+            prefix rows. On classic Spark at 1M rows the engine's grouping, statistics and three collects took
+            9 s of the publish stage (bench/RESULTS.md). Codes that are not a full L-long tuple on every row, a
+            null suffix, or K^L past 2^62 (a tuple no longer fits one 64-bit key) leave it to the engine.
     """
     current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
+    if collected is not None and num_levels is not None:
+        schema = prefix_stats_of_groups(tuple_groups(current), num_levels).schema
+        here = _report_in_driver(collected, schema, num_levels, codebook_size, suffix_budget)
+        if here is not None:
+            stats, summary = here
+            return ReportTables(sids.sparkSession.createDataFrame(stats, schema=schema),
+                                _level_stats_table(sids, summary), summary)
     levels = num_levels if num_levels is not None else len(current.select(CODES).first()[0])  # type: ignore[index]
     if parts <= 1 or levels < 2:
         groups = tuple_groups(current, suffix_budget)
@@ -412,10 +431,90 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         # row per item: 1.6 s of rewriting at 5M x 256).
         stats = reduce(DataFrame.unionByName, [materialize(s) or s for s in [*(s for _, s in per_part), *shallow]])
     summary = summarize_groups(groups, levels, codebook_size, suffix_budget, prefix_table=stats)
+    return ReportTables(stats, _level_stats_table(sids, summary), summary)
+
+
+def _level_stats_table(sids: DataFrame, summary: PrefixSummary) -> DataFrame:
+    """The ``level_stats`` table: one row of :meth:`LevelUsage.metrics` per level."""
     rows = [u.metrics() for u in summary.levels]
     names = list(rows[0])  # "level" first
-    level_stats = sids.sparkSession.createDataFrame([tuple(r[k] for k in names) for r in rows], names)
-    return ReportTables(stats, level_stats, summary)
+    return sids.sparkSession.createDataFrame([tuple(r[k] for k in names) for r in rows], names)
+
+
+def _report_in_driver(collected: pa.Table, schema: T.StructType, levels: int, codebook_size: int,
+                      suffix_budget: int, top_n: int = 10) -> tuple[pa.Table, PrefixSummary] | None:
+    """:func:`report_tables`' prefix rows (as Arrow, in ``schema``'s columns) and summary, computed with NumPy
+    from the collected table; None when its codes are not one L-long tuple a row without nulls, a suffix is
+    null, or K^L tuples do not fit a 64-bit key (the engine computes them then).
+
+    Every tuple is a key (its codes in base K), sorted once; a level's prefix is the key divided by K^(L-l),
+    so each level's groups are runs of the sorted keys, and the same sums, maxima and distinct counts as the
+    engine's aggregation (:func:`prefix_stats_of_groups`, :func:`summarize_groups`) are reductions over runs."""
+    rows = collected.select([CODES, SUFFIX])
+    if ACTIVE in collected.column_names:
+        rows = rows.filter(pc.fill_null(collected.column(ACTIVE), False))
+    if rows.num_rows == 0:
+        raise ValueError("summarize: the semantic-ID table has no rows; nothing to summarize")
+    lists, suffix = rows.column(CODES).combine_chunks(), rows.column(SUFFIX)
+    if lists.null_count or suffix.null_count:
+        return None
+    lengths = pc.list_value_length(lists)
+    flat = lists.flatten()
+    if pc.min_max(lengths).as_py() != {"min": levels, "max": levels} or flat.null_count or \
+            codebook_size ** levels >= 2 ** 62:
+        return None
+    codes = flat.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, levels)
+    for level in range(1, levels + 1):
+        low, high = int(codes[:, level - 1].min()), int(codes[:, level - 1].max())
+        if low < 0 or high >= codebook_size:
+            raise _outside_the_codebook(low if low < 0 else high, level, codebook_size)
+    keys = codes @ (codebook_size ** np.arange(levels - 1, -1, -1, dtype=np.int64))
+    order = np.argsort(keys, kind="stable")
+    keys, suffixes = keys[order], suffix.to_numpy(zero_copy_only=False).astype(np.int64)[order]
+    starts = _run_starts(keys)
+    tuples, sizes = keys[starts], np.diff(np.append(starts, len(keys)))
+    max_suffix = np.maximum.reduceat(suffixes, starts)
+    overflow = np.add.reduceat((suffixes >= suffix_budget).astype(np.int64), starts)
+    shared = (sizes > 1).astype(np.int64)
+    per_level = []
+    for level in range(1, levels):
+        prefixes = tuples // codebook_size ** (levels - level)
+        runs = _run_starts(prefixes)
+        below = np.unique(tuples // codebook_size ** (levels - level - 1)) // codebook_size  # a child: a run each
+        per_level.append(_prefix_rows(level, prefixes[runs], codebook_size, np.add.reduceat(sizes, runs),
+                                      np.diff(np.append(_run_starts(below), len(below))),
+                                      np.add.reduceat(shared, runs), np.maximum.reduceat(max_suffix, runs)))
+    per_level.append(_prefix_rows(levels, tuples, codebook_size, sizes, sizes, shared, max_suffix))
+    by_size, which = np.unique(sizes, return_inverse=True)
+    histogram = [{_GROUP_SIZE: int(size), _TUPLES: int(n), _OVERFLOW: int(o)} for size, n, o in
+                 zip(by_size, np.bincount(which), np.bincount(which, weights=overflow).astype(np.int64))]
+    usages = [_level_usage(level, np.bincount(codes[:, level - 1], minlength=codebook_size))
+              for level in range(1, levels + 1)]
+    order_by = [(ITEM_COUNT, "descending"), (PREFIX, "ascending")]
+    top = [row for table in per_level
+           for row in table.take(pc.select_k_unstable(table, top_n, sort_keys=order_by)).to_pylist()]
+    stats = pa.concat_tables(per_level).cast(pa.schema([(f.name, _ARROW_TYPES[f.name]) for f in schema.fields]))
+    return stats, _build_summary(histogram, usages, top, suffix_budget, codebook_size)
+
+
+_ARROW_TYPES = {LEVEL: pa.int32(), PREFIX: pa.string(), ITEM_COUNT: pa.int64(), CHILDREN: pa.int64(),
+                COLLISION_GROUPS: pa.int64(), MAX_SUFFIX: pa.int32()}
+
+
+def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    return np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+
+
+def _prefix_rows(level: int, keys: np.ndarray, codebook_size: int, items: np.ndarray, children: np.ndarray,
+                 collision_groups: np.ndarray, max_suffix: np.ndarray) -> pa.Table:
+    """A level's prefix rows, the prefix written from its key as ``prefix_<level>`` is ("35_7")."""
+    digits = [pa.array((keys // codebook_size ** (level - 1 - j)) % codebook_size).cast(pa.string())
+              for j in range(level)]
+    prefix = digits[0] if level == 1 else pc.binary_join_element_wise(*digits, CODE_SEPARATOR)
+    return pa.table({LEVEL: pa.array(np.full(len(keys), level, np.int32)), PREFIX: prefix,
+                     ITEM_COUNT: pa.array(items.astype(np.int64)), CHILDREN: pa.array(children.astype(np.int64)),
+                     COLLISION_GROUPS: pa.array(collision_groups), MAX_SUFFIX: pa.array(max_suffix.astype(np.int32))})
 
 
 # --- sample labels of the top prefixes (the report's "what is in this cluster") --------------------------

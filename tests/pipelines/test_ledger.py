@@ -429,7 +429,8 @@ def test_check_ledger_counts_ids_and_active_items(spark, parts, with_split, in_d
     split = helpers.collected_split(spark, calls) if with_split else None
 
     def check(df, expected_active):
-        return ledger.check_ledger(df, expected_active=expected_active, parts=parts, split=split, in_driver=in_driver)
+        collected = df.select("semantic_id", "item_id", "active").toArrow() if in_driver else None
+        return ledger.check_ledger(df, expected_active=expected_active, parts=parts, split=split, collected=collected)
 
     df = spark.createDataFrame(LEDGER, SCHEMA)
     assert check(df, 4) == 4

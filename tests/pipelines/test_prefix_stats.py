@@ -134,3 +134,63 @@ def test_report_tables_in_parts_of_the_prefixes_are_the_hand_checked_ones(spark,
     # L given by the caller (the job passes its model's) instead of read from the table: the same tables
     given = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=materialize, parts=parts, num_levels=3)
     assert rows(given.prefix_stats, STATS_COLUMNS) == EXPECTED_STATS and given.summary == out.summary
+
+
+def _collected(df):
+    return df.select(*[c for c in ("active", "codes", "suffix") if c in df.columns]).toArrow()
+
+
+def test_report_tables_from_collected_rows_are_the_hand_checked_ones(spark, sids):
+    """A small table's statistics computed in this process from its collected rows (the job's on a JVM engine):
+    the engine's rows, types and summary, and nothing materialised by the engine."""
+    materialized = []
+    out = report_tables(sids, codebook_size=8, suffix_budget=2, materialize=lambda df: materialized.append(df),
+                        num_levels=3, collected=_collected(sids))
+    assert out.prefix_stats.dtypes == prefix_stats(sids, num_levels=3).dtypes
+    assert rows(out.prefix_stats, STATS_COLUMNS) == EXPECTED_STATS
+    assert out.summary == summarize(sids, num_levels=3, codebook_size=8, suffix_budget=2)
+    assert rows(out.level_stats, ["level", "used_codes"]) == [(1, 2), (2, 2), (3, 2)]
+    assert materialized == []
+
+
+def test_report_tables_from_collected_rows_match_the_engine_on_a_larger_table(spark):
+    """Random tuples with crowded prefixes and shared tuples, inactive rows (left out) and suffixes past the
+    budget: every prefix row, the histogram, the usages and the top prefixes as the engine computes them."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    codes = np.stack([rng.integers(0, 5, n), rng.integers(0, 12, n), rng.integers(0, 12, n)], axis=1)
+    codes[:400] = codes[0]  # one tuple shared by 400 items
+    data = [(f"i{i}", [int(c) for c in codes[i]], int(rng.integers(0, 40)), bool(i % 7)) for i in range(n)]
+    table = spark.createDataFrame(data, "item_id string, codes array<int>, suffix int, active boolean")
+    engine = report_tables(table, codebook_size=12, suffix_budget=16, materialize=lambda df: None, num_levels=3)
+    here = report_tables(table, codebook_size=12, suffix_budget=16, materialize=lambda df: None, num_levels=3,
+                         collected=_collected(table))
+    assert rows(here.prefix_stats, STATS_COLUMNS) == rows(engine.prefix_stats, STATS_COLUMNS)
+    assert here.summary == engine.summary
+    assert here.summary.n_items == n - len(range(0, n, 7)) and here.summary.suffix_overflow > 0
+    assert here.summary.max_group_size >= 300
+
+
+def test_report_tables_from_collected_rows_say_what_the_engine_says_of_bad_codes(spark, sids):
+    with pytest.raises(ValueError, match="column 'codes' holds code 7 at level 1, outside"):
+        report_tables(sids, codebook_size=6, suffix_budget=2, materialize=lambda df: None, num_levels=3,
+                      collected=_collected(sids))
+    empty = spark.createDataFrame([], SCHEMA)
+    with pytest.raises(ValueError, match="no rows"):
+        report_tables(empty, codebook_size=8, suffix_budget=2, materialize=lambda df: None, num_levels=3,
+                      collected=_collected(empty))
+
+
+def test_report_tables_leave_rows_numpy_cannot_key_to_the_engine(spark):
+    """A null suffix, or a row whose codes are not an L-long tuple: what the engine computes (or raises), as
+    without collected rows."""
+    nulls = spark.createDataFrame([("a", [1, 2, 3], 0), ("b", [1, 2, 3], None), ("c", [1, 2, 4], 1)], SCHEMA)
+    engine = report_tables(nulls, codebook_size=8, suffix_budget=1, materialize=lambda df: None, num_levels=3)
+    here = report_tables(nulls, codebook_size=8, suffix_budget=1, materialize=lambda df: None, num_levels=3,
+                         collected=_collected(nulls))
+    assert rows(here.prefix_stats, STATS_COLUMNS) == rows(engine.prefix_stats, STATS_COLUMNS)
+    assert here.summary == engine.summary and here.summary.n_items == 3
+    ragged = spark.createDataFrame([("a", [1, 2, 3], 0), ("b", [1, 2], 0)], SCHEMA)
+    with pytest.raises(Exception, match="INVALID_ARRAY_INDEX"):
+        report_tables(ragged, codebook_size=8, suffix_budget=2, materialize=lambda df: None, num_levels=3,
+                      collected=_collected(ragged))
