@@ -855,7 +855,8 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     with _beside(job.session.engine != "local", ledger.check_ledger, table,
                  expected_active=result.counts["valid_rows"], parts=parts, split=split, collected=collected):
         stats = report_tables(table, model.codebook_size, cfg.suffix_budget, job.materialize, parts=parts,
-                              split=split, num_levels=model.num_levels, collected=collected)
+                              split=split, num_levels=model.num_levels, collected=collected,
+                              arrow_frame=job.session.frame_of_arrow)
     drifts = [drift] + ([result.comparison] if result.comparison else [])
     frames = {REJECTS_TABLE: stamp_rejects(encoded.rejects, result.run_id, job.now,
                                            n_rejected=result.counts["rejected_rows"]),

@@ -375,7 +375,8 @@ class ReportTables:
 def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
                   materialize: Callable[[DataFrame], DataFrame | None], parts: int = 1,
                   split: Split | None = None, num_levels: int | None = None,
-                  collected: pa.Table | None = None) -> ReportTables:
+                  collected: pa.Table | None = None,
+                  arrow_frame: Callable[[pa.Table, T.StructType], DataFrame] | None = None) -> ReportTables:
     """Prefix and level statistics of the current IDs of a semantic-ID table.
 
     Args:
@@ -402,6 +403,8 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
             prefix rows. On classic Spark at 1M rows the engine's grouping, statistics and three collects took
             9 s of the publish stage (bench/RESULTS.md). Codes that are not a full L-long tuple on every row, a
             null suffix, or K^L past 2^62 (a tuple no longer fits one 64-bit key) leave it to the engine.
+        arrow_frame: how those prefix rows become a frame (``EngineSession.frame_of_arrow``); default
+            ``createDataFrame``.
     """
     current = sids.where(F.col(ACTIVE)) if ACTIVE in sids.columns else sids
     if collected is not None and num_levels is not None:
@@ -409,8 +412,8 @@ def report_tables(sids: DataFrame, codebook_size: int, suffix_budget: int,
         here = _report_in_driver(collected, schema, num_levels, codebook_size, suffix_budget)
         if here is not None:
             stats, summary = here
-            return ReportTables(sids.sparkSession.createDataFrame(stats, schema=schema),
-                                _level_stats_table(sids, summary), summary)
+            frame = (arrow_frame or (lambda t, s: sids.sparkSession.createDataFrame(t, schema=s)))(stats, schema)
+            return ReportTables(frame, _level_stats_table(sids, summary), summary)
     levels = num_levels if num_levels is not None else len(current.select(CODES).first()[0])  # type: ignore[index]
     if parts <= 1 or levels < 2:
         groups = tuple_groups(current, suffix_budget)

@@ -62,7 +62,6 @@ _NEW_ERROR = "__csid_new_error"
 _SHIFT = "__csid_shift"
 _MOVED = "__csid_moved"
 _CHANGED = "__csid_changed"
-_WAS = "__csid_was_"
 _SPREAD_ONLY = frozenset({_PREFIX_KEY, ALTERNATIVES, ALTERNATIVE_ERRORS, _CLAIM_WORD, _CLAIM_BITS, _BUCKET,
                           _HELD_SUFFIX})
 SPREAD_BUCKETS = 64  # Python calls of spread_collisions: movers' prefixes hashed into this many groups
@@ -445,30 +444,31 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
     # The moved items (at most SECOND_CHANCE_ITEMS) and the rows they shift are few: broadcast to their joins.
     new = moved.select(ITEM_ID, F.col(CODES).alias(_NEW_CODES), F.col(QUANTIZATION_ERROR).alias(_NEW_ERROR))
     gone = moved.select(code_prefix(num_levels, _OLD_CODES).alias(_TUPLE_KEY), _OLD_SUFFIX)
-    keyed = rows.withColumn(_TUPLE_KEY, code_prefix(num_levels))
-    # A row of a tuple that lost items moves down by the number of them ranked before it.
-    shift = (keyed.where(mine).select(ITEM_ID, _TUPLE_KEY, SUFFIX).join(F.broadcast(gone), _TUPLE_KEY)
+    # A row of a tuple that lost items moves down by the number of them ranked before it. A mover's suffix was 1
+    # or more, so only rows of suffix 2 or more can: only they are keyed by their tuple's string and looked up
+    # (at 1M rows, keying every row took about a second of a classic run).
+    shift = (rows.where(mine & (F.col(SUFFIX) >= 2))
+             .select(ITEM_ID, code_prefix(num_levels).alias(_TUPLE_KEY), SUFFIX).join(F.broadcast(gone), _TUPLE_KEY)
              .where(F.col(_OLD_SUFFIX) < F.col(SUFFIX)).groupBy(ITEM_ID).agg(F.count(F.lit(1)).alias(_SHIFT)))
     shift = _computed_once(shift, materialize)
     # Joined by id, so only the movable row of an item changes: in a new generation an item can also have
     # a row of the ledger in ``rows`` (its old ID, retired), which keeps every value it has.
-    joined = keyed.join(F.broadcast(new), ITEM_ID, "left").join(F.broadcast(shift), ITEM_ID, "left")
+    joined = rows.join(F.broadcast(new), ITEM_ID, "left").join(F.broadcast(shift), ITEM_ID, "left")
     has_moved = mine & F.col(_NEW_CODES).isNotNull()
     flagged = joined.withColumns({_MOVED: has_moved, _CHANGED: has_moved | (mine & F.col(_SHIFT).isNotNull())})
     moved_now, changed = F.col(_MOVED), F.col(_CHANGED)
     suffix = F.when(moved_now, F.lit(0)).otherwise(F.col(SUFFIX) - F.coalesce(F.col(_SHIFT), F.lit(0))).cast("int")
-    # The ID columns are written anew only on the rows that changed: the others keep theirs as they are.
-    named = [c for c in (SEMANTIC_ID, *(prefix_column(level) for level in range(1, num_levels + 1)))
-             if c in rows.columns]
     out = flagged.withColumns({
         CODES: F.when(moved_now, F.col(_NEW_CODES)).otherwise(F.col(CODES)),
         QUANTIZATION_ERROR: F.when(moved_now, F.col(_NEW_ERROR)).otherwise(F.col(QUANTIZATION_ERROR)),
         SUFFIX: F.when(changed, suffix).otherwise(F.col(SUFFIX)),
-        **{_WAS + c: F.col(c) for c in named},
     })
-    renamed = _with_ids(out.withColumn(_TUPLE_KEY, code_prefix(num_levels)), num_levels)
-    return renamed.withColumns({c: F.when(changed, F.col(c)).otherwise(F.col(_WAS + c)) for c in named}
-                               ).select(*rows.columns)
+    # The ID columns are written anew only on the rows that changed, from their new codes and suffix (their
+    # strings made there only): the others keep theirs as they are.
+    made = {SEMANTIC_ID: F.concat(code_prefix(num_levels), F.lit(CODE_SEPARATOR), F.col(SUFFIX).cast("string")),
+            **{prefix_column(level): code_prefix(level) for level in range(1, num_levels + 1)}}
+    return out.withColumns({c: F.when(changed, made[c]).otherwise(F.col(c)) for c in made if c in rows.columns}
+                           ).select(*rows.columns)
 
 
 def spread_and_number(df: DataFrame, num_levels: int, issued: DataFrame | None = None,

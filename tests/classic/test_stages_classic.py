@@ -132,6 +132,38 @@ def test_materialize_computes_the_udf_once(classic_spark, tmp_path) -> None:
     assert sum(map(int, calls.read_text().split())) == 300  # localCheckpoint: the UDF ran once
 
 
+@pytest.mark.parametrize("rows", [10, 250_001])
+def test_a_frame_of_a_large_arrow_table_is_decoded_by_the_tasks(classic_spark, monkeypatch, rows) -> None:
+    """EngineSession.frame_of_arrow: a table above ARROW_ROWS_IN_TASKS rows becomes a frame of parallelism()
+    partitions read from its Arrow batches (no local relation), a small one a local relation; the same rows
+    and schema either way, and the session's Arrow settings as they were."""
+    import pyarrow as pa
+    from pyspark.sql import types as T
+
+    from pipelines import session as session_module
+    from pipelines.session import EngineSession
+
+    monkeypatch.setattr(session_module, "ARROW_ROWS_IN_TASKS", 1000)
+    es = EngineSession(classic_spark, "spark", False, _owns_session=False)
+    table = pa.table({"level": pa.array(np.arange(rows) % 3 + 1, pa.int32()),
+                      "prefix": pa.array([str(i) for i in range(rows)])})
+    table = pa.concat_tables([table.slice(0, 3), table.slice(3)])  # two chunks, as the statistics' levels are
+    schema = T.StructType([T.StructField("level", T.IntegerType(), False), T.StructField("prefix", T.StringType())])
+    classic_spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7777")
+    try:
+        frame = es.frame_of_arrow(table, schema)
+        plan = frame._jdf.queryExecution().executedPlan().toString()
+        assert ("LocalTableScan" in plan) == (rows == 10)
+        if rows > 10:
+            assert frame.rdd.getNumPartitions() == es.parallelism()
+        assert frame.schema == schema
+        assert frame.count() == rows and frame.agg(F.sum("level")).first()[0] == int(table["level"].to_numpy().sum())
+        assert classic_spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch") == "7777"
+        assert classic_spark.conf.get("spark.sql.execution.arrow.localRelationThreshold") != "0"
+    finally:
+        classic_spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+
+
 @pytest.mark.parametrize(("broadcast_up_to", "join"), [(1_000_000, "BroadcastHashJoin"), (0, "SortMergeJoin")])
 def test_the_incremental_second_pass_filters_the_catalog_by_broadcast_ids(classic_spark, monkeypatch,
                                                                           broadcast_up_to, join) -> None:

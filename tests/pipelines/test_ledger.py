@@ -725,6 +725,23 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     helpers.assert_suffix_contract([r for r in rows.values()])
 
 
+def test_a_second_chance_mover_of_suffix_1_closes_up_the_tuple_behind_it(spark) -> None:
+    # u keeps 4_4, v takes 4_5; x and w find nothing free: 4_4_1 and 4_4_2. Ranked again, x (suffix 1) takes
+    # 4_10 and w, ranked otherwise the second time, stays on 4_4: its suffix closes up from 2 to 1.
+    first = [("u", [4, 4], 0.2, 100, [4, 5]), ("v", [4, 4], 0.3, 100, [4, 5]), ("x", [4, 4], 0.35, 100, [4, 5]),
+             ("w", [4, 4], 0.4, 100, [4, 5])]
+    rankings = {"x": ([4, 4], 0.35, [4, 5, 10, 11]), "w": ([4, 6], 0.4, [6, 4, 5, 1])}
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, rankings, asked))
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=collected(spark))
+    rows = table_rows(p)
+    assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {"4_4_0": "u", "4_5_0": "v", "4_10_0": "x", "4_4_1": "w"}
+    assert asked == [(["w", "x"], 16)]
+    assert rows["4_4_1"]["prefix_2"] == "4_4" and rows["4_10_0"]["prefix_2"] == "4_10"
+    helpers.assert_suffix_contract([r for r in rows.values()])
+
+
 @pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["ledger filtered", "ledger whole"])
 def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(spark, monkeypatch,
                                                                                 broadcast_up_to) -> None:
