@@ -524,9 +524,13 @@ def plan_changes(
             and _alternatives_in(encoded.codes)):
         # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
         ledger_rows = ledger_state.ledger.select(CODES, SUFFIX) if ledger_state is not None else None
+        # On a JVM engine (one_map) with the run's rows and the ledger in one part, the moves are worked out in
+        # the driver from the rows' columns collected once (the engine's dozen small frames cost seconds there).
+        in_driver = one_map and counts.issued + counts.updated <= PART_ITEMS and (
+            ledger_state is None or ledger_state.rows <= PART_ITEMS)
         respread = spread_the_rest(changes, ledger_rows, model.num_levels, model.codebook_size, encoded.again,
                                    materialize, movable=F.col(ACTION) == "insert", progress=progress,
-                                   few=few_issued)
+                                   few=few_issued, in_driver=in_driver)
         if respread is not changes:
             changes = materialize(respread) or respread
     return Plan(changes, counts, mode, state, model.num_levels)

@@ -42,7 +42,15 @@ from pipelines.schema import (
     QUANTIZATION_ERROR,
     SUFFIX,
 )
-from pipelines.uniquify import CODE_SEPARATOR, Split, code_prefix, prefix_part, prefix_parts, require_columns
+from pipelines.uniquify import (
+    CODE_SEPARATOR,
+    Split,
+    code_prefix,
+    prefix_part,
+    prefix_parts,
+    prefix_strings,
+    require_columns,
+)
 from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
 
@@ -512,10 +520,8 @@ def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
 def _prefix_rows(level: int, keys: np.ndarray, codebook_size: int, items: np.ndarray, children: np.ndarray,
                  collision_groups: np.ndarray, max_suffix: np.ndarray) -> pa.Table:
     """A level's prefix rows, the prefix written from its key as ``prefix_<level>`` is ("35_7")."""
-    digits = [pa.array((keys // codebook_size ** (level - 1 - j)) % codebook_size).cast(pa.string())
-              for j in range(level)]
-    prefix = digits[0] if level == 1 else pc.binary_join_element_wise(*digits, CODE_SEPARATOR)
-    return pa.table({LEVEL: pa.array(np.full(len(keys), level, np.int32)), PREFIX: prefix,
+    return pa.table({LEVEL: pa.array(np.full(len(keys), level, np.int32)),
+                     PREFIX: prefix_strings(keys, level, codebook_size),
                      ITEM_COUNT: pa.array(items.astype(np.int64)), CHILDREN: pa.array(children.astype(np.int64)),
                      COLLISION_GROUPS: pa.array(collision_groups), MAX_SUFFIX: pa.array(max_suffix.astype(np.int32))})
 

@@ -9,6 +9,7 @@ import datetime as dt
 from pathlib import Path
 
 import helpers
+import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
@@ -661,6 +662,11 @@ def test_the_engines_own_split_gives_the_same_checks_and_plan(spark, monkeypatch
     assert planned(2) == planned(10 ** 9)
 
 
+# The second chance's moves worked out by the engine, or in the driver from the rows collected (the job's plan on a
+# JVM engine, one_map): the same IDs.
+WHERE = pytest.mark.parametrize("where", ["engine", "driver"])
+
+
 def collected(spark):
     """A materialize callback: the frame's rows, collected and handed back as a new frame."""
     return lambda df: spark.createDataFrame(df.collect(), df.schema)
@@ -680,8 +686,23 @@ def ranked_again(spark, rankings: dict[str, tuple[list[int], float, list[int]]],
     return again
 
 
+def first_run_with_second_chance(spark, first: list[tuple], rankings: dict, where: str):
+    """A full run's plan (no table) of ``first`` with :func:`ranked_again`'s ``rankings``, the second chance worked
+    out ``where`` ("engine", or "driver": the JVM engines' one_map plan): its rows, the ids asked for again and
+    the progress lines."""
+    asked: list = []
+    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, rankings, asked))
+    lines: list[str] = []
+    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
+                            run_id="run-1", now=NOW, materialize=collected(spark), progress=lines.append,
+                            one_map=where == "driver")
+    return table_rows(p), asked, lines
+
+
 @pytest.mark.parametrize("how", ["one pass", "rows whole", "in parts", "over the cap"])
-def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark, monkeypatch, how) -> None:
+@WHERE
+def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_code(spark, monkeypatch, how,
+                                                                                   where) -> None:
     # Prefix 1: p keeps 1_2 and q takes 1_3 (their 2 alternatives); r, s, t find nothing free among theirs.
     # Ranked over every code, r (the better fit) takes 1_7, s takes 1_8, t's codes are all taken: it stays,
     # its suffix closed up from 3 to 1. Prefix 4: w is ranked otherwise the second time (a model call that
@@ -700,12 +721,7 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
              ("v", [4, 4], 0.3, 100, [4, 5]), ("w", [4, 4], 0.4, 100, [4, 5]), ("z", [9, 9], 0.1, 100, [9, 8])]
     rankings = {"r": ([1, 2], 0.3, [2, 3, 7, 8]), "s": ([1, 2], 0.4, [2, 3, 7, 8]), "t": ([1, 2], 0.5, [2, 3, 7, 8]),
                 "w": ([4, 6], 0.4, [6, 4, 5, 1])}
-    asked: list = []
-    enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, rankings, asked))
-    lines: list[str] = []
-    p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
-                            run_id="run-1", now=NOW, materialize=collected(spark), progress=lines.append)
-    rows = table_rows(p)
+    rows, asked, lines = first_run_with_second_chance(spark, first, rankings, where)
     if how == "over the cap":
         assert asked == [] and lines[-1:] == ["second chance skipped: 4 items share a tuple in prefixes with room, "
                                               "more than the 3 ranked again at most; they keep their suffixes"]
@@ -725,7 +741,30 @@ def test_items_still_sharing_a_tuple_get_a_second_chance_over_every_last_level_c
     helpers.assert_suffix_contract([r for r in rows.values()])
 
 
-def test_a_second_chance_mover_of_suffix_1_closes_up_the_tuple_behind_it(spark) -> None:
+def test_the_second_chance_in_the_driver_makes_the_engines_moves_on_crowded_prefixes(spark) -> None:
+    """Families crowding three prefixes (K = 16), with ties of error and a NaN error, and a few items
+    ranked otherwise the second time: the driver's moves are the engine's, ID for ID."""
+    rng = np.random.default_rng(11)
+    first, rankings = [], {}
+    for j in range(60):
+        prefix, own = int(rng.integers(1, 4)), int(rng.integers(0, 3))
+        error = float("nan") if j == 8 else float(rng.choice([0.1, 0.2, 0.3, 0.4]))
+        near = [own, *rng.permutation([c for c in range(16) if c != own])[:1].tolist()]
+        every = [own, *rng.permutation([c for c in range(16) if c != own]).tolist()]
+        first.append((f"i{j:02d}", [prefix, own], error, 100 + j, near))
+        rankings[f"i{j:02d}"] = ([prefix, own if j % 9 else (own + 1) % 16], error, every)
+    planned = {}
+    for where in ("engine", "driver"):
+        rows, asked, lines = first_run_with_second_chance(spark, first, rankings, where)
+        planned[where] = ({sid: (r[ITEM_ID], repr(r["quantization_error"])) for sid, r in rows.items()}, asked,
+                          lines[-1:])  # repr: a NaN error equals itself
+        helpers.assert_suffix_contract(list(rows.values()))
+    assert planned["driver"] == planned["engine"]
+    assert "moved to a free last-level code" in planned["driver"][2][0] and planned["driver"][1]
+
+
+@WHERE
+def test_a_second_chance_mover_of_suffix_1_closes_up_the_tuple_behind_it(spark, where) -> None:
     # u keeps 4_4, v takes 4_5; x and w find nothing free: 4_4_1 and 4_4_2. Ranked again, x (suffix 1) takes
     # 4_10 and w, ranked otherwise the second time, stays on 4_4: its suffix closes up from 2 to 1.
     first = [("u", [4, 4], 0.2, 100, [4, 5]), ("v", [4, 4], 0.3, 100, [4, 5]), ("x", [4, 4], 0.35, 100, [4, 5]),
@@ -734,7 +773,7 @@ def test_a_second_chance_mover_of_suffix_1_closes_up_the_tuple_behind_it(spark) 
     asked: list = []
     enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, rankings, asked))
     p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
-                            run_id="run-1", now=NOW, materialize=collected(spark))
+                            run_id="run-1", now=NOW, materialize=collected(spark), one_map=where == "driver")
     rows = table_rows(p)
     assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {"4_4_0": "u", "4_5_0": "v", "4_10_0": "x", "4_4_1": "w"}
     assert asked == [(["w", "x"], 16)]
@@ -743,8 +782,9 @@ def test_a_second_chance_mover_of_suffix_1_closes_up_the_tuple_behind_it(spark) 
 
 
 @pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["ledger filtered", "ledger whole"])
+@WHERE
 def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(spark, monkeypatch,
-                                                                                broadcast_up_to) -> None:
+                                                                                broadcast_up_to, where) -> None:
     # Either way the plan reads the ledger (its rows in the items' prefixes, or all of them), the same IDs.
     monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
     # 1_2 is a's and b's: g takes 1_3, f finds nothing free among its two and would be 1_2_2; ranked over every
@@ -757,7 +797,7 @@ def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(
     asked: list = []
     enc = dataclasses.replace(encoded_ranked(spark, nxt), again=ranked_again(spark, rankings, asked))
     p = ledger.plan_changes(state_of(spark), enc, V1, INCREMENTAL, on_changed="keep", run_id="run-1", now=NOW,
-                            materialize=collected(spark))
+                            materialize=collected(spark), one_map=where == "driver")
     rows = table_rows(p)
     assert {(r[ITEM_ID], sid) for sid, r in rows.items() if r[ACTIVE]} == {
         ("a", "1_2_0"), ("b", "1_2_1"), ("c", "3_4_0"), ("e", "6_7_0"), ("g", "1_3_0"), ("f", "1_6_0"),
@@ -766,21 +806,23 @@ def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(
     assert rows["6_6_0"][ITEM_ID] == "e" and not rows["6_6_0"][ACTIVE]
 
 
-def test_no_second_chance_where_the_prefix_has_no_free_code(spark) -> None:
+@WHERE
+def test_no_second_chance_where_the_prefix_has_no_free_code(spark, where) -> None:
     # 17 items on 3_3 in prefix 3, 16 of them spread over every code of it (K = 16): the last one cannot move,
     # so nobody is read again.
     first = [(f"i{j:02d}", [3, 3], 0.1 + 0.01 * j, 100, list(range(3, 16)) + [0, 1, 2]) for j in range(17)]
     asked: list = []
     enc = dataclasses.replace(encoded_ranked(spark, first), again=ranked_again(spark, {}, asked))
     p = ledger.plan_changes(None, enc, V1, ledger.Mode(ledger.FULL, 1, True, "test"), on_changed="keep",
-                            run_id="run-1", now=NOW, materialize=collected(spark))
+                            run_id="run-1", now=NOW, materialize=collected(spark), one_map=where == "driver")
     assert asked == []
     assert sorted(r["suffix"] for r in table_rows(p).values()) == [0] * 16 + [1]
 
 
 @pytest.mark.parametrize("broadcast_up_to", [1_000_000, 0], ids=["ledger filtered", "ledger whole"])
+@WHERE
 def test_the_ledgers_tuples_leave_no_room_for_a_second_chance_in_their_prefix(spark, monkeypatch,
-                                                                              broadcast_up_to) -> None:
+                                                                              broadcast_up_to, where) -> None:
     # Either way the plan reads the ledger (its rows in the items' prefixes, or all of them), the same IDs.
     monkeypatch.setattr(ledger, "BROADCAST_IDS", broadcast_up_to)
     # The ledger holds 5_0 .. 5_13 (K = 16) and an unrelated 7_7. x keeps 5_14, y takes 5_15, z finds nothing free:
@@ -792,7 +834,7 @@ def test_the_ledgers_tuples_leave_no_room_for_a_second_chance_in_their_prefix(sp
     asked: list = []
     enc = dataclasses.replace(encoded_ranked(spark, nxt), again=ranked_again(spark, {}, asked))
     p = ledger.plan_changes(state_of(spark, held), enc, V1, INCREMENTAL, on_changed="keep", run_id="run-1", now=NOW,
-                            materialize=collected(spark))
+                            materialize=collected(spark), one_map=where == "driver")
     assert asked == []
     assert {sid: r[ITEM_ID] for sid, r in table_rows(p).items() if r[ITEM_ID] in "xyz"} == {
         "5_14_0": "x", "5_15_0": "y", "5_14_1": "z"}
@@ -807,7 +849,8 @@ def test_no_second_chance_without_materialisation(spark) -> None:
     assert asked == [] and set(table_rows(p)) == {"1_2_0", "1_3_0", "1_2_1"}
 
 
-def test_a_new_generations_moved_items_get_the_second_chance_on_their_new_rows_only(spark) -> None:
+@WHERE
+def test_a_new_generations_moved_items_get_the_second_chance_on_their_new_rows_only(spark, where) -> None:
     # The new model puts a, b and c on 8_1: a keeps it, b takes 8_2, c finds nothing free among its two and gets
     # its second chance (8_5). Their old rows are retired as they were (codes, suffix, ID), e is confirmed.
     every = [("a", [8, 1], 0.1, 10, [1, 2]), ("b", [8, 1], 0.2, 11, [1, 2]), ("c", [8, 1], 0.3, 12, [1, 2]),
@@ -816,7 +859,7 @@ def test_a_new_generations_moved_items_get_the_second_chance_on_their_new_rows_o
     enc = dataclasses.replace(encoded_ranked(spark, every),
                               again=ranked_again(spark, {"c": ([8, 1], 0.3, [1, 2, 5, 7])}, asked))
     p = ledger.plan_changes(state_of(spark), enc, V2, NEW_GENERATION, on_changed="keep", run_id="run-1", now=NOW,
-                            materialize=collected(spark))
+                            materialize=collected(spark), one_map=where == "driver")
     assert (p.counts.moved, p.counts.confirmed) == (3, 1) and asked == [(["c"], 16)]
     rows = table_rows(p)
     assert len(rows) == len(LEDGER) + 3
