@@ -524,7 +524,7 @@ def plan_changes(
             and _alternatives_in(encoded.codes)):
         # The new IDs' items still sharing a tuple get every last-level code ranked (pipelines.uniquify).
         ledger_rows = ledger_state.ledger.select(CODES, SUFFIX) if ledger_state is not None else None
-        # On a JVM engine (one_map) with the run's rows and the ledger in one part, the moves are worked out in
+        # On classic Spark (one_map) with the run's rows and the ledger in one part, the moves are worked out in
         # the driver from the rows' columns collected once (the engine's dozen small frames cost seconds there).
         in_driver = one_map and counts.issued + counts.updated <= PART_ITEMS and (
             ledger_state is None or ledger_state.rows <= PART_ITEMS)

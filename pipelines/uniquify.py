@@ -363,7 +363,7 @@ def second_chance(rows: DataFrame, issued: DataFrame | None, num_levels: int, co
             tuples held (the rows' and the ledger's) are counted and claimed only in the prefixes of the items
             left, filtered as they are read, once.
         in_driver: the movable rows and the ledger are small enough for this process (the caller's judgement: the
-            job's plan on a JVM engine with at most ``PART_ITEMS`` of each): their IDs, errors, codes and suffixes
+            job's plan on classic Spark with at most ``PART_ITEMS`` of each): their IDs, errors, codes and suffixes
             are collected once and the items to read again, the spreading and the suffixes that close up are
             worked out here (:func:`_moves_found_in_driver`), the same moves; the engine reads the items again
             and writes the result. On classic Spark each of the engine path's dozen small frames costs a local
