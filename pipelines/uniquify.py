@@ -466,6 +466,7 @@ def _to_read_again(n: int, progress: Callable[[str], None] | None) -> bool:
                  f"{SECOND_CHANCE_ITEMS:,} ranked again at most; they keep their suffixes")
     return 0 < n <= SECOND_CHANCE_ITEMS
 
+
 def _moves_applied(rows: DataFrame, mine: Column, new: DataFrame, shift: DataFrame, num_levels: int) -> DataFrame:
     """``rows`` with the second chance's moves: ``new`` (ITEM_ID, _NEW_CODES, _NEW_ERROR) the moved items, ``shift``
     (ITEM_ID, _SHIFT) how far each row of a tuple they left moves down; both few, broadcast to the joins."""
@@ -553,12 +554,14 @@ def _moves_found_in_driver(rows: DataFrame, issued: DataFrame | None, mine: Colu
     again_codes = _int_matrix(ranked.column(CODES), ranked.num_rows)
     kept = np.flatnonzero((again_codes == codes[old]).all(axis=1))
     movers, old = ranked.take(kept), old[kept]
-    claims = held_codes[np.isin(held_prefix, np.unique(prefix[old]))]
-    errors, missing = _errors_of(movers.column(QUANTIZATION_ERROR))
-    spread = spread_last_level(again_codes[kept], errors, _int_matrix(movers.column(ALTERNATIVES), len(kept)),
-                               embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)),
-                               tiebreak=_id_ranks(movers.column(ITEM_ID)), taken=claims, missing=missing)
-    moved = np.flatnonzero((spread.codes != codes[old]).any(axis=1))
+    moved = np.zeros(0, np.int64)
+    if len(kept):  # none kept its codes: nobody moves
+        claims = held_codes[np.isin(held_prefix, np.unique(prefix[old]))]
+        errors, missing = _errors_of(movers.column(QUANTIZATION_ERROR))
+        spread = spread_last_level(again_codes[kept], errors, _int_matrix(movers.column(ALTERNATIVES), len(kept)),
+                                   embeddings_to_numpy(movers.column(ALTERNATIVE_ERRORS)),
+                                   tiebreak=_id_ranks(movers.column(ITEM_ID)), taken=claims, missing=missing)
+        moved = np.flatnonzero((spread.codes != codes[old]).any(axis=1))
     if progress is not None:
         progress(f"second chance: {len(moved):,} items still sharing a tuple moved to a free last-level code of "
                  f"their prefix ({n:,} read again, ranked over every code)")

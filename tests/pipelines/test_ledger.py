@@ -807,6 +807,18 @@ def test_the_second_chance_of_new_items_keeps_off_every_tuple_the_ledger_issued(
 
 
 @WHERE
+def test_an_item_ranked_otherwise_when_read_again_keeps_its_id(spark, where) -> None:
+    # w is the only item read again, and the second read ranks it otherwise (a model call that differs): nobody
+    # moves, and w keeps 4_4_1.
+    first = [("u", [4, 4], 0.2, 100, [4, 5]), ("v", [4, 4], 0.3, 100, [4, 5]), ("w", [4, 4], 0.4, 100, [4, 5])]
+    rows, asked, lines = first_run_with_second_chance(spark, first, {"w": ([4, 6], 0.4, [6, 4, 5, 1])}, where)
+    assert {sid: r[ITEM_ID] for sid, r in rows.items()} == {"4_4_0": "u", "4_5_0": "v", "4_4_1": "w"}
+    assert asked == [(["w"], 16)]
+    assert lines[-1:] == ["second chance: 0 items still sharing a tuple moved to a free last-level code of their "
+                          "prefix (1 read again, ranked over every code)"]
+
+
+@WHERE
 def test_no_second_chance_where_the_prefix_has_no_free_code(spark, where) -> None:
     # 17 items on 3_3 in prefix 3, 16 of them spread over every code of it (K = 16): the last one cannot move,
     # so nobody is read again.
