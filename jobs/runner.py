@@ -42,9 +42,7 @@ from pipelines.prefix_stats import (
 from pipelines.report import REPORT_HTML, SUMMARY_JSON, SampleLabels, write_report
 from pipelines.sample import TrainingArrays, collect_training_arrays, sample_for_training
 from pipelines.schema import (
-    ACTIVE,
     CATEGORY,
-    CODES,
     DRIFT_TABLE,
     ID_CHANGES_TABLE,
     ITEM_ID,
@@ -53,9 +51,7 @@ from pipelines.schema import (
     REJECTS_TABLE,
     RUN_REJECTS_TABLE,
     RUNS_TABLE,
-    SEMANTIC_ID,
     SEMANTIC_IDS_TABLE,
-    SUFFIX,
     InputColumns,
 )
 from pipelines.session import DeltaNotAvailableError, EngineSession, start_session
@@ -850,7 +846,7 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     # check's counts run beside the statistics' queries (each query's jobs leave the cores idle between them),
     # and a table of one part is collected once and both are computed in the driver (the distinct counts, the
     # grouping and the statistics' queries cost a JVM engine seconds each; the embedded engine's take tenths).
-    collected = (table.select(SEMANTIC_ID, ITEM_ID, ACTIVE, CODES, SUFFIX).toArrow()
+    collected = (ledger.collected_for_checks(table)
                  if job.session.engine != "local" and plan.rows <= PART_ITEMS else None)
     with _beside(job.session.engine != "local", ledger.check_ledger, table,
                  expected_active=result.counts["valid_rows"], parts=parts, split=split, collected=collected):

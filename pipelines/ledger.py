@@ -864,6 +864,13 @@ def _is_commit_conflict(error: Exception) -> bool:
                                          "already exists"))
 
 
+def collected_for_checks(table: DataFrame) -> Any:
+    """The columns of a planned table that the ledger check and the prefix statistics read (ID, item, active,
+    codes, suffix), collected as one pyarrow table: for :func:`check_ledger`'s and
+    ``pipelines.prefix_stats.report_tables``' ``collected``, on a table small enough for this process."""
+    return table.select(SEMANTIC_ID, ITEM_ID, ACTIVE, CODES, SUFFIX).toArrow()
+
+
 def check_ledger(table: DataFrame, expected_active: int, parts: int = 1, split: Split | None = None,
                  collected: Any = None) -> int:
     """The ledger's invariants: every ``semantic_id`` once over all rows, and the active rows exactly
