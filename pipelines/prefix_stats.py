@@ -45,11 +45,13 @@ from pipelines.schema import (
 from pipelines.uniquify import (
     CODE_SEPARATOR,
     Split,
+    code_keys,
     code_prefix,
     prefix_part,
     prefix_parts,
     prefix_strings,
     require_columns,
+    run_starts,
 )
 from pipelines.validate import SchemaError
 from rqvae.metrics import CodeUsage, TupleStats, code_usage_from_counts
@@ -479,10 +481,10 @@ def _report_in_driver(collected: pa.Table, schema: T.StructType, levels: int, co
         low, high = int(codes[:, level - 1].min()), int(codes[:, level - 1].max())
         if low < 0 or high >= codebook_size:
             raise _outside_the_codebook(low if low < 0 else high, level, codebook_size)
-    keys = codes @ (codebook_size ** np.arange(levels - 1, -1, -1, dtype=np.int64))
+    keys = code_keys(codes, codebook_size)
     order = np.argsort(keys, kind="stable")
     keys, suffixes = keys[order], suffix.to_numpy(zero_copy_only=False).astype(np.int64)[order]
-    starts = _run_starts(keys)
+    starts = run_starts(keys)
     tuples, sizes = keys[starts], np.diff(np.append(starts, len(keys)))
     max_suffix = np.maximum.reduceat(suffixes, starts)
     overflow = np.add.reduceat((suffixes >= suffix_budget).astype(np.int64), starts)
@@ -490,10 +492,10 @@ def _report_in_driver(collected: pa.Table, schema: T.StructType, levels: int, co
     per_level = []
     for level in range(1, levels):
         prefixes = tuples // codebook_size ** (levels - level)
-        runs = _run_starts(prefixes)
+        runs = run_starts(prefixes)
         below = np.unique(tuples // codebook_size ** (levels - level - 1)) // codebook_size  # a child: a run each
         per_level.append(_prefix_rows(level, prefixes[runs], codebook_size, np.add.reduceat(sizes, runs),
-                                      np.diff(np.append(_run_starts(below), len(below))),
+                                      np.diff(np.append(run_starts(below), len(below))),
                                       np.add.reduceat(shared, runs), np.maximum.reduceat(max_suffix, runs)))
     per_level.append(_prefix_rows(levels, tuples, codebook_size, sizes, sizes, shared, max_suffix))
     by_size, which = np.unique(sizes, return_inverse=True)
@@ -510,11 +512,6 @@ def _report_in_driver(collected: pa.Table, schema: T.StructType, levels: int, co
 
 _ARROW_TYPES = {LEVEL: pa.int32(), PREFIX: pa.string(), ITEM_COUNT: pa.int64(), CHILDREN: pa.int64(),
                 COLLISION_GROUPS: pa.int64(), MAX_SUFFIX: pa.int32()}
-
-
-def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    """Where each run of equal values of a sorted array starts."""
-    return np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
 
 
 def _prefix_rows(level: int, keys: np.ndarray, codebook_size: int, items: np.ndarray, children: np.ndarray,

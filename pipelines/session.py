@@ -124,7 +124,7 @@ class EngineSession:
         On classic Spark, a table of more than :data:`ARROW_ROWS_IN_TASKS` rows goes to the engine as
         ``parallelism()`` Arrow batches that the tasks decode (pyspark's RDD path), not as a local relation
         that the driver's JVM converts row by row and ships inside the tasks: 1M prefix-statistics rows were
-        created and written in 0.6-1.0 s instead of 2.6-2.9 s (bench/RESULTS.md). pyspark takes that path
+        made and written to Delta in 1.9-2.5 s instead of 4.3-5.6 s (bench/RESULTS.md). pyspark takes that path
         above ``spark.sql.execution.arrow.localRelationThreshold`` bytes, in batches of
         ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows: both are set for the call and put back after
         it (the job runs no query meanwhile). The other engines receive the table as it is.

@@ -511,8 +511,7 @@ def _moves_found_in_driver(rows: DataFrame, issued: DataFrame | None, mine: Colu
         return None
     codes = _int_matrix(got.column(CODES), n_rows)
     suffix = pc.fill_null(got.column(SUFFIX), -1).to_numpy().astype(np.int64)  # a null suffix: none
-    to_prefix = codebook_size ** np.arange(levels - 2, -1, -1, dtype=np.int64)
-    prefix = codes[:, :-1] @ to_prefix
+    prefix = code_keys(codes[:, :-1], codebook_size)
     left = np.flatnonzero(suffix >= 1)
     if not len(left):
         return None
@@ -526,7 +525,7 @@ def _moves_found_in_driver(rows: DataFrame, issued: DataFrame | None, mine: Colu
         if ledger.num_rows:
             held_codes = np.concatenate([codes, _int_matrix(ledger.column(CODES), ledger.num_rows)])
             held_suffix = np.concatenate([suffix, pc.fill_null(ledger.column(SUFFIX), -1).to_numpy().astype(np.int64)])
-    held_prefix = held_codes[:, :-1] @ to_prefix
+    held_prefix = code_keys(held_codes[:, :-1], codebook_size)
     tuples_of, tuples = np.unique(held_prefix[held_suffix == 0], return_counts=True)
     room = np.full(len(in_left), codebook_size, dtype=np.int64)
     at = np.searchsorted(in_left, tuples_of).clip(max=len(in_left) - 1)
@@ -538,7 +537,7 @@ def _moves_found_in_driver(rows: DataFrame, issued: DataFrame | None, mine: Colu
     order = np.lexsort((_id_ranks(got.column(ITEM_ID).take(left)), errors, missing, prefix[left]))
     left = left[order]
     ranked_prefix = prefix[left]
-    starts = np.flatnonzero(np.concatenate([[True], ranked_prefix[1:] != ranked_prefix[:-1]]))
+    starts = run_starts(ranked_prefix)
     rank = np.arange(len(left)) - np.repeat(starts, np.diff(np.append(starts, len(left))))
     chosen = left[rank < room[np.searchsorted(in_left, ranked_prefix)]]
     n = len(chosen)
@@ -571,20 +570,32 @@ def _moves_found_in_driver(rows: DataFrame, issued: DataFrame | None, mine: Colu
                     _NEW_CODES: matrix_to_list_array(spread.codes[moved].astype(np.int32, copy=False)),
                     _NEW_ERROR: pa.array(spread.quantization_error[moved], pa.float32())})
     # A row of a tuple that lost items moves down by the number of them ranked before it.
-    to_tuple = codebook_size ** np.arange(levels - 1, -1, -1, dtype=np.int64)
     gone: dict[int, list[int]] = {}
-    for key, was in zip((codes[old[moved]] @ to_tuple).tolist(), suffix[old[moved]].tolist()):
+    for key, was in zip(code_keys(codes[old[moved]], codebook_size).tolist(), suffix[old[moved]].tolist()):
         gone.setdefault(key, []).append(was)
     behind = np.flatnonzero(suffix >= 2)
-    behind = behind[np.isin(codes[behind] @ to_tuple, np.fromiter(gone, np.int64, len(gone)))]
+    behind = behind[np.isin(code_keys(codes[behind], codebook_size), np.fromiter(gone, np.int64, len(gone)))]
     shifts = np.array([sum(was < after for was in gone[key]) for key, after in
-                       zip((codes[behind] @ to_tuple).tolist(), suffix[behind].tolist())], dtype=np.int64)
+                       zip(code_keys(codes[behind], codebook_size).tolist(), suffix[behind].tolist())],
+                      dtype=np.int64)
     shift = pa.table({ITEM_ID: got.column(ITEM_ID).take(behind[shifts > 0]), _SHIFT: pa.array(shifts[shifts > 0])})
     id_type = rows.schema[ITEM_ID].dataType
     return (spark.createDataFrame(new, StructType([StructField(ITEM_ID, id_type),
                                                    StructField(_NEW_CODES, ArrayType(IntegerType())),
                                                    StructField(_NEW_ERROR, FloatType())])),
             spark.createDataFrame(shift, StructType([StructField(ITEM_ID, id_type), StructField(_SHIFT, LongType())])))
+
+
+def code_keys(codes: np.ndarray, codebook_size: int) -> np.ndarray:
+    """int64 key of each row of (N, l) codes: the codes as the digits of a base-K number, first code most
+    significant, so sorted keys sort the tuples and a key divided by K^j is the key of its (l-j)-prefix. The
+    caller keeps K^l below 2^62; :func:`prefix_strings` writes a key back as its prefix."""
+    return codes @ (codebook_size ** np.arange(codes.shape[1] - 1, -1, -1, dtype=np.int64))
+
+
+def run_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    return np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
 
 
 def prefix_strings(keys: np.ndarray, level: int, codebook_size: int) -> pa.Array:
