@@ -207,12 +207,17 @@ def with_lifecycle_defaults(df: DataFrame) -> DataFrame:
     return df.withColumns(missing) if missing else df
 
 
-def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableState | None:
+def read_table_state(spark: SparkSession, location: io.OutputLocation, in_driver: bool = False) -> TableState | None:
     """The semantic-ID table under ``location`` and its current generation, or None when there is none.
 
     Reads one small aggregation (rows per generation and model). Delta tables are pinned to the
     version current now, so the whole run plans against one snapshot and the publish step can tell
     whether another run committed meanwhile.
+
+    ``in_driver``: where the table is on this machine and holds at most ``PART_ITEMS`` rows (its metadata
+    says), the aggregation is computed here from its files at that version (:func:`_summary_in_driver`) instead
+    of by the engine: the same rows. The job's choice on a JVM engine, where the query cost a daily run at 1M
+    rows 6 s of a cold JVM (bench/RESULTS.md); the ledger frame itself is the engine's either way.
 
     Raises:
         ModeError: the table's current generation names more than one model (it was not written by
@@ -230,11 +235,13 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableS
     raw = io.read_table(spark, location, SEMANTIC_IDS_TABLE, version=version)
     has_lifecycle = all(c in raw.columns for c in SEMANTIC_ID_COLUMNS)
     ledger = with_lifecycle_defaults(raw)
-    away = ~F.col(ACTIVE) & F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE)
-    summary = ledger.groupBy(GENERATION, MODEL_NAME, MODEL_VERSION).agg(
-        F.count(F.lit(1)).alias("rows"), F.sum(F.col(ACTIVE).cast("long")).alias("active"),
-        F.sum(away.cast("long")).alias("away"),
-        F.max(F.size(CODES)).alias("levels"), F.max(F.array_max(CODES)).alias("max_code")).collect()
+    summary = _summary_in_driver(location, version, raw.columns) if in_driver else None
+    if summary is None:
+        away = ~F.col(ACTIVE) & F.col(RETIRED_REASON).isin(*RetiredReason.REACTIVATABLE)
+        summary = [r.asDict() for r in ledger.groupBy(GENERATION, MODEL_NAME, MODEL_VERSION).agg(
+            F.count(F.lit(1)).alias("rows"), F.sum(F.col(ACTIVE).cast("long")).alias("active"),
+            F.sum(away.cast("long")).alias("away"),
+            F.max(F.size(CODES)).alias("levels"), F.max(F.array_max(CODES)).alias("max_code")).collect()]
     if not summary:
         return None
     current = max(int(r[GENERATION]) for r in summary)
@@ -250,6 +257,48 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation) -> TableS
         active_rows=sum(int(r["active"] or 0) for r in summary),
         max_code=max(int(r["max_code"] or 0) for r in summary),
         earlier_retired=sum(int(r["away"] or 0) for r in summary if int(r[GENERATION]) < current))
+
+
+def _summary_in_driver(location: io.OutputLocation, version: int | None,
+                       columns: list[str]) -> list[dict[str, Any]] | None:
+    """:func:`read_table_state`'s aggregation (per generation, model name and version: rows, active, away, levels,
+    max_code) computed with pyarrow from the table's files read at ``version`` without the engine, with the
+    lifecycle defaults of :func:`with_lifecycle_defaults` for a table written before those columns; None where the
+    table is not on this machine, its metadata does not give its rows, or it holds more than ``PART_ITEMS`` (the
+    engine computes it then). Nulls count as in the engine's query: a row without ``active`` is in ``rows`` only,
+    a list without codes adds no level or code."""
+    import pyarrow as pa
+
+    if any(c not in columns for c in (MODEL_NAME, MODEL_VERSION, CODES)):
+        return None  # not a semantic-ID table: the engine's query says what is missing
+    rows = io.rows_independently(location, SEMANTIC_IDS_TABLE, version)
+    if rows is None or rows > PART_ITEMS:
+        return None
+    wanted = [c for c in (GENERATION, MODEL_NAME, MODEL_VERSION, ACTIVE, RETIRED_REASON, CODES) if c in columns]
+    try:
+        got = io.read_independently(location, SEMANTIC_IDS_TABLE, wanted, version=version)
+    except io.CatalogNotFoundError:
+        return None
+    if got is None:
+        return None
+    n = got.num_rows
+    keys = {GENERATION: got.column(GENERATION) if GENERATION in wanted else pa.array(np.ones(n, np.int32)),
+            MODEL_NAME: got.column(MODEL_NAME), MODEL_VERSION: got.column(MODEL_VERSION)}
+    active = got.column(ACTIVE) if ACTIVE in wanted else pa.array(np.ones(n, bool))
+    reason = got.column(RETIRED_REASON) if RETIRED_REASON in wanted else pa.nulls(n, pa.string())
+    away = pc.and_kleene(pc.invert(active), pc.is_in(reason, value_set=pa.array(list(RetiredReason.REACTIVATABLE))))
+    codes = got.column(CODES).combine_chunks()
+    per_row = pa.table({**keys, "rows": pa.array(np.ones(n, np.int64)), "active": pc.cast(active, pa.int64()),
+                        "away": pc.cast(away, pa.int64()), "levels": pc.list_value_length(codes)})
+    grouped = per_row.group_by(list(keys)).aggregate(
+        [("rows", "sum"), ("active", "sum"), ("away", "sum"), ("levels", "max")]).to_pylist()
+    parents = pc.list_parent_indices(codes)
+    per_code = pa.table({**{k: v.take(parents) for k, v in keys.items()}, "code": pc.list_flatten(codes)})
+    max_code = {(r[GENERATION], r[MODEL_NAME], r[MODEL_VERSION]): r["code_max"]
+                for r in per_code.group_by(list(keys)).aggregate([("code", "max")]).to_pylist()}
+    return [{GENERATION: r[GENERATION], MODEL_NAME: r[MODEL_NAME], MODEL_VERSION: r[MODEL_VERSION],
+             "rows": r["rows_sum"], "active": r["active_sum"], "away": r["away_sum"], "levels": r["levels_max"],
+             "max_code": max_code.get((r[GENERATION], r[MODEL_NAME], r[MODEL_VERSION]))} for r in grouped]
 
 
 def check_compatible(state: TableState | None, num_levels: int, codebook_size: int, model: str) -> None:

@@ -280,6 +280,60 @@ def test_a_table_without_lifecycle_columns_is_upgraded_by_a_full_run(spark, tmp_
         ledger.choose_mode("incremental", state, "m", "1")
 
 
+def state_fields(state: ledger.TableState | None) -> dict | None:
+    """A state's figures (every field but the ledger frame)."""
+    if state is None:
+        return None
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "ledger"}
+
+
+TWO_GENERATIONS = [  # generation 2 by model m/2; generation 1's rows: active, away (may come back), replaced
+    row("a", [1, 2], 0, 10, generation=2, version="2"),
+    row("b", [9, 15], 3, 11, generation=2, version="2"),
+    row("c", [3, 4], 0, 12, active=False, reason=RetiredReason.LEFT_CATALOG),
+    row("d", [5, 5], 0, 13, active=False, reason=RetiredReason.REJECTED),
+    row("e", [6, 6], 0, 14, active=False, reason=RetiredReason.NEW_GENERATION),
+    row("f", [2, 2], 1, 16, active=False, reason=RetiredReason.LEFT_CATALOG, generation=2, version="2"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+@pytest.mark.parametrize("table", ["ledger", "two generations", "no lifecycle columns", "several models", "empty"])
+def test_the_state_summarised_in_the_driver_is_the_engines(spark, tmp_path, fmt, table) -> None:
+    rows = {"ledger": LEDGER, "two generations": TWO_GENERATIONS, "several models": [*LEDGER, row(
+        "g", [7, 7], 0, 17, version="9")], "no lifecycle columns": LEDGER[:4], "empty": []}[table]
+    df = spark.createDataFrame(rows, SCHEMA)
+    if table == "no lifecycle columns":
+        df = df.drop(GENERATION, EMBEDDING_FINGERPRINT, ACTIVE, RETIRED_AT, RETIRED_REASON)
+    location = io.OutputLocation.for_path(str(tmp_path / fmt), fmt)
+    io.write_table(df, location, SEMANTIC_IDS_TABLE)
+    if table == "several models":
+        for in_driver in (False, True):
+            with pytest.raises(ledger.ModeError, match="generation 1 names several models"):
+                ledger.read_table_state(spark, location, in_driver=in_driver)
+        return
+    engine = ledger.read_table_state(spark, location)
+    driver = ledger.read_table_state(spark, location, in_driver=True)
+    assert state_fields(driver) == state_fields(engine)
+    expected = {"ledger": (6, 4, 1, 0, 7), "two generations": (6, 2, 2, 2, 15),
+                "no lifecycle columns": (4, 4, 1, 0, 5)}.get(table)  # rows, active, generation, earlier away, max code
+    if expected is None:
+        assert engine is None
+    else:
+        assert (engine.rows, engine.active_rows, engine.generation, engine.earlier_retired, engine.max_code) == expected
+        assert engine.num_levels == 2 and engine.has_lifecycle == (table != "no lifecycle columns")
+
+
+def test_a_table_beyond_one_part_is_summarised_by_the_engine(spark, tmp_path, monkeypatch) -> None:
+    location = io.OutputLocation.for_path(str(tmp_path / "out"))
+    io.write_table(spark.createDataFrame(LEDGER, SCHEMA), location, SEMANTIC_IDS_TABLE)
+    read = []
+    monkeypatch.setattr(io, "read_independently", lambda *a, **k: read.append(a) or pytest.fail("read in the driver"))
+    monkeypatch.setattr(ledger, "PART_ITEMS", len(LEDGER) - 1)
+    assert ledger.read_table_state(spark, location, in_driver=True).rows == len(LEDGER)
+    assert read == []
+
+
 # --- publishing ------------------------------------------------------------------------------------
 
 def written_ledger(spark, tmp_path: Path) -> tuple[io.OutputLocation, ledger.TableState]:
