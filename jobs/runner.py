@@ -273,9 +273,10 @@ def _run_stages(job: _Job) -> None:
         # (on classic Spark a daily run at 1M rows waited 5 s for the catalog's snapshot, then 6 s for the state,
         # bench/RESULTS.md). Its error, if any, is raised here, after the catalog's.
         reads_state = cfg.encodes or cfg.trains
-        # On a JVM engine a table of one part is summarised from its files in the driver (ledger.read_table_state).
-        state_ahead = _started(lambda: ledger.read_table_state(job.spark, job.location,
-                                                               in_driver=job.session.engine != "local")
+        # On classic Spark whose tasks run on this machine (so the stated path is the engine's table), a table of one
+        # part is summarised from its files in the driver (ledger.read_table_state).
+        in_driver = job.session.engine == "spark" and job.session.on_this_machine()
+        state_ahead = _started(lambda: ledger.read_table_state(job.spark, job.location, in_driver=in_driver)
                                ) if reads_state else None
         catalog, v = _validate(job)
         cfg = job.cfg  # now with the catalog's D

@@ -216,8 +216,9 @@ def read_table_state(spark: SparkSession, location: io.OutputLocation, in_driver
 
     ``in_driver``: where the table is on this machine and holds at most ``PART_ITEMS`` rows (its metadata
     says), the aggregation is computed here from its files at that version (:func:`_summary_in_driver`) instead
-    of by the engine: the same rows. The job's choice on a JVM engine, where the query cost a daily run at 1M
-    rows 6 s of a cold JVM (bench/RESULTS.md); the ledger frame itself is the engine's either way.
+    of by the engine: the same rows. The job's choice on classic Spark with a local master (where the engine's
+    tables are this machine's files), where the query cost a daily run at 1M rows 6 s of a cold JVM
+    (bench/RESULTS.md); the ledger frame itself is the engine's either way.
 
     Raises:
         ModeError: the table's current generation names more than one model (it was not written by
