@@ -278,7 +278,12 @@ def _run_stages(job: _Job) -> None:
         in_driver = job.session.engine == "spark" and job.session.on_this_machine()
         state_ahead = _started(lambda: ledger.read_table_state(job.spark, job.location, in_driver=in_driver)
                                ) if reads_state else None
-        catalog, v = _validate(job)
+        try:
+            catalog, v = _validate(job)
+        except BaseException:
+            if state_ahead is not None:  # not left reading while the engine stops under it
+                state_ahead.exception()  # waits for it to end; its own error goes with it
+            raise
         cfg = job.cfg  # now with the catalog's D
         if state_ahead is not None:
             state = state_ahead.result()

@@ -267,7 +267,8 @@ def _summary_in_driver(location: io.OutputLocation, version: int | None,
     lifecycle defaults of :func:`with_lifecycle_defaults` for a table written before those columns; None where the
     table is not on this machine, its metadata does not give its rows, or it holds more than ``PART_ITEMS`` (the
     engine computes it then). Nulls count as in the engine's query: a row without ``active`` is in ``rows`` only,
-    a list without codes adds no level or code."""
+    a list without codes adds no level or code. A Parquet table has no version: its files are listed again here,
+    as the engine listed them for the ledger frame (a run that publishes holds the output's writer lock)."""
     import pyarrow as pa
 
     if any(c not in columns for c in (MODEL_NAME, MODEL_VERSION, CODES)):
@@ -282,6 +283,16 @@ def _summary_in_driver(location: io.OutputLocation, version: int | None,
         return None
     if got is None:
         return None
+    try:
+        return _summary_of(got, wanted)
+    except (pa.ArrowException, ValueError, TypeError):  # columns of unexpected types: the engine's query decides
+        return None
+
+
+def _summary_of(got: Any, wanted: list[str]) -> list[dict[str, Any]]:
+    """:func:`_summary_in_driver`'s rows of the ``wanted`` columns read (a pyarrow table)."""
+    import pyarrow as pa
+
     n = got.num_rows
     keys = {GENERATION: got.column(GENERATION) if GENERATION in wanted else pa.array(np.ones(n, np.int32)),
             MODEL_NAME: got.column(MODEL_NAME), MODEL_VERSION: got.column(MODEL_VERSION)}
@@ -293,8 +304,10 @@ def _summary_in_driver(location: io.OutputLocation, version: int | None,
                         "away": pc.cast(away, pa.int64()), "levels": pc.list_value_length(codes)})
     grouped = per_row.group_by(list(keys)).aggregate(
         [("rows", "sum"), ("active", "sum"), ("away", "sum"), ("levels", "max")]).to_pylist()
-    parents = pc.list_parent_indices(codes)
-    per_code = pa.table({**{k: v.take(parents) for k, v in keys.items()}, "code": pc.list_flatten(codes)})
+    # A null list may still span values in the buffers: flatten what the rows hold, as the engine does (nothing).
+    held = pc.if_else(pc.is_valid(codes), codes, pa.scalar([], codes.type))
+    parents = pc.list_parent_indices(held)
+    per_code = pa.table({**{k: v.take(parents) for k, v in keys.items()}, "code": pc.list_flatten(held)})
     max_code = {(r[GENERATION], r[MODEL_NAME], r[MODEL_VERSION]): r["code_max"]
                 for r in per_code.group_by(list(keys)).aggregate([("code", "max")]).to_pylist()}
     return [{GENERATION: r[GENERATION], MODEL_NAME: r[MODEL_NAME], MODEL_VERSION: r[MODEL_VERSION],

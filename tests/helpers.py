@@ -315,6 +315,41 @@ def ensure_java(error: type[RuntimeError] = ToolMissing) -> str:
                        "Debian/Ubuntu) or set JAVA_HOME", error)
 
 
+STATE_SCHEMA = ("item_id string, codes array<int>, suffix int, semantic_id string, model_name string, "
+                "model_version string, generation int, embedding_fingerprint bigint, active boolean, "
+                "retired_reason string")
+STATE_SCHEMA_COLUMNS = [c.split()[0] for c in STATE_SCHEMA.split(", ")]
+LIFECYCLE = ("generation", "embedding_fingerprint", "active", "retired_reason")
+
+
+def state_row(item: str, codes: list[int | None] | None, *, suffix: int = 0, version: str = "1", generation: int = 1,
+              active: bool | None = True, reason: str | None = None) -> tuple:
+    sid = f"{item}_{suffix}" if codes is None else "_".join(map(str, codes)) + f"_{suffix}"
+    return (item, codes, suffix, sid, "m", version, generation, 1, active, reason)
+
+
+def state_tables() -> dict[str, tuple[list[tuple], tuple[str, ...], tuple[int, int, int, int, int] | None]]:
+    """Semantic-ID tables whose state (``pipelines.ledger.read_table_state``) the engine and the driver must sum up
+    alike (:data:`STATE_SCHEMA`): name -> (rows, columns to drop, the state's (rows, active rows, current
+    generation, rows away in earlier generations, largest code), or None for no state)."""
+    ledger = [state_row("a", [1, 2]), state_row("b", [1, 2], suffix=1), state_row("c", [3, 4]),
+              state_row("d", [5, 5], active=False, reason="left_catalog"),
+              state_row("e", [6, 6], active=False, reason="embedding_changed"), state_row("e", [6, 7])]
+    two = [state_row("a", [1, 2], generation=2, version="2"),
+           state_row("b", [9, 15], suffix=3, generation=2, version="2"),
+           state_row("c", [3, 4], active=False, reason="left_catalog"),
+           state_row("d", [5, 5], active=False, reason="rejected"),
+           state_row("e", [6, 6], active=False, reason="new_generation"),
+           state_row("f", [2, 2], suffix=1, active=False, reason="left_catalog", generation=2, version="2")]
+    nulls = [state_row("a", [1, 2]), state_row("b", [1, None], suffix=1), state_row("c", None),
+             state_row("d", [3, 11], active=None), state_row("e", [4, 4], active=False),
+             state_row("f", [4, 5], active=False, reason="rejected"), state_row("g", [4, 6], reason="left_catalog")]
+    return {"ledger": (ledger, (), (6, 4, 1, 0, 7)), "two generations": (two, (), (6, 2, 2, 2, 15)),
+            "nulls": (nulls, (), (7, 4, 1, 0, 11)), "no lifecycle columns": (ledger[:4], LIFECYCLE, (4, 4, 1, 0, 5)),
+            "some lifecycle columns": (ledger, ("active", "retired_reason"), (6, 6, 1, 0, 7)),
+            "several models": ([*ledger, state_row("g", [7, 7], version="9")], (), None), "empty": ([], (), None)}
+
+
 def crowded_ranked_items(n: int, seed: int, numeric_ids: bool = False) -> list[tuple]:
     """``n`` items for the collision spreading: (item_id, codes, quantization_error, extra, alternatives,
     alternative_errors) on 5 x 4 prefixes of 6 last codes, ranked among 24, so that many tuples are shared,

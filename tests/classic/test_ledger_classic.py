@@ -11,9 +11,9 @@ import datetime as dt
 import helpers
 import pytest
 
-from pipelines import ledger
+from pipelines import io, ledger
 from pipelines.encode import Encoded, TokenizerModel
-from pipelines.schema import ACTIVE, ALTERNATIVE_ERRORS, ALTERNATIVES, ITEM_ID, SEMANTIC_ID
+from pipelines.schema import ACTIVE, ALTERNATIVE_ERRORS, ALTERNATIVES, ITEM_ID, SEMANTIC_ID, SEMANTIC_IDS_TABLE
 from pipelines.validate import ValidationCounts
 
 pytestmark = [pytest.mark.spark, pytest.mark.classic]
@@ -123,3 +123,19 @@ def test_an_item_back_after_a_generation_change_is_compared_by_its_codes_on_the_
                                                                          ("q", "8_8_0")}
     assert after["3_4_0"]["generation"] == 2 and after["5_5_0"]["retired_reason"] == "new_generation"
     assert (plan.counts.confirmed, plan.counts.moved) == (1, 1)
+
+
+@pytest.mark.parametrize("table", [name for name, (_, _, expected) in helpers.state_tables().items() if expected])
+def test_the_state_summarised_in_the_driver_is_the_jvms(classic_spark, tmp_path, table) -> None:
+    """The table's state summed up from its files (the job's way on classic Spark with a local master) against the
+    JVM's own aggregation, on Parquet (this session has no Delta): the same figures."""
+    rows, dropped, expected = helpers.state_tables()[table]
+    location = io.OutputLocation.for_path(str(tmp_path), "parquet")
+    io.write_table(classic_spark.createDataFrame(rows, helpers.STATE_SCHEMA).drop(*dropped), location,
+                   SEMANTIC_IDS_TABLE)
+    engine = ledger.read_table_state(classic_spark, location)
+    driver = ledger.read_table_state(classic_spark, location, in_driver=True)
+    assert ledger._summary_in_driver(location, None, [c for c in helpers.STATE_SCHEMA_COLUMNS if c not in dropped])
+    figures = [(s.rows, s.active_rows, s.generation, s.earlier_retired, s.max_code, s.num_levels, s.model_version)
+               for s in (engine, driver)]
+    assert figures[0] == figures[1] and figures[0][:5] == expected

@@ -287,41 +287,49 @@ def state_fields(state: ledger.TableState | None) -> dict | None:
     return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "ledger"}
 
 
-TWO_GENERATIONS = [  # generation 2 by model m/2; generation 1's rows: active, away (may come back), replaced
-    row("a", [1, 2], 0, 10, generation=2, version="2"),
-    row("b", [9, 15], 3, 11, generation=2, version="2"),
-    row("c", [3, 4], 0, 12, active=False, reason=RetiredReason.LEFT_CATALOG),
-    row("d", [5, 5], 0, 13, active=False, reason=RetiredReason.REJECTED),
-    row("e", [6, 6], 0, 14, active=False, reason=RetiredReason.NEW_GENERATION),
-    row("f", [2, 2], 1, 16, active=False, reason=RetiredReason.LEFT_CATALOG, generation=2, version="2"),
-]
-
-
 @pytest.mark.parametrize("fmt", ["delta", "parquet"])
-@pytest.mark.parametrize("table", ["ledger", "two generations", "no lifecycle columns", "several models", "empty"])
+@pytest.mark.parametrize("table", list(helpers.state_tables()))
 def test_the_state_summarised_in_the_driver_is_the_engines(spark, tmp_path, fmt, table) -> None:
-    rows = {"ledger": LEDGER, "two generations": TWO_GENERATIONS, "several models": [*LEDGER, row(
-        "g", [7, 7], 0, 17, version="9")], "no lifecycle columns": LEDGER[:4], "empty": []}[table]
-    df = spark.createDataFrame(rows, SCHEMA)
-    if table == "no lifecycle columns":
-        df = df.drop(GENERATION, EMBEDDING_FINGERPRINT, ACTIVE, RETIRED_AT, RETIRED_REASON)
+    rows, dropped, expected = helpers.state_tables()[table]
     location = io.OutputLocation.for_path(str(tmp_path / fmt), fmt)
-    io.write_table(df, location, SEMANTIC_IDS_TABLE)
+    io.write_table(spark.createDataFrame(rows, helpers.STATE_SCHEMA).drop(*dropped), location, SEMANTIC_IDS_TABLE)
     if table == "several models":
         for in_driver in (False, True):
             with pytest.raises(ledger.ModeError, match="generation 1 names several models"):
                 ledger.read_table_state(spark, location, in_driver=in_driver)
         return
     engine = ledger.read_table_state(spark, location)
-    driver = ledger.read_table_state(spark, location, in_driver=True)
-    assert state_fields(driver) == state_fields(engine)
-    expected = {"ledger": (6, 4, 1, 0, 7), "two generations": (6, 2, 2, 2, 15),
-                "no lifecycle columns": (4, 4, 1, 0, 5)}.get(table)  # rows, active, generation, earlier away, max code
+    assert state_fields(ledger.read_table_state(spark, location, in_driver=True)) == state_fields(engine)
+    # the driver's summary is what was compared, not the engine's again after a quiet fallback
+    version = io.table_version(location, SEMANTIC_IDS_TABLE, spark)
+    columns = [c for c in helpers.STATE_SCHEMA_COLUMNS if c not in dropped]
+    summary = ledger._summary_in_driver(location, version, columns)
+    assert summary is not None and sum(r["rows"] for r in summary) == len(rows)
     if expected is None:
         assert engine is None
     else:
         assert (engine.rows, engine.active_rows, engine.generation, engine.earlier_retired, engine.max_code) == expected
-        assert engine.num_levels == 2 and engine.has_lifecycle == (table != "no lifecycle columns")
+        assert engine.num_levels == 2
+
+
+def test_the_state_summarised_in_the_driver_reads_the_pinned_version(spark, tmp_path) -> None:
+    tables = helpers.state_tables()
+    location = io.OutputLocation.for_path(str(tmp_path / "out"))
+    for name in ("ledger", "two generations"):  # versions 0 and 1
+        io.write_table(spark.createDataFrame(tables[name][0], helpers.STATE_SCHEMA), location, SEMANTIC_IDS_TABLE)
+    columns = helpers.STATE_SCHEMA_COLUMNS
+    assert {r["generation"] for r in ledger._summary_in_driver(location, 0, columns)} == {1}
+    assert {r["generation"] for r in ledger._summary_in_driver(location, 1, columns)} == {1, 2}
+
+
+def test_a_null_list_of_codes_adds_no_code_even_where_its_slot_spans_values() -> None:
+    import pyarrow as pa
+
+    codes = pa.ListArray.from_arrays(pa.array([0, 2, 4, 6], pa.int32()), pa.array([1, 2, 99, 99, 3, 4], pa.int32()),
+                                     mask=pa.array([False, True, False]))  # the null row's slot holds 99, 99
+    got = pa.table({"model_name": ["m"] * 3, "model_version": ["1"] * 3, "codes": codes})
+    (summary,) = ledger._summary_of(got, ["model_name", "model_version", "codes"])
+    assert (summary["rows"], summary["active"], summary["levels"], summary["max_code"]) == (3, 3, 2, 4)
 
 
 def test_a_table_beyond_one_part_is_summarised_by_the_engine(spark, tmp_path, monkeypatch) -> None:
