@@ -196,14 +196,17 @@ class TableState:
                 f"{self.model_name} version {self.model_version}")
 
 
+# A table written before the lifecycle columns existed reads as generation 1, every row active, fingerprints and
+# retirements unknown (null): (value, SQL type) of each column it lacks.
+_LIFECYCLE_DEFAULTS: dict[str, tuple[Any, str]] = {
+    GENERATION: (1, "int"), EMBEDDING_FINGERPRINT: (None, "bigint"), ACTIVE: (True, "boolean"),
+    RETIRED_AT: (None, "timestamp"), RETIRED_REASON: (None, "string")}
+
+
 def with_lifecycle_defaults(df: DataFrame) -> DataFrame:
-    """A table written before the lifecycle columns existed, as the ledger it describes: generation 1,
-    every row active, fingerprints unknown (null)."""
-    defaults = {
-        GENERATION: F.lit(1), EMBEDDING_FINGERPRINT: F.lit(None).cast("bigint"), ACTIVE: F.lit(True),
-        RETIRED_AT: F.lit(None).cast("timestamp"), RETIRED_REASON: F.lit(None).cast("string"),
-    }
-    missing = {k: v for k, v in defaults.items() if k not in df.columns}
+    """A table written before the lifecycle columns existed, as the ledger it describes (:data:`_LIFECYCLE_DEFAULTS`):
+    generation 1, every row active, fingerprints unknown (null)."""
+    missing = {k: F.lit(value).cast(kind) for k, (value, kind) in _LIFECYCLE_DEFAULTS.items() if k not in df.columns}
     return df.withColumns(missing) if missing else df
 
 
@@ -294,10 +297,16 @@ def _summary_of(got: Any, wanted: list[str]) -> list[dict[str, Any]]:
     import pyarrow as pa
 
     n = got.num_rows
-    keys = {GENERATION: got.column(GENERATION) if GENERATION in wanted else pa.array(np.ones(n, np.int32)),
-            MODEL_NAME: got.column(MODEL_NAME), MODEL_VERSION: got.column(MODEL_VERSION)}
-    active = got.column(ACTIVE) if ACTIVE in wanted else pa.array(np.ones(n, bool))
-    reason = got.column(RETIRED_REASON) if RETIRED_REASON in wanted else pa.nulls(n, pa.string())
+    arrow_types = {"int": pa.int32(), "boolean": pa.bool_(), "string": pa.string()}
+
+    def column(name: str) -> Any:  # as read, or :func:`with_lifecycle_defaults`' value on every row
+        if name in wanted:
+            return got.column(name)
+        value, kind = _LIFECYCLE_DEFAULTS[name]
+        return pa.array([value] * n, arrow_types[kind])
+
+    keys = {GENERATION: column(GENERATION), **{k: got.column(k) for k in (MODEL_NAME, MODEL_VERSION)}}
+    active, reason = column(ACTIVE), column(RETIRED_REASON)
     away = pc.and_kleene(pc.invert(active), pc.is_in(reason, value_set=pa.array(list(RetiredReason.REACTIVATABLE))))
     codes = got.column(CODES).combine_chunks()
     per_row = pa.table({**keys, "rows": pa.array(np.ones(n, np.int64)), "active": pc.cast(active, pa.int64()),
