@@ -30,6 +30,13 @@ catalog's files are in the OS page cache before each, read once untimed; items/s
       as a scheduled run on a table that grew by an append finds them: only the new file's embeddings
       are read. ``i_uncached`` and ``i_spark_uncached``: i_local and i_spark with ``--fingerprint-cache
       none`` (every embedding read).
+  Floors, what no run of the job on an engine can go under (wall-time ratios to the full run, beside i's
+  target; they say whether that target is within reach of any run of the job at all):
+  (f) ``f_local`` / ``f_spark``: the job's process with nothing to do: the CLI's and the wiring's imports
+      (with the job's collector settings), the engine started as the job starts it (``start_session``,
+      Delta wanted) and stopped; ``f_spark`` under the same spark-submit as (k) (``--worker floor``).
+  (0) ``i0_local`` / ``i0_spark``: a daily run with nothing new: catalog A itself into a copy of (e)'s /
+      (k)'s table, the job's command as for (i).
 
 Peak RSS is the whole process tree (JVM and Python workers included), sampled every 0.2 s; it counts a
 page again in every process that maps it, so a forked child (Python workers forked from one daemon, a
@@ -88,23 +95,33 @@ from encode_throughput import (  # noqa: E402 - the catalog, model and process-t
 )
 from incremental import grown_catalog, job, timed  # noqa: E402 - catalog B, the job's command, a timed run
 
-VARIANTS = ("s", "u", "e", "k", "i_local", "i_uncached", "i_spark", "i_spark_uncached")
+VARIANTS = ("s", "u", "e", "k", "i_local", "i_uncached", "i_spark", "i_spark_uncached", "f_local", "f_spark",
+            "i0_local", "i0_spark")
 INCREMENTAL = ("i_local", "i_uncached", "i_spark", "i_spark_uncached")
-ON_THE_JVM = ("k", "i_spark", "i_spark_uncached")
+NOTHING_NEW = ("i0_local", "i0_spark")
+ON_THE_JVM = ("k", "i_spark", "i_spark_uncached", "f_spark", "i0_spark")
 # an incremental run starts from a copy of this variant's table
-NEEDS = {"i_local": "e", "i_uncached": "e", "i_spark": "k", "i_spark_uncached": "k"}
+NEEDS = {"i_local": "e", "i_uncached": "e", "i_spark": "k", "i_spark_uncached": "k", "i0_local": "e",
+         "i0_spark": "k"}
 LABELS = {"s": "(s) no Spark: delta-rs + rqvae + NumPy", "u": "(u) spark_udf + row_number, classic Spark",
           "e": "(e) job, embedded engine", "k": "(k) job, classic Spark",
           "i_local": "(i) incremental job, embedded",
           "i_uncached": "(i) incremental job, embedded, no fingerprint cache",
           "i_spark": "(i) incremental job, classic Spark",
-          "i_spark_uncached": "(i) incremental job, classic Spark, no fingerprint cache"}
+          "i_spark_uncached": "(i) incremental job, classic Spark, no fingerprint cache",
+          "f_local": "(f) the job's process with nothing to do, embedded", "f_spark": "(f) the same, classic Spark",
+          "i0_local": "(0) a daily run with nothing new, embedded",
+          "i0_spark": "(0) a daily run with nothing new, classic Spark"}
 # (name, numerator, denominator, kind, target): kind "speed" = items/s ratio (>= target), "wall" = wall ratio (<=)
 TARGETS = [("e/s", "e", "s", "speed", 0.8), ("e/u", "e", "u", "speed", 2.0), ("k/s", "k", "s", "speed", 0.4),
            ("k/u", "k", "u", "speed", 1.5), ("i_local/e", "i_local", "e", "wall", 0.15),
            ("i_uncached/e", "i_uncached", "e", "wall", 0.15),
            ("i_spark_uncached/k", "i_spark_uncached", "k", "wall", 0.15),
            ("i_spark/k", "i_spark", "k", "wall", 0.15)]
+# floors against the full run, beside the i target they bound: (name, numerator, denominator)
+FLOORS = [("f_local/e", "f_local", "e"), ("i0_local/e", "i0_local", "e"), ("f_spark/k", "f_spark", "k"),
+          ("i0_spark/k", "i0_spark", "k")]
+I_TARGET = 0.15
 MODEL_NAME = "bench-alternatives"
 ITEM_ID, EMBEDDING, CODES, SUFFIX = "item_id", "embedding", "codes", "suffix"
 
@@ -114,8 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size N")
     p.add_argument("--dim", type=int, default=768, help="embedding length D")
     p.add_argument("--variants", default="s,u,e,k,i",
-                   help="comma-separated subset of s,u,e,k,i,i_uncached,i_spark_uncached (i = i_local,i_spark; "
-                   "each adds the full run it starts from)")
+                   help="comma-separated subset of s,u,e,k,i,i_uncached,i_spark_uncached,f,i0 (i = i_local,i_spark; "
+                   "f = f_local,f_spark; i0 = i0_local,i0_spark; each incremental variant adds the full run it "
+                   "starts from)")
     p.add_argument("--quantize-bits", type=int, default=0,
                    help="use (and write once) the catalog with values rounded to 2^B - 1 levels "
                    "(bench/make_catalog.py --quantize-bits: 50M x 256 in 13 GB instead of 51 GB); 0: float32")
@@ -130,7 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all variants; each variant's wall time is the median of its rounds (default 1)")
     p.add_argument("--json", help="write the figures to this file")
-    p.add_argument("--worker", choices=["s", "u"], help=argparse.SUPPRESS)  # internal: one variant in this process
+    p.add_argument("--worker", choices=["s", "u", "floor"], help=argparse.SUPPRESS)  # internal: one variant in this process
+    p.add_argument("--engine", default="local", help=argparse.SUPPRESS)  # internal: --worker floor's engine
     p.add_argument("--catalog", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     p.add_argument("--model-uri", help=argparse.SUPPRESS)
@@ -270,6 +289,33 @@ def register_model(checkpoint: Path, work: Path) -> tuple[str, str]:
     return uri, MlflowClient().get_model_version(MODEL_NAME, version).source
 
 
+# --- (f): the job's process with nothing to do -----------------------------------------------------------
+
+def floor_worker(a: argparse.Namespace) -> int:
+    """(f): what every run of the job pays before it reads a row, in this process: the job's imports with its
+    collector settings (as ``jobs/tokenize_catalog.py`` run as a script), the engine started as the job starts
+    it and stopped. Prints its parts as JSON."""
+    import gc
+    import time
+
+    start = time.perf_counter()
+    gc.disable()  # as the job's own process does while its libraries import
+    import jobs.tokenize_catalog as cli
+    from jobs.runner import run_job  # noqa: F401 - the wiring the job imports before the engine starts
+    from pipelines.session import start_session
+
+    cli._settle_gc()
+    imported = time.perf_counter()
+    session = start_session(a.engine, want_delta=True)
+    started = time.perf_counter()
+    session.stop()
+    stopped = time.perf_counter()
+    print(json.dumps({"worker": "floor", "imports_s": round(imported - start, 2),
+                      "engine_start_s": round(started - imported, 2), "engine_stop_s": round(stopped - started, 2)}),
+          flush=True)
+    return 0
+
+
 # --- running the variants ------------------------------------------------------------------------------
 
 def spark_submit(a: argparse.Namespace, script: Path, *args: str) -> list[str]:
@@ -313,10 +359,11 @@ def checkpoint_with_alternatives(model: Path, k: int) -> Path:
 def selected(spec: str) -> list[str]:
     names = set()
     for token in (t.strip() for t in spec.split(",") if t.strip()):
-        expanded = ["i_local", "i_spark"] if token == "i" else [token]
+        expanded = {"i": ["i_local", "i_spark"], "f": ["f_local", "f_spark"],
+                    "i0": ["i0_local", "i0_spark"]}.get(token, [token])
         for name in expanded:
             if name not in VARIANTS:
-                raise SystemExit(f"--variants: unknown variant {token!r}; choose from {','.join(VARIANTS)},i")
+                raise SystemExit(f"--variants: unknown variant {token!r}; choose from {','.join(VARIANTS)},i,f,i0")
             names.add(name)
             if name in NEEDS:
                 names.add(NEEDS[name])
@@ -347,6 +394,13 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
         cmd = spark_submit(a, script, "--worker", "u", "--catalog", str(catalog), "--output", str(table),
                            "--model-uri", source, "--tracking-uri", tracking)
         result = timed(cmd, catalog, env=spark_env())
+    elif name in ("f_local", "f_spark"):
+        table = None
+        engine = "spark" if name == "f_spark" else "local"
+        cmd = [sys.executable, str(script), "--worker", "floor", "--engine", engine]
+        if name == "f_spark":
+            cmd = spark_submit(a, script, *cmd[2:])
+        result = timed(cmd, catalog, env=spark_env() if name == "f_spark" else dict(os.environ))
     elif name in ("e", "k"):
         prepare_mlflow_store(folder / "work")
         table = folder / "tables" / "semantic_ids"
@@ -355,19 +409,22 @@ def run_variant(name: str, a: argparse.Namespace, run: Path, catalog: Path, grow
             cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
         result = timed(cmd, catalog, env=spark_env() if name == "k" else dict(os.environ))
     else:
-        assert grown is not None
+        assert grown is not None or name in NOTHING_NEW
         base = run / NEEDS[name]
         shutil.copytree(base / "tables", folder / "tables")
         table = folder / "tables" / "semantic_ids"
-        cmd = job(grown, folder / "tables", base / "work", model,
+        read = catalog if name in NOTHING_NEW or grown is None else grown
+        cmd = job(read, folder / "tables", base / "work", model,
                   *(["--fingerprint-cache", "none"] if name.endswith("_uncached") else []))
         if name in ON_THE_JVM:
             cmd = spark_submit(a, Path(cmd[1]), *cmd[2:], "--engine", "spark")
-        result = timed(cmd, grown, env=spark_env() if name in ON_THE_JVM else dict(os.environ))
-    items = a.items + (int(round(a.items * a.new_share)) if name in NEEDS else 0)
+        result = timed(cmd, read, env=spark_env() if name in ON_THE_JVM else dict(os.environ))
+    items = a.items + (int(round(a.items * a.new_share)) if name in INCREMENTAL else 0)
+    if name in ("f_local", "f_spark"):
+        items = 0  # reads no item: no items/s
     figures = {"wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"],
                "peak_pss_mb": result["peak_pss_mb"], "items": items,
-               "items_per_s": items / result["wall_s"], "table": str(table), "stages": result["stages"],
+               "items_per_s": items / result["wall_s"], "table": table and str(table), "stages": result["stages"],
                "encoded_rows": result["encoded_rows"], "sampler_cpu_s": result.get("sampler_cpu_s"),
                **worker_json(result["stdout_tail"])}
     print(f"{name}: {result['wall_s']:.1f} s, {figures['items_per_s']:,.0f} items/s, "
@@ -437,6 +494,14 @@ def check(figures: dict[str, dict[str, Any]], n_new: int) -> dict[str, Any]:
         if name in figures and figures[name]["encoded_rows"] != n_new:
             problems.append(f"{name}: {figures[name]['encoded_rows']} rows went through the model, not the "
                             f"{n_new} new ones")
+    for name in NOTHING_NEW:  # nothing new: nothing through the model, and every ID where its base left it
+        if name in figures:
+            if figures[name]["encoded_rows"] != 0:
+                problems.append(f"{name}: {figures[name]['encoded_rows']} rows went through the model, not 0")
+            if NEEDS[name] in figures:
+                c = checks[f"{name}_vs_{NEEDS[name]}"] = compare(figures[NEEDS[name]]["table"], figures[name]["table"])
+                if c["missing"] or c["extra"] or c["id_mismatches"]:
+                    problems.append(f"{name}: {c} against {NEEDS[name]}")
     for cached, uncached in (("i_local", "i_uncached"), ("i_spark", "i_spark_uncached")):
         if cached in figures and uncached in figures:
             c = checks[f"{cached}_vs_{uncached}"] = compare(figures[cached]["table"], figures[uncached]["table"])
@@ -463,8 +528,16 @@ def ratios(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def floors(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each floor as a share of its full run's wall time, and whether i's target (I_TARGET) lies above it."""
+    return [{"ratio": name, "value": figures[top]["wall_s"] / figures[bottom]["wall_s"],
+             "floor_s": figures[top]["wall_s"], "target_s": I_TARGET * figures[bottom]["wall_s"],
+             "target_reachable": figures[top]["wall_s"] < I_TARGET * figures[bottom]["wall_s"]}
+            for name, top, bottom in FLOORS if top in figures and bottom in figures]
+
+
 def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]], checks: dict[str, Any],
-           ratio_rows: list[dict[str, Any]], n_new: int) -> str:
+           ratio_rows: list[dict[str, Any]], n_new: int, floor_rows: list[dict[str, Any]] | None = None) -> str:
     lines = [f"N = {a.items:,}, D = {a.dim}, model {model.name}, {os.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
              f"classic master {a.master}; (i): {n_new:,} new items"
@@ -476,7 +549,8 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
         c = checks["vs_s"].get(name)
         cells = ([str(c["code_mismatches"]), str(c["prefix_mismatches"]), str(c["id_mismatches"])] if c
                  else ["ref" if name == "s" else "-"] * 3)
-        lines.append(f"| {LABELS[name]} | {f['wall_s']:.1f} | {f['items_per_s']:,.0f} | {f['peak_rss_mb']:,.0f} | "
+        speed = f"{f['items_per_s']:,.0f}" if f["items"] else "-"
+        lines.append(f"| {LABELS[name]} | {f['wall_s']:.1f} | {speed} | {f['peak_rss_mb']:,.0f} | "
                      f"{f['peak_pss_mb']:,.0f} | "
                      + " | ".join(cells) + f" | {f['items']:,} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|---|"]
@@ -484,6 +558,18 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
         sign = ">=" if r["kind"] == "speed" else "<="
         lines.append(f"| {r['ratio']} ({'items/s' if r['kind'] == 'speed' else 'wall'}) | {r['value']:.3f} | "
                      f"{sign} {r['target']} | {'yes' if r['met'] else 'NO'} |")
+    if floor_rows:
+        lines += ["", f"| floor | wall s | share of the full run | i's target ({I_TARGET} x the full run) | "
+                  "target above the floor |", "|---|---:|---:|---:|---|"]
+        for r in floor_rows:
+            lines.append(f"| {r['ratio']} | {r['floor_s']:.1f} | {r['value']:.3f} | {r['target_s']:.1f} s | "
+                         f"{'yes' if r['target_reachable'] else 'NO'} |")
+    for name in ("f_local", "f_spark"):
+        if name in figures and "imports_s" in figures[name]:
+            f = figures[name]
+            lines.append(f"{name}: imports {f['imports_s']} s, engine start {f['engine_start_s']} s, "
+                         f"stop {f['engine_stop_s']} s, the rest of its {f['wall_s']:.1f} s the interpreter's "
+                         "(and spark-submit's JVM) start and exit")
     if "s" in figures:
         s = figures["s"]
         lines += ["", f"(s) moved {s.get('moved')} items off a collision, largest suffix {s.get('max_suffix')}, "
@@ -492,7 +578,8 @@ def report(a: argparse.Namespace, model: Path, figures: dict[str, dict[str, Any]
     for name in INCREMENTAL:
         if name in figures:
             lines.append(f"{name}: {figures[name]['encoded_rows']} rows through the model ({n_new} new)")
-    for pair in ("i_local_vs_i_uncached", "i_spark_vs_i_spark_uncached", "i_local_vs_i_spark"):
+    for pair in ("i_local_vs_i_uncached", "i_spark_vs_i_spark_uncached", "i_local_vs_i_spark", "i0_local_vs_e",
+                 "i0_spark_vs_k"):
         if pair in checks:
             lines.append(f"{pair.replace('_vs_', ' vs ')} tables: {checks[pair]}")
     lines.append("correctness: " + ("OK" if not checks["problems"] else "PROBLEMS: " + "; ".join(checks["problems"])))
@@ -505,13 +592,15 @@ def main(argv: list[str] | None = None) -> int:
         return standalone_worker(a)
     if a.worker == "u":
         return udf_worker(a)
+    if a.worker == "floor":
+        return floor_worker(a)
     variants = selected(a.variants)
     OUT.mkdir(parents=True, exist_ok=True)
     catalog = catalog_path(a.items, a.dim, "delta", a.quantize_bits)
     model = checkpoint_with_alternatives(Path(a.model) if a.model else model_path(a.dim, catalog),
                                          a.collision_alternatives)
     n_new = int(round(a.items * a.new_share))
-    grown = grown_catalog(catalog, n_new, a.dim) if any(v in NEEDS for v in variants) else None
+    grown = grown_catalog(catalog, n_new, a.dim) if any(v in INCREMENTAL for v in variants) else None
     run = OUT / f"alternatives_{a.items}_{a.dim}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -523,11 +612,12 @@ def main(argv: list[str] | None = None) -> int:
             rounds[name].append(run_variant(name, a, run, catalog, grown, model, round_index=r))
     figures = {name: median_of(runs) for name, runs in rounds.items()}
     checks = check(figures, n_new)
-    ratio_rows = ratios(figures)
-    print(report(a, model, figures, checks, ratio_rows, n_new))
+    ratio_rows, floor_rows = ratios(figures), floors(figures)
+    print(report(a, model, figures, checks, ratio_rows, n_new, floor_rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "model": str(model), "new_items": n_new,
-                                            "variants": figures, "ratios": ratio_rows, "checks": checks}, indent=2))
+                                            "variants": figures, "ratios": ratio_rows, "floors": floor_rows,
+                                            "checks": checks}, indent=2))
     return 0 if not checks["problems"] else 1
 
 
