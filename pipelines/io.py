@@ -614,6 +614,32 @@ def read_independently(location: OutputLocation, name: str, columns: Sequence[st
                                    f"{first_line(e, 200)}") from e
 
 
+def overwrite_independently(table: Any, location: OutputLocation, name: str) -> bool:
+    """Overwrite Delta table ``name`` with the pyarrow ``table`` from this process (delta-rs), where the location
+    states a local path; False where it does not (a catalog table, a remote store, Parquet), and where delta-rs
+    cannot write that table (a table feature it does not support): the caller then writes it through the engine.
+
+    The table is written as the engine writes it: every column nullable (Delta on Spark stores no NOT NULL a
+    frame's schema implies), the schema replaced with the rows. A write that fails leaves the table's last
+    version as it was (the new version is one commit), at most with data files no version names.
+    """
+    local = None if location.is_catalog or location.fmt != "delta" else local_path(location.of(name))
+    if local is None:
+        return False
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    nullable = pa.schema([field.with_nullable(True) for field in table.schema])
+    try:
+        write_deltalake(str(local), table.cast(nullable), mode="overwrite", schema_mode="overwrite")
+    except BaseException as e:  # noqa: BLE001 - as read_independently: delta-rs panics on odd tables
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        log.warning("%s was not written by delta-rs (%s); the engine writes it", location.shown_of(name), first_line(e))
+        return False
+    return True
+
+
 def rows_independently(location: OutputLocation, name: str, version: int | None = None) -> int | None:
     """How many rows table ``name`` holds (at Delta ``version``), from its metadata alone (the Delta log's file
     statistics, the Parquet footers), without the engine; None when it is not local or they do not say."""

@@ -243,8 +243,15 @@ def _roll_back(spark: SparkSession, location: io.OutputLocation, name: str, publ
 
 
 def write_describing(spark: SparkSession, location: io.OutputLocation, frames: Mapping[str, Any], run_id: str,
-                     concurrent: bool = False) -> dict[str, str | None]:
+                     concurrent: bool = False, in_driver: bool = False) -> dict[str, str | None]:
     """Write the describing tables; returns their tokens after.
+
+    ``in_driver``: each frame is collected (``toArrow``) and, where the output is a local Delta path, written
+    by delta-rs from this process (:func:`pipelines.io.overwrite_independently`); otherwise, or where delta-rs
+    cannot write the table, through the engine. For classic Spark on a local master, whose Delta overwrite of
+    even a one-row table replays the table's log in a job first (about 1 s each, 5-6 s for the five at once at
+    1M items: bench/RESULTS.md); the frames are a run's statistics and changes, which the job collects anyway
+    where it checks the table in the driver.
 
     One after another in :data:`DESCRIBING` order, or with ``concurrent`` all at once from threads of the
     driver: each write is its own atomic overwrite of its own table, and on a JVM engine most of a small
@@ -258,7 +265,12 @@ def write_describing(spark: SparkSession, location: io.OutputLocation, frames: M
     """
     names = [name for name in DESCRIBING if name in frames]
 
+    directly = (in_driver and location.fmt == "delta" and not location.is_catalog
+                and io.local_path(location.of(RUNS_TABLE)) is not None)
+
     def write(name: str) -> None:
+        if directly and io.overwrite_independently(frames[name].toArrow(), location, name):
+            return
         io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
 
     if concurrent and len(names) > 1:

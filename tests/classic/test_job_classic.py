@@ -19,6 +19,7 @@ import pyspark
 import pytest
 
 from jobs.tokenize_catalog import main
+from pipelines import publish
 from pipelines.session import DeltaNotAvailableError, delta_maven_coordinate, start_session
 from rqvae import load_checkpoint
 from rqvae.synthetic import CatalogSpec, make_catalog
@@ -147,7 +148,20 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
     helpers.assert_sid_checker_passes(tables / "semantic_ids", "--catalog", tmp_path / "classic" / "demo_catalog",
                                       "--rejects", tables / "rejects")
 
+    import json
+
     from deltalake import DeltaTable
+
+    # On a local master the describing tables were collected and written by delta-rs from the driver, with the
+    # schema Delta on Spark gives a frame: every column nullable, the run's instant a `timestamp`.
+    for name in publish.DESCRIBING:
+        table = DeltaTable(str(tables / name))
+        assert table.history(1)[0]["clientVersion"].startswith("delta-rs"), name
+        fields = json.loads(table.schema().to_json())["fields"]
+        assert fields and all(f["nullable"] and f["type"] != "timestamp_ntz" for f in fields), (name, fields)
+    levels = len(next(iter(on_jvm.values()))["codes"])
+    assert helpers.read_delta(tables / "level_stats").num_rows == levels
+    assert helpers.read_delta(tables / "prefix_stats").num_rows > 0
 
     published = DeltaTable(str(tables / "semantic_ids")).version()
     catalog = DeltaTable(str(tmp_path / "classic" / "demo_catalog")).to_pyarrow_table()

@@ -14,6 +14,7 @@ from pipelines.io import (
     delta_version,
     detect_format,
     local_path,
+    overwrite_independently,
     read_catalog,
     read_table,
     resolve_output,
@@ -89,6 +90,62 @@ def test_delta_overwrite_replaces_schema_and_bumps_version(spark, tmp_path) -> N
     more = spark.range(2, 4).withColumn("extra", F.lit("y"))
     write_table(more, location, SEMANTIC_IDS_TABLE, mode="append")
     assert ids(read_table(spark, location, SEMANTIC_IDS_TABLE)) == [0, 1, 2, 3]
+
+
+def test_an_overwrite_from_the_driver_is_the_engines_delta_write(spark, tmp_path) -> None:
+    """delta-rs from this process (classic Spark's describing tables): every column nullable, as Delta on Spark
+    stores a frame's columns (a NOT NULL the frame implies would make the next engine write's schema differ), an
+    aware timestamp as Delta's ``timestamp``, the rows and the schema replaced, one version a write; read back by
+    the engine as written."""
+    import datetime as dt
+    import json
+
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    location = OutputLocation.for_path(str(tmp_path))
+    at = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.timezone.utc)
+    first = pa.table({"item_id": pa.array([1, 2], pa.int64()), "reason": ["a", None],
+                      "at": pa.array([at, at], pa.timestamp("us", tz="UTC"))},
+                     schema=pa.schema([pa.field("item_id", pa.int64(), nullable=False), ("reason", pa.string()),
+                                       ("at", pa.timestamp("us", tz="UTC"))]))
+    assert overwrite_independently(first, location, REJECTS_TABLE)
+    table = DeltaTable(location.of(REJECTS_TABLE))
+    fields = json.loads(table.schema().to_json())["fields"]
+    assert [(f["name"], f["type"], f["nullable"]) for f in fields] == [
+        ("item_id", "long", True), ("reason", "string", True), ("at", "timestamp", True)]
+    assert table.version() == 0 and table.history(1)[0]["clientVersion"].startswith("delta-rs")
+    back = sorted(read_table(spark, location, REJECTS_TABLE).collect(), key=lambda r: r["item_id"])
+    # pyspark hands back the instant as a naive datetime of this machine's zone
+    assert [(r["item_id"], r["reason"], r["at"].astimezone(dt.timezone.utc)) for r in back] == [
+        (1, "a", at), (2, None, at)]
+    assert overwrite_independently(pa.table({"level": pa.array([3], pa.int32())}), location, REJECTS_TABLE)
+    assert DeltaTable(location.of(REJECTS_TABLE)).version() == 1
+    assert [tuple(r) for r in read_table(spark, location, REJECTS_TABLE).collect()] == [(3,)]
+
+
+def test_an_overwrite_from_the_driver_leaves_to_the_engine_what_delta_rs_cannot_write(tmp_path) -> None:
+    """Not a local Delta path (Parquet, a catalog table, an object store): False, nothing written. A table with a
+    writer feature delta-rs does not know: False, the table at its version (the engine writes it instead)."""
+    import json
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    rows = pa.table({"a": [1]})
+    assert not overwrite_independently(rows, OutputLocation.for_path(str(tmp_path / "p"), "parquet"), REJECTS_TABLE)
+    assert not overwrite_independently(rows, OutputLocation.for_catalog("main.semids"), REJECTS_TABLE)
+    assert not overwrite_independently(rows, OutputLocation.for_path("s3://bucket/tables"), REJECTS_TABLE)
+    assert not (tmp_path / "p").exists()
+
+    location = OutputLocation.for_path(str(tmp_path / "d"))
+    write_deltalake(location.of(REJECTS_TABLE), rows)
+    with open(Path(location.of(REJECTS_TABLE)) / "_delta_log" / f"{1:020d}.json", "w") as log:
+        log.write(json.dumps({"protocol": {"minReaderVersion": 1, "minWriterVersion": 7,
+                                           "writerFeatures": ["aFeatureOfTheFuture"]}}) + "\n")
+    assert not overwrite_independently(pa.table({"b": ["x"]}), location, REJECTS_TABLE)
+    table = DeltaTable(location.of(REJECTS_TABLE))
+    assert table.version() == 1 and table.to_pyarrow_table().to_pylist() == [{"a": 1}]
 
 
 @pytest.mark.spark

@@ -21,18 +21,28 @@ def rows(location: io.OutputLocation, name: str) -> list[tuple]:
     return sorted((r["run"], r["name"]) for r in DeltaTable(location.of(name)).to_pyarrow_table().to_pylist())
 
 
-def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark, tmp_path):
+def writer(location: io.OutputLocation, name: str) -> str:
+    """Who wrote table ``name``'s last version: "delta-rs" (the driver) or the engine."""
+    client = DeltaTable(location.of(name)).history(1)[0].get("clientVersion") or ""
+    return "delta-rs" if client.startswith("delta-rs") else "engine"
+
+
+@pytest.mark.parametrize("in_driver", [False, True], ids=["engine", "in_driver"])
+def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark, tmp_path, in_driver):
+    """Also with the tables written by delta-rs from the driver (classic Spark's way on a local master): a frame that
+    fails fails as it is collected, and the rollback puts back the versions delta-rs wrote."""
     location = io.OutputLocation.for_path(str(tmp_path / "tables"))
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
-    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1")
+    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", in_driver=in_driver)
     assert written == {name: "0" for name in publish.DESCRIBING}
+    assert {writer(location, name) for name in publish.DESCRIBING} == {"delta-rs" if in_driver else "engine"}
     publish.record(spark, location, [], "run-1", publish.PUBLISHED,
                    {**written, SEMANTIC_IDS_TABLE: publish.token(spark, location, SEMANTIC_IDS_TABLE)})
 
     frames = frames_of(spark, 2)
     frames[DRIFT_TABLE] = frames[DRIFT_TABLE].withColumn("name", F.raise_error(F.lit("drift broke")).cast("string"))
     with pytest.raises(Exception, match="drift broke"):
-        publish.write_describing(spark, location, frames, "run-2")
+        publish.write_describing(spark, location, frames, "run-2", in_driver=in_driver)
     order = list(publish.DESCRIBING)
     before, after = order[:order.index(DRIFT_TABLE)], order[order.index(DRIFT_TABLE):]
     assert before and all(rows(location, name) == [(2, name)] for name in before)  # written, in order
@@ -55,16 +65,19 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
                                                   key=key)
 
 
+@pytest.mark.parametrize("in_driver", [False, True], ids=["engine", "in_driver"])
 def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and_recover_puts_the_set_back(
-        spark, tmp_path):
-    """The JVM engines' path (the runner passes concurrent=True there, for Delta): every write but the failed ones
-    lands, a slow one included, before the failure of the first failed table (in DESCRIBING order) is raised
-    with the others' in its notes."""
+        spark, tmp_path, in_driver):
+    """The JVM engines' path (the runner passes concurrent=True there, for Delta, and on classic Spark with a local
+    master in_driver=True): every write but the failed ones lands, a slow one included, before the failure of the
+    first failed table (in DESCRIBING order) is raised with the others' in its notes."""
     import time
 
     location = io.OutputLocation.for_path(str(tmp_path / "tables"))
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
-    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", concurrent=True)
+    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", concurrent=True,
+                                       in_driver=in_driver)
+    assert {writer(location, name) for name in publish.DESCRIBING} == {"delta-rs" if in_driver else "engine"}
     assert written == {name: "0" for name in publish.DESCRIBING}
     assert all(rows(location, name) == [(1, name)] for name in publish.DESCRIBING)
     publish.record(spark, location, [], "run-1", publish.PUBLISHED,
@@ -77,7 +90,7 @@ def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and
     slowly = F.udf(lambda name: (time.sleep(1.0), name)[1], "string")
     frames[LEVEL_STATS_TABLE] = frames[LEVEL_STATS_TABLE].withColumn("name", slowly("name"))
     with pytest.raises(Exception, match="drift broke") as raised:
-        publish.write_describing(spark, location, frames, "run-2", concurrent=True)
+        publish.write_describing(spark, location, frames, "run-2", concurrent=True, in_driver=in_driver)
     assert any(f"writing {PREFIX_STATS_TABLE} failed too" in note and "prefix stats broke" in note
                for note in getattr(raised.value, "__notes__", []))
     failed = (DRIFT_TABLE, PREFIX_STATS_TABLE)
