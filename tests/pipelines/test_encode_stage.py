@@ -252,6 +252,37 @@ def test_encode_catalog_encodes_only_the_rows_a_policy_needs(spark, checkpoint, 
 
 
 @pytest.mark.spark
+@pytest.mark.parametrize("listed", [False, True], ids=["engine_reads", "files_listed"])
+def test_a_daily_run_with_nothing_new_reads_no_row_again(spark, checkpoint, vectors, tmp_path, listed) -> None:
+    """Every clean row is held with its fingerprint: no second pass over the catalog (the engine's or the row
+    groups'), none through the model, every row kept uncoded and the rejects as the first pass flagged them."""
+    from pipelines.encode import encode_catalog
+    from pipelines.io import embedding_files
+    from pipelines.session import EngineSession
+
+    path = tmp_path / "catalog"
+    helpers.write_delta(path, helpers.catalog_table([f"i{i}" for i in range(6)], vectors[:6]))
+    v = validate_catalog(spark.read.format("delta").load(str(path)), dim=DIM)
+    files = embedding_files(str(path), "delta", ITEM_ID, EMBEDDING)[0] if listed else None
+    scratch = EngineSession(spark, "local", True, _owns_session=False, _scratch=str(tmp_path / "scratch"))
+    first = encode_catalog(v, checkpoint, materialize=scratch.materialize, files=files, tasks=2)
+    known = first.codes.select(ITEM_ID, EMBEDDING_FINGERPRINT)
+    materialised = []
+
+    def counted(df):  # noqa: ANN001, ANN202 - a DataFrame
+        materialised.append(df.columns)
+        return scratch.materialize(df)
+
+    daily = encode_catalog(v, checkpoint, materialize=counted, known=known, policy="new_or_changed", files=files,
+                           tasks=2)
+    got = {r[ITEM_ID]: r for r in daily.codes.collect()}
+    assert daily.encoded_rows == 0 and sorted(got) == [f"i{i}" for i in range(6)]
+    assert all(r[CODES] is None for r in got.values())
+    assert [columns for columns in materialised if CODES in columns] == materialised[:1]  # the first pass alone
+    assert daily.counts.clean == 6 and daily.rejects.count() == 0
+
+
+@pytest.mark.spark
 def test_a_second_pass_that_cannot_be_materialised_is_not_counted(spark, checkpoint, vectors, expected,
                                                                   tmp_path) -> None:
     # The ids to encode materialise, the second pass's codes do not: its rows are recomputed where used,
