@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all variants; each variant's wall time is the median of its rounds (default 1)")
     p.add_argument("--json", help="write the figures to this file")
-    p.add_argument("--worker", choices=["s", "u", "floor"], help=argparse.SUPPRESS)  # internal: one variant in this process
+    p.add_argument("--worker", choices=["s", "u", "floor"], help=argparse.SUPPRESS)  # internal: one variant here
     p.add_argument("--engine", default="local", help=argparse.SUPPRESS)  # internal: --worker floor's engine
     p.add_argument("--catalog", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
