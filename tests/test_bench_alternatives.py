@@ -143,3 +143,25 @@ def test_the_memory_sampler_counts_a_forked_childs_shared_pages_once_in_pss(monk
     assert rc == 0 and wall >= 2.0
     assert rss >= 2 * 380  # both processes show the 400 MB
     assert 380 <= pss <= 0.6 * rss  # counted once between them
+
+
+def test_the_floors_are_their_engines_and_compared_with_the_full_run(monkeypatch) -> None:
+    """--variants f,i0 adds the full runs the floors are shares of ... the floor worker starts the embedded engine
+    as the job does and says how long its parts took ... and a floor above 0.15 x its full run says the daily-run
+    target is out of reach."""
+    monkeypatch.syspath_prepend(str(helpers.ROOT / "bench"))
+    import alternatives
+
+    assert alternatives.selected("f,i0") == ["e", "k", "f_local", "f_spark", "i0_local", "i0_spark"]
+    with pytest.raises(SystemExit, match="unknown variant 'f_remote'"):
+        alternatives.selected("f_remote")
+    worker = subprocess.run([sys.executable, str(BENCH), "--worker", "floor", "--engine", "local"],
+                            env=helpers.subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+    parts = json.loads(worker.stdout.strip().splitlines()[-1])
+    assert parts["worker"] == "floor" and parts["imports_s"] > 0 and parts["engine_start_s"] > 0
+    figures = {"e": {"wall_s": 30.0}, "f_local": {"wall_s": 3.0}, "k": {"wall_s": 60.0}, "f_spark": {"wall_s": 12.0}}
+    rows = {r["ratio"]: r for r in alternatives.floors(figures)}
+    assert set(rows) == {"f_local/e", "f_spark/k"}  # no (0) runs given: no row for them
+    assert rows["f_local/e"]["value"] == pytest.approx(0.1) and rows["f_local/e"]["target_reachable"]
+    assert rows["f_spark/k"]["target_s"] == pytest.approx(9.0) and not rows["f_spark/k"]["target_reachable"]
