@@ -881,11 +881,13 @@ def _publish(job: _Job, plan: ledger.Plan, encoded: Encoded, drift: Drift, model
     # On a JVM engine the five small Delta writes overlap (mostly the driver's commits); the embedded engine's
     # take a fraction of a second in all, so they stay one after another there, as do Parquet outputs (some of
     # them, catalog tables and object stores, cannot be rolled back: a failure leaves what was written).
-    # On classic Spark with a local master they are collected and written by delta-rs from the driver (each of the
-    # engine's Delta overwrites replays the table's log in a job first).
+    # On classic Spark with a local master, a table of one part has them collected and written by delta-rs from the
+    # driver (each of the engine's Delta overwrites replays the table's log in a job first); beyond one part the
+    # driver holds none of it.
+    in_driver = job.session.engine == "spark" and job.session.on_this_machine() and plan.rows <= PART_ITEMS
     describing = publish.write_describing(spark, location, frames, result.run_id,
                                           concurrent=job.session.engine != "local" and location.fmt == "delta",
-                                          in_driver=job.session.engine == "spark" and job.session.on_this_machine())
+                                          in_driver=in_driver)
     boundary("describing-written")
     digest = registry.checkpoint_digest(model.checkpoint)
     publish.record(spark, location, history, result.run_id, publish.PENDING, describing,

@@ -612,8 +612,9 @@ def _encode_ids(v: ValidationResult, clean: DataFrame, todo: DataFrame, scan: Ca
     staged, encoded_rows, ids = materialize(todo), None, None
     if staged is not None:
         wanted = staged.count()
-        if wanted == 0:  # nothing to read again (a daily run with nothing new): no pass over the catalog's rows
-            return scan(v.rows.limit(0)), 0
+        if wanted == 0:  # nothing to read again (a daily run with nothing new): no pass over the catalog's rows, and
+            # no rows of the UDF's schema (not the UDF's plan, which carries the checkpoint into every later query)
+            return v.rows.sparkSession.createDataFrame([], scan(v.rows.limit(0)).schema), 0
         todo = F.broadcast(staged) if wanted <= BROADCAST_IDS else staged
         if read_files is not None and wanted <= BROADCAST_IDS:
             ids = staged.select(ITEM_ID).toArrow().column(0).combine_chunks()

@@ -615,29 +615,50 @@ def read_independently(location: OutputLocation, name: str, columns: Sequence[st
 
 
 def overwrite_independently(table: Any, location: OutputLocation, name: str) -> bool:
-    """Overwrite Delta table ``name`` with the pyarrow ``table`` from this process (delta-rs), where the location
-    states a local path; False where it does not (a catalog table, a remote store, Parquet), and where delta-rs
-    cannot write that table (a table feature it does not support): the caller then writes it through the engine.
+    """Overwrite the existing Delta table ``name`` with the pyarrow ``table`` from this process (delta-rs), where
+    the location states a local path. False where it does not (a catalog table, a remote store, Parquet), where
+    there is no such Delta table yet (the engine creates it, with the session's Delta defaults and its
+    checkpoint interval), and where delta-rs cannot write that table (a table feature it does not know): the
+    caller then writes it through the engine.
 
-    The table is written as the engine writes it: every column nullable (Delta on Spark stores no NOT NULL a
-    frame's schema implies), the schema replaced with the rows. A write that fails leaves the table's last
-    version as it was (the new version is one commit), at most with data files no version names.
+    The table is written as the engine writes it: every column nullable, nested fields too (Delta on Spark
+    stores a frame's schema as nullable), the schema replaced with the rows. A write that fails leaves the
+    table's last version as it was (the new version is one commit), at most with data files no version names;
+    one that failed after its commit (in delta-rs's checkpoint or log clean-up) is written again by the engine:
+    one version more, the same rows.
     """
     local = None if location.is_catalog or location.fmt != "delta" else local_path(location.of(name))
-    if local is None:
+    if local is None or delta_version(str(local)) is None:
         return False
-    import pyarrow as pa
     from deltalake import write_deltalake
 
-    nullable = pa.schema([field.with_nullable(True) for field in table.schema])
     try:
-        write_deltalake(str(local), table.cast(nullable), mode="overwrite", schema_mode="overwrite")
+        write_deltalake(str(local), table.cast(_nullable_schema(table.schema)), mode="overwrite",
+                        schema_mode="overwrite")
     except BaseException as e:  # noqa: BLE001 - as read_independently: delta-rs panics on odd tables
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         log.warning("%s was not written by delta-rs (%s); the engine writes it", location.shown_of(name), first_line(e))
         return False
     return True
+
+
+def _nullable_schema(schema: Any) -> Any:
+    import pyarrow as pa
+
+    def field(f: Any) -> Any:
+        return pa.field(f.name, kind(f.type), nullable=True, metadata=f.metadata)
+
+    def kind(t: Any) -> Any:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return (pa.large_list if pa.types.is_large_list(t) else pa.list_)(field(t.value_field))
+        if pa.types.is_struct(t):
+            return pa.struct([field(t.field(i)) for i in range(t.num_fields)])
+        if pa.types.is_map(t):
+            return pa.map_(t.key_type, field(t.item_field))
+        return t
+
+    return pa.schema([field(f) for f in schema], metadata=schema.metadata)
 
 
 def rows_independently(location: OutputLocation, name: str, version: int | None = None) -> int | None:

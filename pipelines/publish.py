@@ -246,12 +246,11 @@ def write_describing(spark: SparkSession, location: io.OutputLocation, frames: M
                      concurrent: bool = False, in_driver: bool = False) -> dict[str, str | None]:
     """Write the describing tables; returns their tokens after.
 
-    ``in_driver``: each frame is collected (``toArrow``) and, where the output is a local Delta path, written
-    by delta-rs from this process (:func:`pipelines.io.overwrite_independently`); otherwise, or where delta-rs
-    cannot write the table, through the engine. For classic Spark on a local master, whose Delta overwrite of
-    even a one-row table replays the table's log in a job first (about 1 s each, 5-6 s for the five at once at
-    1M items: bench/RESULTS.md); the frames are a run's statistics and changes, which the job collects anyway
-    where it checks the table in the driver.
+    ``in_driver``: where the output is a local Delta path, each frame is collected (``toArrow``) and an existing
+    table overwritten by delta-rs from this process (:func:`pipelines.io.overwrite_independently`); a table not
+    there yet, or one delta-rs cannot write, is written through the engine. For classic Spark on a local master
+    and a table of one part (the runner's choice), whose Delta overwrite of even a one-row table replays the
+    table's log in a job first (about 1 s each, 5-6 s for the five at once at 1M items: bench/RESULTS.md).
 
     One after another in :data:`DESCRIBING` order, or with ``concurrent`` all at once from threads of the
     driver: each write is its own atomic overwrite of its own table, and on a JVM engine most of a small

@@ -152,17 +152,6 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
 
     from deltalake import DeltaTable
 
-    # On a local master the describing tables were collected and written by delta-rs from the driver, with the
-    # schema Delta on Spark gives a frame: every column nullable, the run's instant a `timestamp`.
-    for name in publish.DESCRIBING:
-        table = DeltaTable(str(tables / name))
-        assert table.history(1)[0]["clientVersion"].startswith("delta-rs"), name
-        fields = json.loads(table.schema().to_json())["fields"]
-        assert fields and all(f["nullable"] and f["type"] != "timestamp_ntz" for f in fields), (name, fields)
-    levels = len(next(iter(on_jvm.values()))["codes"])
-    assert helpers.read_delta(tables / "level_stats").num_rows == levels
-    assert helpers.read_delta(tables / "prefix_stats").num_rows > 0
-
     published = DeltaTable(str(tables / "semantic_ids")).version()
     catalog = DeltaTable(str(tmp_path / "classic" / "demo_catalog")).to_pyarrow_table()
     keep = [i for i in range(catalog.num_rows) if catalog.column("item_id")[i].as_py() % 40]  # 20 leave
@@ -195,6 +184,17 @@ def test_the_job_on_classic_spark_with_delta_issues_the_embedded_engines_ids(tmp
     assert len({r["semantic_id"] for r in rows}) == len(rows) == N_ITEMS + 15
     assert DeltaTable(str(tables / "semantic_ids")).version() == published + 1  # one MERGE commit
     helpers.assert_sid_checker_passes(tables / "semantic_ids", "--previous-version", published)
+    # On a local master the daily run's describing tables (the first run's engine created them) were collected and
+    # overwritten by delta-rs from the driver, with the schema Delta on Spark gives a frame: every column nullable,
+    # the run's instant a `timestamp`.
+    for name in publish.DESCRIBING:
+        table = DeltaTable(str(tables / name))
+        assert table.history(1)[0]["clientVersion"].startswith("delta-rs"), name
+        fields = json.loads(table.schema().to_json())["fields"]
+        assert fields and all(f["nullable"] and f["type"] != "timestamp_ntz" for f in fields), (name, fields)
+    levels = len(next(iter(on_jvm.values()))["codes"])
+    assert helpers.read_delta(tables / "level_stats").num_rows == levels
+    assert helpers.read_delta(tables / "prefix_stats").num_rows > 0
 
 
 @pytest.mark.parametrize("fmt", ["delta", "parquet"])

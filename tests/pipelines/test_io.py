@@ -93,10 +93,11 @@ def test_delta_overwrite_replaces_schema_and_bumps_version(spark, tmp_path) -> N
 
 
 def test_an_overwrite_from_the_driver_is_the_engines_delta_write(spark, tmp_path) -> None:
-    """delta-rs from this process (classic Spark's describing tables): every column nullable, as Delta on Spark
-    stores a frame's columns (a NOT NULL the frame implies would make the next engine write's schema differ), an
-    aware timestamp as Delta's ``timestamp``, the rows and the schema replaced, one version a write; read back by
-    the engine as written."""
+    """delta-rs from this process (classic Spark's describing tables) overwrites a table the engine created: every
+    column nullable, nested ones too, as Delta on Spark stores a frame's columns (a NOT NULL the frame implies
+    would make the next engine write's schema differ), an aware timestamp as Delta's ``timestamp``, the rows and
+    the schema replaced, one version a write; read back by the engine as written. A table not there yet is left
+    to the engine (False), which creates it with the session's Delta defaults."""
     import datetime as dt
     import json
 
@@ -105,22 +106,28 @@ def test_an_overwrite_from_the_driver_is_the_engines_delta_write(spark, tmp_path
 
     location = OutputLocation.for_path(str(tmp_path))
     at = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.timezone.utc)
+    strict = pa.list_(pa.field("element", pa.int32(), nullable=False))
+    schema = pa.schema([pa.field("item_id", pa.int64(), nullable=False), ("reason", pa.string()),
+                        ("at", pa.timestamp("us", tz="UTC")), pa.field("codes", strict, nullable=False)])
     first = pa.table({"item_id": pa.array([1, 2], pa.int64()), "reason": ["a", None],
-                      "at": pa.array([at, at], pa.timestamp("us", tz="UTC"))},
-                     schema=pa.schema([pa.field("item_id", pa.int64(), nullable=False), ("reason", pa.string()),
-                                       ("at", pa.timestamp("us", tz="UTC"))]))
+                      "at": pa.array([at, at], pa.timestamp("us", tz="UTC")), "codes": pa.array([[1], [2, 3]], strict)},
+                     schema=schema)
+    assert not overwrite_independently(first, location, REJECTS_TABLE)
+    assert delta_version(location.of(REJECTS_TABLE)) is None
+    write_table(spark.range(1), location, REJECTS_TABLE)
     assert overwrite_independently(first, location, REJECTS_TABLE)
     table = DeltaTable(location.of(REJECTS_TABLE))
     fields = json.loads(table.schema().to_json())["fields"]
     assert [(f["name"], f["type"], f["nullable"]) for f in fields] == [
-        ("item_id", "long", True), ("reason", "string", True), ("at", "timestamp", True)]
-    assert table.version() == 0 and table.history(1)[0]["clientVersion"].startswith("delta-rs")
+        ("item_id", "long", True), ("reason", "string", True), ("at", "timestamp", True),
+        ("codes", {"type": "array", "elementType": "integer", "containsNull": True}, True)]
+    assert table.version() == 1 and table.history(1)[0]["clientVersion"].startswith("delta-rs")
     back = sorted(read_table(spark, location, REJECTS_TABLE).collect(), key=lambda r: r["item_id"])
     # pyspark hands back the instant as a naive datetime of this machine's zone
-    assert [(r["item_id"], r["reason"], r["at"].astimezone(dt.timezone.utc)) for r in back] == [
-        (1, "a", at), (2, None, at)]
+    assert [(r["item_id"], r["reason"], r["at"].astimezone(dt.timezone.utc), r["codes"]) for r in back] == [
+        (1, "a", at, [1]), (2, None, at, [2, 3])]
     assert overwrite_independently(pa.table({"level": pa.array([3], pa.int32())}), location, REJECTS_TABLE)
-    assert DeltaTable(location.of(REJECTS_TABLE)).version() == 1
+    assert DeltaTable(location.of(REJECTS_TABLE)).version() == 2
     assert [tuple(r) for r in read_table(spark, location, REJECTS_TABLE).collect()] == [(3,)]
 
 

@@ -29,13 +29,14 @@ def writer(location: io.OutputLocation, name: str) -> str:
 
 @pytest.mark.parametrize("in_driver", [False, True], ids=["engine", "in_driver"])
 def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark, tmp_path, in_driver):
-    """Also with the tables written by delta-rs from the driver (classic Spark's way on a local master): a frame that
-    fails fails as it is collected, and the rollback puts back the versions delta-rs wrote."""
+    """Also with the tables written by delta-rs from the driver (classic Spark's way on a local master; the engine
+    creates them): a frame that fails fails as it is collected, and the rollback puts back the versions delta-rs
+    overwrote."""
     location = io.OutputLocation.for_path(str(tmp_path / "tables"))
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
     written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", in_driver=in_driver)
     assert written == {name: "0" for name in publish.DESCRIBING}
-    assert {writer(location, name) for name in publish.DESCRIBING} == {"delta-rs" if in_driver else "engine"}
+    assert {writer(location, name) for name in publish.DESCRIBING} == {"engine"}  # created by the engine
     publish.record(spark, location, [], "run-1", publish.PUBLISHED,
                    {**written, SEMANTIC_IDS_TABLE: publish.token(spark, location, SEMANTIC_IDS_TABLE)})
 
@@ -46,6 +47,7 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     order = list(publish.DESCRIBING)
     before, after = order[:order.index(DRIFT_TABLE)], order[order.index(DRIFT_TABLE):]
     assert before and all(rows(location, name) == [(2, name)] for name in before)  # written, in order
+    assert {writer(location, name) for name in before} == {"delta-rs" if in_driver else "engine"}
     assert all(rows(location, name) == [(1, name)] for name in after)  # the failed one and those after it
 
     recovery = publish.recover(spark, location, "run-3")
@@ -77,7 +79,6 @@ def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
     written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", concurrent=True,
                                        in_driver=in_driver)
-    assert {writer(location, name) for name in publish.DESCRIBING} == {"delta-rs" if in_driver else "engine"}
     assert written == {name: "0" for name in publish.DESCRIBING}
     assert all(rows(location, name) == [(1, name)] for name in publish.DESCRIBING)
     publish.record(spark, location, [], "run-1", publish.PUBLISHED,
@@ -97,6 +98,7 @@ def test_concurrent_describing_writes_end_before_the_first_failure_is_raised_and
     others = [name for name in publish.DESCRIBING if name not in failed]
     assert LEVEL_STATS_TABLE in others
     assert all(rows(location, name) == [(2, name)] for name in others)  # each ran to its end, the slow one too
+    assert {writer(location, name) for name in others} == {"delta-rs" if in_driver else "engine"}
     assert all(rows(location, name) == [(1, name)] for name in failed)
 
     recovery = publish.recover(spark, location, "run-3")
