@@ -627,8 +627,8 @@ def overwrite_independently(table: Any, location: OutputLocation, name: str) -> 
     one that failed after its commit (in delta-rs's checkpoint or log clean-up) is written again by the engine:
     one version more, the same rows.
     """
-    local = None if location.is_catalog or location.fmt != "delta" else local_path(location.of(name))
-    if local is None or delta_version(str(local)) is None:
+    local = overwritable_independently(location, name)
+    if local is None:
         return False
     from deltalake import write_deltalake
 
@@ -641,6 +641,13 @@ def overwrite_independently(table: Any, location: OutputLocation, name: str) -> 
         log.warning("%s was not written by delta-rs (%s); the engine writes it", location.shown_of(name), first_line(e))
         return False
     return True
+
+
+def overwritable_independently(location: OutputLocation, name: str) -> Path | None:
+    """The local path of Delta table ``name`` where :func:`overwrite_independently` may write it (the location
+    states a local Delta path and the table is there); None otherwise. Asked before a frame is collected for it."""
+    local = None if location.is_catalog or location.fmt != "delta" else local_path(location.of(name))
+    return local if local is not None and delta_version(str(local)) is not None else None
 
 
 def _nullable_schema(schema: Any) -> Any:

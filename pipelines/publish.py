@@ -264,11 +264,9 @@ def write_describing(spark: SparkSession, location: io.OutputLocation, frames: M
     """
     names = [name for name in DESCRIBING if name in frames]
 
-    directly = (in_driver and location.fmt == "delta" and not location.is_catalog
-                and io.local_path(location.of(RUNS_TABLE)) is not None)
-
-    def write(name: str) -> None:
-        if directly and io.overwrite_independently(frames[name].toArrow(), location, name):
+    def write(name: str) -> None:  # collected only for a table delta-rs may overwrite: never computed twice there
+        if (in_driver and io.overwritable_independently(location, name) is not None
+                and io.overwrite_independently(frames[name].toArrow(), location, name)):
             return
         io.write_table(frames[name], location, name, run_id=run_id if location.fmt == "parquet" else None)
 

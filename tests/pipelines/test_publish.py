@@ -21,6 +21,20 @@ def rows(location: io.OutputLocation, name: str) -> list[tuple]:
     return sorted((r["run"], r["name"]) for r in DeltaTable(location.of(name)).to_pyarrow_table().to_pylist())
 
 
+class Collected:
+    """A frame whose collections (``toArrow``) are counted in ``calls``; everything else is the frame's."""
+
+    def __init__(self, frame, calls: list) -> None:  # noqa: ANN001 - a DataFrame
+        self._frame, self._calls = frame, calls
+
+    def toArrow(self):  # noqa: ANN201, N802 - the DataFrame method's name
+        self._calls.append(self._frame)
+        return self._frame.toArrow()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._frame, name)
+
+
 def writer(location: io.OutputLocation, name: str) -> str:
     """Who wrote table ``name``'s last version: "delta-rs" (the driver) or the engine."""
     client = DeltaTable(location.of(name)).history(1)[0].get("clientVersion") or ""
@@ -34,9 +48,12 @@ def test_a_failed_describing_write_is_raised_and_recover_puts_the_set_back(spark
     overwrote."""
     location = io.OutputLocation.for_path(str(tmp_path / "tables"))
     io.write_table(spark.createDataFrame([(1, "x")], "run INT, name STRING"), location, SEMANTIC_IDS_TABLE)
-    written = publish.write_describing(spark, location, frames_of(spark, 1), "run-1", in_driver=in_driver)
+    collected: list = []
+    first = {name: Collected(frame, collected) for name, frame in frames_of(spark, 1).items()}
+    written = publish.write_describing(spark, location, first, "run-1", in_driver=in_driver)
     assert written == {name: "0" for name in publish.DESCRIBING}
-    assert {writer(location, name) for name in publish.DESCRIBING} == {"engine"}  # created by the engine
+    assert {writer(location, name) for name in publish.DESCRIBING} == {"engine"}  # created by the engine ...
+    assert collected == []  # ... from the frames as they are, none collected first
     publish.record(spark, location, [], "run-1", publish.PUBLISHED,
                    {**written, SEMANTIC_IDS_TABLE: publish.token(spark, location, SEMANTIC_IDS_TABLE)})
 
